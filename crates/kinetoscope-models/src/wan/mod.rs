@@ -1,0 +1,5 @@
+//! Wan 2.1 (<https://github.com/Wan-Video/Wan2.1>): the spacetime transformer and the causal 3D VAE,
+//! in diffusers' layout and key names.
+
+pub mod transformer;
+pub mod vae;

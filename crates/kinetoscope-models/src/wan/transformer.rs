@@ -1,0 +1,747 @@
+//! The Wan 2.1 spacetime transformer (text-to-video DiT), in diffusers' layout.
+//!
+//! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models", <https://arxiv.org/abs/2503.20314>.
+//! Reference: diffusers' `WanTransformer3DModel`,
+//! <https://github.com/huggingface/diffusers/blob/v0.35.2/src/diffusers/models/transformers/transformer_wan.py>.
+//!
+//! Latents `[B, C, T, H, W]` are cut into `patch_size` patches, one token each. Every block applies
+//! self-attention with a 3D rotary embedding (time, height, width), cross-attention to the embedded prompt, and a
+//! GELU feed-forward; the timestep modulates (shift, scale, gate) the self-attention and the feed-forward.
+//!
+//! Precision follows diffusers: the time embedder, the modulation tables and the layer norms stay in f32 whatever
+//! the weights' dtype (diffusers' `_keep_in_fp32_modules`), and normalization and modulation are computed in f32.
+
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::layers::attention;
+
+/// `transformer/config.json`, with diffusers' defaults for absent fields.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// (time, height, width) extent of one patch; a Conv3d with kernel = stride = this embeds each patch.
+    #[serde(default = "default_patch_size")]
+    pub patch_size: [usize; 3],
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "default_channels")]
+    pub in_channels: usize,
+    /// `null` means `in_channels`.
+    #[serde(default = "default_out_channels")]
+    pub out_channels: Option<usize>,
+    #[serde(default = "default_text_dim")]
+    pub text_dim: usize,
+    /// Width of the sinusoidal timestep embedding.
+    #[serde(default = "default_freq_dim")]
+    pub freq_dim: usize,
+    #[serde(default = "default_ffn_dim")]
+    pub ffn_dim: usize,
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    /// Whether `norm2` (before cross-attention) is an affine LayerNorm; otherwise the identity.
+    #[serde(default = "default_true")]
+    pub cross_attn_norm: bool,
+    /// diffusers builds `norm_q`/`norm_k` (RMSNorm across all heads) whatever this says, and so does this model.
+    #[serde(default = "default_qk_norm")]
+    pub qk_norm: Option<String>,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Image-conditioning width (I2V only): unsupported, rejected at load.
+    #[serde(default)]
+    pub image_dim: Option<usize>,
+    /// Extra key/value projections for image tokens (I2V only): unsupported, rejected at load.
+    #[serde(default)]
+    pub added_kv_proj_dim: Option<usize>,
+    /// Number of positions the rotary tables cover along each axis.
+    #[serde(default = "default_rope_max_seq_len")]
+    pub rope_max_seq_len: usize,
+    /// Position embedding of the image embedder (I2V only).
+    #[serde(default)]
+    pub pos_embed_seq_len: Option<usize>,
+}
+
+fn default_patch_size() -> [usize; 3] {
+    [1, 2, 2]
+}
+fn default_num_attention_heads() -> usize {
+    40
+}
+fn default_attention_head_dim() -> usize {
+    128
+}
+fn default_channels() -> usize {
+    16
+}
+fn default_out_channels() -> Option<usize> {
+    Some(16)
+}
+fn default_text_dim() -> usize {
+    4096
+}
+fn default_freq_dim() -> usize {
+    256
+}
+fn default_ffn_dim() -> usize {
+    13824
+}
+fn default_num_layers() -> usize {
+    40
+}
+fn default_true() -> bool {
+    true
+}
+fn default_qk_norm() -> Option<String> {
+    Some("rms_norm_across_heads".to_string())
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_rope_max_seq_len() -> usize {
+    1024
+}
+
+impl Config {
+    /// Width of the token stream: heads × head dim.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    fn patch_volume(&self) -> usize {
+        self.patch_size.iter().product()
+    }
+}
+
+/// LayerNorm over the last axis, in f32 whatever the input dtype, without affine parameters (diffusers'
+/// `FP32LayerNorm(elementwise_affine=False)`). Two passes (mean, then variance of the centred values) so that
+/// a large mean does not eat the variance's precision.
+fn layer_norm_f32(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let x = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `norm · (1 + scale) + shift`, the adaLN modulation, with `[B, 1, dim]` shift and scale.
+fn modulate(norm: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    norm.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// Sinusoidal timestep embedding `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/half)`, `[B]` → `[B, dim]`, in f32.
+///
+/// diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`; the frequencies are rounded exactly as
+/// its f32 arithmetic does (`-ln(10000)·i`, then `/ half`), because `t·f` with `t` near 1000 amplifies any
+/// difference.
+fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_period * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// The 3D rotary position embedding: each head's channels are shared among the time, height and width axes,
+/// each rotating interleaved pairs `(x[2i], x[2i+1])` at its own frequencies, by the token's integer patch index.
+struct RotaryEmbedding {
+    /// Per channel (both channels of a pair), the rotation frequency.
+    freqs: Vec<f64>,
+    /// Per channel, which axis (0 time, 1 height, 2 width) gives the position.
+    axes: Vec<usize>,
+    max_seq_len: usize,
+}
+
+impl RotaryEmbedding {
+    const THETA: f64 = 10000.0;
+
+    /// Channels per axis in the frequency tables (`WanRotaryPosEmbed.__init__`): `2·(d/6)` for height and
+    /// width, the rest for time; each axis's frequencies use that axis's own width.
+    fn table_dims(head_dim: usize) -> [usize; 3] {
+        let hw = 2 * (head_dim / 6);
+        [head_dim - 2 * hw, hw, hw]
+    }
+
+    /// Channels per axis when the tables are indexed by position (`WanRotaryPosEmbed.forward`): `d/3` for height
+    /// and width. This equals `table_dims` unless `d ≡ 4 (mod 6)` (every released Wan uses d = 128); then
+    /// diffusers indexes some channels by another axis's position than the one whose frequencies they hold,
+    /// and so does this model, to match it.
+    fn position_split(head_dim: usize) -> [usize; 3] {
+        let hw = head_dim / 3;
+        [head_dim - 2 * hw, hw, hw]
+    }
+
+    fn new(head_dim: usize, max_seq_len: usize) -> Result<Self> {
+        if head_dim % 2 == 1 {
+            bail!("Wan transformer: `attention_head_dim` {head_dim} must be even for the rotary embedding")
+        }
+        let mut freqs = Vec::with_capacity(head_dim);
+        for dim in Self::table_dims(head_dim) {
+            for k in (0..dim).step_by(2) {
+                let f = 1.0 / Self::THETA.powf(k as f64 / dim as f64);
+                freqs.extend([f, f]);
+            }
+        }
+        let axes = Self::position_split(head_dim)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(axis, n)| std::iter::repeat_n(axis, n))
+            .collect();
+        Ok(Self {
+            freqs,
+            axes,
+            max_seq_len,
+        })
+    }
+
+    /// `(cos, sin)`, each `[T·H·W, head_dim/2]` f32, for a grid of `[T, H, W]` patches in row-major token order.
+    ///
+    /// Angles are computed in f64 and rounded to f32 as diffusers' tables are. Pair `i` takes its cosine from
+    /// channel `2i` and its sine from channel `2i+1` (diffusers' `apply_rotary_emb`), which matters only when the
+    /// two channels are indexed by different axes (see `position_split`).
+    fn tables(&self, grid: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some(n) = grid.iter().find(|&&n| n > self.max_seq_len) {
+            bail!(
+                "Wan transformer: a patch grid of {grid:?} exceeds `rope_max_seq_len` {} ({n} positions)",
+                self.max_seq_len
+            )
+        }
+        let half = self.freqs.len() / 2;
+        let per_axis = |channel: usize, f: fn(f64) -> f64| -> Vec<f32> {
+            let freq = self.freqs[channel];
+            (0..grid[self.axes[channel]])
+                .map(|p| f(p as f64 * freq) as f32)
+                .collect()
+        };
+        let cos_by_pos: Vec<Vec<f32>> = (0..half).map(|i| per_axis(2 * i, f64::cos)).collect();
+        let sin_by_pos: Vec<Vec<f32>> = (0..half).map(|i| per_axis(2 * i + 1, f64::sin)).collect();
+        let len = grid.iter().product::<usize>();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for t in 0..grid[0] {
+            for h in 0..grid[1] {
+                for w in 0..grid[2] {
+                    let pos = [t, h, w];
+                    for i in 0..half {
+                        cos.push(cos_by_pos[i][pos[self.axes[2 * i]]]);
+                        sin.push(sin_by_pos[i][pos[self.axes[2 * i + 1]]]);
+                    }
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+}
+
+/// Rotary tables for one forward pass: `[L, head_dim/2]` f32 each.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Rotates `[B, H, L, D]`; in f32, as diffusers multiplies by its f32 tables before casting back.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let rotated = candle_nn::rotary_emb::rope_i(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.cos,
+            &self.sin,
+        )?;
+        rotated.to_dtype(x.dtype())
+    }
+}
+
+/// Multi-head attention with RMSNorm over the full width of q and k (`rms_norm_across_heads`).
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    heads: usize,
+    eps: f32,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp("to_q"))?,
+            to_k: linear(dim, dim, vb.pp("to_k"))?,
+            to_v: linear(dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out").pp(0))?,
+            norm_q: vb.pp("norm_q").get(dim, "weight")?,
+            norm_k: vb.pp("norm_k").get(dim, "weight")?,
+            heads: cfg.num_attention_heads,
+            eps: cfg.eps as f32,
+        })
+    }
+
+    /// `[B, L, dim]` → `[B, heads, L, head_dim]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.heads, ()))?.transpose(1, 2)
+    }
+
+    /// Queries from `x`, keys and values from `context`; the rotary embedding, when given, turns q and k.
+    fn forward(&self, x: &Tensor, context: &Tensor, rope: Option<&Rope>) -> Result<Tensor> {
+        let q = candle_nn::ops::rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
+        let k = candle_nn::ops::rms_norm(&self.to_k.forward(context)?, &self.norm_k, self.eps)?;
+        let mut q = self.split_heads(&q)?;
+        let mut k = self.split_heads(&k)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        if let Some(rope) = rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        let out = attention(&q, &k, &v, None, scale)?;
+        let (b, _, l, _) = out.dims4()?;
+        self.to_out
+            .forward(&out.transpose(1, 2)?.reshape((b, l, ()))?)
+    }
+}
+
+/// Linear → GELU (tanh approximation) → Linear.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        Ok(Self {
+            proj: linear(dim, cfg.ffn_dim, vb.pp("net").pp(0).pp("proj"))?,
+            out: linear(cfg.ffn_dim, dim, vb.pp("net").pp(2))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.proj.forward(x)?.gelu()?)
+    }
+}
+
+/// diffusers' affine `FP32LayerNorm` (`norm2`): weight and bias kept in f32, output in f32.
+struct AffineLayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl AffineLayerNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.to_dtype(DType::F32);
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for AffineLayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm_f32(x, self.eps)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+struct TransformerBlock {
+    attn1: Attention,
+    attn2: Attention,
+    /// `None` when `cross_attn_norm` is false (diffusers' `nn.Identity`).
+    norm2: Option<AffineLayerNorm>,
+    ffn: FeedForward,
+    /// `[1, 6, dim]` f32: learned offsets of (shift, scale, gate) for attention, then for the feed-forward.
+    scale_shift_table: Tensor,
+    eps: f64,
+}
+
+impl TransformerBlock {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let norm2 = if cfg.cross_attn_norm {
+            Some(AffineLayerNorm::new(dim, cfg.eps, vb.pp("norm2"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attn1: Attention::new(cfg, vb.pp("attn1"))?,
+            attn2: Attention::new(cfg, vb.pp("attn2"))?,
+            norm2,
+            ffn: FeedForward::new(cfg, vb.pp("ffn"))?,
+            scale_shift_table: vb
+                .to_dtype(DType::F32)
+                .get((1, 6, dim), "scale_shift_table")?,
+            eps: cfg.eps,
+        })
+    }
+
+    /// `x` `[B, L, dim]`, `text` `[B, L_text, dim]`, `timestep_proj` `[B, 6, dim]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        text: &Tensor,
+        timestep_proj: &Tensor,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let modulation = self
+            .scale_shift_table
+            .broadcast_add(&timestep_proj.to_dtype(DType::F32)?)?;
+        let [shift, scale, gate, ff_shift, ff_scale, ff_gate]: [Tensor; 6] = modulation
+            .chunk(6, 1)?
+            .try_into()
+            .expect("six chunks of a dimension of size 6");
+
+        let h = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
+        let attn = self.attn1.forward(&h, &h, Some(rope))?;
+        let x = (x.to_dtype(DType::F32)? + attn.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?
+            .to_dtype(dtype)?;
+
+        let h = match &self.norm2 {
+            Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
+            None => x.clone(),
+        };
+        let x = (&x + self.attn2.forward(&h, text, None)?)?;
+
+        let h = modulate(&layer_norm_f32(&x, self.eps)?, &ff_shift, &ff_scale)?.to_dtype(dtype)?;
+        let ff = self.ffn.forward(&h)?;
+        (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// diffusers' `WanTimeTextImageEmbedding` without the image branch.
+struct ConditionEmbedder {
+    freq_dim: usize,
+    /// `time_embedder.linear_1` / `linear_2`, kept in f32.
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    time_proj: Linear,
+    text_linear_1: Linear,
+    text_linear_2: Linear,
+}
+
+impl ConditionEmbedder {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let time = vb.pp("time_embedder").to_dtype(DType::F32);
+        let text = vb.pp("text_embedder");
+        Ok(Self {
+            freq_dim: cfg.freq_dim,
+            time_linear_1: linear(cfg.freq_dim, dim, time.pp("linear_1"))?,
+            time_linear_2: linear(dim, dim, time.pp("linear_2"))?,
+            time_proj: linear(dim, 6 * dim, vb.pp("time_proj"))?,
+            text_linear_1: linear(cfg.text_dim, dim, text.pp("linear_1"))?,
+            text_linear_2: linear(dim, dim, text.pp("linear_2"))?,
+        })
+    }
+
+    /// `[B]` timesteps → (`temb` `[B, dim]`, `timestep_proj` `[B, 6, dim]`), both in `dtype`.
+    fn time(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let t = timestep_embedding(timestep, self.freq_dim)?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)?
+            .to_dtype(dtype)?;
+        let proj = self.time_proj.forward(&temb.silu()?)?;
+        let (b, six_dim) = proj.dims2()?;
+        Ok((temb, proj.reshape((b, 6, six_dim / 6))?))
+    }
+
+    fn text(&self, x: &Tensor) -> Result<Tensor> {
+        self.text_linear_2
+            .forward(&self.text_linear_1.forward(x)?.gelu()?)
+    }
+}
+
+/// The Wan 2.1 text-to-video transformer.
+pub struct WanTransformer3DModel {
+    /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap.
+    patch_embedding: Linear,
+    condition_embedder: ConditionEmbedder,
+    rope: RotaryEmbedding,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Linear,
+    /// `[1, 2, dim]` f32: offsets of (shift, scale) for the output norm.
+    scale_shift_table: Tensor,
+    patch_size: [usize; 3],
+    in_channels: usize,
+    out_channels: usize,
+    eps: f64,
+    dtype: DType,
+}
+
+impl WanTransformer3DModel {
+    /// Loads the weights under `vb` (keys as in diffusers' checkpoint); they compute in `vb`'s dtype, except the
+    /// parts diffusers keeps in f32.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        if let Some(d) = cfg.image_dim {
+            bail!("Wan transformer config sets `image_dim` = {d}: image conditioning (I2V) is not supported")
+        }
+        if let Some(d) = cfg.added_kv_proj_dim {
+            bail!("Wan transformer config sets `added_kv_proj_dim` = {d}: image conditioning (I2V) is not supported")
+        }
+        let dim = cfg.inner_dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let patch_in = cfg.in_channels * cfg.patch_volume();
+        let patch_weight = vb
+            .pp("patch_embedding")
+            .get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
+        let patch_embedding = Linear::new(
+            patch_weight.reshape((dim, patch_in))?,
+            Some(vb.pp("patch_embedding").get(dim, "bias")?),
+        );
+        let blocks = (0..cfg.num_layers)
+            .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_embedding,
+            condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"))?,
+            rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
+            blocks,
+            proj_out: linear(
+                dim,
+                cfg.out_channels() * cfg.patch_volume(),
+                vb.pp("proj_out"),
+            )?,
+            scale_shift_table: vb
+                .to_dtype(DType::F32)
+                .get((1, 2, dim), "scale_shift_table")?,
+            patch_size: cfg.patch_size,
+            in_channels: cfg.in_channels,
+            out_channels: cfg.out_channels(),
+            eps: cfg.eps,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Projects text-encoder states `[B, L, text_dim]` to `[B, L, dim]`. The same at every denoising step, so
+    /// a pipeline computes it once and calls [`Self::forward_embedded`].
+    pub fn embed_text(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.condition_embedder
+            .text(&encoder_hidden_states.to_dtype(self.dtype)?)
+    }
+
+    /// Predicts from latents `[B, C, T, H, W]`, timesteps `[B]` and the prompt embedded by [`Self::embed_text`];
+    /// returns `[B, C_out, T, H, W]` in the weights' dtype.
+    pub fn forward_embedded(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, c, t, h, w) = hidden_states.dims5()?;
+        let [pt, ph, pw] = self.patch_size;
+        if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
+            bail!(
+                "Wan transformer: latents of shape {:?} do not fit {} channels cut into {:?} patches",
+                hidden_states.dims(),
+                self.in_channels,
+                self.patch_size
+            )
+        }
+        if timestep.dims() != [b] {
+            bail!(
+                "Wan transformer: expected one timestep per batch item, shape [{b}], got {:?}",
+                timestep.dims()
+            )
+        }
+        let grid = [t / pt, h / ph, w / pw];
+        let (cos, sin) = self.rope.tables(grid, hidden_states.device())?;
+        let rope = Rope { cos, sin };
+
+        // [B, C, T', pt, H', ph, W', pw] → tokens in (T', H', W') order, each (C, pt, ph, pw) flattened as the
+        // Conv3d kernel is.
+        let x = hidden_states
+            .to_dtype(self.dtype)?
+            .reshape(vec![b, c, grid[0], pt, grid[1], ph, grid[2], pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .reshape((b, grid.iter().product::<usize>(), ()))?;
+        let mut x = self.patch_embedding.forward(&x)?;
+
+        let (temb, timestep_proj) = self.condition_embedder.time(timestep, self.dtype)?;
+        for block in &self.blocks {
+            x = block.forward(&x, text, &timestep_proj, &rope)?;
+        }
+
+        let modulation = self
+            .scale_shift_table
+            .broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+        let [shift, scale]: [Tensor; 2] = modulation
+            .chunk(2, 1)?
+            .try_into()
+            .expect("two chunks of a dimension of size 2");
+        let x = modulate(&layer_norm_f32(&x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
+        let x = self.proj_out.forward(&x)?;
+
+        // Each token's (pt, ph, pw, C_out) values back to [B, C_out, T, H, W].
+        x.reshape(vec![
+            b,
+            grid[0],
+            grid[1],
+            grid[2],
+            pt,
+            ph,
+            pw,
+            self.out_channels,
+        ])?
+        .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
+        .reshape((b, self.out_channels, t, h, w))
+    }
+
+    /// [`Self::forward_embedded`] with the text embedded on the way.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_embedded(
+            hidden_states,
+            timestep,
+            &self.embed_text(encoder_hidden_states)?,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_split_for_head_dim_128() {
+        assert_eq!(RotaryEmbedding::table_dims(128), [44, 42, 42]);
+        assert_eq!(RotaryEmbedding::position_split(128), [44, 42, 42]);
+    }
+
+    /// diffusers' tables and position split disagree when head_dim ≡ 4 (mod 6).
+    #[test]
+    fn rope_split_for_head_dim_16() {
+        assert_eq!(RotaryEmbedding::table_dims(16), [8, 4, 4]);
+        assert_eq!(RotaryEmbedding::position_split(16), [6, 5, 5]);
+    }
+
+    /// The first token sits at position 0 on every axis: no rotation.
+    #[test]
+    fn rope_tables_start_unrotated() -> Result<()> {
+        let rope = RotaryEmbedding::new(16, 8)?;
+        let (cos, sin) = rope.tables([2, 3, 4], &Device::Cpu)?;
+        assert_eq!(cos.dims(), [24, 8]);
+        assert!(cos.get(0)?.to_vec1::<f32>()?.iter().all(|&c| c == 1.0));
+        assert!(sin.get(0)?.to_vec1::<f32>()?.iter().all(|&s| s == 0.0));
+        assert!(rope.tables([9, 1, 1], &Device::Cpu).is_err());
+        Ok(())
+    }
+
+    fn tiny_config(extra: &str) -> Config {
+        let json = format!(
+            r#"{{"num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4, "out_channels": 4,
+                "text_dim": 8, "freq_dim": 8, "ffn_dim": 16, "num_layers": 1{extra}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn image_conditioning_is_rejected_by_name() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        for field in ["image_dim", "added_kv_proj_dim"] {
+            let cfg = tiny_config(&format!(r#", "{field}": 16"#));
+            let err = WanTransformer3DModel::new(&cfg, vb.clone()).err().unwrap();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn shapes_off_the_patch_grid_are_rejected() -> Result<()> {
+        let dev = Device::Cpu;
+        let model =
+            WanTransformer3DModel::new(&tiny_config(""), VarBuilder::zeros(DType::F32, &dev))?;
+        let text = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
+        let t = Tensor::new(&[500f32], &dev)?;
+        let ok = model.forward(
+            &Tensor::zeros((1, 4, 3, 4, 6), DType::F32, &dev)?,
+            &t,
+            &text,
+        )?;
+        assert_eq!(ok.dims(), [1, 4, 3, 4, 6]);
+        let err = model
+            .forward(
+                &Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?,
+                &t,
+                &text,
+            )
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("[1, 4, 3, 5, 6]"), "{err}");
+        Ok(())
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "index {i}: got {g}, want {w}");
+        }
+    }
+
+    /// Values from diffusers 0.35.2 (torch 2.9.1, CPU):
+    /// `get_timestep_embedding(torch.tensor([0., 1., 937.25]), 8, flip_sin_to_cos=True, downscale_freq_shift=0)`
+    /// and the same for `torch.tensor([999.])` with dimension 256 at a few indices.
+    #[test]
+    fn timestep_embedding_matches_diffusers() -> Result<()> {
+        let t = Tensor::new(&[0f32, 1.0, 937.25], &Device::Cpu)?;
+        let emb = timestep_embedding(&t, 8)?.to_vec2::<f32>()?;
+        assert_close(&emb[0], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        #[rustfmt::skip]
+        assert_close(&emb[1], &[
+            0.540_302_3, 0.995_004_2, 0.999_95, 0.999_999_5,
+            0.841_470_96, 0.099_833_41, 0.009_999_833, 0.000_999_999_8,
+        ]);
+        #[rustfmt::skip]
+        assert_close(&emb[2], &[
+            0.492_889_1, 0.866_430_1, -0.998_633_8, 0.592_006_6,
+            0.870_092_15, -0.499_298_33, 0.052_254_684, 0.805_933_1,
+        ]);
+
+        let emb = timestep_embedding(&Tensor::new(&[999f32], &Device::Cpu)?, 256)?
+            .get(0)?
+            .to_vec1::<f32>()?;
+        let idx = [0, 1, 64, 127, 128, 129, 200, 255];
+        let want = [
+            0.999_649_8,
+            0.963_785_3,
+            -0.844_469_8,
+            0.994_243_1,
+            -0.026_460_752,
+            -0.266_679_38,
+            -0.617_371,
+            0.107_147_22,
+        ];
+        let got: Vec<f32> = idx.iter().map(|&i| emb[i]).collect();
+        assert_close(&got, &want);
+        Ok(())
+    }
+}

@@ -1,0 +1,307 @@
+//! The Wan 2.1 causal 3D VAE: video ↔ latents, 8× smaller in height and width and 4× in time.
+//!
+//! Wan (<https://arxiv.org/abs/2503.20314>, "Wan-VAE") compresses `1 + 4k` frames into `1 + k`
+//! latent frames with convolutions that are causal in time, so that the first frame is encoded
+//! alone (an image) and a long video can be processed in chunks with a small memory of the frames
+//! before each chunk. Reference: diffusers' `AutoencoderKLWan`
+//! (<https://github.com/huggingface/diffusers/blob/v0.35.2/src/diffusers/models/autoencoders/autoencoder_kl_wan.py>),
+//! whose chunking this reproduces: the encoder takes frame 0, then 4 frames at a time; the decoder
+//! one latent frame at a time.
+//!
+//! Inside, tensors are frames-major (`[batch, frames, channels, height, width]`); the public
+//! methods take and return diffusers' `[batch, channels, frames, height, width]`.
+
+mod blocks;
+mod causal;
+mod decoder;
+mod encoder;
+
+use candle_core::{bail, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+pub use causal::CausalCache;
+use causal::CausalConv3d;
+use decoder::Decoder;
+use encoder::Encoder;
+
+/// Frames per encoder chunk after the first frame: diffusers' `_encode` steps by 4 whatever the
+/// config says.
+const ENCODE_CHUNK: usize = 4;
+
+/// The VAE's `config.json`, with diffusers' defaults for absent fields (the Wan 2.2 ones included).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub base_dim: usize,
+    /// The decoder's base width when it differs from the encoder's.
+    pub decoder_base_dim: Option<usize>,
+    pub z_dim: usize,
+    pub dim_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    /// Resolutions (1, 1/2, 1/4, …) where the encoder would add attention: always empty, since
+    /// neither diffusers nor the original Wan code can run the encoder otherwise.
+    pub attn_scales: Vec<f64>,
+    /// Which of the encoder's downsamplings also halve the frame rate (sic: diffusers' spelling).
+    pub temperal_downsample: Vec<bool>,
+    pub dropout: f64,
+    /// Per-channel statistics of the latents: the pipeline decodes `latents · std + mean`.
+    pub latents_mean: Vec<f64>,
+    pub latents_std: Vec<f64>,
+    /// Wan 2.2: residual down/up blocks with pixel-shuffle shortcuts (not supported yet).
+    pub is_residual: bool,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Wan 2.2: pixels patchified before the encoder (not supported yet).
+    pub patch_size: Option<usize>,
+    pub scale_factor_temporal: usize,
+    pub scale_factor_spatial: usize,
+    /// Whether decoded frames are clamped to [-1, 1] (diffusers 0.35 always clamps).
+    pub clip_output: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            base_dim: 96,
+            decoder_base_dim: None,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_scales: vec![],
+            temperal_downsample: vec![false, true, true],
+            dropout: 0.0,
+            latents_mean: vec![
+                -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
+                -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+            ],
+            latents_std: vec![
+                2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526,
+                2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+            ],
+            is_residual: false,
+            in_channels: 3,
+            out_channels: 3,
+            patch_size: None,
+            scale_factor_temporal: 4,
+            scale_factor_spatial: 8,
+            clip_output: true,
+        }
+    }
+}
+
+/// diffusers' `[B, C, T, H, W]` ↔ frames-major `[B, T, C, H, W]` (the swap is its own inverse).
+fn swap_channels_frames(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 1, 3, 4))
+}
+
+/// The Wan VAE: `encode` gives the Gaussian posterior's mean and log-variance, `decode` the video.
+#[derive(Debug, Clone)]
+pub struct AutoencoderKLWan {
+    encoder: Encoder,
+    quant_conv: CausalConv3d,
+    post_quant_conv: CausalConv3d,
+    decoder: Decoder,
+    z_dim: usize,
+    in_channels: usize,
+    /// How much smaller latents are than pixels in height and width: one halving per downsampling.
+    spatial_compression: usize,
+    clip_output: bool,
+}
+
+impl AutoencoderKLWan {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        if cfg.is_residual {
+            bail!("Wan VAE config: `is_residual: true` (the Wan 2.2 VAE) is not supported yet")
+        }
+        if let Some(p) = cfg.patch_size.filter(|&p| p != 1) {
+            bail!("Wan VAE config: `patch_size: {p}` (the Wan 2.2 VAE) is not supported yet")
+        }
+        if !cfg.attn_scales.is_empty() {
+            bail!(
+                "Wan VAE config: `attn_scales` {:?}: attention in the encoder's down blocks is not \
+                 supported (diffusers fails on it too)",
+                cfg.attn_scales
+            )
+        }
+        if cfg.temperal_downsample.len() + 1 != cfg.dim_mult.len() {
+            bail!(
+                "Wan VAE config: `temperal_downsample` {:?} needs one entry per downsampling, {} \
+                 for `dim_mult` {:?}",
+                cfg.temperal_downsample,
+                cfg.dim_mult.len().saturating_sub(1),
+                cfg.dim_mult
+            )
+        }
+        Ok(Self {
+            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
+            quant_conv: CausalConv3d::cube(2 * cfg.z_dim, 2 * cfg.z_dim, 1, vb.pp("quant_conv"))?,
+            post_quant_conv: CausalConv3d::cube(cfg.z_dim, cfg.z_dim, 1, vb.pp("post_quant_conv"))?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            z_dim: cfg.z_dim,
+            in_channels: cfg.in_channels,
+            spatial_compression: 1 << (cfg.dim_mult.len() - 1),
+            clip_output: cfg.clip_output,
+        })
+    }
+
+    /// Encodes a video `[B, C, 1 + 4k, H, W]` (values in [-1, 1], H and W multiples of 8) into the
+    /// posterior's `(mean, logvar)`, each `[B, z_dim, 1 + k, H/8, W/8]`; the log-variance is
+    /// clamped to [-30, 20].
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, c, f, h, w) = x.dims5()?;
+        let s = self.spatial_compression;
+        if c != self.in_channels {
+            bail!(
+                "Wan VAE encode: expected {} channels in [B, C, F, H, W], got {:?}",
+                self.in_channels,
+                x.dims()
+            )
+        }
+        if f % ENCODE_CHUNK != 1 {
+            bail!(
+                "Wan VAE encode: the frame count must be 4k+1, got {f} in [B, C, F, H, W] = {:?}",
+                x.dims()
+            )
+        }
+        if h % s != 0 || w % s != 0 {
+            bail!(
+                "Wan VAE encode: height and width must be multiples of {s}, got [B, C, F, H, W] = {:?}",
+                x.dims()
+            )
+        }
+        let x = swap_channels_frames(x)?.contiguous()?;
+        let mut cache = CausalCache::new();
+        let mut chunks = vec![self.encoder.forward(&x.narrow(1, 0, 1)?, &mut cache)?];
+        for start in (1..f).step_by(ENCODE_CHUNK) {
+            chunks.push(
+                self.encoder
+                    .forward(&x.narrow(1, start, ENCODE_CHUNK)?, &mut cache)?,
+            );
+        }
+        let moments = swap_channels_frames(&self.quant_conv.forward(&Tensor::cat(&chunks, 1)?)?)?;
+        let mean = moments.narrow(1, 0, self.z_dim)?.contiguous()?;
+        let logvar = moments
+            .narrow(1, self.z_dim, self.z_dim)?
+            .clamp(-30.0, 20.0)?;
+        Ok((mean, logvar))
+    }
+
+    /// Decodes latents `[B, z_dim, T, h, w]` (already de-normalized) into a video `[B, C, 4(T−1)+1,
+    /// 8h, 8w]`, one latent frame at a time.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let t = self.latent_frames(z)?;
+        if t == 0 {
+            bail!("Wan VAE decode: no latent frames in {:?}", z.dims())
+        }
+        let mut cache = CausalCache::new();
+        let chunks = (0..t)
+            .map(|i| self.decode_chunk(&z.narrow(2, i, 1)?, &mut cache))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&chunks, 2)
+    }
+
+    /// The frame count of latents `[B, z_dim, T, h, w]`, or why they are not such latents.
+    fn latent_frames(&self, z: &Tensor) -> Result<usize> {
+        let (_, c, t, _, _) = z.dims5()?;
+        if c != self.z_dim {
+            bail!(
+                "Wan VAE decode: expected {} channels in [B, C, T, h, w], got {:?}",
+                self.z_dim,
+                z.dims()
+            )
+        }
+        Ok(t)
+    }
+
+    /// Decodes the next latent frames of a stream whose past `cache` remembers: the first chunk
+    /// must be one latent frame and gives one frame; each later latent frame gives four.
+    pub fn decode_chunk(&self, z: &Tensor, cache: &mut CausalCache) -> Result<Tensor> {
+        let t = self.latent_frames(z)?;
+        if t == 0 || (cache.is_fresh() && t != 1) {
+            bail!(
+                "Wan VAE decode: a stream starts with one latent frame, then any number; got {:?}",
+                z.dims()
+            )
+        }
+        let z = self.post_quant_conv.forward(&swap_channels_frames(z)?)?;
+        let x = swap_channels_frames(&self.decoder.forward(&z, cache)?)?;
+        if self.clip_output {
+            x.clamp(-1.0, 1.0)
+        } else {
+            x.contiguous()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn tiny_vae(cfg: &Config) -> Result<AutoencoderKLWan> {
+        AutoencoderKLWan::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))
+    }
+
+    fn small() -> Config {
+        Config {
+            base_dim: 2,
+            z_dim: 2,
+            num_res_blocks: 1,
+            ..Default::default()
+        }
+    }
+
+    fn error_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.expect_err("an error").to_string()
+    }
+
+    #[test]
+    fn wan22_configs_are_refused_by_field() {
+        let residual = Config {
+            is_residual: true,
+            ..small()
+        };
+        assert!(error_of(tiny_vae(&residual)).contains("is_residual"));
+        let patched = Config {
+            patch_size: Some(2),
+            ..small()
+        };
+        assert!(error_of(tiny_vae(&patched)).contains("patch_size"));
+    }
+
+    #[test]
+    fn impossible_shapes_are_refused_with_the_shape() -> Result<()> {
+        let vae = tiny_vae(&small())?;
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+        let err = error_of(vae.encode(&zeros(&[1, 3, 8, 16, 16])?));
+        assert!(
+            err.contains("4k+1") && err.contains("[1, 3, 8, 16, 16]"),
+            "{err}"
+        );
+        let err = error_of(vae.encode(&zeros(&[1, 3, 5, 12, 16])?));
+        assert!(
+            err.contains("multiples of 8") && err.contains("[1, 3, 5, 12, 16]"),
+            "{err}"
+        );
+        let err = error_of(vae.decode(&zeros(&[1, 3, 2, 2, 2])?));
+        assert!(
+            err.contains("expected 2 channels") && err.contains("[1, 3, 2, 2, 2]"),
+            "{err}"
+        );
+        let err = error_of(vae.decode_chunk(&zeros(&[1, 2, 2, 2, 2])?, &mut CausalCache::new()));
+        assert!(err.contains("one latent frame"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn decode_and_encode_give_diffusers_shapes() -> Result<()> {
+        let vae = tiny_vae(&small())?;
+        let video = vae.decode(&Tensor::zeros((2, 2, 3, 2, 3), DType::F32, &Device::Cpu)?)?;
+        assert_eq!(video.dims(), &[2, 3, 9, 16, 24]);
+        let (mean, logvar) = vae.encode(&video)?;
+        assert_eq!(mean.dims(), &[2, 2, 3, 2, 3]);
+        assert_eq!(logvar.dims(), mean.dims());
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! One error type for the library: each variant is something a user can act on, and its message names
+//! what was wrong (a file, a tensor, a request field) and what was expected.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No model folder at the path, and no snapshot of that repository id in the Hugging Face cache.
+    #[error("model not found: {model} (looked in {})", list_paths(searched))]
+    ModelNotFound { model: String, searched: Vec<PathBuf> },
+
+    /// A file the diffusers layout requires is absent.
+    #[error("missing file {path}: {what}")]
+    MissingFile { path: PathBuf, what: String },
+
+    /// A file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A `config.json` (or `model_index.json`, `scheduler_config.json`) that does not parse or asks for
+    /// something this build does not implement.
+    #[error("invalid config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    /// Weights that don't match the config: a tensor missing, of the wrong shape, or an unreadable file.
+    #[error("weights of {component} in {path} don't match its config: {reason}")]
+    Weights { component: &'static str, path: PathBuf, reason: String },
+
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    /// A request field out of range or inconsistent with the model.
+    #[error("invalid {field}: {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+
+    /// Latents supplied by the caller (`--latents`) that cannot be used.
+    #[error("latents {path}: {reason}")]
+    Latents { path: PathBuf, reason: String },
+
+    /// NaN or infinity appeared; a video made from them would be black or garbage, so none is delivered.
+    #[error("non-finite values (NaN/Inf) after {stage}; try dtype f32")]
+    NonFinite { stage: &'static str },
+
+    /// The caller's progress callback asked to stop.
+    #[error("cancelled at step {step} of {steps}")]
+    Cancelled { step: usize, steps: usize },
+
+    /// A computation failed inside candle while running `stage`.
+    #[error("{stage} failed: {source}")]
+    Compute { stage: &'static str, source: candle_core::Error },
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Attaches the pipeline stage to a candle error, so a failure says where it happened.
+pub(crate) trait StageContext<T> {
+    fn stage(self, stage: &'static str) -> Result<T>;
+}
+
+impl<T> StageContext<T> for candle_core::Result<T> {
+    fn stage(self, stage: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Compute { stage, source })
+    }
+}

@@ -1,0 +1,22 @@
+//! Kinetoscope: text-to-video with open-weight spacetime latent diffusion models (Wan 2.1), offline.
+//!
+//! ```no_run
+//! use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
+//! # fn main() -> kinetoscope::Result<()> {
+//! let pipeline = Pipeline::load(&ModelDir::open("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")?, &LoadOptions::default())?;
+//! let video = pipeline.generate(&GenerateRequest { prompt: "a red fox in the snow".into(), ..Default::default() })?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod model_dir;
+mod noise;
+mod pipeline;
+pub mod scheduler;
+mod text;
+
+pub use error::{Error, Result};
+pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
+pub use noise::{read_latents, seeded_noise};
+pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};
+pub use text::{clean_prompt, TextEncoder};
