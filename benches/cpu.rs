@@ -45,7 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let step = median_seconds(|| model.forward_embedded(&latents, &timestep, &text))?;
     let decode = median_seconds(|| vae.decode(&latents))?;
-    println!("model: models/tiny/wan21-tiny-a, {WIDTH}x{HEIGHT}, {FRAMES} frames ({tokens} tokens), {RUNS} runs, median");
+    println!(
+        "model: models/tiny/wan21-tiny-a, {WIDTH}x{HEIGHT}, {FRAMES} frames ({tokens} tokens), {RUNS} runs, median"
+    );
     println!("transformer forward: {:.1} ms", step * 1e3);
     println!("VAE decode:          {:.1} ms", decode * 1e3);
     Ok(())

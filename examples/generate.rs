@@ -16,7 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let output = args.next().unwrap_or_else(|| "out.mp4".into());
 
     let pipeline = Pipeline::load(&ModelDir::open(&model)?, &LoadOptions::default())?;
-    let request = GenerateRequest { prompt, height: 64, width: 96, num_frames: 17, steps: 8, seed: 7, ..Default::default() };
+    let request =
+        GenerateRequest { prompt, height: 64, width: 96, num_frames: 17, steps: 8, seed: 7, ..Default::default() };
     let video = pipeline.generate(&request)?;
 
     let frames = Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width)?;

@@ -46,7 +46,7 @@ fn attention_in_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, DType};
+    use candle_core::{DType, Device};
 
     /// The blocked computation must equal the one-shot softmax(q·kᵀ)·v.
     #[test]

@@ -55,10 +55,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -104,23 +101,14 @@ impl SelfAttention {
     /// `buckets` is the `[len, len]` table of relative position buckets (key minus query).
     fn forward(&self, x: &Tensor, buckets: &Tensor) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
-        let heads = |t: Tensor| {
-            t.reshape((batch, len, self.num_heads, self.d_kv))?
-                .transpose(1, 2)
-        };
+        let heads = |t: Tensor| t.reshape((batch, len, self.num_heads, self.d_kv))?.transpose(1, 2);
         let q = heads(self.q.forward(x)?)?;
         let k = heads(self.k.forward(x)?)?;
         let v = heads(self.v.forward(x)?)?;
         // [len, len, heads] -> [1, heads, len, len]
-        let bias = self
-            .relative_attention_bias
-            .forward(buckets)?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?;
+        let bias = self.relative_attention_bias.forward(buckets)?.permute((2, 0, 1))?.unsqueeze(0)?;
         let out = attention(&q, &k, &v, Some(&bias), 1.0)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((batch, len, self.num_heads * self.d_kv))?;
+        let out = out.transpose(1, 2)?.reshape((batch, len, self.num_heads * self.d_kv))?;
         self.o.forward(&out)
     }
 }
@@ -198,23 +186,15 @@ impl UMT5Encoder {
         // The embedding is one tensor tied between `shared` and `encoder.embed_tokens`;
         // transformers' own checkpoints (and Wan's diffusers ones) save it once as `shared.weight`,
         // other exporters under the encoder's name.
-        let embed_vb = if vb.contains_tensor("shared.weight") {
-            vb.pp("shared")
-        } else {
-            vb.pp("encoder").pp("embed_tokens")
-        };
+        let embed_vb =
+            if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { vb.pp("encoder").pp("embed_tokens") };
         let encoder = vb.pp("encoder");
-        let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, encoder.pp("block").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks =
+            (0..cfg.num_layers).map(|i| Block::new(cfg, encoder.pp("block").pp(i))).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: embedding(cfg.vocab_size, cfg.d_model, embed_vb)?,
             blocks,
-            final_layer_norm: LayerNorm::new(
-                cfg.d_model,
-                cfg.layer_norm_epsilon,
-                encoder.pp("final_layer_norm"),
-            )?,
+            final_layer_norm: LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, encoder.pp("final_layer_norm"))?,
             num_buckets: cfg.relative_attention_num_buckets,
             max_distance: cfg.relative_attention_max_distance,
         })
@@ -229,12 +209,7 @@ impl UMT5Encoder {
     /// those same rows (the parity test checks it). Batch entries must therefore share one length.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
-        let buckets = relative_position_buckets(
-            len,
-            self.num_buckets,
-            self.max_distance,
-            input_ids.device(),
-        )?;
+        let buckets = relative_position_buckets(len, self.num_buckets, self.max_distance, input_ids.device())?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         for block in &self.blocks {
             x = block.forward(&x, &buckets)?;
@@ -244,16 +219,10 @@ impl UMT5Encoder {
 }
 
 /// The `[len, len]` table of buckets for key position minus query position.
-fn relative_position_buckets(
-    len: usize,
-    num_buckets: usize,
-    max_distance: usize,
-    device: &Device,
-) -> Result<Tensor> {
+fn relative_position_buckets(len: usize, num_buckets: usize, max_distance: usize, device: &Device) -> Result<Tensor> {
     let buckets: Vec<u32> = (0..len as i64)
         .flat_map(|query| {
-            (0..len as i64)
-                .map(move |key| relative_position_bucket(key - query, num_buckets, max_distance))
+            (0..len as i64).map(move |key| relative_position_bucket(key - query, num_buckets, max_distance))
         })
         .collect();
     Tensor::from_vec(buckets, (len, len), device)
@@ -263,11 +232,7 @@ fn relative_position_buckets(
 /// after the query, half for keys before; within each half, exact distances below a quarter of
 /// `num_buckets`, then logarithmically wider bins up to `max_distance`, beyond which all distances
 /// share the last bucket.
-fn relative_position_bucket(
-    relative_position: i64,
-    num_buckets: usize,
-    max_distance: usize,
-) -> u32 {
+fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_distance: usize) -> u32 {
     let half = num_buckets / 2;
     let side = if relative_position > 0 { half } else { 0 };
     let distance = relative_position.unsigned_abs() as usize;
@@ -290,14 +255,8 @@ mod tests {
     use super::*;
 
     fn assert_buckets(num_buckets: usize, max_distance: usize, positions: &[i64], buckets: &[u32]) {
-        let got: Vec<u32> = positions
-            .iter()
-            .map(|&p| relative_position_bucket(p, num_buckets, max_distance))
-            .collect();
-        assert_eq!(
-            got, buckets,
-            "{num_buckets} buckets, max distance {max_distance}"
-        );
+        let got: Vec<u32> = positions.iter().map(|&p| relative_position_bucket(p, num_buckets, max_distance)).collect();
+        assert_eq!(got, buckets, "{num_buckets} buckets, max distance {max_distance}");
     }
 
     /// Expected buckets printed by transformers 4.57.1:
@@ -309,14 +268,8 @@ mod tests {
         assert_buckets(
             32,
             128,
-            &[
-                0, 1, -1, 7, -7, 8, -8, 11, 12, 15, 16, -16, 23, 31, 32, -32, 63, 64, 100, 127,
-                128, -128, 511, -511,
-            ],
-            &[
-                0, 17, 1, 23, 7, 24, 8, 24, 25, 25, 26, 10, 27, 27, 28, 12, 29, 30, 31, 31, 31, 15,
-                31, 15,
-            ],
+            &[0, 1, -1, 7, -7, 8, -8, 11, 12, 15, 16, -16, 23, 31, 32, -32, 63, 64, 100, 127, 128, -128, 511, -511],
+            &[0, 17, 1, 23, 7, 24, 8, 24, 25, 25, 26, 10, 27, 27, 28, 12, 29, 30, 31, 31, 31, 15, 31, 15],
         );
         assert_buckets(
             16,
@@ -328,15 +281,11 @@ mod tests {
 
     #[test]
     fn config_defaults_and_unsupported_feed_forward() {
-        let cfg: Config =
-            serde_json::from_str(r#"{"d_model": 8, "feed_forward_proj": "relu"}"#).unwrap();
+        let cfg: Config = serde_json::from_str(r#"{"d_model": 8, "feed_forward_proj": "relu"}"#).unwrap();
         assert_eq!(cfg.d_model, 8);
         assert_eq!(cfg.relative_attention_max_distance, 128);
         let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
         let err = UMT5Encoder::new(&cfg, vb).unwrap_err().to_string();
-        assert!(
-            err.contains("feed_forward_proj") && err.contains("relu"),
-            "{err}"
-        );
+        assert!(err.contains("feed_forward_proj") && err.contains("relu"), "{err}");
     }
 }

@@ -20,9 +20,8 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
-    let index: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?,
-    )?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?)?;
     let shards: BTreeSet<&str> = index["weight_map"]
         .as_object()
         .context("index without weight_map")?
@@ -47,11 +46,7 @@ fn check(model_dir: &Path, reference: &Path) -> Result<()> {
     let model = WanTransformer3DModel::new(&cfg, vb)?;
 
     let r = candle_core::safetensors::load(reference, &dev)?;
-    let out = model.forward(
-        &r["hidden_states"],
-        &r["timestep"],
-        &r["encoder_hidden_states"],
-    )?;
+    let out = model.forward(&r["hidden_states"], &r["timestep"], &r["encoder_hidden_states"])?;
     let want = &r["output"];
     assert_eq!(out.dims(), want.dims());
     let err = relative_error(&out, want)?;
@@ -62,13 +57,7 @@ fn check(model_dir: &Path, reference: &Path) -> Result<()> {
 
 fn check_tiny(model: &str) -> Result<()> {
     let tiny = tiny();
-    check(
-        &tiny.join(model).join("transformer"),
-        &tiny
-            .join("reference")
-            .join(model)
-            .join("transformer.safetensors"),
-    )
+    check(&tiny.join(model).join("transformer"), &tiny.join("reference").join(model).join("transformer.safetensors"))
 }
 
 #[test]

@@ -27,22 +27,12 @@ fn check(model: &str) -> Result<()> {
     let dir = tiny().join(model).join("text_encoder");
     let cfg: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
     // SAFETY: the fixture files are not modified while the test runs.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)?
-    };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)? };
     let encoder = UMT5Encoder::new(&cfg, vb)?;
 
-    let r = candle_core::safetensors::load(
-        tiny()
-            .join("reference")
-            .join(model)
-            .join("text.safetensors"),
-        &dev,
-    )?;
+    let r = candle_core::safetensors::load(tiny().join("reference").join(model).join("text.safetensors"), &dev)?;
     for name in ["prompt", "negative", "long"] {
-        let ids = r[&format!("{name}_ids")]
-            .to_dtype(DType::U32)?
-            .unsqueeze(0)?;
+        let ids = r[&format!("{name}_ids")].to_dtype(DType::U32)?.unsqueeze(0)?;
         let want = &r[&format!("{name}_embeds")];
         let (n, max_len) = (ids.dim(1)?, want.dim(1)?);
         let got = encoder.forward(&ids)?;
@@ -52,15 +42,8 @@ fn check(model: &str) -> Result<()> {
         println!("{model} {name} ({n} tokens): relative error {err:e}");
         ensure!(err < 1e-4, "{model} {name}: relative error {err}");
         if n < max_len {
-            let padding = want
-                .narrow(1, n, max_len - n)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
-            ensure!(
-                padding == 0.0,
-                "{model} {name}: reference rows past the prompt are not zero"
-            );
+            let padding = want.narrow(1, n, max_len - n)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            ensure!(padding == 0.0, "{model} {name}: reference rows past the prompt are not zero");
         }
     }
     Ok(())
@@ -75,17 +58,10 @@ fn umt5_loads_embedding_under_encoder_name() -> Result<()> {
     let cfg: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
     let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev)?;
     let ids = Tensor::new(&[[5u32, 17, 3, 1]], &dev)?;
-    let want = UMT5Encoder::new(
-        &cfg,
-        VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
-    )?
-    .forward(&ids)?;
-    let shared = weights
-        .remove("shared.weight")
-        .expect("the fixture stores the embedding as shared.weight");
+    let want = UMT5Encoder::new(&cfg, VarBuilder::from_tensors(weights.clone(), DType::F32, &dev))?.forward(&ids)?;
+    let shared = weights.remove("shared.weight").expect("the fixture stores the embedding as shared.weight");
     weights.insert("encoder.embed_tokens.weight".to_string(), shared);
-    let got = UMT5Encoder::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))?
-        .forward(&ids)?;
+    let got = UMT5Encoder::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))?.forward(&ids)?;
     let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
     ensure!(diff == 0.0, "outputs differ by {diff}");
     Ok(())

@@ -64,11 +64,7 @@ fn check_decode_in_two_chunks(model_dir: &Path, reference: &Path) -> Result<()> 
     let mut cache = CausalCache::new();
     let first = vae.decode_chunk(&latents.narrow(2, 0, 1)?, &mut cache)?;
     let rest = vae.decode_chunk(&latents.narrow(2, 1, t - 1)?, &mut cache)?;
-    assert_close(
-        "decode in two chunks",
-        &Tensor::cat(&[first, rest], 2)?,
-        &r["decoded"],
-    )
+    assert_close("decode in two chunks", &Tensor::cat(&[first, rest], 2)?, &r["decoded"])
 }
 
 fn model(name: &str) -> PathBuf {

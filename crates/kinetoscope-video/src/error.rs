@@ -4,27 +4,15 @@ use std::path::PathBuf;
 /// message names the file and what was expected, so the user knows what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
-    #[error(
-        "frame data holds {actual} values, but {frames} frames of {width}x{height} RGB need {expected}"
-    )]
-    DataLength {
-        expected: usize,
-        actual: usize,
-        frames: usize,
-        height: usize,
-        width: usize,
-    },
+    #[error("frame data holds {actual} values, but {frames} frames of {width}x{height} RGB need {expected}")]
+    DataLength { expected: usize, actual: usize, frames: usize, height: usize, width: usize },
 
     #[error(
         "cannot hold {frames} frames of {width}x{height} pixels: \
          every dimension must be at least 1, and width and height at most {}",
         u32::MAX
     )]
-    InvalidShape {
-        frames: usize,
-        height: usize,
-        width: usize,
-    },
+    InvalidShape { frames: usize, height: usize, width: usize },
 
     #[error(
         "frame {frame} holds a non-finite value ({value}); \
@@ -36,11 +24,7 @@ pub enum VideoError {
         "cannot write {}: H.264 yuv420p needs an even width and height, got {width}x{height}",
         .path.display()
     )]
-    OddSize {
-        path: PathBuf,
-        width: usize,
-        height: usize,
-    },
+    OddSize { path: PathBuf, width: usize, height: usize },
 
     #[error(
         "cannot write {}: the frame rate must be between 1 and {}, got {fps}",
@@ -92,11 +76,7 @@ pub enum VideoError {
         "the video written for {} does not read back as written: expected {expected}, found {found}",
         .path.display()
     )]
-    Verify {
-        path: PathBuf,
-        expected: String,
-        found: String,
-    },
+    Verify { path: PathBuf, expected: String, found: String },
 
     #[error("cannot encode PNG {}: {source}", .path.display())]
     Png {

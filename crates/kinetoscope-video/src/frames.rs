@@ -12,19 +12,9 @@ pub struct Frames {
 
 impl Frames {
     /// Wraps RGB bytes shaped `[frames, height, width, 3]`.
-    pub fn new(
-        data: Vec<u8>,
-        frames: usize,
-        height: usize,
-        width: usize,
-    ) -> Result<Self, VideoError> {
+    pub fn new(data: Vec<u8>, frames: usize, height: usize, width: usize) -> Result<Self, VideoError> {
         check_shape(data.len(), frames, height, width)?;
-        Ok(Self {
-            data,
-            frames,
-            height,
-            width,
-        })
+        Ok(Self { data, frames, height, width })
     }
 
     /// Quantizes frames in [0, 1] shaped `[frames, height, width, 3]` to bytes the way
@@ -37,30 +27,14 @@ impl Frames {
     ///
     /// A NaN or infinity is an error: it means the decode went wrong, and clamping would turn
     /// it into a black or white frame that looks like a result.
-    pub fn from_unit_f32(
-        data: &[f32],
-        frames: usize,
-        height: usize,
-        width: usize,
-    ) -> Result<Self, VideoError> {
+    pub fn from_unit_f32(data: &[f32], frames: usize, height: usize, width: usize) -> Result<Self, VideoError> {
         check_shape(data.len(), frames, height, width)?;
         let frame_len = height * width * 3;
         if let Some(index) = data.iter().position(|x| !x.is_finite()) {
-            return Err(VideoError::NonFinite {
-                frame: index / frame_len,
-                value: data[index],
-            });
+            return Err(VideoError::NonFinite { frame: index / frame_len, value: data[index] });
         }
-        let bytes = data
-            .iter()
-            .map(|&x| (x.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
-            .collect();
-        Ok(Self {
-            data: bytes,
-            frames,
-            height,
-            width,
-        })
+        let bytes = data.iter().map(|&x| (x.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8).collect();
+        Ok(Self { data: bytes, frames, height, width })
     }
 
     /// Number of frames (at least 1).
@@ -109,16 +83,9 @@ impl Frames {
 fn check_shape(len: usize, frames: usize, height: usize, width: usize) -> Result<(), VideoError> {
     let too_big = |n: usize| u32::try_from(n).is_err();
     if frames == 0 || height == 0 || width == 0 || too_big(height) || too_big(width) {
-        return Err(VideoError::InvalidShape {
-            frames,
-            height,
-            width,
-        });
+        return Err(VideoError::InvalidShape { frames, height, width });
     }
-    let expected = frames
-        .checked_mul(height)
-        .and_then(|n| n.checked_mul(width))
-        .and_then(|n| n.checked_mul(3));
+    let expected = frames.checked_mul(height).and_then(|n| n.checked_mul(width)).and_then(|n| n.checked_mul(3));
     if expected != Some(len) {
         return Err(VideoError::DataLength {
             expected: expected.unwrap_or(usize::MAX),
@@ -148,26 +115,13 @@ mod tests {
         let mut data = vec![0.5_f32; 2 * 2 * 2 * 3];
         data[13] = f32::NAN;
         let err = Frames::from_unit_f32(&data, 2, 2, 2).unwrap_err();
-        assert!(
-            matches!(err, VideoError::NonFinite { frame: 1, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, VideoError::NonFinite { frame: 1, .. }), "{err}");
     }
 
     #[test]
     fn rejects_wrong_length_and_empty_shapes() {
         let err = Frames::new(vec![0; 10], 1, 2, 2).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                VideoError::DataLength {
-                    expected: 12,
-                    actual: 10,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, VideoError::DataLength { expected: 12, actual: 10, .. }), "{err}");
         let err = Frames::new(Vec::new(), 0, 2, 2).unwrap_err();
         assert!(matches!(err, VideoError::InvalidShape { .. }), "{err}");
         assert!(err.to_string().contains("0 frames of 2x2"), "{err}");

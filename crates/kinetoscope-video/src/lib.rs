@@ -43,11 +43,5 @@ fn init() -> Result<(), VideoError> {
 /// Whether a codec's "receive" call failed only because it needs more input (EAGAIN) or has
 /// nothing more to give (EOF), the two ways a send/receive loop ends normally.
 fn drained(error: ffmpeg::Error) -> bool {
-    matches!(
-        error,
-        ffmpeg::Error::Eof
-            | ffmpeg::Error::Other {
-                errno: ffmpeg::error::EAGAIN
-            }
-    )
+    matches!(error, ffmpeg::Error::Eof | ffmpeg::Error::Other { errno: ffmpeg::error::EAGAIN })
 }

@@ -30,22 +30,14 @@ pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<VideoInfo, Vi
     let (width, height) = (frames.width(), frames.height());
     if width % 2 != 0 || height % 2 != 0 {
         // yuv420p stores chroma at half resolution in both directions.
-        return Err(VideoError::OddSize {
-            path: path.to_path_buf(),
-            width,
-            height,
-        });
+        return Err(VideoError::OddSize { path: path.to_path_buf(), width, height });
     }
     let rate = i32::try_from(fps)
         .ok()
         .filter(|&rate| rate > 0)
-        .ok_or_else(|| VideoError::InvalidFps {
-            path: path.to_path_buf(),
-            fps,
-        })?;
-    let codec = encoder::find_by_name("libx264").ok_or_else(|| VideoError::EncoderMissing {
-        path: path.to_path_buf(),
-    })?;
+        .ok_or_else(|| VideoError::InvalidFps { path: path.to_path_buf(), fps })?;
+    let codec =
+        encoder::find_by_name("libx264").ok_or_else(|| VideoError::EncoderMissing { path: path.to_path_buf() })?;
 
     let (staged, file) = Staged::create(path)?;
     // FFmpeg reopens the file by name; our handle only reserved the name.
@@ -57,20 +49,10 @@ pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<VideoInfo, Vi
     })?;
 
     let info = probe(staged.path())?;
-    let expected = format!(
-        "h264 yuv420p {width}x{height}, {} frames",
-        frames.num_frames()
-    );
-    let found = format!(
-        "{} {} {}x{}, {} frames",
-        info.codec, info.pixel_format, info.width, info.height, info.frames
-    );
+    let expected = format!("h264 yuv420p {width}x{height}, {} frames", frames.num_frames());
+    let found = format!("{} {} {}x{}, {} frames", info.codec, info.pixel_format, info.width, info.height, info.frames);
     if found != expected {
-        return Err(VideoError::Verify {
-            path: path.to_path_buf(),
-            expected,
-            found,
-        });
+        return Err(VideoError::Verify { path: path.to_path_buf(), expected, found });
     }
     staged.commit()?;
     Ok(info)
@@ -87,17 +69,11 @@ fn encode(temp: &Path, frames: &Frames, rate: i32, codec: ffmpeg::Codec) -> Resu
     let (width, height) = frames.size_u32();
     // The temporary name has no .mp4 extension to guess the muxer from.
     let mut output = format::output_as(temp, "mp4").map_err(at("to open the output file"))?;
-    let global_header = output
-        .format()
-        .flags()
-        .contains(format::Flags::GLOBAL_HEADER);
+    let global_header = output.format().flags().contains(format::Flags::GLOBAL_HEADER);
 
     // One tick of the encoder's clock is one frame, so frame i has pts i.
     let time_base = Rational::new(1, rate);
-    let mut settings = codec::Context::new_with_codec(codec)
-        .encoder()
-        .video()
-        .map_err(at("to set up the encoder"))?;
+    let mut settings = codec::Context::new_with_codec(codec).encoder().video().map_err(at("to set up the encoder"))?;
     settings.set_width(width);
     settings.set_height(height);
     settings.set_format(Pixel::YUV420P);
@@ -114,13 +90,9 @@ fn encode(temp: &Path, frames: &Frames, rate: i32, codec: ffmpeg::Codec) -> Resu
     for (key, value) in X264_OPTIONS {
         options.set(key, value);
     }
-    let mut encoder = settings
-        .open_as_with(codec, options)
-        .map_err(at("to open the libx264 encoder"))?;
+    let mut encoder = settings.open_as_with(codec, options).map_err(at("to open the libx264 encoder"))?;
 
-    let mut stream = output
-        .add_stream(codec)
-        .map_err(at("to add the video stream"))?;
+    let mut stream = output.add_stream(codec).map_err(at("to add the video stream"))?;
     stream.set_parameters(&encoder);
     stream.set_time_base(time_base);
     stream.set_avg_frame_rate(Rational::new(rate, 1));
@@ -128,16 +100,11 @@ fn encode(temp: &Path, frames: &Frames, rate: i32, codec: ffmpeg::Codec) -> Resu
 
     let mut muxer_options = Dictionary::new();
     muxer_options.set("movflags", "+faststart");
-    output
-        .write_header_with(muxer_options)
-        .map_err(at("to write the MP4 header"))?;
+    output.write_header_with(muxer_options).map_err(at("to write the MP4 header"))?;
     // The muxer picks its own time base while writing the header.
     let stream_time_base = output
         .stream(stream_index)
-        .ok_or((
-            "to find the video stream it added",
-            ffmpeg::Error::StreamNotFound,
-        ))?
+        .ok_or(("to find the video stream it added", ffmpeg::Error::StreamNotFound))?
         .time_base();
     let mut mux = |encoder: &mut encoder::Video| -> Result<(), Failure> {
         let mut packet = Packet::empty();
@@ -151,9 +118,7 @@ fn encode(temp: &Path, frames: &Frames, rate: i32, codec: ffmpeg::Codec) -> Resu
             // Every frame lasts one tick; without it the last frame's duration is a guess.
             packet.set_duration(1);
             packet.rescale_ts(time_base, stream_time_base);
-            packet
-                .write_interleaved(&mut output)
-                .map_err(at("to write a packet"))?;
+            packet.write_interleaved(&mut output).map_err(at("to write a packet"))?;
         }
     };
 
@@ -177,16 +142,12 @@ fn encode(temp: &Path, frames: &Frames, rate: i32, codec: ffmpeg::Codec) -> Resu
         }
         // A fresh frame each time: the encoder may still hold a reference to the last one.
         let mut yuv = frame::Video::new(Pixel::YUV420P, width, height);
-        scaler
-            .run(&rgb, &mut yuv)
-            .map_err(at("to convert RGB to YUV"))?;
+        scaler.run(&rgb, &mut yuv).map_err(at("to convert RGB to YUV"))?;
         yuv.set_pts(Some(index as i64));
         encoder.send_frame(&yuv).map_err(at("to encode a frame"))?;
         mux(&mut encoder)?;
     }
     encoder.send_eof().map_err(at("to flush the encoder"))?;
     mux(&mut encoder)?;
-    output
-        .write_trailer()
-        .map_err(at("to finish the MP4 (write its index)"))
+    output.write_trailer().map_err(at("to finish the MP4 (write its index)"))
 }

@@ -30,10 +30,7 @@ pub fn write_png_frames(dir: &Path, frames: &Frames) -> Result<Vec<PathBuf>, Vid
             let mut writer = BufWriter::new(file);
             PngEncoder::new(&mut writer)
                 .write_image(pixels, width, height, ExtendedColorType::Rgb8)
-                .map_err(|source| VideoError::Png {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(|source| VideoError::Png { path: path.clone(), source })?;
             writer.flush().map_err(|source| VideoError::Io {
                 action: "write",
                 path: staged.path().to_path_buf(),
@@ -56,14 +53,8 @@ mod tests {
         let out = dir.path().join("pngs");
         let frames = Frames::new((0..2 * 3 * 4 * 3).map(|v| v as u8).collect(), 2, 3, 4).unwrap();
         let paths = write_png_frames(&out, &frames).unwrap();
-        assert_eq!(
-            paths,
-            [out.join("frame_00000.png"), out.join("frame_00001.png")]
-        );
-        let mut names: Vec<_> = fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_eq!(paths, [out.join("frame_00000.png"), out.join("frame_00001.png")]);
+        let mut names: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["frame_00000.png", "frame_00001.png"]);
         for (path, expected) in paths.iter().zip(frames.iter()) {

@@ -49,17 +49,13 @@ pub fn read_frames(path: &Path) -> Result<Frames, VideoError> {
                     Pixel::RGB24,
                     yuv.width(),
                     yuv.height(),
-                    scaling::Flags::BICUBIC
-                        | scaling::Flags::ACCURATE_RND
-                        | scaling::Flags::FULL_CHR_H_INT,
+                    scaling::Flags::BICUBIC | scaling::Flags::ACCURATE_RND | scaling::Flags::FULL_CHR_H_INT,
                 )
                 .map_err(|source| decode_error(path, "to set up YUV to RGB conversion", source))?,
             ),
         };
         // Fails with InputChanged if a later frame differs in size or format from the first.
-        scaler
-            .run(yuv, &mut rgb)
-            .map_err(|source| decode_error(path, "to convert a frame to RGB", source))?;
+        scaler.run(yuv, &mut rgb).map_err(|source| decode_error(path, "to convert a frame to RGB", source))?;
         let row_len = rgb.width() as usize * 3;
         let stride = rgb.stride(0);
         for row in rgb.data(0).chunks(stride).take(rgb.height() as usize) {
@@ -68,19 +64,13 @@ pub fn read_frames(path: &Path) -> Result<Frames, VideoError> {
         Ok(())
     })?;
     if info.frames == 0 {
-        return Err(VideoError::NoFrames {
-            path: path.to_path_buf(),
-        });
+        return Err(VideoError::NoFrames { path: path.to_path_buf() });
     }
     Frames::new(data, info.frames, info.height as usize, info.width as usize)
 }
 
 fn decode_error(path: &Path, stage: &'static str, source: ffmpeg::Error) -> VideoError {
-    VideoError::Decode {
-        path: path.to_path_buf(),
-        stage,
-        source,
-    }
+    VideoError::Decode { path: path.to_path_buf(), stage, source }
 }
 
 /// Demuxes and decodes the best video stream of `path`, handing each frame to `on_frame`.
@@ -91,13 +81,10 @@ fn decode(
     crate::init()?;
     let fail = |stage| move |source| decode_error(path, stage, source);
     let mut input = format::input(path).map_err(fail("to open the file"))?;
-    let stream =
-        input
-            .streams()
-            .best(media::Type::Video)
-            .ok_or_else(|| VideoError::NoVideoStream {
-                path: path.to_path_buf(),
-            })?;
+    let stream = input
+        .streams()
+        .best(media::Type::Video)
+        .ok_or_else(|| VideoError::NoVideoStream { path: path.to_path_buf() })?;
     let index = stream.index();
     let fps = f64::from(stream.avg_frame_rate());
     let duration = if stream.duration() > 0 {
@@ -131,9 +118,7 @@ fn decode(
             Err(error) => return Err(fail("to read a packet")(error)),
         }
         if packet.stream() == index {
-            decoder
-                .send_packet(&packet)
-                .map_err(fail("to decode a packet"))?;
+            decoder.send_packet(&packet).map_err(fail("to decode a packet"))?;
             drain(&mut decoder)?;
         }
     }
@@ -152,13 +137,9 @@ fn decode(
 }
 
 fn seconds(value: f64) -> Option<Duration> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero())
+    Duration::try_from_secs_f64(value).ok().filter(|d| !d.is_zero())
 }
 
 fn pixel_format_name(format: Pixel) -> String {
-    format
-        .descriptor()
-        .map_or_else(|| format!("{format:?}"), |d| d.name().to_owned())
+    format.descriptor().map_or_else(|| format!("{format:?}"), |d| d.name().to_owned())
 }

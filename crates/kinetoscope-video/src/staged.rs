@@ -19,29 +19,19 @@ impl Staged {
     /// ours alone, even with several writers in one directory.
     pub(crate) fn create(target: &Path) -> Result<(Self, File), VideoError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = target.file_name().ok_or_else(|| VideoError::NotAFile {
-            path: target.to_path_buf(),
-        })?;
+        let name = target.file_name().ok_or_else(|| VideoError::NotAFile { path: target.to_path_buf() })?;
         let temp = target.with_file_name(format!(
             ".{}.tmp-{}-{}",
             name.to_string_lossy(),
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|source| VideoError::Io {
-                action: "create the temporary file",
-                path: temp.clone(),
-                source,
-            })?;
-        let staged = Self {
-            temp,
-            target: target.to_path_buf(),
-            committed: false,
-        };
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|source| VideoError::Io {
+            action: "create the temporary file",
+            path: temp.clone(),
+            source,
+        })?;
+        let staged = Self { temp, target: target.to_path_buf(), committed: false };
         Ok((staged, file))
     }
 
@@ -54,17 +44,10 @@ impl Staged {
     pub(crate) fn commit(mut self) -> Result<(), VideoError> {
         let io = |action, path: &Path| {
             let path = path.to_path_buf();
-            move |source| VideoError::Io {
-                action,
-                path,
-                source,
-            }
+            move |source| VideoError::Io { action, path, source }
         };
-        File::open(&self.temp)
-            .and_then(|file| file.sync_all())
-            .map_err(io("sync", &self.temp))?;
-        fs::rename(&self.temp, &self.target)
-            .map_err(io("move the finished file to", &self.target))?;
+        File::open(&self.temp).and_then(|file| file.sync_all()).map_err(io("sync", &self.temp))?;
+        fs::rename(&self.temp, &self.target).map_err(io("move the finished file to", &self.target))?;
         self.committed = true;
         Ok(())
     }
@@ -85,10 +68,8 @@ mod tests {
     use std::io::Write;
 
     fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -102,12 +83,7 @@ mod tests {
             let (staged, mut file) = Staged::create(&target).unwrap();
             file.write_all(b"half a video").unwrap();
             assert!(staged.path().exists());
-            assert!(staged
-                .path()
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(".out.mp4.tmp-"));
+            assert!(staged.path().file_name().unwrap().to_string_lossy().starts_with(".out.mp4.tmp-"));
         }
         assert_eq!(fs::read(&target).unwrap(), b"old");
         assert_eq!(entries(dir.path()), ["out.mp4"]);

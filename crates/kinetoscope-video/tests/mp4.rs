@@ -21,11 +21,7 @@ fn gradient(frames: usize, height: usize, width: usize) -> Frames {
                 let u = x as f32 / (width - 1) as f32;
                 let v = y as f32 / (height - 1) as f32;
                 let ripple = (std::f32::consts::TAU * u - phase).sin();
-                data.extend_from_slice(&[
-                    0.5 + 0.4 * ripple,
-                    0.1 + 0.8 * v,
-                    0.25 + 0.5 * t as f32 / frames as f32,
-                ]);
+                data.extend_from_slice(&[0.5 + 0.4 * ripple, 0.1 + 0.8 * v, 0.25 + 0.5 * t as f32 / frames as f32]);
             }
         }
     }
@@ -33,10 +29,8 @@ fn gradient(frames: usize, height: usize, width: usize) -> Frames {
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -52,18 +46,12 @@ fn ffprobe(path: &Path, args: &[&str]) -> Option<String> {
     {
         Ok(output) => output,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "note: ffprobe not found; skipping its checks (install the `ffmpeg` package)"
-            );
+            eprintln!("note: ffprobe not found; skipping its checks (install the `ffmpeg` package)");
             return None;
         }
         Err(error) => panic!("cannot run ffprobe: {error}"),
     };
-    assert!(
-        output.status.success(),
-        "ffprobe failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&output.stderr));
     Some(String::from_utf8(output.stdout).unwrap())
 }
 
@@ -75,11 +63,8 @@ fn top_level_boxes(path: &Path) -> Vec<String> {
     while at + 8 <= bytes.len() {
         let size = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         boxes.push(String::from_utf8_lossy(&bytes[at + 4..at + 8]).into_owned());
-        let size = if size == 1 {
-            u64::from_be_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize
-        } else {
-            size
-        };
+        let size =
+            if size == 1 { u64::from_be_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize } else { size };
         assert!(size >= 8, "bad box size {size} at {at}");
         at += size;
     }
@@ -100,11 +85,7 @@ fn writes_a_streamable_h264_clip() {
     assert_eq!(info.fps, 16.0);
     assert_eq!(info.duration, Some(Duration::from_micros(562_500)));
     assert_eq!(probe(&path).unwrap(), info);
-    assert_eq!(
-        names_in(dir.path()),
-        ["clip.mp4"],
-        "temporary file left behind"
-    );
+    assert_eq!(names_in(dir.path()), ["clip.mp4"], "temporary file left behind");
 
     let boxes = top_level_boxes(&path);
     let moov = boxes.iter().position(|b| b == "moov").expect("no moov box");
@@ -132,11 +113,8 @@ fn writes_a_streamable_h264_clip() {
         }
     }
     if let Some(out) = ffprobe(&path, &["-show_entries", "frame=pts_time"]) {
-        let mut times: Vec<f64> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("pts_time="))
-            .map(|t| t.parse().unwrap())
-            .collect();
+        let mut times: Vec<f64> =
+            out.lines().filter_map(|l| l.strip_prefix("pts_time=")).map(|t| t.parse().unwrap()).collect();
         times.sort_by(f64::total_cmp);
         let expected: Vec<f64> = (0..9).map(|i| f64::from(i) / f64::from(FPS)).collect();
         assert_eq!(times, expected);
@@ -151,21 +129,10 @@ fn decodes_back_close_to_the_input() {
     write_mp4(&path, &frames, FPS).unwrap();
 
     let decoded = read_frames(&path).unwrap();
-    assert_eq!(
-        (decoded.num_frames(), decoded.height(), decoded.width()),
-        (9, 32, 48)
-    );
+    assert_eq!((decoded.num_frames(), decoded.height(), decoded.width()), (9, 32, 48));
     for (index, (a, b)) in frames.iter().zip(decoded.iter()).enumerate() {
-        let mean_abs_error = a
-            .iter()
-            .zip(b)
-            .map(|(&x, &y)| f64::from(x.abs_diff(y)))
-            .sum::<f64>()
-            / a.len() as f64;
-        assert!(
-            mean_abs_error < 3.0,
-            "frame {index}: mean abs error {mean_abs_error:.2}"
-        );
+        let mean_abs_error = a.iter().zip(b).map(|(&x, &y)| f64::from(x.abs_diff(y))).sum::<f64>() / a.len() as f64;
+        assert!(mean_abs_error < 3.0, "frame {index}: mean abs error {mean_abs_error:.2}");
     }
 }
 
@@ -185,22 +152,9 @@ fn odd_size_is_refused_naming_the_size_and_leaves_the_old_file() {
     let path = dir.path().join("clip.mp4");
     fs::write(&path, b"an older render").unwrap();
     let err = write_mp4(&path, &gradient(2, 32, 47), FPS).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            VideoError::OddSize {
-                width: 47,
-                height: 32,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, VideoError::OddSize { width: 47, height: 32, .. }), "{err}");
     let message = err.to_string();
-    assert!(
-        message.contains("47x32") && message.contains("clip.mp4"),
-        "{message}"
-    );
+    assert!(message.contains("47x32") && message.contains("clip.mp4"), "{message}");
     assert_eq!(fs::read(&path).unwrap(), b"an older render");
     assert_eq!(names_in(dir.path()), ["clip.mp4"]);
 }
@@ -209,10 +163,7 @@ fn odd_size_is_refused_naming_the_size_and_leaves_the_old_file() {
 fn zero_fps_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let err = write_mp4(&dir.path().join("clip.mp4"), &gradient(2, 16, 16), 0).unwrap_err();
-    assert!(
-        matches!(err, VideoError::InvalidFps { fps: 0, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, VideoError::InvalidFps { fps: 0, .. }), "{err}");
     assert!(names_in(dir.path()).is_empty());
 }
 
@@ -226,10 +177,7 @@ fn unwritable_directory_is_a_clear_error_and_leaves_nothing() {
     fs::write(&file, b"").unwrap();
     let err = write_mp4(&file.join("clip.mp4"), &frames, FPS).unwrap_err();
     assert!(matches!(err, VideoError::Io { .. }), "{err}");
-    assert!(
-        err.to_string().contains("not-a-dir/.clip.mp4.tmp-"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("not-a-dir/.clip.mp4.tmp-"), "{err}");
 
     let missing = dir.path().join("missing");
     let err = write_mp4(&missing.join("clip.mp4"), &frames, FPS).unwrap_err();

@@ -207,8 +207,8 @@ pub fn hf_hub_cache() -> PathBuf {
         return cache;
     }
     let home = var("HF_HOME").unwrap_or_else(|| {
-        let cache = var("XDG_CACHE_HOME")
-            .unwrap_or_else(|| var("HOME").unwrap_or_else(|| PathBuf::from("/")).join(".cache"));
+        let cache =
+            var("XDG_CACHE_HOME").unwrap_or_else(|| var("HOME").unwrap_or_else(|| PathBuf::from("/")).join(".cache"));
         cache.join("huggingface")
     });
     home.join("hub")

@@ -25,17 +25,26 @@ pub fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Ten
     if !path.is_file() {
         return Err(bad("no such file".into()));
     }
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
     let Some(latents) = tensors.remove("latents") else {
         let mut names: Vec<_> = tensors.into_keys().collect();
         names.sort();
         return Err(bad(format!("has no tensor named \"latents\" (it has: {})", names.join(", "))));
     };
     if latents.dims() != shape {
-        return Err(bad(format!("tensor \"latents\" has shape {:?}, expected {shape:?} for this size and frame count", latents.dims())));
+        return Err(bad(format!(
+            "tensor \"latents\" has shape {:?}, expected {shape:?} for this size and frame count",
+            latents.dims()
+        )));
     }
     let latents = latents.to_dtype(candle_core::DType::F32).map_err(|e| bad(e.to_string()))?;
-    let finite = latents.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| bad(e.to_string()))?.iter().all(|v| v.is_finite());
+    let finite = latents
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| bad(e.to_string()))?
+        .iter()
+        .all(|v| v.is_finite());
     if !finite {
         return Err(bad("tensor \"latents\" holds NaN or infinite values".into()));
     }

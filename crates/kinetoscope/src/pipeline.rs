@@ -129,27 +129,46 @@ impl Pipeline {
             let path = dir.component(component);
             move |e: candle_core::Error| Error::Weights { component, path, reason: e.to_string() }
         };
-        let transformer = WanTransformer3DModel::new(&transformer_config, dir.var_builder("transformer", dtype, &device)?)
-            .map_err(weights_error("transformer"))?;
+        let transformer =
+            WanTransformer3DModel::new(&transformer_config, dir.var_builder("transformer", dtype, &device)?)
+                .map_err(weights_error("transformer"))?;
 
         // The VAE keeps f32 unless asked otherwise: its output is the video, and its cost is small.
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
-        let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", dtype, &device)?).map_err(weights_error("vae"))?;
+        let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", dtype, &device)?)
+            .map_err(weights_error("vae"))?;
 
         let config_path = |c: &str| dir.component(c).join("config.json");
         if transformer_config.text_dim != text_encoder.dim() {
             return Err(Error::Config {
                 path: config_path("transformer"),
-                reason: format!("text_dim {} doesn't match the text encoder's d_model {}", transformer_config.text_dim, text_encoder.dim()),
+                reason: format!(
+                    "text_dim {} doesn't match the text encoder's d_model {}",
+                    transformer_config.text_dim,
+                    text_encoder.dim()
+                ),
             });
         }
         if transformer_config.in_channels != vae_config.z_dim {
             return Err(Error::Config {
                 path: config_path("transformer"),
-                reason: format!("in_channels {} doesn't match the VAE's z_dim {}", transformer_config.in_channels, vae_config.z_dim),
+                reason: format!(
+                    "in_channels {} doesn't match the VAE's z_dim {}",
+                    transformer_config.in_channels, vae_config.z_dim
+                ),
             });
         }
-        Ok(Pipeline { identity, device, dtype, text_encoder, transformer, transformer_config, vae, vae_config, scheduler_config })
+        Ok(Pipeline {
+            identity,
+            device,
+            dtype,
+            text_encoder,
+            transformer,
+            transformer_config,
+            vae,
+            vae_config,
+            scheduler_config,
+        })
     }
 
     pub fn identity(&self) -> &ModelIdentity {
@@ -167,7 +186,8 @@ impl Pipeline {
     /// Pixels per latent cell in height/width times the transformer's spatial patch: sizes must be
     /// multiples of this (16 for Wan 2.1).
     pub fn size_multiple(&self) -> usize {
-        vae_spatial_scale(&self.vae_config) * self.transformer_config.patch_size[1].max(self.transformer_config.patch_size[2])
+        vae_spatial_scale(&self.vae_config)
+            * self.transformer_config.patch_size[1].max(self.transformer_config.patch_size[2])
     }
 
     /// Frames per latent frame after the first (4 for Wan 2.1): frame counts must be `k·this + 1`.
@@ -187,12 +207,12 @@ impl Pipeline {
         let invalid = |field, reason: String| Err(Error::InvalidRequest { field, reason });
         let multiple = self.size_multiple();
         for (field, value) in [("height", request.height), ("width", request.width)] {
-            if value == 0 || value % multiple != 0 {
+            if value == 0 || !value.is_multiple_of(multiple) {
                 return invalid(field, format!("{value} is not a positive multiple of {multiple}"));
             }
         }
         let fm = self.frame_multiple();
-        if request.num_frames == 0 || (request.num_frames - 1) % fm != 0 {
+        if request.num_frames == 0 || !(request.num_frames - 1).is_multiple_of(fm) {
             let n = request.num_frames;
             let (lower, upper) = (n.saturating_sub(1) / fm * fm + 1, n.saturating_sub(1).div_ceil(fm) * fm + 1);
             return invalid("num_frames", format!("{n} is not of the form {fm}k+1 (nearest: {lower} or {upper})"));
@@ -313,7 +333,8 @@ impl Pipeline {
         let mean = column(&self.vae_config.latents_mean).stage(STAGE)?;
         // As diffusers: divide by the reciprocal of the std (the same rounding), then add the mean.
         let inv_std = column(&self.vae_config.latents_std).and_then(|s| s.recip()).stage(STAGE)?;
-        let z = latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)).and_then(|z| z.broadcast_add(&mean));
+        let z =
+            latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)).and_then(|z| z.broadcast_add(&mean));
         let z = z.and_then(|z| z.to_dtype(self.dtype)).stage(STAGE)?;
         let video = self.vae.decode(&z).stage(STAGE)?;
         // [-1, 1] → [0, 1], channels last.

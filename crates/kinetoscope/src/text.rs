@@ -48,7 +48,14 @@ impl TextEncoder {
                 ),
             });
         }
-        Ok(TextEncoder { tokenizer, tokenizer_path, encoder, vocab_size: cfg.vocab_size, d_model: cfg.d_model, device: device.clone() })
+        Ok(TextEncoder {
+            tokenizer,
+            tokenizer_path,
+            encoder,
+            vocab_size: cfg.vocab_size,
+            d_model: cfg.d_model,
+            device: device.clone(),
+        })
     }
 
     /// Width of the text states.
@@ -66,7 +73,8 @@ impl TextEncoder {
             direction: TruncationDirection::Right,
             stride: 0,
         };
-        let failed = |e: tokenizers::Error| Error::Tokenizer { path: self.tokenizer_path.clone(), reason: e.to_string() };
+        let failed =
+            |e: tokenizers::Error| Error::Tokenizer { path: self.tokenizer_path.clone(), reason: e.to_string() };
         tokenizer.with_padding(None).with_truncation(Some(truncation)).map_err(failed)?;
         let encoding = tokenizer.encode(clean_prompt(prompt), true).map_err(failed)?;
         let ids = encoding.get_ids().to_vec();
@@ -117,8 +125,14 @@ fn fix_text(text: &str) -> String {
             }
             '\u{2028}' | '\u{2029}' | '\u{85}' => out.push('\n'),
             // Latin ligatures and full-width forms become their plain letters.
-            '\u{132}' | '\u{133}' | '\u{149}' | '\u{1c4}'..='\u{1cc}' | '\u{1f1}'..='\u{1f3}' | '\u{fb00}'..='\u{fb06}'
-            | '\u{3000}' | '\u{ff01}'..='\u{ff5e}' => out.extend(std::iter::once(c).nfkc().map(uncurl)),
+            '\u{132}'
+            | '\u{133}'
+            | '\u{149}'
+            | '\u{1c4}'..='\u{1cc}'
+            | '\u{1f1}'..='\u{1f3}'
+            | '\u{fb00}'..='\u{fb06}'
+            | '\u{3000}'
+            | '\u{ff01}'..='\u{ff5e}' => out.extend(std::iter::once(c).nfkc().map(uncurl)),
             c => out.push(uncurl(c)),
         }
     }
@@ -140,7 +154,10 @@ mod tests {
     /// Expected strings are what diffusers' `prompt_clean` (ftfy 6) returns for the same inputs.
     #[test]
     fn cleans_like_diffusers() {
-        assert_eq!(clean_prompt("it\u{2019}s \u{201c}quoted\u{201d} \u{fb01}ne \u{ff21}\u{ff22}\u{ff23}\u{3000}x"), "it's \"quoted\" fine ABC x");
+        assert_eq!(
+            clean_prompt("it\u{2019}s \u{201c}quoted\u{201d} \u{fb01}ne \u{ff21}\u{ff22}\u{ff23}\u{3000}x"),
+            "it's \"quoted\" fine ABC x"
+        );
         assert_eq!(clean_prompt("caf\u{65}\u{301} \u{1b}[31mred\u{1b}[0m"), "caf\u{e9} red");
         assert_eq!(clean_prompt("  tab\there\r\nnew  "), "tab here new");
         assert_eq!(clean_prompt("&amp;amp; &lt;b&gt; &quot;x&quot;"), "& <b> \"x\"");

@@ -97,6 +97,8 @@ fn requests_the_model_cannot_take_are_refused_by_field() {
     check(GenerateRequest { guidance_scale: f64::NAN, ..ok.clone() }, "guidance_scale", "finite");
     check(GenerateRequest { shift: Some(-1.0), ..ok.clone() }, "shift", "> 0");
     assert!(pipeline.validate(&ok).is_ok());
-    let err = pipeline.generate(&GenerateRequest { latents: Some("/nonexistent/noise.safetensors".into()), ..ok }).unwrap_err();
+    let err = pipeline
+        .generate(&GenerateRequest { latents: Some("/nonexistent/noise.safetensors".into()), ..ok })
+        .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/noise.safetensors"), "{err}");
 }

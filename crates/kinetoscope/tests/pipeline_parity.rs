@@ -54,6 +54,12 @@ fn a_seed_repeats_and_cancel_stops() {
     let c = pipeline.generate(&kinetoscope::GenerateRequest { seed: 12, ..request.clone() }).unwrap();
     assert_ne!(a.frames, c.frames);
 
-    let err = pipeline.generate_with_progress(&request, &mut |p| if p.step == 1 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) });
+    let err = pipeline.generate_with_progress(&request, &mut |p| {
+        if p.step == 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
     assert!(matches!(err, Err(kinetoscope::Error::Cancelled { step: 1, steps: 2 })), "{err:?}");
 }

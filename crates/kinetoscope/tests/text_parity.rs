@@ -14,7 +14,9 @@ fn prompts_encode_like_diffusers() {
         let max_len = s["max_sequence_length"].as_u64().unwrap() as usize;
         let encoder = TextEncoder::load(&model_dir(model), DType::F32, &Device::Cpu).unwrap();
         let r = reference(model, "text.safetensors");
-        for (name, prompt) in [("prompt", "prompt"), ("negative", "negative_prompt"), ("long", "long_prompt"), ("messy", "messy_prompt")] {
+        for (name, prompt) in
+            [("prompt", "prompt"), ("negative", "negative_prompt"), ("long", "long_prompt"), ("messy", "messy_prompt")]
+        {
             let prompt = s[prompt].as_str().unwrap();
             let ids: Vec<u32> = encoder.token_ids(prompt, max_len).unwrap();
             let want: Vec<i64> = r[&format!("{name}_ids")].to_vec1().unwrap();

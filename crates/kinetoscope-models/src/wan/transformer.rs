@@ -141,14 +141,9 @@ fn modulate(norm: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let log_period = -(10000f64.ln() as f32);
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (log_period * i as f32 / half as f32).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (log_period * i as f32 / half as f32).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
-    let args = timesteps
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
+    let args = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
     if dim % 2 == 1 {
         emb.pad_with_zeros(1, 0, 1)
@@ -202,11 +197,7 @@ impl RotaryEmbedding {
             .enumerate()
             .flat_map(|(axis, n)| std::iter::repeat_n(axis, n))
             .collect();
-        Ok(Self {
-            freqs,
-            axes,
-            max_seq_len,
-        })
+        Ok(Self { freqs, axes, max_seq_len })
     }
 
     /// `(cos, sin)`, each `[T·H·W, head_dim/2]` f32, for a grid of `[T, H, W]` patches in row-major token order.
@@ -224,9 +215,7 @@ impl RotaryEmbedding {
         let half = self.freqs.len() / 2;
         let per_axis = |channel: usize, f: fn(f64) -> f64| -> Vec<f32> {
             let freq = self.freqs[channel];
-            (0..grid[self.axes[channel]])
-                .map(|p| f(p as f64 * freq) as f32)
-                .collect()
+            (0..grid[self.axes[channel]]).map(|p| f(p as f64 * freq) as f32).collect()
         };
         let cos_by_pos: Vec<Vec<f32>> = (0..half).map(|i| per_axis(2 * i, f64::cos)).collect();
         let sin_by_pos: Vec<Vec<f32>> = (0..half).map(|i| per_axis(2 * i + 1, f64::sin)).collect();
@@ -244,10 +233,7 @@ impl RotaryEmbedding {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        Ok((Tensor::from_vec(cos, (len, half), device)?, Tensor::from_vec(sin, (len, half), device)?))
     }
 }
 
@@ -260,11 +246,7 @@ struct Rope {
 impl Rope {
     /// Rotates `[B, H, L, D]`; in f32, as diffusers multiplies by its f32 tables before casting back.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let rotated = candle_nn::rotary_emb::rope_i(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.cos,
-            &self.sin,
-        )?;
+        let rotated = candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, &self.cos, &self.sin)?;
         rotated.to_dtype(x.dtype())
     }
 }
@@ -316,8 +298,7 @@ impl Attention {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         let out = attention(&q, &k, &v, None, scale)?;
         let (b, _, l, _) = out.dims4()?;
-        self.to_out
-            .forward(&out.transpose(1, 2)?.reshape((b, l, ()))?)
+        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, l, ()))?)
     }
 }
 
@@ -353,19 +334,13 @@ struct AffineLayerNorm {
 impl AffineLayerNorm {
     fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let vb = vb.to_dtype(DType::F32);
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
     }
 }
 
 impl Module for AffineLayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm_f32(x, self.eps)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        layer_norm_f32(x, self.eps)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -383,44 +358,27 @@ struct TransformerBlock {
 impl TransformerBlock {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
-        let norm2 = if cfg.cross_attn_norm {
-            Some(AffineLayerNorm::new(dim, cfg.eps, vb.pp("norm2"))?)
-        } else {
-            None
-        };
+        let norm2 = if cfg.cross_attn_norm { Some(AffineLayerNorm::new(dim, cfg.eps, vb.pp("norm2"))?) } else { None };
         Ok(Self {
             attn1: Attention::new(cfg, vb.pp("attn1"))?,
             attn2: Attention::new(cfg, vb.pp("attn2"))?,
             norm2,
             ffn: FeedForward::new(cfg, vb.pp("ffn"))?,
-            scale_shift_table: vb
-                .to_dtype(DType::F32)
-                .get((1, 6, dim), "scale_shift_table")?,
+            scale_shift_table: vb.to_dtype(DType::F32).get((1, 6, dim), "scale_shift_table")?,
             eps: cfg.eps,
         })
     }
 
     /// `x` `[B, L, dim]`, `text` `[B, L_text, dim]`, `timestep_proj` `[B, 6, dim]`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        text: &Tensor,
-        timestep_proj: &Tensor,
-        rope: &Rope,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, text: &Tensor, timestep_proj: &Tensor, rope: &Rope) -> Result<Tensor> {
         let dtype = x.dtype();
-        let modulation = self
-            .scale_shift_table
-            .broadcast_add(&timestep_proj.to_dtype(DType::F32)?)?;
-        let [shift, scale, gate, ff_shift, ff_scale, ff_gate]: [Tensor; 6] = modulation
-            .chunk(6, 1)?
-            .try_into()
-            .expect("six chunks of a dimension of size 6");
+        let modulation = self.scale_shift_table.broadcast_add(&timestep_proj.to_dtype(DType::F32)?)?;
+        let [shift, scale, gate, ff_shift, ff_scale, ff_gate]: [Tensor; 6] =
+            modulation.chunk(6, 1)?.try_into().expect("six chunks of a dimension of size 6");
 
         let h = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
         let attn = self.attn1.forward(&h, &h, Some(rope))?;
-        let x = (x.to_dtype(DType::F32)? + attn.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?
-            .to_dtype(dtype)?;
+        let x = (x.to_dtype(DType::F32)? + attn.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
             Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
@@ -430,8 +388,7 @@ impl TransformerBlock {
 
         let h = modulate(&layer_norm_f32(&x, self.eps)?, &ff_shift, &ff_scale)?.to_dtype(dtype)?;
         let ff = self.ffn.forward(&h)?;
-        (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?
-            .to_dtype(dtype)
+        (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?.to_dtype(dtype)
     }
 }
 
@@ -464,18 +421,14 @@ impl ConditionEmbedder {
     /// `[B]` timesteps → (`temb` `[B, dim]`, `timestep_proj` `[B, 6, dim]`), both in `dtype`.
     fn time(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let t = timestep_embedding(timestep, self.freq_dim)?;
-        let temb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&t)?.silu()?)?
-            .to_dtype(dtype)?;
+        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?.to_dtype(dtype)?;
         let proj = self.time_proj.forward(&temb.silu()?)?;
         let (b, six_dim) = proj.dims2()?;
         Ok((temb, proj.reshape((b, 6, six_dim / 6))?))
     }
 
     fn text(&self, x: &Tensor) -> Result<Tensor> {
-        self.text_linear_2
-            .forward(&self.text_linear_1.forward(x)?.gelu()?)
+        self.text_linear_2.forward(&self.text_linear_1.forward(x)?.gelu()?)
     }
 }
 
@@ -509,13 +462,9 @@ impl WanTransformer3DModel {
         let dim = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
         let patch_in = cfg.in_channels * cfg.patch_volume();
-        let patch_weight = vb
-            .pp("patch_embedding")
-            .get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
-        let patch_embedding = Linear::new(
-            patch_weight.reshape((dim, patch_in))?,
-            Some(vb.pp("patch_embedding").get(dim, "bias")?),
-        );
+        let patch_weight = vb.pp("patch_embedding").get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
+        let patch_embedding =
+            Linear::new(patch_weight.reshape((dim, patch_in))?, Some(vb.pp("patch_embedding").get(dim, "bias")?));
         let blocks = (0..cfg.num_layers)
             .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -524,14 +473,8 @@ impl WanTransformer3DModel {
             condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"))?,
             rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
             blocks,
-            proj_out: linear(
-                dim,
-                cfg.out_channels() * cfg.patch_volume(),
-                vb.pp("proj_out"),
-            )?,
-            scale_shift_table: vb
-                .to_dtype(DType::F32)
-                .get((1, 2, dim), "scale_shift_table")?,
+            proj_out: linear(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"))?,
+            scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?,
             patch_size: cfg.patch_size,
             in_channels: cfg.in_channels,
             out_channels: cfg.out_channels(),
@@ -543,18 +486,12 @@ impl WanTransformer3DModel {
     /// Projects text-encoder states `[B, L, text_dim]` to `[B, L, dim]`. The same at every denoising step, so
     /// a pipeline computes it once and calls [`Self::forward_embedded`].
     pub fn embed_text(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        self.condition_embedder
-            .text(&encoder_hidden_states.to_dtype(self.dtype)?)
+        self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?)
     }
 
     /// Predicts from latents `[B, C, T, H, W]`, timesteps `[B]` and the prompt embedded by [`Self::embed_text`];
     /// returns `[B, C_out, T, H, W]` in the weights' dtype.
-    pub fn forward_embedded(
-        &self,
-        hidden_states: &Tensor,
-        timestep: &Tensor,
-        text: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn forward_embedded(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
         let (b, c, t, h, w) = hidden_states.dims5()?;
         let [pt, ph, pw] = self.patch_size;
         if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
@@ -566,10 +503,7 @@ impl WanTransformer3DModel {
             )
         }
         if timestep.dims() != [b] {
-            bail!(
-                "Wan transformer: expected one timestep per batch item, shape [{b}], got {:?}",
-                timestep.dims()
-            )
+            bail!("Wan transformer: expected one timestep per batch item, shape [{b}], got {:?}", timestep.dims())
         }
         let grid = [t / pt, h / ph, w / pw];
         let (cos, sin) = self.rope.tables(grid, hidden_states.device())?;
@@ -589,43 +523,21 @@ impl WanTransformer3DModel {
             x = block.forward(&x, text, &timestep_proj, &rope)?;
         }
 
-        let modulation = self
-            .scale_shift_table
-            .broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
-        let [shift, scale]: [Tensor; 2] = modulation
-            .chunk(2, 1)?
-            .try_into()
-            .expect("two chunks of a dimension of size 2");
+        let modulation = self.scale_shift_table.broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+        let [shift, scale]: [Tensor; 2] =
+            modulation.chunk(2, 1)?.try_into().expect("two chunks of a dimension of size 2");
         let x = modulate(&layer_norm_f32(&x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
         let x = self.proj_out.forward(&x)?;
 
         // Each token's (pt, ph, pw, C_out) values back to [B, C_out, T, H, W].
-        x.reshape(vec![
-            b,
-            grid[0],
-            grid[1],
-            grid[2],
-            pt,
-            ph,
-            pw,
-            self.out_channels,
-        ])?
-        .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
-        .reshape((b, self.out_channels, t, h, w))
+        x.reshape(vec![b, grid[0], grid[1], grid[2], pt, ph, pw, self.out_channels])?
+            .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
+            .reshape((b, self.out_channels, t, h, w))
     }
 
     /// [`Self::forward_embedded`] with the text embedded on the way.
-    pub fn forward(
-        &self,
-        hidden_states: &Tensor,
-        timestep: &Tensor,
-        encoder_hidden_states: &Tensor,
-    ) -> Result<Tensor> {
-        self.forward_embedded(
-            hidden_states,
-            timestep,
-            &self.embed_text(encoder_hidden_states)?,
-        )
+    pub fn forward(&self, hidden_states: &Tensor, timestep: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_embedded(hidden_states, timestep, &self.embed_text(encoder_hidden_states)?)
     }
 }
 
@@ -679,24 +591,12 @@ mod tests {
     #[test]
     fn shapes_off_the_patch_grid_are_rejected() -> Result<()> {
         let dev = Device::Cpu;
-        let model =
-            WanTransformer3DModel::new(&tiny_config(""), VarBuilder::zeros(DType::F32, &dev))?;
+        let model = WanTransformer3DModel::new(&tiny_config(""), VarBuilder::zeros(DType::F32, &dev))?;
         let text = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
-        let ok = model.forward(
-            &Tensor::zeros((1, 4, 3, 4, 6), DType::F32, &dev)?,
-            &t,
-            &text,
-        )?;
+        let ok = model.forward(&Tensor::zeros((1, 4, 3, 4, 6), DType::F32, &dev)?, &t, &text)?;
         assert_eq!(ok.dims(), [1, 4, 3, 4, 6]);
-        let err = model
-            .forward(
-                &Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?,
-                &t,
-                &text,
-            )
-            .err()
-            .unwrap();
+        let err = model.forward(&Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?, &t, &text).err().unwrap();
         assert!(err.to_string().contains("[1, 4, 3, 5, 6]"), "{err}");
         Ok(())
     }
@@ -726,9 +626,7 @@ mod tests {
             0.870_092_15, -0.499_298_33, 0.052_254_684, 0.805_933_1,
         ]);
 
-        let emb = timestep_embedding(&Tensor::new(&[999f32], &Device::Cpu)?, 256)?
-            .get(0)?
-            .to_vec1::<f32>()?;
+        let emb = timestep_embedding(&Tensor::new(&[999f32], &Device::Cpu)?, 256)?.get(0)?.to_vec1::<f32>()?;
         let idx = [0, 1, 64, 127, 128, 129, 200, 255];
         let want = [
             0.999_649_8,

@@ -171,7 +171,10 @@ impl SchedulerConfig {
                 return bad(format!("solver_type {:?} is not supported: expected bh1 or bh2", self.solver_type));
             }
             if self.final_sigmas_type != "zero" {
-                return bad(format!("final_sigmas_type {:?} is not supported: expected \"zero\"", self.final_sigmas_type));
+                return bad(format!(
+                    "final_sigmas_type {:?} is not supported: expected \"zero\"",
+                    self.final_sigmas_type
+                ));
             }
         }
         Ok(())

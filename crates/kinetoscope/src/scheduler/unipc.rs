@@ -146,10 +146,12 @@ fn solve(a: &[Vec<f64>], b: &[f64]) -> Vec<f64> {
     for col in 0..n {
         let pivot = (col..n).max_by(|&x, &y| m[x][col].abs().total_cmp(&m[y][col].abs())).unwrap_or(col);
         m.swap(col, pivot);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let (upper, lower) = m.split_at_mut(col + 1);
+        let pivot_row = &upper[col];
+        for row in lower {
+            let f = row[col] / pivot_row[col];
+            for (r, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                *r -= f * p;
             }
         }
     }
@@ -183,11 +185,8 @@ impl Scheduler for UniPc {
             self.model_outputs.pop_front();
         }
         self.model_outputs.push_back(x0);
-        let order = if self.lower_order_final {
-            self.solver_order.min(self.timesteps.len() - i)
-        } else {
-            self.solver_order
-        };
+        let order =
+            if self.lower_order_final { self.solver_order.min(self.timesteps.len() - i) } else { self.solver_order };
         self.this_order = order.min(self.lower_order_nums + 1);
         let prev = self.predict(&sample, self.this_order)?;
         self.last_sample = Some(sample);

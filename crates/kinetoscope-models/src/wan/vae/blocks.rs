@@ -19,14 +19,8 @@ pub(super) struct RmsNorm {
 impl RmsNorm {
     /// `images`: the gain is stored as `[C, 1, 1]` (per-frame attention), else `[C, 1, 1, 1]`.
     pub(super) fn new(dim: usize, images: bool, vb: VarBuilder) -> Result<Self> {
-        let gamma = if images {
-            vb.get((dim, 1, 1), "gamma")?
-        } else {
-            vb.get((dim, 1, 1, 1), "gamma")?
-        };
-        Ok(Self {
-            gamma: (gamma.reshape((dim, 1, 1))? * (dim as f64).sqrt())?,
-        })
+        let gamma = if images { vb.get((dim, 1, 1), "gamma")? } else { vb.get((dim, 1, 1, 1), "gamma")? };
+        Ok(Self { gamma: (gamma.reshape((dim, 1, 1))? * (dim as f64).sqrt())? })
     }
 
     /// Normalizes over the channel dimension of `[…, C, H, W]`.
@@ -48,9 +42,8 @@ pub(super) struct ResidualBlock {
 
 impl ResidualBlock {
     pub(super) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let conv_shortcut = (in_dim != out_dim)
-            .then(|| CausalConv3d::cube(in_dim, out_dim, 1, vb.pp("conv_shortcut")))
-            .transpose()?;
+        let conv_shortcut =
+            (in_dim != out_dim).then(|| CausalConv3d::cube(in_dim, out_dim, 1, vb.pp("conv_shortcut"))).transpose()?;
         Ok(Self {
             norm1: RmsNorm::new(in_dim, false, vb.pp("norm1"))?,
             conv1: CausalConv3d::cube(in_dim, out_dim, 3, vb.pp("conv1"))?,
@@ -65,13 +58,9 @@ impl ResidualBlock {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let h = self
-            .conv1
-            .forward_cached(&self.norm1.forward(x)?.silu()?, cache.next_slot())?;
+        let h = self.conv1.forward_cached(&self.norm1.forward(x)?.silu()?, cache.next_slot())?;
         // The dropout between norm2 and conv2 is the identity at inference.
-        let h = self
-            .conv2
-            .forward_cached(&self.norm2.forward(&h)?.silu()?, cache.next_slot())?;
+        let h = self.conv2.forward_cached(&self.norm2.forward(&h)?.silu()?, cache.next_slot())?;
         h + shortcut
     }
 }
@@ -99,15 +88,8 @@ impl AttentionBlock {
             let (n, c, h, w) = frames.dims4()?;
             let qkv = self.to_qkv.forward(&self.norm.forward(frames)?)?;
             // [n, 3c, h·w] → [n, 1, h·w, 3c]: one head whose tokens are the pixels.
-            let qkv = qkv
-                .reshape((n, 3 * c, h * w))?
-                .transpose(1, 2)?
-                .unsqueeze(1)?;
-            let (q, k, v) = (
-                qkv.narrow(3, 0, c)?,
-                qkv.narrow(3, c, c)?,
-                qkv.narrow(3, 2 * c, c)?,
-            );
+            let qkv = qkv.reshape((n, 3 * c, h * w))?.transpose(1, 2)?.unsqueeze(1)?;
+            let (q, k, v) = (qkv.narrow(3, 0, c)?, qkv.narrow(3, c, c)?, qkv.narrow(3, 2 * c, c)?);
             let out = attention(&q, &k, &v, None, 1.0 / (c as f64).sqrt())?;
             let out = out.squeeze(1)?.transpose(1, 2)?.reshape((n, c, h, w))?;
             self.proj.forward(&out)
@@ -147,42 +129,28 @@ impl MidBlock {
 pub(super) enum Resample {
     /// `time_conv` doubles the frames (before), then nearest 2× and a 3×3 conv that halves the
     /// channels.
-    Up {
-        conv: Conv2d,
-        time_conv: Option<CausalConv3d>,
-    },
+    Up { conv: Conv2d, time_conv: Option<CausalConv3d> },
     /// Zero pad right and bottom, a stride-2 3×3 conv, then `time_conv` halves the frames (after).
-    Down {
-        conv: Conv2d,
-        time_conv: Option<CausalConv3d>,
-    },
+    Down { conv: Conv2d, time_conv: Option<CausalConv3d> },
 }
 
 impl Resample {
     /// diffusers' `upsample3d` when `temporal`, else `upsample2d`; `dim` channels in, `dim / 2`
     /// out.
     pub(super) fn up(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let same_size = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let same_size = Conv2dConfig { padding: 1, ..Default::default() };
         let conv = conv2d(dim, dim / 2, 3, same_size, vb.pp("resample.1"))?;
-        let time_conv = temporal
-            .then(|| CausalConv3d::new(dim, 2 * dim, (3, 1), (1, 0), 1, vb.pp("time_conv")))
-            .transpose()?;
+        let time_conv =
+            temporal.then(|| CausalConv3d::new(dim, 2 * dim, (3, 1), (1, 0), 1, vb.pp("time_conv"))).transpose()?;
         Ok(Self::Up { conv, time_conv })
     }
 
     /// diffusers' `downsample3d` when `temporal`, else `downsample2d`.
     pub(super) fn down(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let halving = Conv2dConfig {
-            stride: 2,
-            ..Default::default()
-        };
+        let halving = Conv2dConfig { stride: 2, ..Default::default() };
         let conv = conv2d(dim, dim, 3, halving, vb.pp("resample.1"))?;
-        let time_conv = temporal
-            .then(|| CausalConv3d::new(dim, dim, (3, 1), (0, 0), 2, vb.pp("time_conv")))
-            .transpose()?;
+        let time_conv =
+            temporal.then(|| CausalConv3d::new(dim, dim, (3, 1), (0, 0), 2, vb.pp("time_conv"))).transpose()?;
         Ok(Self::Down { conv, time_conv })
     }
 
@@ -211,9 +179,7 @@ impl Resample {
             Self::Down { conv, time_conv } => {
                 let mut x = per_frame(x, |f| {
                     // ZeroPad2d((0, 1, 0, 1)): one zero row at the bottom, one column on the right.
-                    let f = f
-                        .pad_with_zeros(D::Minus2, 0, 1)?
-                        .pad_with_zeros(D::Minus1, 0, 1)?;
+                    let f = f.pad_with_zeros(D::Minus2, 0, 1)?.pad_with_zeros(D::Minus1, 0, 1)?;
                     conv.forward(&f)
                 })?;
                 if let Some(time_conv) = time_conv {

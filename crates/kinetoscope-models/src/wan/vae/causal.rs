@@ -86,30 +86,19 @@ impl CausalConv3d {
         vb: VarBuilder,
     ) -> Result<Self> {
         let (taps, k) = kernel;
-        let weight = vb
-            .get((out_channels, in_channels, taps, k, k), "weight")?
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((out_channels, taps * in_channels, k, k))?;
+        let weight = vb.get((out_channels, in_channels, taps, k, k), "weight")?.permute((0, 2, 1, 3, 4))?.reshape((
+            out_channels,
+            taps * in_channels,
+            k,
+            k,
+        ))?;
         let bias = vb.get(out_channels, "bias")?;
-        let cfg = Conv2dConfig {
-            padding: padding.1,
-            ..Default::default()
-        };
-        Ok(Self {
-            conv: Conv2d::new(weight, Some(bias), cfg),
-            taps,
-            stride,
-            context: 2 * padding.0,
-        })
+        let cfg = Conv2dConfig { padding: padding.1, ..Default::default() };
+        Ok(Self { conv: Conv2d::new(weight, Some(bias), cfg), taps, stride, context: 2 * padding.0 })
     }
 
     /// A k×k×k kernel padded to keep the size: `WanCausalConv3d(in, out, k, padding=k // 2)`.
-    pub(super) fn cube(
-        in_channels: usize,
-        out_channels: usize,
-        k: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub(super) fn cube(in_channels: usize, out_channels: usize, k: usize, vb: VarBuilder) -> Result<Self> {
         Self::new(in_channels, out_channels, (k, k), (k / 2, k / 2), 1, vb)
     }
 
@@ -137,23 +126,16 @@ impl CausalConv3d {
     fn convolve(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c, h, w) = x.dims5()?;
         let Some(span) = t.checked_sub(self.taps) else {
-            candle_core::bail!(
-                "causal conv: {t} frames with context, the kernel needs {}",
-                self.taps
-            )
+            candle_core::bail!("causal conv: {t} frames with context, the kernel needs {}", self.taps)
         };
         let frames = span / self.stride + 1;
         let stacked = if self.taps == 1 && self.stride == 1 {
             x.clone()
         } else {
-            let taps = (0..self.taps)
-                .map(|k| self.tap(x, k, frames))
-                .collect::<Result<Vec<_>>>()?;
+            let taps = (0..self.taps).map(|k| self.tap(x, k, frames)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&taps, 2)?
         };
-        let y = self
-            .conv
-            .forward(&stacked.reshape((b * frames, self.taps * c, h, w))?)?;
+        let y = self.conv.forward(&stacked.reshape((b * frames, self.taps * c, h, w))?)?;
         let (_, c, h, w) = y.dims4()?;
         y.reshape((b, frames, c, h, w))
     }
@@ -163,9 +145,7 @@ impl CausalConv3d {
         if self.stride == 1 {
             return x.narrow(1, k, frames);
         }
-        let ids = (0..frames)
-            .map(|j| (k + j * self.stride) as u32)
-            .collect::<Vec<_>>();
+        let ids = (0..frames).map(|j| (k + j * self.stride) as u32).collect::<Vec<_>>();
         x.index_select(&Tensor::new(ids, x.device())?, 1)
     }
 }
@@ -176,28 +156,14 @@ mod tests {
     use candle_core::{DType, Device};
     use std::collections::HashMap;
 
-    fn random_conv(
-        kernel: (usize, usize),
-        padding: (usize, usize),
-        stride: usize,
-    ) -> Result<CausalConv3d> {
+    fn random_conv(kernel: (usize, usize), padding: (usize, usize), stride: usize) -> Result<CausalConv3d> {
         let dev = Device::Cpu;
         let (taps, k) = kernel;
         let weights = HashMap::from([
-            (
-                "weight".to_string(),
-                Tensor::randn(0f32, 0.3, (5, 4, taps, k, k), &dev)?,
-            ),
+            ("weight".to_string(), Tensor::randn(0f32, 0.3, (5, 4, taps, k, k), &dev)?),
             ("bias".to_string(), Tensor::randn(0f32, 0.3, 5, &dev)?),
         ]);
-        CausalConv3d::new(
-            4,
-            5,
-            kernel,
-            padding,
-            stride,
-            VarBuilder::from_tensors(weights, DType::F32, &dev),
-        )
+        CausalConv3d::new(4, 5, kernel, padding, stride, VarBuilder::from_tensors(weights, DType::F32, &dev))
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

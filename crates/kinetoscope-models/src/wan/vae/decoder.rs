@@ -17,22 +17,15 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn new(
-        in_dim: usize,
-        out_dim: usize,
-        upsample: Option<bool>,
-        cfg: &Config,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    fn new(in_dim: usize, out_dim: usize, upsample: Option<bool>, cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let resnets = (0..=cfg.num_res_blocks)
             .map(|j| {
                 let in_dim = if j == 0 { in_dim } else { out_dim };
                 ResidualBlock::new(in_dim, out_dim, vb.pp("resnets").pp(j))
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsampler = upsample
-            .map(|temporal| Resample::up(out_dim, temporal, vb.pp("upsamplers").pp(0)))
-            .transpose()?;
+        let upsampler =
+            upsample.map(|temporal| Resample::up(out_dim, temporal, vb.pp("upsamplers").pp(0))).transpose()?;
         Ok(Self { resnets, upsampler })
     }
 
@@ -62,13 +55,8 @@ impl Decoder {
         let base_dim = cfg.decoder_base_dim.unwrap_or(cfg.base_dim);
         let levels = cfg.dim_mult.len();
         // The widths mirror the encoder's: the deepest first, then dim_mult from the end.
-        let dims: Vec<usize> = cfg
-            .dim_mult
-            .last()
-            .into_iter()
-            .chain(cfg.dim_mult.iter().rev())
-            .map(|m| base_dim * m)
-            .collect();
+        let dims: Vec<usize> =
+            cfg.dim_mult.last().into_iter().chain(cfg.dim_mult.iter().rev()).map(|m| base_dim * m).collect();
         let temperal_upsample: Vec<bool> = cfg.temperal_downsample.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(levels);
         for i in 0..levels {

@@ -26,11 +26,7 @@ pub(super) struct Encoder {
 
 impl Encoder {
     pub(super) fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let dims: Vec<usize> = [1]
-            .iter()
-            .chain(&cfg.dim_mult)
-            .map(|m| cfg.base_dim * m)
-            .collect();
+        let dims: Vec<usize> = [1].iter().chain(&cfg.dim_mult).map(|m| cfg.base_dim * m).collect();
         let levels = cfg.dim_mult.len();
         let conv_in = CausalConv3d::cube(cfg.in_channels, dims[0], 3, vb.pp("conv_in"))?;
         let vb_down = vb.pp("down_blocks");

@@ -72,12 +72,12 @@ impl Default for Config {
             temperal_downsample: vec![false, true, true],
             dropout: 0.0,
             latents_mean: vec![
-                -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
-                -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+                -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632,
+                -0.1922, -0.9497, 0.2503, -0.2921,
             ],
             latents_std: vec![
-                2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526,
-                2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+                2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382,
+                1.1253, 2.8251, 1.9160,
             ],
             is_residual: false,
             in_channels: 3,
@@ -152,38 +152,23 @@ impl AutoencoderKLWan {
         let (_, c, f, h, w) = x.dims5()?;
         let s = self.spatial_compression;
         if c != self.in_channels {
-            bail!(
-                "Wan VAE encode: expected {} channels in [B, C, F, H, W], got {:?}",
-                self.in_channels,
-                x.dims()
-            )
+            bail!("Wan VAE encode: expected {} channels in [B, C, F, H, W], got {:?}", self.in_channels, x.dims())
         }
         if f % ENCODE_CHUNK != 1 {
-            bail!(
-                "Wan VAE encode: the frame count must be 4k+1, got {f} in [B, C, F, H, W] = {:?}",
-                x.dims()
-            )
+            bail!("Wan VAE encode: the frame count must be 4k+1, got {f} in [B, C, F, H, W] = {:?}", x.dims())
         }
         if h % s != 0 || w % s != 0 {
-            bail!(
-                "Wan VAE encode: height and width must be multiples of {s}, got [B, C, F, H, W] = {:?}",
-                x.dims()
-            )
+            bail!("Wan VAE encode: height and width must be multiples of {s}, got [B, C, F, H, W] = {:?}", x.dims())
         }
         let x = swap_channels_frames(x)?.contiguous()?;
         let mut cache = CausalCache::new();
         let mut chunks = vec![self.encoder.forward(&x.narrow(1, 0, 1)?, &mut cache)?];
         for start in (1..f).step_by(ENCODE_CHUNK) {
-            chunks.push(
-                self.encoder
-                    .forward(&x.narrow(1, start, ENCODE_CHUNK)?, &mut cache)?,
-            );
+            chunks.push(self.encoder.forward(&x.narrow(1, start, ENCODE_CHUNK)?, &mut cache)?);
         }
         let moments = swap_channels_frames(&self.quant_conv.forward(&Tensor::cat(&chunks, 1)?)?)?;
         let mean = moments.narrow(1, 0, self.z_dim)?.contiguous()?;
-        let logvar = moments
-            .narrow(1, self.z_dim, self.z_dim)?
-            .clamp(-30.0, 20.0)?;
+        let logvar = moments.narrow(1, self.z_dim, self.z_dim)?.clamp(-30.0, 20.0)?;
         Ok((mean, logvar))
     }
 
@@ -195,9 +180,7 @@ impl AutoencoderKLWan {
             bail!("Wan VAE decode: no latent frames in {:?}", z.dims())
         }
         let mut cache = CausalCache::new();
-        let chunks = (0..t)
-            .map(|i| self.decode_chunk(&z.narrow(2, i, 1)?, &mut cache))
-            .collect::<Result<Vec<_>>>()?;
+        let chunks = (0..t).map(|i| self.decode_chunk(&z.narrow(2, i, 1)?, &mut cache)).collect::<Result<Vec<_>>>()?;
         Tensor::cat(&chunks, 2)
     }
 
@@ -205,11 +188,7 @@ impl AutoencoderKLWan {
     fn latent_frames(&self, z: &Tensor) -> Result<usize> {
         let (_, c, t, _, _) = z.dims5()?;
         if c != self.z_dim {
-            bail!(
-                "Wan VAE decode: expected {} channels in [B, C, T, h, w], got {:?}",
-                self.z_dim,
-                z.dims()
-            )
+            bail!("Wan VAE decode: expected {} channels in [B, C, T, h, w], got {:?}", self.z_dim, z.dims())
         }
         Ok(t)
     }
@@ -219,10 +198,7 @@ impl AutoencoderKLWan {
     pub fn decode_chunk(&self, z: &Tensor, cache: &mut CausalCache) -> Result<Tensor> {
         let t = self.latent_frames(z)?;
         if t == 0 || (cache.is_fresh() && t != 1) {
-            bail!(
-                "Wan VAE decode: a stream starts with one latent frame, then any number; got {:?}",
-                z.dims()
-            )
+            bail!("Wan VAE decode: a stream starts with one latent frame, then any number; got {:?}", z.dims())
         }
         let z = self.post_quant_conv.forward(&swap_channels_frames(z)?)?;
         let x = swap_channels_frames(&self.decoder.forward(&z, cache)?)?;
@@ -244,12 +220,7 @@ mod tests {
     }
 
     fn small() -> Config {
-        Config {
-            base_dim: 2,
-            z_dim: 2,
-            num_res_blocks: 1,
-            ..Default::default()
-        }
+        Config { base_dim: 2, z_dim: 2, num_res_blocks: 1, ..Default::default() }
     }
 
     fn error_of<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -258,15 +229,9 @@ mod tests {
 
     #[test]
     fn wan22_configs_are_refused_by_field() {
-        let residual = Config {
-            is_residual: true,
-            ..small()
-        };
+        let residual = Config { is_residual: true, ..small() };
         assert!(error_of(tiny_vae(&residual)).contains("is_residual"));
-        let patched = Config {
-            patch_size: Some(2),
-            ..small()
-        };
+        let patched = Config { patch_size: Some(2), ..small() };
         assert!(error_of(tiny_vae(&patched)).contains("patch_size"));
     }
 
@@ -275,20 +240,11 @@ mod tests {
         let vae = tiny_vae(&small())?;
         let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
         let err = error_of(vae.encode(&zeros(&[1, 3, 8, 16, 16])?));
-        assert!(
-            err.contains("4k+1") && err.contains("[1, 3, 8, 16, 16]"),
-            "{err}"
-        );
+        assert!(err.contains("4k+1") && err.contains("[1, 3, 8, 16, 16]"), "{err}");
         let err = error_of(vae.encode(&zeros(&[1, 3, 5, 12, 16])?));
-        assert!(
-            err.contains("multiples of 8") && err.contains("[1, 3, 5, 12, 16]"),
-            "{err}"
-        );
+        assert!(err.contains("multiples of 8") && err.contains("[1, 3, 5, 12, 16]"), "{err}");
         let err = error_of(vae.decode(&zeros(&[1, 3, 2, 2, 2])?));
-        assert!(
-            err.contains("expected 2 channels") && err.contains("[1, 3, 2, 2, 2]"),
-            "{err}"
-        );
+        assert!(err.contains("expected 2 channels") && err.contains("[1, 3, 2, 2, 2]"), "{err}");
         let err = error_of(vae.decode_chunk(&zeros(&[1, 2, 2, 2, 2])?, &mut CausalCache::new()));
         assert!(err.contains("one latent frame"), "{err}");
         Ok(())
