@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -96,11 +96,17 @@ pub fn run(args: Args) -> Result<()> {
     pipeline.validate(&request)?;
 
     let bar = ProgressBar::new(request.steps as u64).with_style(
-        ProgressStyle::with_template("{spinner} denoising {bar:40} {pos}/{len} steps [{elapsed} < {eta}]")
+        ProgressStyle::with_template("{spinner} {msg:9} {bar:40} {pos}/{len} steps [{elapsed} < {eta}]")
             .expect("static template"),
     );
+    bar.set_message("denoising");
     let video = pipeline.generate_with_progress(&request, &mut |p| {
         bar.set_position(p.step as u64);
+        if p.step == p.steps {
+            // The VAE decode that follows has no steps of its own; keep the spinner turning through it.
+            bar.set_message("decoding");
+            bar.enable_steady_tick(Duration::from_millis(120));
+        }
         ControlFlow::Continue(())
     })?;
     bar.finish_and_clear();

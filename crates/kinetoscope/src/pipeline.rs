@@ -270,16 +270,19 @@ impl Pipeline {
             prompt
         };
         timings.text_encoding_s = start.elapsed().as_secs_f64();
+        tracing::debug!(seconds = timings.text_encoding_s, "text encoded");
 
         let start = Instant::now();
         let latents = self.denoise(latents, &text, request, on_step)?;
         timings.denoising_s = start.elapsed().as_secs_f64();
         timings.step_s = timings.denoising_s / request.steps as f64;
+        tracing::debug!(seconds = timings.denoising_s, steps = request.steps, "denoised");
         ensure_finite(&latents, "denoising")?;
 
         let start = Instant::now();
         let frames = self.decode(&latents)?;
         timings.vae_decode_s = start.elapsed().as_secs_f64();
+        tracing::debug!(seconds = timings.vae_decode_s, "decoded");
         ensure_finite(&frames, "VAE decoding")?;
 
         let (_, num_frames, height, width, _) = frames.dims5().stage("VAE decoding")?;
