@@ -5,32 +5,18 @@
 //! zeroed the rows past the true length; ours runs on the true tokens alone, so this also checks
 //! that the two agree.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::{load, reference, relative_error, tiny};
 use kinetoscope_models::umt5::{Config, UMT5Encoder};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny")
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let diff = (got - want)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    let norm = want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    Ok(diff / norm)
-}
-
 fn check(model: &str) -> Result<()> {
-    let dev = Device::Cpu;
-    let dir = tiny().join(model).join("text_encoder");
-    let cfg: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
-    // SAFETY: the fixture files are not modified while the test runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)? };
+    let (cfg, vb): (Config, _) = load(model, "text_encoder")?;
     let encoder = UMT5Encoder::new(&cfg, vb)?;
-
-    let r = candle_core::safetensors::load(tiny().join("reference").join(model).join("text.safetensors"), &dev)?;
+    let r = reference(model, "text.safetensors")?;
     for name in ["prompt", "negative", "long"] {
         let ids = r[&format!("{name}_ids")].to_dtype(DType::U32)?.unsqueeze(0)?;
         let want = &r[&format!("{name}_embeds")];
