@@ -25,7 +25,15 @@ impl RmsNorm {
 
     /// Normalizes over the channel dimension of `[…, C, H, W]`.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(D::Minus(3))?.sqrt()?.maximum(1e-12)?;
+        let dims = x.dims();
+        let (c, h, w) = (dims[dims.len() - 3], dims[dims.len() - 2], dims[dims.len() - 1]);
+        let frames = x.elem_count() / (c * h * w);
+        // The sum over channels as a product with ones: candle's sum over a middle dimension is slow.
+        let ones = Tensor::ones((frames, 1, c), x.dtype(), x.device())?;
+        let sum = ones.matmul(&x.sqr()?.reshape((frames, c, h * w))?)?;
+        let mut shape = dims.to_vec();
+        shape[dims.len() - 3] = 1;
+        let norm = sum.reshape(shape)?.sqrt()?.maximum(1e-12)?;
         x.broadcast_div(&norm)?.broadcast_mul(&self.gamma)
     }
 }
@@ -129,7 +137,7 @@ impl MidBlock {
 pub(super) enum Resample {
     /// `time_conv` doubles the frames (before), then nearest 2× and a 3×3 conv that halves the
     /// channels.
-    Up { conv: Conv2d, time_conv: Option<CausalConv3d> },
+    Up { conv: CausalConv3d, time_conv: Option<CausalConv3d> },
     /// Zero pad right and bottom, a stride-2 3×3 conv, then `time_conv` halves the frames (after).
     Down { conv: Conv2d, time_conv: Option<CausalConv3d> },
 }
@@ -138,8 +146,7 @@ impl Resample {
     /// diffusers' `upsample3d` when `temporal`, else `upsample2d`; `dim` channels in, `dim / 2`
     /// out.
     pub(super) fn up(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let same_size = Conv2dConfig { padding: 1, ..Default::default() };
-        let conv = conv2d(dim, dim / 2, 3, same_size, vb.pp("resample.1"))?;
+        let conv = CausalConv3d::image(dim, dim / 2, 3, vb.pp("resample.1"))?;
         let time_conv =
             temporal.then(|| CausalConv3d::new(dim, 2 * dim, (3, 1), (1, 0), 1, vb.pp("time_conv"))).transpose()?;
         Ok(Self::Up { conv, time_conv })
@@ -171,10 +178,11 @@ impl Resample {
                         x = y.reshape((b, 2 * t, c2 / 2, h, w))?;
                     }
                 }
-                per_frame(&x, |f| {
+                let x = per_frame(&x, |f| {
                     let (_, _, h, w) = f.dims4()?;
-                    conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
-                })
+                    f.upsample_nearest2d(2 * h, 2 * w)
+                })?;
+                conv.forward(&x)
             }
             Self::Down { conv, time_conv } => {
                 let mut x = per_frame(x, |f| {

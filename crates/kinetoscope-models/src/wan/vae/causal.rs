@@ -3,8 +3,8 @@
 //! Tensors here are laid out frames-major, `[batch, frames, channels, height, width]`, so that
 //! folding time into the batch for a 2D operation is a free reshape.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 /// What the causal layers of one encoder or decoder remember between the chunks of a stream.
 ///
@@ -61,19 +61,30 @@ pub(super) fn per_frame(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -
 /// A Conv3d that pads time with zeros on the left only, so that an output frame never sees a later
 /// input frame.
 ///
-/// candle has no conv3d: the `taps` input frames an output frame sees are stacked along the
-/// channels and go through one conv2d whose kernel holds the time taps side by side, time folded
-/// into the batch.
+/// candle has no conv3d, and its conv2d multiplies many small tiles, slow at this VAE's narrow
+/// widths. So the convolution is one matrix product per output frame (im2col): every `taps × k × k`
+/// window of the input becomes a column, and the kernel flattened to a matrix times those columns
+/// gives all the frame's pixels at once. The zero frames before a stream are never made: the taps
+/// that would see them are left out of the product.
 #[derive(Debug, Clone)]
 pub(super) struct CausalConv3d {
-    /// The kernel `[out, in, taps, k, k]` as `[out, taps·in, k, k]`.
-    conv: Conv2d,
+    /// The kernel `[out, in, taps, k, k]` as `[out, taps·k·k·in]`, in the order of the columns.
+    weight: Tensor,
+    /// `[out, 1]`, added to every pixel.
+    bias: Tensor,
     taps: usize,
+    k: usize,
+    /// Zeros around each frame, the same on all four sides.
+    padding: usize,
     stride: usize,
     /// Frames of left context: diffusers pads `2·padding` zero frames before the first frame, none
     /// after.
     context: usize,
 }
+
+/// The most floats the columns of one product may hold: larger frames go by bands of rows, so that
+/// the unrolled input (`in·taps·k·k` times the size of the band) stays in cache.
+const MAX_COLUMNS: usize = 1 << 21;
 
 impl CausalConv3d {
     /// `kernel` and `padding` are (time, space); the spatial padding is symmetric.
@@ -86,15 +97,8 @@ impl CausalConv3d {
         vb: VarBuilder,
     ) -> Result<Self> {
         let (taps, k) = kernel;
-        let weight = vb.get((out_channels, in_channels, taps, k, k), "weight")?.permute((0, 2, 1, 3, 4))?.reshape((
-            out_channels,
-            taps * in_channels,
-            k,
-            k,
-        ))?;
-        let bias = vb.get(out_channels, "bias")?;
-        let cfg = Conv2dConfig { padding: padding.1, ..Default::default() };
-        Ok(Self { conv: Conv2d::new(weight, Some(bias), cfg), taps, stride, context: 2 * padding.0 })
+        let weight = vb.get((out_channels, in_channels, taps, k, k), "weight")?;
+        Self::from_weight(weight, vb.get(out_channels, "bias")?, padding, stride)
     }
 
     /// A k×k×k kernel padded to keep the size: `WanCausalConv3d(in, out, k, padding=k // 2)`.
@@ -102,51 +106,103 @@ impl CausalConv3d {
         Self::new(in_channels, out_channels, (k, k), (k / 2, k / 2), 1, vb)
     }
 
+    /// A 2D `Conv2d(in, out, k, padding=k // 2)` applied to each frame: a kernel of one tap.
+    pub(super) fn image(in_channels: usize, out_channels: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, k, k), "weight")?.unsqueeze(2)?;
+        Self::from_weight(weight, vb.get(out_channels, "bias")?, (0, k / 2), 1)
+    }
+
+    /// `weight` is `[out, in, taps, k, k]`.
+    fn from_weight(weight: Tensor, bias: Tensor, padding: (usize, usize), stride: usize) -> Result<Self> {
+        let (out_channels, in_channels, taps, k, _) = weight.dims5()?;
+        let weight =
+            weight.permute((0, 2, 3, 4, 1))?.reshape((out_channels, taps * k * k * in_channels))?.contiguous()?;
+        Ok(Self {
+            weight,
+            bias: bias.reshape((out_channels, 1))?,
+            taps,
+            k,
+            padding: padding.1,
+            stride,
+            context: 2 * padding.0,
+        })
+    }
+
     /// The convolution of a whole sequence, zeros before its first frame.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.convolve(&x.pad_with_zeros(1, self.context, 0)?)
+        self.convolve(None, &self.pad_space(x)?)
     }
 
     /// The convolution of `x` as the continuation of the frames in `past` (zeros before the
     /// stream's first frame); `past` then holds the last frames for the next chunk.
     pub(super) fn forward_cached(&self, x: &Tensor, past: &mut Option<Tensor>) -> Result<Tensor> {
-        let (seen, remembered) = match past.take() {
-            Some(p) => (Tensor::cat(&[&p, x], 1)?, p.dim(1)?),
-            None => (x.clone(), 0),
+        let x = self.pad_space(x)?;
+        let before = past.take();
+        let out = self.convolve(before.as_ref(), &x)?;
+        let last = |frames: &Tensor| -> Result<Tensor> {
+            let t = frames.dim(1)?;
+            frames.narrow(1, t - t.min(self.context), t.min(self.context))
         };
-        let out = self.convolve(&seen.pad_with_zeros(1, self.context - remembered, 0)?)?;
-        let t = seen.dim(1)?;
-        let keep = t.min(self.context);
+        let recent = match &before {
+            Some(before) => Tensor::cat(&[last(before)?, last(&x)?], 1)?,
+            None => last(&x)?,
+        };
         // A copy, so that the memory does not pin the whole chunk.
-        *past = Some(seen.narrow(1, t - keep, keep)?.copy()?);
+        *past = Some(last(&recent)?.copy()?);
         Ok(out)
     }
 
-    /// The valid convolution in time of an input that already carries its left context.
-    fn convolve(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c, h, w) = x.dims5()?;
-        let Some(span) = t.checked_sub(self.taps) else {
+    fn pad_space(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.padding;
+        x.pad_with_zeros(3, p, p)?.pad_with_zeros(4, p, p)
+    }
+
+    /// The valid convolution in time of the frames `past` then `x` (both padded in space), after
+    /// the zero frames that complete the left context.
+    fn convolve(&self, past: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _, h, w) = x.dims5()?;
+        let remembered = past.map(|p| p.dim(1)).transpose()?.unwrap_or(0);
+        let zeros = self.context.saturating_sub(remembered);
+        let Some(span) = (zeros + remembered + t).checked_sub(self.taps) else {
             candle_core::bail!("causal conv: {t} frames with context, the kernel needs {}", self.taps)
         };
         let frames = span / self.stride + 1;
-        let stacked = if self.taps == 1 && self.stride == 1 {
-            x.clone()
-        } else {
-            let taps = (0..self.taps).map(|k| self.tap(x, k, frames)).collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&taps, 2)?
+        // Input frame `i` of the stream with its context, zeros at the start.
+        let frame = |batch: usize, i: usize| match past {
+            Some(past) if i < zeros + remembered => past.get(batch)?.get(i - zeros),
+            _ => x.get(batch)?.get(i - zeros - remembered),
         };
-        let y = self.conv.forward(&stacked.reshape((b * frames, self.taps * c, h, w))?)?;
-        let (_, c, h, w) = y.dims4()?;
-        y.reshape((b, frames, c, h, w))
+        let (h, w) = (h + 1 - self.k, w + 1 - self.k);
+        // A 1×1 kernel needs no unrolling: the input already is its columns, whole frames at once.
+        let band = if self.k == 1 { h } else { (MAX_COLUMNS / (self.weight.dim(1)? * w)).clamp(1, h) };
+        let mut out = Vec::with_capacity(b * frames);
+        for batch in 0..b {
+            for j in 0..frames {
+                let first = j * self.stride;
+                let skipped = zeros.saturating_sub(first).min(self.taps);
+                let seen = (first + skipped..first + self.taps).map(|i| frame(batch, i)).collect::<Result<Vec<_>>>()?;
+                let bands = (0..h).step_by(band).map(|top| self.rows(&seen, skipped, top, band.min(h - top), w));
+                out.push(Tensor::cat(&bands.collect::<Result<Vec<_>>>()?, 1)?);
+            }
+        }
+        let y = Tensor::stack(&out, 0)?.broadcast_add(&self.bias)?;
+        y.reshape((b, frames, self.weight.dim(0)?, h, w))
     }
 
-    /// The input frames that time tap `k` of the kernel sees: `k, k + stride, …`.
-    fn tap(&self, x: &Tensor, k: usize, frames: usize) -> Result<Tensor> {
-        if self.stride == 1 {
-            return x.narrow(1, k, frames);
-        }
-        let ids = (0..frames).map(|j| (k + j * self.stride) as u32).collect::<Vec<_>>();
-        x.index_select(&Tensor::new(ids, x.device())?, 1)
+    /// Output rows `top..top + rows` of one frame, `[out, rows·w]`, from the `[in, H, W]` input
+    /// frames its taps see, the first `skipped` taps (on zeros) left out.
+    fn rows(&self, seen: &[Tensor], skipped: usize, top: usize, rows: usize, w: usize) -> Result<Tensor> {
+        let windows = seen
+            .iter()
+            .flat_map(|f| {
+                (0..self.k * self.k).map(move |s| f.narrow(1, top + s / self.k, rows)?.narrow(2, s % self.k, w))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // `[taps·k·k·in, rows·w]`: the same order as the flattened kernel.
+        let columns = Tensor::cat(&windows, 0)?;
+        let depth = columns.dim(0)?;
+        let per_tap = self.weight.dim(1)? / self.taps;
+        self.weight.narrow(1, skipped * per_tap, depth)?.matmul(&columns.reshape((depth, rows * w))?)
     }
 }
 
