@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
-use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
+use kinetoscope::{DType, GenerateRequest, LoadOptions, ModelDir, Pipeline};
 use kinetoscope_video::Frames;
 use serde_json::json;
 
@@ -56,6 +56,9 @@ pub struct Args {
     /// Initial noise: a safetensors file with a tensor `latents` of shape [1, z_dim, (frames-1)/4+1, height/8, width/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Precision of the text encoder and the transformer: f32, bf16 or f16 (the VAE always runs in f32).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
     /// Also write every frame as PNG into this folder (frame_00000.png, ...).
     #[arg(long)]
     save_frames: Option<PathBuf>,
@@ -73,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let load_start = Instant::now();
     let model = ModelDir::open(&args.model)?;
-    let options = LoadOptions::default();
+    let options = LoadOptions { dtype: args.dtype, ..Default::default() };
     let pipeline = Pipeline::load(&model, &options)?;
     let load_s = load_start.elapsed().as_secs_f64();
 
@@ -130,7 +133,7 @@ pub fn run(args: Args) -> Result<()> {
             "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
             "guidance": request.guidance_scale > 1.0,
             "device": format!("{:?}", options.device),
-            "dtype": format!("{:?}", options.dtype),
+            "dtype": options.dtype.as_str(),
         },
         "model": pipeline.identity(),
         "video": {
@@ -190,4 +193,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     Ok(())
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!("unknown dtype {other:?}: expected f32, bf16 or f16")),
+    }
 }

@@ -15,6 +15,7 @@ mod pipeline;
 pub mod scheduler;
 mod text;
 
+pub use candle_core::{DType, Device};
 pub use error::{Error, Result};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};

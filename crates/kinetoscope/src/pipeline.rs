@@ -117,8 +117,12 @@ impl Pipeline {
     /// Loads every component of a diffusers-layout Wan folder, checking configs and weights against each
     /// other before any work starts.
     pub fn load(dir: &ModelDir, options: &LoadOptions) -> Result<Self> {
-        let identity = dir.identity()?;
         let (device, dtype) = (options.device.clone(), options.dtype);
+        if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) {
+            let reason = format!("{} is not supported: expected f32, bf16 or f16", dtype.as_str());
+            return Err(Error::InvalidRequest { field: "dtype", reason });
+        }
+        let identity = dir.identity()?;
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         scheduler_config.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
 
@@ -133,9 +137,10 @@ impl Pipeline {
             WanTransformer3DModel::new(&transformer_config, dir.var_builder("transformer", dtype, &device)?)
                 .map_err(weights_error("transformer"))?;
 
-        // The VAE keeps f32 unless asked otherwise: its output is the video, and its cost is small.
+        // The VAE runs in f32 whatever `dtype` is: its output is the video itself (half-precision decodes
+        // are where black and NaN frames come from), and it runs once per video, not once per step.
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
-        let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", dtype, &device)?)
+        let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
             .map_err(weights_error("vae"))?;
 
         let config_path = |c: &str| dir.component(c).join("config.json");
@@ -337,11 +342,10 @@ impl Pipeline {
         // As diffusers: divide by the reciprocal of the std (the same rounding), then add the mean.
         let inv_std = column(&self.vae_config.latents_std).and_then(|s| s.recip()).stage(STAGE)?;
         let z =
-            latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)).and_then(|z| z.broadcast_add(&mean));
-        let z = z.and_then(|z| z.to_dtype(self.dtype)).stage(STAGE)?;
+            latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
         let video = self.vae.decode(&z).stage(STAGE)?;
         // [-1, 1] → [0, 1], channels last.
-        let video = video.to_dtype(DType::F32).and_then(|v| (v * 0.5)? + 0.5).and_then(|v| v.clamp(0f32, 1f32));
+        let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
         video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)
     }
 }
