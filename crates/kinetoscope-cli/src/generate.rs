@@ -56,6 +56,9 @@ pub struct Args {
     /// Initial noise: a safetensors file with a tensor `latents` of shape [1, z_dim, (frames-1)/4+1, height/8, width/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Where to run: cpu, cuda (the first GPU) or cuda:N [default: cuda in a CUDA build, else cpu].
+    #[arg(long, default_value = if cfg!(feature = "cuda") { "cuda" } else { "cpu" })]
+    device: String,
     /// Precision of the text encoder and the transformer: f32, bf16 or f16 (the VAE always runs in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
@@ -76,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let load_start = Instant::now();
     let model = ModelDir::open(&args.model)?;
-    let options = LoadOptions { dtype: args.dtype, ..Default::default() };
+    let options = LoadOptions { device: kinetoscope::open_device(&args.device)?, dtype: args.dtype };
     let pipeline = Pipeline::load(&model, &options)?;
     let load_s = load_start.elapsed().as_secs_f64();
 
@@ -132,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
             "scheduler": request.scheduler.or(scheduler_config.kind()),
             "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
             "guidance": request.guidance_scale > 1.0,
-            "device": format!("{:?}", options.device),
+            "device": args.device,
             "dtype": options.dtype.as_str(),
         },
         "model": pipeline.identity(),

@@ -154,6 +154,9 @@ fn bad_input_is_a_clear_error() {
     assert_fails(&request("40", "9", out), &["height", "40", "multiple of 16"]);
     assert_fails(&request("32", "10", out), &["num_frames", "10", "4k+1"]);
     assert_fails(&request("32", "9", "/nonexistent-dir/out.mp4"), &["/nonexistent-dir", "does not exist"]);
+    let mut bad_device = request("32", "9", out);
+    bad_device.extend(["--device", "tpu"]);
+    assert_fails(&bad_device, &["device tpu", "expected cpu, cuda or cuda:N"]);
     let mut bad_latents = request("32", "9", out);
     bad_latents.extend(["--latents", "/nonexistent/noise.safetensors"]);
     assert_fails(&bad_latents, &["/nonexistent/noise.safetensors"]);

@@ -39,6 +39,10 @@ pub enum Error {
     #[error("latents {path}: {reason}")]
     Latents { path: PathBuf, reason: String },
 
+    /// The device asked for can't be used.
+    #[error("device {spec}: {reason}")]
+    Device { spec: String, reason: String },
+
     /// NaN or infinity appeared; a video made from them would be black or garbage, so none is delivered.
     #[error("non-finite values (NaN/Inf) after {stage}; try dtype f32")]
     NonFinite { stage: &'static str },

@@ -1,0 +1,43 @@
+//! Choosing where the networks run, from a user's words: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// Opens the device `spec` names. A GPU that can't be had is an error that says why and what to do; it
+/// never falls back to the CPU silently (a video that takes hours instead of minutes is a failure too).
+pub fn open_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => spec
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::Device { spec: spec.to_string(), reason: "expected cpu, cuda or cuda:N".into() })?,
+    };
+    if !cfg!(feature = "cuda") {
+        let reason =
+            "this build has no CUDA support: build the GPU binary with scripts/build-cuda.sh, or use --device cpu";
+        return Err(Error::Device { spec: spec.to_string(), reason: reason.into() });
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::Device {
+        spec: spec.to_string(),
+        reason: format!("no usable CUDA device {ordinal} ({e}); check the NVIDIA driver, or use --device cpu"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_parsed_and_bad_ones_explained() {
+        assert!(open_device("cpu").unwrap().is_cpu());
+        let err = open_device("gpu0").unwrap_err().to_string();
+        assert!(err.contains("gpu0") && err.contains("cuda:N"), "{err}");
+        if !cfg!(feature = "cuda") {
+            let err = open_device("cuda:1").unwrap_err().to_string();
+            assert!(err.contains("no CUDA support"), "{err}");
+        }
+    }
+}
