@@ -11,4 +11,7 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole workspace (cargo prints one per test binary, the last often a doc-test
 # binary with nothing in it).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+summary=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed", p, f }' "$log")
+# The GPU build must keep compiling even where no GPU is (CI has none): type-check it with the CUDA toolchain.
+bash scripts/build-cuda.sh check
+echo "$summary"

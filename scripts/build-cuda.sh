@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the GPU binary (`--features cuda`) on any Linux x86-64 machine, with or without a GPU:
+#   bash scripts/build-cuda.sh            # release build: target/release/kinetoscope
+#   bash scripts/build-cuda.sh check      # type-check only (what CI runs)
+# The CUDA 13.0 toolchain comes from pinned PyPI wheels into $KINETOSCOPE_CUDA_HOME
+# (default ~/.cache/kinetoscope/cuda-13.0). No driver is needed to build: the binary links against a stub
+# libcuda.so generated from cuda.h, and uses the real driver's library at run time.
+# CUDA_COMPUTE_CAP picks the GPU generation: 90 (H100/H200, the default) or 80 (A100).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-build}
+home=${KINETOSCOPE_CUDA_HOME:-$HOME/.cache/kinetoscope/cuda-13.0}
+requirements=scripts/cuda-requirements.txt
+
+bash scripts/install-deps.sh
+if ! cmp -s "$requirements" "$home/installed.txt"; then
+    echo "installing the CUDA 13.0 toolchain into $home" >&2
+    rm -rf "$home"
+    python3 -m venv "$home/venv"
+    "$home/venv/bin/pip" install -q --no-deps --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$home/installed.txt"
+fi
+cu=$(echo "$home"/venv/lib/python3*/site-packages/nvidia/cu13)
+
+# The linker wants unversioned names; the wheels ship only versioned ones.
+link="$home/link"
+mkdir -p "$link"
+for lib in cudart cublas cublasLt nvrtc; do ln -sf "$cu/lib/lib$lib.so.13" "$link/lib$lib.so"; done
+ln -sf "$cu/lib/libcurand.so.10" "$link/libcurand.so"
+
+# A stub libcuda.so.1 exporting every driver API function cuda.h declares (and the versioned names its
+# macros map them to), so that linking succeeds without a driver installed.
+if [ ! -f "$link/libcuda.so" ] || [ "$cu/include/cuda.h" -nt "$link/libcuda.so" ]; then
+    {
+        grep -oE '^\s*(CUresult|CUDAAPI)?\s*CUresult\s+CUDAAPI\s+cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | grep -oE 'cu[A-Za-z0-9_]+$'
+        grep -oE '^#define\s+cu[A-Za-z0-9_]+\s+cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | awk '{print $3}'
+    } | sort -u | awk '{printf "int %s(void) { return 999; }\n", $1}' > "$link/libcuda_stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/libcuda_stub.c"
+fi
+
+export PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_HOME="$cu"
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export LIBRARY_PATH="$link:$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export CPATH="$cu/include${CPATH:+:$CPATH}"
+
+case "$mode" in
+    check) cargo check --locked --workspace --all-targets --features kinetoscope-cli/cuda ;;
+    build)
+        cargo build --locked --release -p kinetoscope-cli --features cuda
+        echo "built target/release/kinetoscope (CUDA, sm_$CUDA_COMPUTE_CAP); at run time put the CUDA 13 libraries on LD_LIBRARY_PATH (here: $cu/lib)" >&2
+        ;;
+    *) echo "usage: $0 [build|check]" >&2; exit 2 ;;
+esac
