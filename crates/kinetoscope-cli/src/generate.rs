@@ -1,16 +1,15 @@
 //! `kinetoscope generate`: one prompt → one MP4 (+ sidecar JSON, + optional PNG frames).
 
-use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
 use kinetoscope::{DType, GenerateRequest, LoadOptions, ModelDir, Pipeline};
-use kinetoscope_video::Frames;
-use serde_json::json;
+
+use crate::output;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,9 +19,8 @@ pub struct Args {
     /// Where the MP4 goes; the sidecar is written beside it with the extension `.json`.
     #[arg(long, short, default_value = "out.mp4")]
     output: PathBuf,
-    /// A diffusers-layout model folder, or a Hugging Face repository id found in the local cache.
-    #[arg(long, default_value = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// What the video should not show (used when guidance > 1).
     #[arg(long, default_value = "")]
     negative_prompt: String,
@@ -56,32 +54,35 @@ pub struct Args {
     /// Initial noise: a safetensors file with a tensor `latents` of shape [1, z_dim, (frames-1)/4+1, height/8, width/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Also write every frame as PNG into this folder (frame_00000.png, ...).
+    #[arg(long)]
+    save_frames: Option<PathBuf>,
+}
+
+/// Which model, where and in what precision: the flags every subcommand that renders shares.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers-layout model folder, or a Hugging Face repository id found in the local cache.
+    #[arg(long, default_value = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")]
+    model: String,
     /// Where to run: cpu, cuda (the first GPU) or cuda:N [default: cuda in a CUDA build, else cpu].
     #[arg(long, default_value = if cfg!(feature = "cuda") { "cuda" } else { "cpu" })]
     device: String,
     /// Precision of the text encoder and the transformer: f32, bf16 or f16 (the VAE always runs in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
-    /// Also write every frame as PNG into this folder (frame_00000.png, ...).
-    #[arg(long)]
-    save_frames: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    let sidecar = args.output.with_extension("json");
     // Fail on an unwritable destination now, not after minutes of denoising.
-    check_writable(&args.output)?;
+    output::check_writable(&args.output)?;
     if let Some(dir) = &args.save_frames {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the frames folder {}", dir.display()))?;
-        check_writable(&dir.join("frame_00000.png"))?;
+        output::check_writable(&dir.join("frame_00000.png"))?;
     }
 
-    let load_start = Instant::now();
-    let model = ModelDir::open(&args.model)?;
-    let options = LoadOptions { device: kinetoscope::open_device(&args.device)?, dtype: args.dtype };
-    let pipeline = Pipeline::load(&model, &options)?;
-    let load_s = load_start.elapsed().as_secs_f64();
+    let (pipeline, load_s) = args.model.load()?;
 
     let request = GenerateRequest {
         prompt: args.prompt,
@@ -117,85 +118,26 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     bar.finish_and_clear();
 
-    let encode_start = Instant::now();
-    let frames = Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width)?;
-    let info = kinetoscope_video::write_mp4(&args.output, &frames, video.fps)?;
-    if let Some(dir) = &args.save_frames {
-        kinetoscope_video::write_png_frames(dir, &frames)?;
-    }
-    let encode_s = encode_start.elapsed().as_secs_f64();
-
-    let scheduler_config = pipeline.scheduler_config();
-    let record = json!({
-        "kinetoscope_version": env!("CARGO_PKG_VERSION"),
-        "created_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        "output": args.output,
-        "request": request,
-        "resolved": {
-            "scheduler": request.scheduler.or(scheduler_config.kind()),
-            "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
-            "guidance": request.guidance_scale > 1.0,
-            "device": args.device,
-            "dtype": options.dtype.as_str(),
-        },
-        "model": pipeline.identity(),
-        "video": {
-            "codec": info.codec,
-            "pixel_format": info.pixel_format,
-            "width": info.width,
-            "height": info.height,
-            "frames": info.frames,
-            "fps": info.fps,
-            "duration_s": info.duration.map(|d| d.as_secs_f64()),
-        },
-        "timings": {
-            "load_s": load_s,
-            "text_encoding_s": video.timings.text_encoding_s,
-            "denoising_s": video.timings.denoising_s,
-            "step_s": video.timings.step_s,
-            "vae_decode_s": video.timings.vae_decode_s,
-            "encode_s": encode_s,
-            "total_s": started.elapsed().as_secs_f64(),
-        },
-    });
-    write_atomically(&sidecar, serde_json::to_string_pretty(&record)?.as_bytes())?;
-    eprintln!("wrote {} and {}", args.output.display(), sidecar.display());
+    let setup = args.model.setup(&pipeline, load_s);
+    output::write_video(&setup, &request, &video, &args.output, args.save_frames.as_deref(), started)?;
+    eprintln!("wrote {} and {}", args.output.display(), output::sidecar_path(&args.output).display());
     Ok(())
 }
 
-/// Checks that a file can be created where `path` points, without touching `path` itself.
-fn check_writable(path: &Path) -> Result<()> {
-    let dir = parent_dir(path);
-    if !dir.is_dir() {
-        bail!("cannot write {}: the folder {} does not exist", path.display(), dir.display());
+impl ModelArgs {
+    /// Opens the model folder and loads the pipeline on the device asked for; returns it with the
+    /// seconds loading took.
+    pub fn load(&self) -> Result<(Pipeline, f64)> {
+        let start = Instant::now();
+        let model = ModelDir::open(&self.model)?;
+        let options = LoadOptions { device: kinetoscope::open_device(&self.device)?, dtype: self.dtype };
+        let pipeline = Pipeline::load(&model, &options)?;
+        Ok((pipeline, start.elapsed().as_secs_f64()))
     }
-    tempfile::Builder::new()
-        .prefix(".kinetoscope-probe")
-        .tempfile_in(dir)
-        .map(drop)
-        .with_context(|| format!("cannot write {}: the folder {} is not writable", path.display(), dir.display()))
-}
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    pub fn setup<'a>(&'a self, pipeline: &'a Pipeline, load_s: f64) -> output::Setup<'a> {
+        output::Setup { pipeline, device: &self.device, dtype: self.dtype, load_s }
     }
-}
-
-/// Writes through a temporary file in the same folder, renamed into place once complete, so a reader
-/// never sees half a file and an interrupted run leaves the old one intact.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = parent_dir(path).join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {

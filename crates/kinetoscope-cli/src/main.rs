@@ -1,6 +1,9 @@
-//! `kinetoscope`: generate videos from a prompt on this machine.
+//! `kinetoscope`: generate videos from prompts on this machine, one at a time or in batches.
 
+mod batch;
 mod generate;
+mod manifest;
+mod output;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +18,9 @@ struct Cli {
 enum Command {
     /// Generate one video from a prompt and write it as MP4, with a JSON sidecar of every setting.
     Generate(generate::Args),
+    /// Render every item of a JSON Lines manifest into a folder: resumable, and sharded across
+    /// processes (--shard I/N, or a Kubernetes Indexed Job's or Slurm array's index).
+    Batch(batch::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -24,6 +30,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Batch(args) => batch::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,266 @@
+//! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files) and the
+//! fields of a generate request. Blank lines and lines starting with `#` are skipped.
+//!
+//! Each field is read on its own, so that every problem names its line and its field (serde's own
+//! errors for a mistyped value don't say which field), and a field this reader doesn't know is an
+//! error: a typo such as `heigth` must not silently render at the default size.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use kinetoscope::GenerateRequest;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The fields a line may have. No `latents`: a manifest never names a file to read.
+const FIELDS: [&str; 13] = [
+    "id",
+    "prompt",
+    "negative_prompt",
+    "height",
+    "width",
+    "num_frames",
+    "steps",
+    "guidance_scale",
+    "shift",
+    "scheduler",
+    "seed",
+    "max_sequence_length",
+    "fps",
+];
+
+/// Longest id: with `.json` added it stays far below every file system's 255-byte name limit.
+const MAX_ID_LEN: usize = 128;
+
+/// One video to render.
+#[derive(Debug)]
+pub struct Item {
+    /// 1-based line number in the manifest.
+    pub line: usize,
+    pub id: String,
+    /// Every default filled in, the seed included.
+    pub request: GenerateRequest,
+}
+
+/// What is wrong with a manifest line.
+#[derive(Debug)]
+pub struct LineError {
+    pub line: usize,
+    /// The field at fault, when one is.
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "line {}: {field}: {}", self.line, self.reason),
+            None => write!(f, "line {}: {}", self.line, self.reason),
+        }
+    }
+}
+
+/// Parses every line of a manifest; on any problem, returns all of them (one per line at most).
+pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
+    let mut items = Vec::new();
+    let mut errors = Vec::new();
+    // Lowercased id → line: outputs of ids that differ only in case collide on case-insensitive
+    // file systems (macOS, SMB shares).
+    let mut seen: HashMap<String, (usize, String)> = HashMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let (id, request) = match parse_line(trimmed) {
+            Ok(parsed) => parsed,
+            Err((field, reason)) => {
+                errors.push(LineError { line, field, reason });
+                continue;
+            }
+        };
+        if let Some((first, first_id)) = seen.get(&id.to_ascii_lowercase()) {
+            let reason = if *first_id == id {
+                format!("{id:?} is already the id of line {first}")
+            } else {
+                format!("{id:?} differs only in letter case from {first_id:?} of line {first}, and some file systems don't tell them apart")
+            };
+            errors.push(LineError { line, field: Some("id".into()), reason });
+            continue;
+        }
+        seen.insert(id.to_ascii_lowercase(), (line, id.clone()));
+        items.push(Item { line, id, request });
+    }
+    if errors.is_empty() {
+        Ok(items)
+    } else {
+        Err(errors)
+    }
+}
+
+type FieldError = (Option<String>, String);
+
+fn parse_line(text: &str) -> Result<(String, GenerateRequest), FieldError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| (None, format!("not JSON: {}", without_position(&e))))?;
+    let Value::Object(mut fields) = value else {
+        return Err((None, "expected a JSON object".into()));
+    };
+    if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err((Some(unknown.clone()), format!("unknown field; expected one of {}", FIELDS.join(", "))));
+    }
+    let id: String = take(&mut fields, "id")?.ok_or((Some("id".into()), "missing".into()))?;
+    validate_id(&id).map_err(|reason| (Some("id".into()), reason))?;
+    let prompt = take(&mut fields, "prompt")?.ok_or((Some("prompt".into()), "missing".into()))?;
+    // The same defaults as `kinetoscope generate`'s flags.
+    let d = GenerateRequest::default();
+    let request = GenerateRequest {
+        prompt,
+        negative_prompt: take(&mut fields, "negative_prompt")?.unwrap_or(d.negative_prompt),
+        height: take(&mut fields, "height")?.unwrap_or(d.height),
+        width: take(&mut fields, "width")?.unwrap_or(d.width),
+        num_frames: take(&mut fields, "num_frames")?.unwrap_or(d.num_frames),
+        steps: take(&mut fields, "steps")?.unwrap_or(d.steps),
+        guidance_scale: take(&mut fields, "guidance_scale")?.unwrap_or(d.guidance_scale),
+        shift: take(&mut fields, "shift")?,
+        scheduler: take(&mut fields, "scheduler")?,
+        // Without a seed, one from the id: a rerun renders the same video.
+        seed: take(&mut fields, "seed")?.unwrap_or_else(|| seed_for(&id)),
+        latents: None,
+        max_sequence_length: take(&mut fields, "max_sequence_length")?.unwrap_or(d.max_sequence_length),
+        fps: take(&mut fields, "fps")?.unwrap_or(d.fps),
+    };
+    // The pipeline checks every other field against the model; the frame rate only matters to the MP4,
+    // which would otherwise fail after the whole render.
+    if request.fps == 0 {
+        return Err((Some("fps".into()), "0 is not a frame rate; expected at least 1".into()));
+    }
+    Ok((id, request))
+}
+
+/// Removes `name` from the line and reads it as a `T`; absent and `null` are `None`.
+fn take<T: DeserializeOwned>(fields: &mut Map<String, Value>, name: &str) -> Result<Option<T>, FieldError> {
+    match fields.remove(name) {
+        None => Ok(None),
+        Some(value) => serde_json::from_value(value).map_err(|e| (Some(name.into()), without_position(&e))),
+    }
+}
+
+/// serde_json's message without its " at line 1 column N", which counts within the line alone.
+fn without_position(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    message.strip_suffix(&position).map(str::to_owned).unwrap_or(message)
+}
+
+/// An id becomes a file name (`<id>.mp4`), so it is kept to a character set that is safe on every file
+/// system and can't name a folder or a hidden file.
+fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters long (is {})", id.len()));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{id:?} contains {c:?}; ids may only use A-Z, a-z, 0-9, '.', '_' and '-'"));
+    }
+    if id.starts_with('.') {
+        return Err(format!("{id:?} starts with '.', which would make its outputs hidden files"));
+    }
+    Ok(())
+}
+
+/// The first 8 bytes of SHA-256 over `parts`, big-endian: stable across builds, platforms and versions,
+/// unlike std's `DefaultHasher`.
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"))
+}
+
+/// The seed of an item that names none. Its own domain prefix keeps it independent of the shard
+/// assignment, which hashes the bare id; below 2^53 like `generate`'s random seeds, so JSON readers in
+/// every language keep it exact.
+fn seed_for(id: &str) -> u64 {
+    stable_hash(&[b"kinetoscope seed\0", id.as_bytes()]) >> 11
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text).unwrap_err().iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn a_minimal_line_gets_generate_defaults_and_a_seed_from_its_id() {
+        let items = parse("# comment\n\n{\"id\": \"a-1\", \"prompt\": \"fox\"}\r\n{\"id\": \"b\", \"prompt\": \"owl\", \"seed\": 7, \"scheduler\": \"euler\", \"shift\": null}\n").unwrap();
+        assert_eq!((items[0].line, items[0].id.as_str(), items[1].line), (3, "a-1", 4));
+        let (r, d) = (&items[0].request, GenerateRequest::default());
+        assert_eq!((r.prompt.as_str(), r.height, r.width, r.num_frames, r.steps), ("fox", d.height, d.width, 81, 50));
+        assert_eq!((r.guidance_scale, r.fps, r.max_sequence_length, r.shift, r.scheduler), (5.0, 16, 512, None, None));
+        assert_eq!(r.seed, seed_for("a-1"));
+        assert!(r.seed < 1 << 53);
+        assert_ne!(seed_for("a-1"), seed_for("a-2"));
+        assert_eq!(items[1].request.seed, 7);
+        assert_eq!(items[1].request.scheduler, Some(kinetoscope::scheduler::SchedulerKind::Euler));
+    }
+
+    #[test]
+    fn every_bad_line_is_reported_with_its_field() {
+        let text = [
+            r#"{"id": "ok", "prompt": "x"}"#,
+            r#"{"id": "a", "prompt": "x", "heigth": 48}"#,
+            r#"{"id": "../etc", "prompt": "x"}"#,
+            r#"{"id": "b", "prompt": "x", "steps": -1}"#,
+            r#"{"id": "c", "prompt": "x", "scheduler": "ddim"}"#,
+            r#"{"id": "ok", "prompt": "y"}"#,
+            r#"{"id": "OK", "prompt": "y"}"#,
+            r#"{"prompt": "x"}"#,
+            r#"{"id": "d", "prompt": "x""#,
+            r#"["id"]"#,
+            r#"{"id": ".hidden", "prompt": "x"}"#,
+            r#"{"id": "e", "prompt": "x", "fps": 0}"#,
+            r#"{"id": "f", "prompt": 3}"#,
+        ]
+        .join("\n");
+        let errors = errors(&text);
+        let expected = [
+            "line 2: heigth: unknown field",
+            "line 3: id: \"../etc\" contains '/'",
+            "line 4: steps: invalid value: integer `-1`, expected usize",
+            "line 5: scheduler: unknown variant `ddim`",
+            "line 6: id: \"ok\" is already the id of line 1",
+            "line 7: id: \"OK\" differs only in letter case from \"ok\" of line 1",
+            "line 8: id: missing",
+            "line 9: not JSON: EOF while parsing an object",
+            "line 10: expected a JSON object",
+            "line 11: id: \".hidden\" starts with '.'",
+            "line 12: fps: 0 is not a frame rate",
+            "line 13: prompt: invalid type: integer `3`, expected a string",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, expected) in errors.iter().zip(expected) {
+            assert!(error.starts_with(expected), "{error:?} should start with {expected:?}");
+        }
+        assert!(!errors[7].contains("column"), "{}", errors[7]);
+    }
+
+    #[test]
+    fn ids_are_safe_file_names() {
+        for good in ["a", "clip_001.v2", "A-b.c_d", &"x".repeat(MAX_ID_LEN)] {
+            assert!(validate_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a/b", "a\\b", "..", "a b", "é", "a\0", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn comments_and_blank_lines_are_not_items() {
+        assert!(parse("# nothing\n\n   \n  # indented\n").unwrap().is_empty());
+    }
+}

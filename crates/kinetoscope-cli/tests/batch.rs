@@ -1,0 +1,256 @@
+//! `kinetoscope batch` end to end through the binary on the small test model: everything renders, a
+//! rerun skips what is done and redoes what is missing or stale, bad manifests fail before any rendering,
+//! a failing item doesn't stop the others, and concurrent shards render every item exactly once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn tiny_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan21-tiny-a")
+}
+
+/// `kinetoscope batch manifest --out out`, with no scheduler variables from the test's environment.
+fn batch_command(manifest: &Path, out: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kinetoscope"));
+    command.arg("batch").arg(manifest).arg("--out").arg(out).arg("--model").arg(tiny_model());
+    for var in [
+        "JOB_COMPLETION_INDEX",
+        "KINETOSCOPE_SHARDS",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_STEP",
+        "SLURM_ARRAY_TASK_COUNT",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+fn batch(manifest: &Path, out: &Path) -> Output {
+    batch_command(manifest, out).output().expect("the binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A small, fast item: 32×48, 9 frames, 1 or 2 steps, short text.
+fn item(id: &str, extra: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "prompt": "clip {id}", "height": 32, "width": 48, "num_frames": 9, "steps": 2, "max_sequence_length": 16{extra}}}"#
+    )
+}
+
+fn write_manifest(dir: &Path, lines: &[String]) -> PathBuf {
+    let path = dir.join("manifest.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// The lines of a results file, as (id, status, error_code).
+fn results(path: &Path) -> Vec<(String, String, Option<String>)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert!(v["seconds"].as_f64().is_some(), "{line}");
+            let text = |key: &str| v[key].as_str().map(str::to_owned);
+            (text("id").unwrap(), text("status").unwrap(), text("error_code"))
+        })
+        .collect()
+}
+
+fn statuses(lines: &[(String, String, Option<String>)]) -> BTreeMap<String, String> {
+    lines.iter().map(|(id, status, _)| (id.clone(), status.clone())).collect()
+}
+
+fn sidecar(out: &Path, id: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join(format!("{id}.json"))).unwrap()).unwrap()
+}
+
+fn hidden_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn renders_everything_then_skips_it_and_redoes_only_what_is_missing_or_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut lines = vec![
+        "# six clips".to_string(),
+        item("a", ""),
+        item("b", r#", "seed": 11, "steps": 1"#),
+        String::new(),
+        item("c", r#", "guidance_scale": 1.0"#),
+        item("d.v2", r#", "scheduler": "euler", "fps": 8"#),
+        item("e_1", r#", "negative_prompt": "blur""#),
+        item("F-2", r#", "shift": 2.0"#),
+    ];
+    let ids = ["a", "b", "c", "d.v2", "e_1", "F-2"];
+    let manifest = write_manifest(dir.path(), &lines);
+    let results_path = out.join("results-0-of-1.jsonl");
+
+    let first = batch(&manifest, &out);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("6 completed, 0 skipped, 0 failed"), "{}", stderr(&first));
+    let run1 = results(&results_path);
+    assert_eq!(run1.len(), 6);
+    assert!(run1.iter().all(|(_, status, _)| status == "completed"), "{run1:?}");
+    for id in ids {
+        let info = kinetoscope_video::probe(&out.join(format!("{id}.mp4"))).unwrap();
+        assert_eq!((info.width, info.height, info.frames), (48, 32, 9), "{id}");
+        let sidecar = sidecar(&out, id);
+        assert_eq!(sidecar["request"]["prompt"], format!("clip {id}"));
+        assert!(sidecar["timings"]["total_s"].as_f64().is_some());
+    }
+    assert_eq!(sidecar(&out, "b")["request"]["seed"], 11);
+    assert_eq!(sidecar(&out, "d.v2")["video"]["fps"], 8.0);
+    assert_eq!(sidecar(&out, "d.v2")["resolved"]["scheduler"], "euler");
+    // A seedless item's seed comes from its id: recorded, and different between ids.
+    let seed_a = sidecar(&out, "a")["request"]["seed"].as_u64().unwrap();
+    assert_ne!(seed_a, sidecar(&out, "c")["request"]["seed"].as_u64().unwrap());
+    assert!(hidden_files(&out).is_empty(), "{:?}", hidden_files(&out));
+
+    let second = batch(&manifest, &out);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let run2 = results(&results_path)[6..].to_vec();
+    assert_eq!(run2.len(), 6);
+    assert!(run2.iter().all(|(_, status, _)| status == "skipped"), "{run2:?}");
+
+    // Missing MP4, corrupt sidecar, a changed request: those three render again, the rest are skipped.
+    let frames_a = kinetoscope_video::read_frames(&out.join("a.mp4")).unwrap().into_bytes();
+    std::fs::remove_file(out.join("a.mp4")).unwrap();
+    std::fs::write(out.join("c.json"), "{\"request\": ").unwrap();
+    lines[6] = item("e_1", r#", "negative_prompt": "noise""#);
+    let manifest = write_manifest(dir.path(), &lines);
+    let third = batch(&manifest, &out);
+    assert!(third.status.success(), "{}", stderr(&third));
+    let run3 = statuses(&results(&results_path)[12..]);
+    let expected: BTreeMap<String, String> = [
+        ("a", "completed"),
+        ("b", "skipped"),
+        ("c", "completed"),
+        ("d.v2", "skipped"),
+        ("e_1", "completed"),
+        ("F-2", "skipped"),
+    ]
+    .into_iter()
+    .map(|(id, status)| (id.to_string(), status.to_string()))
+    .collect();
+    assert_eq!(run3, expected);
+    assert_eq!(sidecar(&out, "a")["request"]["seed"].as_u64().unwrap(), seed_a);
+    assert_eq!(kinetoscope_video::read_frames(&out.join("a.mp4")).unwrap().into_bytes(), frames_a);
+    assert_eq!(sidecar(&out, "e_1")["request"]["negative_prompt"], "noise");
+}
+
+fn assert_rejected(manifest: &Path, out: &Path, expected: &[&str]) {
+    let run = batch(manifest, out);
+    let err = stderr(&run);
+    assert!(!run.status.success(), "should fail: {err}");
+    for part in expected {
+        assert!(err.contains(part), "expected {part:?} in: {err}");
+    }
+    assert!(err.contains("nothing was rendered") && !err.contains("panicked"), "{err}");
+    let rendered = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(rendered, 0, "a rejected manifest renders nothing");
+}
+
+#[test]
+fn a_bad_manifest_fails_before_rendering_naming_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let manifest = write_manifest(
+        dir.path(),
+        &[
+            item("ok", ""),
+            item("typo", r#", "heigth": 48"#),
+            item("../escape", ""),
+            item("ok", r#", "seed": 3"#),
+            item("t", r#", "steps": "two""#),
+        ],
+    );
+    assert_rejected(
+        &manifest,
+        &out,
+        &[
+            "4 bad line(s)",
+            "line 2: heigth: unknown field",
+            "line 3: id: \"../escape\" contains '/'",
+            "line 4: id: \"ok\" is already the id of line 1",
+            "line 5: steps: invalid type: string \"two\"",
+        ],
+    );
+    // Limits that depend on the model are checked for every line too, before the first render.
+    let manifest = write_manifest(dir.path(), &[item("ok", ""), item("tall", r#", "height": 40"#)]);
+    assert_rejected(&manifest, &out, &["line 2: height: 40 is not a positive multiple of 16"]);
+}
+
+#[test]
+fn a_failing_item_is_recorded_with_its_code_and_the_others_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // A folder where the MP4 must go: the render succeeds, the rename into place cannot.
+    std::fs::create_dir_all(out.join("blocked.mp4")).unwrap();
+    let manifest = write_manifest(dir.path(), &[item("first", ""), item("blocked", ""), item("last", "")]);
+    let run = batch(&manifest, &out);
+    let err = stderr(&run);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("2 completed, 0 skipped, 1 failed (video_write_failed: 1)"), "{err}");
+    let lines = results(&out.join("results-0-of-1.jsonl"));
+    let codes: Vec<(&str, &str, Option<&str>)> =
+        lines.iter().map(|(id, status, code)| (id.as_str(), status.as_str(), code.as_deref())).collect();
+    assert_eq!(
+        codes,
+        [("first", "completed", None), ("blocked", "failed", Some("video_write_failed")), ("last", "completed", None)]
+    );
+    assert!(out.join("first.mp4").is_file() && out.join("last.mp4").is_file());
+    assert!(hidden_files(&out).is_empty(), "{:?}", hidden_files(&out));
+}
+
+#[test]
+fn concurrent_shards_render_every_item_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ids: Vec<String> = (0..9).map(|i| format!("clip-{i}")).collect();
+    let lines: Vec<String> = ids.iter().map(|id| item(id, r#", "steps": 1, "guidance_scale": 1.0"#)).collect();
+    let manifest = write_manifest(dir.path(), &lines);
+    let workers: Vec<_> = (0..3)
+        .map(|index| {
+            batch_command(&manifest, &out)
+                .env("JOB_COMPLETION_INDEX", index.to_string())
+                .env("KINETOSCOPE_SHARDS", "3")
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for worker in workers {
+        let run = worker.wait_with_output().unwrap();
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut busy_shards = 0;
+    for index in 0..3 {
+        let lines = results(&out.join(format!("results-{index}-of-3.jsonl")));
+        busy_shards += usize::from(!lines.is_empty());
+        for (id, status, _) in lines {
+            assert_eq!(status, "completed", "{id}");
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    let expected: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(seen, expected, "every item rendered exactly once");
+    assert!(busy_shards >= 2, "the items should spread over the shards");
+    for id in &ids {
+        assert!(out.join(format!("{id}.mp4")).is_file() && out.join(format!("{id}.json")).is_file(), "{id}");
+    }
+}
