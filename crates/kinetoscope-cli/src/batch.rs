@@ -167,25 +167,6 @@ fn bad_manifest(path: &Path, errors: &[LineError]) -> anyhow::Error {
     anyhow::anyhow!("the manifest {path} has {n} bad line(s); nothing was rendered:\n{}", lines.join("\n"))
 }
 
-/// A stable snake_case code for each library error, for results files and counts by kind. No wildcard:
-/// a new variant must be given its code here.
-pub fn error_code(error: &Error) -> &'static str {
-    match error {
-        Error::ModelNotFound { .. } => "model_not_found",
-        Error::MissingFile { .. } => "missing_file",
-        Error::Io { .. } => "io_error",
-        Error::Config { .. } => "config_invalid",
-        Error::Weights { .. } => "weights_invalid",
-        Error::Tokenizer { .. } => "tokenizer_invalid",
-        Error::InvalidRequest { .. } => "invalid_request",
-        Error::Latents { .. } => "latents_invalid",
-        Error::Device { .. } => "device_unavailable",
-        Error::NonFinite { .. } => "non_finite_output",
-        Error::Cancelled { .. } => "cancelled",
-        Error::Compute { .. } => "compute_failed",
-    }
-}
-
 /// The error and its causes, each said once: the library's errors already include their source in
 /// their own message.
 fn message(error: &anyhow::Error) -> String {
@@ -206,7 +187,7 @@ fn message(error: &anyhow::Error) -> String {
 fn failure_code(error: &anyhow::Error) -> &'static str {
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<Error>() {
-            return error_code(e);
+            return e.code();
         }
         if cause.is::<VideoError>() {
             return "video_write_failed";

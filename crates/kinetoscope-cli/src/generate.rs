@@ -141,10 +141,5 @@ impl ModelArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(format!("unknown dtype {other:?}: expected f32, bf16 or f16")),
-    }
+    kinetoscope::parse_dtype(s).map_err(|e| e.to_string())
 }

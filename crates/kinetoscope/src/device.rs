@@ -1,8 +1,33 @@
-//! Choosing where the networks run, from a user's words: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+//! Choosing where the networks run and in what precision, from a user's words: `cpu`, `cuda` (the first
+//! GPU) or `cuda:N`; `f32`, `bf16` or `f16`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
+
+/// The precisions the networks run in (the VAE always in f32).
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// The precision `name` names, if the networks can run in it.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.parse::<DType>() {
+        Ok(dtype) if DTYPES.contains(&dtype) => Ok(dtype),
+        _ => Err(unsupported_dtype(name)),
+    }
+}
+
+/// Checks that the networks can run in `dtype`.
+pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
+    if DTYPES.contains(&dtype) {
+        Ok(())
+    } else {
+        Err(unsupported_dtype(dtype.as_str()))
+    }
+}
+
+fn unsupported_dtype(name: &str) -> Error {
+    Error::InvalidRequest { field: "dtype", reason: format!("{name:?} is not supported: expected f32, bf16 or f16") }
+}
 
 /// Opens the device `spec` names. A GPU that can't be had is an error that says why and what to do; it
 /// never falls back to the CPU silently (a video that takes hours instead of minutes is a failure too).
@@ -29,6 +54,16 @@ pub fn open_device(spec: &str) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtypes_are_parsed_and_bad_ones_explained() {
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        for bad in ["f64", "u8", "half"] {
+            let err = parse_dtype(bad).unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("expected f32, bf16 or f16"), "{err}");
+        }
+        assert!(check_dtype(DType::F64).is_err());
+    }
 
     #[test]
     fn names_are_parsed_and_bad_ones_explained() {

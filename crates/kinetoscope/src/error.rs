@@ -56,6 +56,27 @@ pub enum Error {
     Compute { stage: &'static str, source: candle_core::Error },
 }
 
+impl Error {
+    /// A stable snake_case code per kind of failure, for API errors, results files and counts by kind.
+    /// No wildcard: a new variant must be given its code here.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::ModelNotFound { .. } => "model_not_found",
+            Error::MissingFile { .. } => "missing_file",
+            Error::Io { .. } => "io_error",
+            Error::Config { .. } => "config_invalid",
+            Error::Weights { .. } => "weights_invalid",
+            Error::Tokenizer { .. } => "tokenizer_invalid",
+            Error::InvalidRequest { .. } => "invalid_request",
+            Error::Latents { .. } => "latents_invalid",
+            Error::Device { .. } => "device_unavailable",
+            Error::NonFinite { .. } => "non_finite_output",
+            Error::Cancelled { .. } => "cancelled",
+            Error::Compute { .. } => "compute_failed",
+        }
+    }
+}
+
 fn list_paths(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }

@@ -17,7 +17,7 @@ pub mod scheduler;
 mod text;
 
 pub use candle_core::{DType, Device};
-pub use device::open_device;
+pub use device::{open_device, parse_dtype};
 pub use error::{Error, Result};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};

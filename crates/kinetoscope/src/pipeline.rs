@@ -118,10 +118,7 @@ impl Pipeline {
     /// other before any work starts.
     pub fn load(dir: &ModelDir, options: &LoadOptions) -> Result<Self> {
         let (device, dtype) = (options.device.clone(), options.dtype);
-        if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) {
-            let reason = format!("{} is not supported: expected f32, bf16 or f16", dtype.as_str());
-            return Err(Error::InvalidRequest { field: "dtype", reason });
-        }
+        crate::device::check_dtype(dtype)?;
         let identity = dir.identity()?;
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         scheduler_config.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
