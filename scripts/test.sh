@@ -12,6 +12,8 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole workspace (cargo prints one per test binary, the last often a doc-test
 # binary with nothing in it).
 summary=$(awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed", p, f }' "$log")
+# The server as the official openai SDK sees it (a pinned virtual environment, made on first use).
+sdk=$(bash scripts/test-server-sdk.sh | tail -n 1)
 # The GPU build must keep compiling even where no GPU is (CI has none): type-check it with the CUDA toolchain.
 bash scripts/build-cuda.sh check
-echo "$summary"
+echo "$summary; $sdk"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -22,6 +22,7 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
+    WanVideoToVideoPipeline,
 )
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
@@ -59,6 +60,10 @@ MESSY_PROMPT = (
     "   A  cat &amp; a dog\n\tbake a &quot;tiny&quot; cake   in the   kitchen &amp;amp; sing.  \n"
 )
 LONG_PROMPT = " ".join(line.strip() for line in CORPUS.strip().splitlines())
+EDIT_PROMPT = "Two owls sit on a branch under a full moon and watch the quiet forest below."
+# Video-to-video strength per model: 4 steps × 0.75 runs the last 3, 3 steps × 0.75 the last 2 (diffusers
+# floors steps × strength), so both runs start mid-schedule and take at least one multistep (order 2) step.
+EDIT_STRENGTH = 0.75
 
 # The scheduler settings of Wan 2.1 T2V (diffusers' convert_wan_to_diffusers.py and the
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config.json): everything else is the class default.
@@ -381,6 +386,64 @@ def references(name, cfg, pipe):
     (out_dir / "ref.json").write_text(json.dumps(ref, indent=2, ensure_ascii=False) + "\n")
 
 
+@torch.no_grad()
+def video_to_video_references(name, cfg, pipe):
+    """`WanVideoToVideoPipeline` on the text-to-video reference's own frames, with a new prompt.
+
+    The pipeline draws its noise with `generator` (after encoding the video to the posterior's mode, no
+    sampling); the same draw from the same seed is saved as `noise` so an implementation can be handed it.
+    """
+    run = cfg["run"]
+    out_dir = ROOT / "reference" / name
+    frames = load_file(str(out_dir / "pipeline.safetensors"))["frames"]
+    names = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+    v2v = WanVideoToVideoPipeline(**{k: pipe.components[k] for k in names})
+    v2v.set_progress_bar_config(disable=True)
+    # the preprocessed video must be exactly 2x - 1 of the frames: no resampling at the same size
+    pre = v2v.video_processor.preprocess_video(frames.numpy(), height=run["height"], width=run["width"])
+    assert torch.equal(pre, (frames * 2 - 1).permute(3, 0, 1, 2).unsqueeze(0)), "preprocessing resampled"
+
+    seed = 200 + cfg["seed"]
+    lat_t = (run["num_frames"] - 1) // 4 + 1
+    latent_shape = (1, pipe.vae.config.z_dim, lat_t, run["height"] // 8, run["width"] // 8)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+    start = {}
+    prepare = v2v.prepare_latents
+
+    def capture(*args, **kwargs):
+        start["latents"] = prepare(*args, **kwargs).clone()
+        return start["latents"]
+
+    v2v.prepare_latents = capture
+    common = dict(
+        video=frames.numpy(),
+        prompt=EDIT_PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        height=run["height"],
+        width=run["width"],
+        num_inference_steps=run["num_inference_steps"],
+        guidance_scale=run["guidance_scale"],
+        strength=EDIT_STRENGTH,
+        max_sequence_length=run["max_sequence_length"],
+    )
+    final_latents = v2v(**common, generator=torch.Generator().manual_seed(seed), output_type="latent").frames
+    start_latents = start["latents"]
+    out = v2v(**common, generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+    assert torch.equal(start["latents"], start_latents)
+    save(
+        out_dir / "video_to_video.safetensors",
+        {
+            "input_frames": frames,
+            "noise": noise,
+            "start_latents": start_latents,
+            "final_latents": final_latents,
+            "frames": torch.from_numpy(np.ascontiguousarray(out)),
+        },
+    )
+    settings = dict(prompt=EDIT_PROMPT, negative_prompt=NEGATIVE_PROMPT, strength=EDIT_STRENGTH, **run)
+    (out_dir / "video_to_video.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
 def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -396,6 +459,7 @@ def main():
             assert all(p.dtype == torch.float32 for p in m.parameters())
         pipe.set_progress_bar_config(disable=True)
         references(name, cfg, pipe)
+        video_to_video_references(name, cfg, pipe)
         print(f"{name}: done")
 
 

@@ -11,7 +11,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
@@ -24,13 +23,14 @@ use serde_json::{json, Value};
 
 use crate::generate::ModelArgs;
 use crate::manifest::{self, Item, LineError};
-use crate::output::{self, Setup};
+use crate::output::{self, Candidates, Job, Setup};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// JSON Lines: one object per line with an `id` ([A-Za-z0-9._-], naming the outputs) and the fields of
     /// a request (prompt, negative_prompt, height, width, num_frames, steps, guidance_scale, shift,
-    /// scheduler, seed, max_sequence_length, fps; defaults as `generate`'s). `#` lines are comments.
+    /// scheduler, seed, max_sequence_length, fps, step_cache; defaults as `generate`'s), optionally a
+    /// `preset` (draft, balanced, quality) that the line's fields override. `#` lines are comments.
     manifest: PathBuf,
     /// Folder for `<id>.mp4`, `<id>.json` and `results-<I>-of-<N>.jsonl` (created if missing).
     #[arg(long)]
@@ -45,6 +45,8 @@ pub struct Args {
     shards: Option<u64>,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    candidates: Candidates,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -61,8 +63,17 @@ pub fn run(args: Args) -> Result<()> {
 
     let (pipeline, load_s) = args.model.load()?;
     // Every line, not only this shard's: all shards of one manifest agree on whether it is valid.
-    let invalid: Vec<LineError> =
-        items.iter().filter_map(|item| pipeline.validate(&item.request).err().map(|e| invalid_line(item, e))).collect();
+    let invalid: Vec<LineError> = items
+        .iter()
+        .filter_map(|item| {
+            let seeds = args.candidates.seeds(item.request.seed).err().map(|e| LineError {
+                line: item.line,
+                field: Some("seed".into()),
+                reason: e.to_string(),
+            });
+            pipeline.validate(&item.request).err().map(|e| invalid_line(item, e)).or(seeds)
+        })
+        .collect();
     if !invalid.is_empty() {
         return Err(bad_manifest(&args.manifest, &invalid));
     }
@@ -75,7 +86,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut to_render = Vec::new();
     for item in &mine {
         let started = Instant::now();
-        if verified(&mp4_path(&args.out, item), &item.request) {
+        if verified(&mp4_path(&args.out, item), &item.request, args.candidates) {
             results.record(item, &Outcome::Skipped, started)?;
         } else {
             to_render.push(*item);
@@ -89,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
     for item in to_render {
         let started = Instant::now();
         let status = results.status();
-        let outcome = match render(&setup, item, &mp4_path(&args.out, item), &bar, &status) {
+        let outcome = match render(&setup, item, &mp4_path(&args.out, item), args.candidates, &bar, &status) {
             Ok(()) => Outcome::Completed,
             Err(e) => Outcome::Failed { code: failure_code(&e), message: message(&e) },
         };
@@ -123,28 +134,53 @@ fn mp4_path(out: &Path, item: &Item) -> PathBuf {
     out.join(format!("{}.mp4", item.id))
 }
 
-fn render(setup: &Setup, item: &Item, mp4: &Path, bar: &ProgressBar, status: &str) -> Result<()> {
-    let started = Instant::now();
+fn render(
+    setup: &Setup,
+    item: &Item,
+    mp4: &Path,
+    candidates: Candidates,
+    bar: &ProgressBar,
+    status: &str,
+) -> Result<()> {
+    let job = Job {
+        request: &item.request,
+        preset: item.preset,
+        output: mp4,
+        save_frames: None,
+        started: Instant::now(),
+        edit: None,
+    };
     bar.set_message(format!("{status} · {}", item.id));
-    let video = setup.pipeline.generate_with_progress(&item.request, &mut |p| {
-        bar.set_message(format!("{status} · {} step {}/{}", item.id, p.step, p.steps));
-        ControlFlow::Continue(())
+    output::render(setup, &job, candidates, &mut |k, p| {
+        let candidate =
+            if candidates.count > 1 { format!(" candidate {}/{}", k + 1, candidates.count) } else { String::new() };
+        bar.set_message(format!("{status} · {}{candidate} step {}/{}", item.id, p.step, p.steps));
     })?;
-    output::write_video(setup, &item.request, &video, mp4, None, started)?;
     Ok(())
 }
 
-/// Whether `mp4` and its sidecar are a finished rendering of `request`.
-fn verified(mp4: &Path, request: &GenerateRequest) -> bool {
+/// Whether `mp4` and its sidecar are a finished rendering of `request` with these candidates: the kept
+/// one is any of the candidates' seeds.
+fn verified(mp4: &Path, request: &GenerateRequest, candidates: Candidates) -> bool {
     let Some(sidecar) = std::fs::read_to_string(output::sidecar_path(mp4))
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
     else {
         return false;
     };
+    let Some(kept) = sidecar["request"]["seed"]
+        .as_u64()
+        .filter(|seed| candidates.seeds(request.seed).is_ok_and(|seeds| seeds.contains(seed)))
+        .map(|seed| GenerateRequest { seed, ..request.clone() })
+    else {
+        return false;
+    };
     // Through the same text round trip as the sidecar, so that floats compare exactly.
-    let expected = serde_json::to_string(request).ok().and_then(|text| serde_json::from_str::<Value>(&text).ok());
-    if expected.is_none() || sidecar.get("request") != expected.as_ref() {
+    let expected = serde_json::to_string(&kept).ok().and_then(|text| serde_json::from_str::<Value>(&text).ok());
+    if expected.is_none()
+        || sidecar.get("request") != expected.as_ref()
+        || !candidates.recorded_in(&sidecar, request.seed)
+    {
         return false;
     }
     mp4.is_file()

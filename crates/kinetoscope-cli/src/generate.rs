@@ -1,15 +1,15 @@
 //! `kinetoscope generate`: one prompt → one MP4 (+ sidecar JSON, + optional PNG frames).
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
-use kinetoscope::{DType, GenerateRequest, LoadOptions, ModelDir, Pipeline};
+use kinetoscope::{DType, GenerateRequest, LoadOptions, ModelDir, Pipeline, Preset};
 
-use crate::output;
+use crate::edit::EditArgs;
+use crate::output::{self, Candidates};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,19 +21,30 @@ pub struct Args {
     output: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
+    /// Steps, size and step cache in one choice: draft (20 steps, 416x240, cache 0.10), balanced (30 steps,
+    /// 832x480, cache 0.05) or quality (50 steps, 832x480, no cache). Flags given explicitly override it.
+    #[arg(long)]
+    preset: Option<Preset>,
     /// What the video should not show (used when guidance > 1).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    #[arg(long, default_value_t = 480)]
-    height: usize,
-    #[arg(long, default_value_t = 832)]
-    width: usize,
+    /// [default: 480, or the preset's]
+    #[arg(long)]
+    height: Option<usize>,
+    /// [default: 832, or the preset's]
+    #[arg(long)]
+    width: Option<usize>,
     /// Number of frames, 4k+1.
     #[arg(long, default_value_t = 81)]
     frames: usize,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
+    /// Denoising steps [default: 50, or the preset's].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Step caching: a step whose first transformer block's residual changed by less than THRESHOLD
+    /// (relative L1) since the last full step reuses the other blocks' residual instead of running them;
+    /// 0.05 is mild, 0.1 strong [default: off, or the preset's].
+    #[arg(long, value_name = "THRESHOLD")]
+    step_cache: Option<f64>,
     /// Classifier-free guidance scale (1 or less turns guidance off).
     #[arg(long, default_value_t = 5.0)]
     guidance: f64,
@@ -54,9 +65,13 @@ pub struct Args {
     /// Initial noise: a safetensors file with a tensor `latents` of shape [1, z_dim, (frames-1)/4+1, height/8, width/8].
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// Also write every frame as PNG into this folder (frame_00000.png, ...).
+    /// Also write every frame as PNG into this folder (frame_00000.png, ...); of the kept candidate.
     #[arg(long)]
     save_frames: Option<PathBuf>,
+    #[command(flatten)]
+    candidates: Candidates,
+    #[command(flatten)]
+    edit: EditArgs,
 }
 
 /// Which model, where and in what precision: the flags every subcommand that renders shares.
@@ -82,15 +97,10 @@ pub fn run(args: Args) -> Result<()> {
         output::check_writable(&dir.join("frame_00000.png"))?;
     }
 
-    let (pipeline, load_s) = args.model.load()?;
-
-    let request = GenerateRequest {
+    let mut request = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        height: args.height,
-        width: args.width,
         num_frames: args.frames,
-        steps: args.steps,
         guidance_scale: args.guidance,
         shift: args.shift,
         scheduler: args.scheduler,
@@ -99,27 +109,57 @@ pub fn run(args: Args) -> Result<()> {
         latents: args.latents,
         max_sequence_length: args.max_sequence_length,
         fps: args.fps,
+        ..GenerateRequest::default()
     };
-    pipeline.validate(&request)?;
+    if let Some(preset) = args.preset {
+        preset.apply(&mut request);
+    }
+    request.height = args.height.unwrap_or(request.height);
+    request.width = args.width.unwrap_or(request.width);
+    request.steps = args.steps.unwrap_or(request.steps);
+    request.step_cache = args.step_cache.or(request.step_cache);
+    args.candidates.seeds(request.seed)?;
+    let edit = args.edit.read()?;
 
-    let bar = ProgressBar::new(request.steps as u64).with_style(
-        ProgressStyle::with_template("{spinner} {msg:9} {bar:40} {pos}/{len} steps [{elapsed} < {eta}]")
-            .expect("static template"),
-    );
-    bar.set_message("denoising");
-    let video = pipeline.generate_with_progress(&request, &mut |p| {
-        bar.set_position(p.step as u64);
-        if p.step == p.steps {
-            // The VAE decode that follows has no steps of its own; keep the spinner turning through it.
-            bar.set_message("decoding");
-            bar.enable_steady_tick(Duration::from_millis(120));
-        }
-        ControlFlow::Continue(())
+    let (pipeline, load_s) = args.model.load()?;
+    let edit = edit.map(|edit| edit.fit(&request, &pipeline)).transpose()?;
+    if let Some(edit) = &edit {
+        edit.shape(&mut request);
+    }
+    pipeline.validate(&request)?;
+    let steps = match &edit {
+        Some(edit) => edit.steps(request.steps)?,
+        None => request.steps,
+    };
+
+    let count = args.candidates.count;
+    let template = if count > 1 {
+        "{spinner} {msg:20} {bar:40} {pos}/{len} steps [{elapsed} < {eta}]"
+    } else {
+        "{spinner} {msg:9} {bar:40} {pos}/{len} steps [{elapsed} < {eta}]"
+    };
+    let bar = ProgressBar::new((count * steps) as u64)
+        .with_style(ProgressStyle::with_template(template).expect("static template"));
+    // The VAE decode after each candidate's last step has no steps of its own; the steady tick keeps the
+    // spinner turning through it.
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let label =
+        |k: usize, stage: &str| if count > 1 { format!("candidate {}/{count} {stage}", k + 1) } else { stage.into() };
+    bar.set_message(label(0, "denoising"));
+    let setup = args.model.setup(&pipeline, load_s);
+    let job = output::Job {
+        request: &request,
+        preset: args.preset,
+        output: &args.output,
+        save_frames: args.save_frames.as_deref(),
+        started,
+        edit: edit.as_ref(),
+    };
+    output::render(&setup, &job, args.candidates, &mut |k, p| {
+        bar.set_position((k * p.steps + p.step) as u64);
+        bar.set_message(label(k, if p.step == p.steps { "decoding" } else { "denoising" }));
     })?;
     bar.finish_and_clear();
-
-    let setup = args.model.setup(&pipeline, load_s);
-    output::write_video(&setup, &request, &video, &args.output, args.save_frames.as_deref(), started)?;
     eprintln!("wrote {} and {}", args.output.display(), output::sidecar_path(&args.output).display());
     Ok(())
 }

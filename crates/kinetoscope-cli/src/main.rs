@@ -1,9 +1,11 @@
 //! `kinetoscope`: generate videos from prompts on this machine, one at a time or in batches.
 
 mod batch;
+mod edit;
 mod generate;
 mod manifest;
 mod output;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -21,16 +23,24 @@ enum Command {
     /// Render every item of a JSON Lines manifest into a folder: resumable, and sharded across
     /// processes (--shard I/N, or a Kubernetes Indexed Job's or Slurm array's index).
     Batch(batch::Args),
+    /// Serve the OpenAI Videos API over HTTP: durable jobs, progress events and signed webhooks.
+    Serve(serve::Args),
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KINETOSCOPE_LOG"))
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    // A server's log is how its operator sees it working; a command's only speaks up on errors.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "error" };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_env_var("KINETOSCOPE_LOG")
+        .with_default_directive(default_level.parse().expect("a valid level"))
+        .from_env_lossy();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
-//! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files) and the
-//! fields of a generate request. Blank lines and lines starting with `#` are skipped.
+//! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files), the fields
+//! of a generate request, and optionally a `preset` that the line's own fields override. Blank lines and
+//! lines starting with `#` are skipped.
 //!
 //! Each field is read on its own, so that every problem names its line and its field (serde's own
 //! errors for a mistyped value don't say which field), and a field this reader doesn't know is an
@@ -8,14 +9,15 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kinetoscope::GenerateRequest;
+use kinetoscope::{GenerateRequest, Preset};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// The fields a line may have. No `latents`: a manifest never names a file to read.
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 15] = [
     "id",
+    "preset",
     "prompt",
     "negative_prompt",
     "height",
@@ -28,6 +30,7 @@ const FIELDS: [&str; 13] = [
     "seed",
     "max_sequence_length",
     "fps",
+    "step_cache",
 ];
 
 /// Longest id: with `.json` added it stays far below every file system's 255-byte name limit.
@@ -39,6 +42,8 @@ pub struct Item {
     /// 1-based line number in the manifest.
     pub line: usize,
     pub id: String,
+    /// The preset the request started from.
+    pub preset: Option<Preset>,
     /// Every default filled in, the seed included.
     pub request: GenerateRequest,
 }
@@ -74,7 +79,7 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let (id, request) = match parse_line(trimmed) {
+        let (id, preset, request) = match parse_line(trimmed) {
             Ok(parsed) => parsed,
             Err((field, reason)) => {
                 errors.push(LineError { line, field, reason });
@@ -91,7 +96,7 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
             continue;
         }
         seen.insert(id.to_ascii_lowercase(), (line, id.clone()));
-        items.push(Item { line, id, request });
+        items.push(Item { line, id, preset, request });
     }
     if errors.is_empty() {
         Ok(items)
@@ -102,7 +107,7 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
 
 type FieldError = (Option<String>, String);
 
-fn parse_line(text: &str) -> Result<(String, GenerateRequest), FieldError> {
+fn parse_line(text: &str) -> Result<(String, Option<Preset>, GenerateRequest), FieldError> {
     let value: Value = serde_json::from_str(text).map_err(|e| (None, format!("not JSON: {}", without_position(&e))))?;
     let Value::Object(mut fields) = value else {
         return Err((None, "expected a JSON object".into()));
@@ -113,8 +118,12 @@ fn parse_line(text: &str) -> Result<(String, GenerateRequest), FieldError> {
     let id: String = take(&mut fields, "id")?.ok_or((Some("id".into()), "missing".into()))?;
     validate_id(&id).map_err(|reason| (Some("id".into()), reason))?;
     let prompt = take(&mut fields, "prompt")?.ok_or((Some("prompt".into()), "missing".into()))?;
-    // The same defaults as `kinetoscope generate`'s flags.
-    let d = GenerateRequest::default();
+    // The same defaults as `kinetoscope generate`'s flags, then the preset's, then the line's own fields.
+    let preset: Option<Preset> = take(&mut fields, "preset")?;
+    let mut d = GenerateRequest::default();
+    if let Some(preset) = preset {
+        preset.apply(&mut d);
+    }
     let request = GenerateRequest {
         prompt,
         negative_prompt: take(&mut fields, "negative_prompt")?.unwrap_or(d.negative_prompt),
@@ -130,13 +139,14 @@ fn parse_line(text: &str) -> Result<(String, GenerateRequest), FieldError> {
         latents: None,
         max_sequence_length: take(&mut fields, "max_sequence_length")?.unwrap_or(d.max_sequence_length),
         fps: take(&mut fields, "fps")?.unwrap_or(d.fps),
+        step_cache: take(&mut fields, "step_cache")?.or(d.step_cache),
     };
     // The pipeline checks every other field against the model; the frame rate only matters to the MP4,
     // which would otherwise fail after the whole render.
     if request.fps == 0 {
         return Err((Some("fps".into()), "0 is not a frame rate; expected at least 1".into()));
     }
-    Ok((id, request))
+    Ok((id, preset, request))
 }
 
 /// Removes `name` from the line and reads it as a `T`; absent and `null` are `None`.
@@ -247,6 +257,26 @@ mod tests {
             assert!(error.starts_with(expected), "{error:?} should start with {expected:?}");
         }
         assert!(!errors[7].contains("column"), "{}", errors[7]);
+    }
+
+    #[test]
+    fn a_preset_fills_steps_size_and_cache_and_the_line_overrides_it() {
+        let items = parse(concat!(
+            r#"{"id": "a", "prompt": "x", "preset": "draft"}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "preset": "draft", "steps": 4, "height": 32, "step_cache": 0.3}"#,
+            "\n",
+            r#"{"id": "c", "prompt": "x", "step_cache": 0.02}"#,
+        ))
+        .unwrap();
+        let fields = |r: &GenerateRequest| (r.steps, r.width, r.height, r.step_cache);
+        assert_eq!((items[0].preset, fields(&items[0].request)), (Some(Preset::Draft), (20, 416, 240, Some(0.1))));
+        assert_eq!(fields(&items[1].request), (4, 416, 32, Some(0.3)));
+        assert_eq!((items[2].preset, fields(&items[2].request)), (None, (50, 832, 480, Some(0.02))));
+
+        let errors = errors(r#"{"id": "a", "prompt": "x", "preset": "fast"}"#);
+        assert!(errors[0].starts_with("line 1: preset: unknown variant `fast`"), "{errors:?}");
+        assert!(errors[0].contains("draft") && errors[0].contains("quality"), "{errors:?}");
     }
 
     #[test]

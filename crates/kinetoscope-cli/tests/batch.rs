@@ -254,3 +254,44 @@ fn concurrent_shards_render_every_item_exactly_once() {
         assert!(out.join(format!("{id}.mp4")).is_file() && out.join(format!("{id}.json")).is_file(), "{id}");
     }
 }
+
+#[test]
+fn presets_step_cache_and_candidates_are_recorded_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let lines = [
+        item("drafty", r#", "preset": "draft", "steps": 4"#),
+        item("cached", r#", "step_cache": 1000.0, "steps": 4, "seed": 40"#),
+    ];
+    let manifest = write_manifest(dir.path(), &lines);
+    let run = |candidates: &str| {
+        let output =
+            batch_command(&manifest, &out).args(["--candidates", candidates, "--keep", "all"]).output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        output
+    };
+    run("2");
+    let drafty = sidecar(&out, "drafty");
+    assert_eq!(drafty["preset"], "draft");
+    assert_eq!((drafty["request"]["steps"].as_u64(), drafty["request"]["step_cache"].as_f64()), (Some(4), Some(0.1)));
+    let cached = sidecar(&out, "cached");
+    assert!(cached["preset"].is_null());
+    // Four steps: only the third may reuse, and a threshold this large always does.
+    assert_eq!(cached["timings"]["cached_steps"], 1);
+    let ranked = cached["candidates"]["ranked"].as_array().unwrap();
+    let mut seeds: Vec<u64> = ranked.iter().map(|c| c["seed"].as_u64().unwrap()).collect();
+    seeds.sort();
+    assert_eq!(seeds, [40, 41]);
+    let other = ranked[1]["seed"].as_u64().unwrap();
+    assert!(
+        out.join(format!("cached+seed{other}.mp4")).is_file() && out.join(format!("cached+seed{other}.json")).is_file()
+    );
+    assert!(hidden_files(&out).is_empty(), "{:?}", hidden_files(&out));
+
+    // The same candidates again: nothing to do, whichever seed won. More candidates: everything renders.
+    let second = run("2");
+    assert!(stderr(&second).contains("0 completed, 2 skipped, 0 failed"), "{}", stderr(&second));
+    let third = run("3");
+    assert!(stderr(&third).contains("2 completed, 0 skipped, 0 failed"), "{}", stderr(&third));
+    assert_eq!(sidecar(&out, "cached")["candidates"]["ranked"].as_array().unwrap().len(), 3);
+}

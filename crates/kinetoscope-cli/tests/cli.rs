@@ -169,3 +169,128 @@ fn bad_input_is_a_clear_error() {
     assert!(!missing.status.success());
     assert!(stderr(&missing).contains("/nonexistent/model"), "{}", stderr(&missing));
 }
+
+fn read_sidecar(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// A small request (32×48, 9 frames, short text) writing to `output`, with `extra` flags.
+fn small(output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--prompt", "a kite", "--height", "32", "--width", "48", "--frames", "9"];
+    args.extend(["--max-sequence-length", "16", "--output", output.to_str().unwrap()]);
+    args.extend(extra);
+    generate(&args)
+}
+
+#[test]
+fn a_preset_sets_steps_and_step_cache_and_explicit_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let draft = dir.path().join("draft.mp4");
+    let out = small(&draft, &["--preset", "draft", "--seed", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("draft.json"));
+    assert_eq!(sidecar["preset"], "draft");
+    let request = &sidecar["request"];
+    // The preset's steps and cache; the size given on the command line.
+    assert_eq!((request["steps"].as_u64(), request["step_cache"].as_f64()), (Some(20), Some(0.1)));
+    assert_eq!((request["height"].as_u64(), request["width"].as_u64()), (Some(32), Some(48)));
+    let cached = sidecar["timings"]["cached_steps"].as_u64().unwrap();
+    assert!(cached <= 17, "at most every step but the first two and the last: {cached}");
+
+    let quality = dir.path().join("quality.mp4");
+    let out = small(&quality, &["--preset", "quality", "--steps", "2", "--step-cache", "0.5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("quality.json"));
+    assert_eq!(sidecar["preset"], "quality");
+    assert_eq!((sidecar["request"]["steps"].as_u64(), sidecar["request"]["step_cache"].as_f64()), (Some(2), Some(0.5)));
+    assert_eq!(sidecar["timings"]["cached_steps"], 0, "two steps: both always computed");
+
+    let plain = dir.path().join("plain.mp4");
+    let out = small(&plain, &["--steps", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("plain.json"));
+    assert!(sidecar["preset"].is_null() && sidecar["request"]["step_cache"].is_null(), "{sidecar}");
+    assert!(sidecar.get("candidates").is_none());
+    assert!(sidecar["quality"]["score"].as_f64().is_some());
+}
+
+/// The sidecar's candidate list: seeds in rank order, scores non-increasing, the best first and kept.
+fn ranked_seeds(sidecar: &serde_json::Value) -> Vec<u64> {
+    let record = &sidecar["candidates"];
+    let ranked = record["ranked"].as_array().unwrap();
+    let scores: Vec<f64> = ranked.iter().map(|c| c["quality"]["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert_eq!(record["best_seed"], ranked[0]["seed"]);
+    ranked.iter().map(|c| c["seed"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn candidates_keep_the_best_or_all_of_them_ranked() {
+    let dir = tempfile::tempdir().unwrap();
+    let best_dir = dir.path().join("best");
+    std::fs::create_dir(&best_dir).unwrap();
+    let out = small(&best_dir.join("kite.mp4"), &["--steps", "2", "--seed", "5", "--candidates", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(file_names(&best_dir), ["kite.json", "kite.mp4"], "only the best stays, nothing half-written");
+    let sidecar = read_sidecar(&best_dir.join("kite.json"));
+    let seeds = ranked_seeds(&sidecar);
+    let mut sorted = seeds.clone();
+    sorted.sort();
+    assert_eq!(sorted, [5, 6, 7]);
+    assert_eq!(sidecar["request"]["seed"], seeds[0]);
+    assert_eq!(sidecar["candidates"]["keep"], "best");
+    assert_eq!(sidecar["quality"], sidecar["candidates"]["ranked"][0]["quality"]);
+    assert!(sidecar["candidates"]["ranked"][1]["output"].is_null());
+
+    let all_dir = dir.path().join("all");
+    std::fs::create_dir(&all_dir).unwrap();
+    let args = ["--steps", "2", "--seed", "5", "--candidates", "3", "--keep", "all"];
+    let out = small(&all_dir.join("kite.mp4"), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let best = read_sidecar(&all_dir.join("kite.json"));
+    let seeds = ranked_seeds(&best);
+    // Same seeds, same videos, same ranking as with --keep best.
+    assert_eq!(seeds, ranked_seeds(&sidecar));
+    let mut expected = vec!["kite.json".to_string(), "kite.mp4".to_string()];
+    for seed in &seeds[1..] {
+        expected.extend([format!("kite+seed{seed}.json"), format!("kite+seed{seed}.mp4")]);
+    }
+    expected.sort();
+    assert_eq!(file_names(&all_dir), expected);
+    for seed in &seeds[1..] {
+        let other = read_sidecar(&all_dir.join(format!("kite+seed{seed}.json")));
+        assert_eq!(other["request"]["seed"], *seed);
+        assert_eq!(other["candidates"], best["candidates"]);
+        let info = kinetoscope_video::probe(&all_dir.join(format!("kite+seed{seed}.mp4"))).unwrap();
+        assert_eq!((info.width, info.height, info.frames), (48, 32, 9));
+    }
+    assert_eq!(
+        kinetoscope_video::read_frames(&all_dir.join("kite.mp4")).unwrap(),
+        kinetoscope_video::read_frames(&best_dir.join("kite.mp4")).unwrap()
+    );
+}
+
+#[test]
+fn bad_presets_caches_and_candidate_counts_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.mp4");
+    let out = out.to_str().unwrap();
+    let args = |extra: &'static [&'static str]| {
+        let mut args = vec!["--prompt", "x", "--steps", "1", "--height", "32", "--width", "48", "--frames", "9"];
+        args.extend(["--output", out]);
+        args.extend(extra);
+        args
+    };
+    assert_fails(&args(&["--preset", "fast"]), &["unknown preset \"fast\"", "draft, balanced, quality"]);
+    assert_fails(&args(&["--step-cache=-1"]), &["step_cache", "finite number ≥ 0"]);
+    assert_fails(&args(&["--candidates", "17"]), &["from 1 to 16"]);
+    assert_fails(&args(&["--candidates", "2", "--seed", "18446744073709551615"]), &["no room for 2 candidates"]);
+    assert!(!Path::new(out).exists(), "a failed run writes no output");
+}

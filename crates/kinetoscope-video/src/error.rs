@@ -66,6 +66,10 @@ pub enum VideoError {
         source: ffmpeg::Error,
     },
 
+    /// A frame index past the end of the clip.
+    #[error("frame {index} asked for, but the clip has {frames} frames")]
+    NoSuchFrame { index: usize, frames: usize },
+
     #[error("{} has no video stream", .path.display())]
     NoVideoStream { path: PathBuf },
 

@@ -17,13 +17,15 @@ mod error;
 mod frames;
 mod mp4;
 mod png;
+mod quality;
 mod read;
 mod staged;
 
 pub use error::VideoError;
 pub use frames::Frames;
 pub use mp4::write_mp4;
-pub use png::write_png_frames;
+pub use png::{write_png, write_png_frames};
+pub use quality::QualitySignals;
 pub use read::{probe, read_frames, VideoInfo};
 
 use std::sync::OnceLock;

@@ -20,27 +20,28 @@ pub fn write_png_frames(dir: &Path, frames: &Frames) -> Result<Vec<PathBuf>, Vid
         path: dir.to_path_buf(),
         source,
     })?;
-    let (width, height) = frames.size_u32();
-    frames
-        .iter()
-        .enumerate()
-        .map(|(index, pixels)| {
+    (0..frames.num_frames())
+        .map(|index| {
             let path = dir.join(format!("frame_{index:05}.png"));
-            let (staged, file) = Staged::create(&path)?;
-            let mut writer = BufWriter::new(file);
-            PngEncoder::new(&mut writer)
-                .write_image(pixels, width, height, ExtendedColorType::Rgb8)
-                .map_err(|source| VideoError::Png { path: path.clone(), source })?;
-            writer.flush().map_err(|source| VideoError::Io {
-                action: "write",
-                path: staged.path().to_path_buf(),
-                source,
-            })?;
-            drop(writer);
-            staged.commit()?;
+            write_png(&path, frames, index)?;
             Ok(path)
         })
         .collect()
+}
+
+/// Writes frame `index` of `frames` as one PNG at `path` (a thumbnail, a poster frame), under a
+/// temporary name renamed into place when complete.
+pub fn write_png(path: &Path, frames: &Frames, index: usize) -> Result<(), VideoError> {
+    let pixels = frames.frame(index).ok_or(VideoError::NoSuchFrame { index, frames: frames.num_frames() })?;
+    let (width, height) = frames.size_u32();
+    let (staged, file) = Staged::create(path)?;
+    let mut writer = BufWriter::new(file);
+    PngEncoder::new(&mut writer)
+        .write_image(pixels, width, height, ExtendedColorType::Rgb8)
+        .map_err(|source| VideoError::Png { path: path.to_path_buf(), source })?;
+    writer.flush().map_err(|source| VideoError::Io { action: "write", path: staged.path().to_path_buf(), source })?;
+    drop(writer);
+    staged.commit()
 }
 
 #[cfg(test)]

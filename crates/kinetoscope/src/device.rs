@@ -51,6 +51,18 @@ pub fn open_device(spec: &str) -> Result<Device> {
     })
 }
 
+/// Bytes of memory in use on `device`'s GPU (by every process, as `nvidia-smi` counts it); `None` on the
+/// CPU or when the driver can't say.
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as u64);
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

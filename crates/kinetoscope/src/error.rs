@@ -51,6 +51,12 @@ pub enum Error {
     #[error("cancelled at step {step} of {steps}")]
     Cancelled { step: usize, steps: usize },
 
+    /// The GPU ran out of memory in `stage`.
+    #[error(
+        "out of GPU memory during {stage}: {source}; try a smaller size or fewer frames, dtype bf16, or a GPU with more memory"
+    )]
+    GpuOutOfMemory { stage: &'static str, source: candle_core::Error },
+
     /// A computation failed inside candle while running `stage`.
     #[error("{stage} failed: {source}")]
     Compute { stage: &'static str, source: candle_core::Error },
@@ -72,6 +78,7 @@ impl Error {
             Error::Device { .. } => "device_unavailable",
             Error::NonFinite { .. } => "non_finite_output",
             Error::Cancelled { .. } => "cancelled",
+            Error::GpuOutOfMemory { .. } => "gpu_out_of_memory",
             Error::Compute { .. } => "compute_failed",
         }
     }
@@ -88,6 +95,15 @@ pub(crate) trait StageContext<T> {
 
 impl<T> StageContext<T> for candle_core::Result<T> {
     fn stage(self, stage: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Compute { stage, source })
+        self.map_err(|source| {
+            // candle reports the driver's status by name (CUDA_ERROR_OUT_OF_MEMORY) or cuBLAS's
+            // allocation failure; either way the request, not the code, has to change.
+            let text = source.to_string();
+            if text.contains("OUT_OF_MEMORY") || text.contains("ALLOC_FAILED") || text.contains("out of memory") {
+                Error::GpuOutOfMemory { stage, source }
+            } else {
+                Error::Compute { stage, source }
+            }
+        })
     }
 }

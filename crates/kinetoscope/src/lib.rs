@@ -9,17 +9,24 @@
 //! ```
 
 mod device;
+mod edit;
 mod error;
 mod model_dir;
 mod noise;
 mod pipeline;
+mod preset;
 pub mod scheduler;
 mod text;
 
 pub use candle_core::{DType, Device};
-pub use device::{open_device, parse_dtype};
+pub use device::{gpu_memory_used, open_device, parse_dtype};
+pub use edit::{
+    edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, InputVideo, RedoRequest,
+    MAX_EXTEND_SECONDS,
+};
 pub use error::{Error, Result};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};
+pub use preset::Preset;
 pub use text::{clean_prompt, TextEncoder};

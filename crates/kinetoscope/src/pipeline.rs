@@ -10,6 +10,7 @@ use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
 use serde::Serialize;
 
+use crate::edit::Hold;
 use crate::error::{Error, Result, StageContext};
 use crate::model_dir::{ModelDir, ModelIdentity};
 use crate::noise;
@@ -51,6 +52,11 @@ pub struct GenerateRequest {
     pub latents: Option<PathBuf>,
     pub max_sequence_length: usize,
     pub fps: u32,
+    /// Step caching: the largest relative L1 change of the first transformer block's residual, since the
+    /// last step computed in full, at which a step reuses what the other blocks added at that step instead
+    /// of running them (see `StepCache`). `None` computes every step; 0 too, while paying for the check.
+    /// Diffusers' first-block cache defaults to 0.05; larger is faster and less faithful.
+    pub step_cache: Option<f64>,
 }
 
 impl Default for GenerateRequest {
@@ -69,6 +75,7 @@ impl Default for GenerateRequest {
             latents: None,
             max_sequence_length: 512,
             fps: 16,
+            step_cache: None,
         }
     }
 }
@@ -81,6 +88,8 @@ pub struct Timings {
     /// Mean seconds per denoising step (guidance's two passes included).
     pub step_s: f64,
     pub vae_decode_s: f64,
+    /// Denoising steps that reused the step cache instead of running every transformer block.
+    pub cached_steps: usize,
 }
 
 /// Reported after every denoising step; returning `ControlFlow::Break` cancels the generation.
@@ -88,6 +97,8 @@ pub struct Timings {
 pub struct Progress {
     pub step: usize,
     pub steps: usize,
+    /// Whether this step reused the step cache instead of running every transformer block.
+    pub cached: bool,
 }
 
 /// A generated clip: RGB frames in [0, 1], `[num_frames, height, width, 3]` row-major.
@@ -232,6 +243,9 @@ impl Pipeline {
         if request.max_sequence_length == 0 {
             return invalid("max_sequence_length", "must be at least 1".into());
         }
+        if let Some(threshold) = request.step_cache.filter(|t| !t.is_finite() || *t < 0.0) {
+            return invalid("step_cache", format!("{threshold} must be a finite number ≥ 0 (0.05 is a mild cache)"));
+        }
         Ok(())
     }
 
@@ -260,6 +274,34 @@ impl Pipeline {
     ) -> Result<Video> {
         self.validate(request)?;
         let latents = self.initial_latents(request)?;
+        self.generate_from(latents, 0, request, None, on_step)
+    }
+
+    /// Runs the request's schedule from step `first_step` (0-based) on `latents`, already at that step's noise
+    /// level, and decodes the result: text-to-video from 0, video-to-video from later. `hold`, when given, holds
+    /// latent frames to a clip's after every step (a time-range redo, an extension).
+    pub(crate) fn generate_from(
+        &self,
+        latents: Tensor,
+        first_step: usize,
+        request: &GenerateRequest,
+        hold: Option<&Hold>,
+        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Video> {
+        let (latents, timings) = self.denoise_request(latents, first_step, request, hold, on_step)?;
+        self.decode_video(&latents, timings, request.fps)
+    }
+
+    /// The first half of [`Pipeline::generate_from`]: encodes the prompts and runs the loop; returns the
+    /// denoised latents and the timings so far.
+    pub(crate) fn denoise_request(
+        &self,
+        latents: Tensor,
+        first_step: usize,
+        request: &GenerateRequest,
+        hold: Option<&Hold>,
+        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<(Tensor, Timings)> {
         let mut timings = Timings::default();
 
         let start = Instant::now();
@@ -275,43 +317,87 @@ impl Pipeline {
         tracing::debug!(seconds = timings.text_encoding_s, "text encoded");
 
         let start = Instant::now();
-        let latents = self.denoise(latents, &text, request, on_step)?;
+        let latents = self.denoise_held(latents, &text, request, first_step, hold, &mut |progress| {
+            timings.cached_steps += usize::from(progress.cached);
+            on_step(progress)
+        })?;
         timings.denoising_s = start.elapsed().as_secs_f64();
-        timings.step_s = timings.denoising_s / request.steps as f64;
-        tracing::debug!(seconds = timings.denoising_s, steps = request.steps, "denoised");
+        let steps = request.steps - first_step;
+        timings.step_s = timings.denoising_s / steps as f64;
+        tracing::debug!(seconds = timings.denoising_s, steps, "denoised");
         ensure_finite(&latents, "denoising")?;
+        Ok((latents, timings))
+    }
 
+    /// The second half of [`Pipeline::generate_from`]: decodes the denoised latents into the video.
+    pub(crate) fn decode_video(&self, latents: &Tensor, mut timings: Timings, fps: u32) -> Result<Video> {
         let start = Instant::now();
-        let frames = self.decode(&latents)?;
+        let frames = self.decode(latents)?;
         timings.vae_decode_s = start.elapsed().as_secs_f64();
         tracing::debug!(seconds = timings.vae_decode_s, "decoded");
         ensure_finite(&frames, "VAE decoding")?;
 
         let (_, num_frames, height, width, _) = frames.dims5().stage("VAE decoding")?;
         let frames = frames.flatten_all().and_then(|f| f.to_vec1::<f32>()).stage("VAE decoding")?;
-        Ok(Video { frames, num_frames, height, width, fps: request.fps, timings })
+        Ok(Video { frames, num_frames, height, width, fps, timings })
     }
 
     /// The flow-matching loop. `text` holds the prompt's states, and below them the negative prompt's
-    /// when guidance is on: both branches run as one batch of two.
+    /// when guidance is on: both branches run as one batch of two, and the step cache (when the request
+    /// asks for it) decides for the batch as a whole.
     pub fn denoise(
         &self,
-        mut latents: Tensor,
+        latents: Tensor,
         text: &Tensor,
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
+        self.denoise_from(latents, text, request, 0, on_step)
+    }
+
+    /// The flow-matching loop over the steps of the request's schedule from `first_step` (0-based) on, as
+    /// diffusers' image- and video-to-video pipelines run it: `latents` are at that step's noise level, and
+    /// the scheduler starts there with no history. Progress counts the steps run.
+    pub fn denoise_from(
+        &self,
+        latents: Tensor,
+        text: &Tensor,
+        request: &GenerateRequest,
+        first_step: usize,
+        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        self.denoise_held(latents, text, request, first_step, None, on_step)
+    }
+
+    /// [`Pipeline::denoise_from`], with `hold` (when given) applied after every step at the noise level the
+    /// step reached.
+    fn denoise_held(
+        &self,
+        mut latents: Tensor,
+        text: &Tensor,
+        request: &GenerateRequest,
+        first_step: usize,
+        hold: Option<&Hold>,
+        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
         const STAGE: &str = "denoising";
         let mut scheduler = self.scheduler_config.build(request.scheduler, request.steps, request.shift);
+        scheduler.set_begin_index(first_step);
         let text = self.transformer.embed_text(text).stage(STAGE)?;
         let batch = text.dim(0).stage(STAGE)?;
         let guidance = batch == 2;
-        let timesteps = scheduler.timesteps().to_vec();
+        let timesteps = scheduler.timesteps()[first_step.min(request.steps)..].to_vec();
+        let sigmas = scheduler.sigmas()[first_step.min(request.steps)..].to_vec();
+        let mut cache = request.step_cache.map(StepCache::new);
         for (i, &t) in timesteps.iter().enumerate() {
             let input = latents.to_dtype(self.dtype).stage(STAGE)?;
             let input = if guidance { Tensor::cat(&[&input, &input], 0).stage(STAGE)? } else { input };
             let timestep = Tensor::full(t, batch, &self.device).stage(STAGE)?;
-            let velocity = self.transformer.forward_embedded(&input, &timestep, &text).stage(STAGE)?;
+            let (velocity, cached) = match &mut cache {
+                Some(cache) => cache.forward(&self.transformer, &input, &timestep, &text, i, timesteps.len()),
+                None => self.transformer.forward_embedded(&input, &timestep, &text).map(|v| (v, false)),
+            }
+            .stage(STAGE)?;
             let velocity = velocity.to_dtype(DType::F32).stage(STAGE)?;
             let velocity = if guidance {
                 let (cond, uncond) = (velocity.i(0..1).stage(STAGE)?, velocity.i(1..2).stage(STAGE)?);
@@ -320,24 +406,44 @@ impl Pipeline {
                 velocity
             };
             latents = scheduler.step(&velocity, &latents).stage(STAGE)?;
-            if on_step(Progress { step: i + 1, steps: timesteps.len() }).is_break() {
+            if let Some(hold) = hold {
+                latents = hold.apply(&latents, sigmas[i + 1]).stage(STAGE)?;
+            }
+            if on_step(Progress { step: i + 1, steps: timesteps.len(), cached }).is_break() {
                 return Err(Error::Cancelled { step: i + 1, steps: timesteps.len() });
             }
         }
         Ok(latents)
     }
 
-    /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        const STAGE: &str = "VAE decoding";
+    /// The VAE's per-channel latent mean and the reciprocal of its std, `[1, z_dim, 1, 1, 1]` each: diffusers
+    /// normalizes by multiplying with the reciprocal and de-normalizes by dividing by it (the same rounding).
+    fn latent_statistics(&self) -> candle_core::Result<(Tensor, Tensor)> {
         let z_dim = self.vae_config.z_dim;
         let column = |values: &[f64]| {
             let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
             Tensor::from_vec(values, (1, z_dim, 1, 1, 1), &self.device)
         };
-        let mean = column(&self.vae_config.latents_mean).stage(STAGE)?;
-        // As diffusers: divide by the reciprocal of the std (the same rounding), then add the mean.
-        let inv_std = column(&self.vae_config.latents_std).and_then(|s| s.recip()).stage(STAGE)?;
+        Ok((column(&self.vae_config.latents_mean)?, column(&self.vae_config.latents_std)?.recip()?))
+    }
+
+    /// RGB frames in [0, 1], `[frames, height, width, 3]` (frames `4k + 1`, sizes multiples of 8), → the
+    /// normalized latents the transformer works in, `[1, z_dim, k + 1, height/8, width/8]`: the mode (mean)
+    /// of the VAE's posterior, as diffusers' video-to-video pipeline takes it (`sample_mode="argmax"`).
+    pub fn encode(&self, frames: &Tensor) -> Result<Tensor> {
+        const STAGE: &str = "VAE encoding";
+        let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
+        // [0, 1] channels last → [-1, 1] as [1, 3, F, H, W].
+        let video = frames.to_dtype(DType::F32).and_then(|f| (f * 2.0)? - 1.0);
+        let video = video.and_then(|v| v.permute((3, 0, 1, 2))?.unsqueeze(0)?.contiguous()).stage(STAGE)?;
+        let (z, _logvar) = self.vae.encode(&video).stage(STAGE)?;
+        z.broadcast_sub(&mean).and_then(|z| z.broadcast_mul(&inv_std)).stage(STAGE)
+    }
+
+    /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        const STAGE: &str = "VAE decoding";
+        let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         let z =
             latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
         let video = self.vae.decode(&z).stage(STAGE)?;
@@ -345,6 +451,80 @@ impl Pipeline {
         let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
         video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)
     }
+}
+
+/// First-block cache, of the TeaCache family (as ParaAttention's and diffusers' `FirstBlockCache`): each step
+/// runs the transformer's first block; when what that block added to the tokens (its residual) changed by
+/// less than `threshold` in relative L1, `Σ|r − r_last| / Σ|r_last|`, from the last step computed in full,
+/// the remaining blocks don't run and what they added at that step is added again. The first block's
+/// residual stands in for how much the whole network's input has moved: it sees the new latents and the new
+/// timestep. Comparing with the last full step, not the previous step, keeps slow drift from going unnoticed
+/// across a run of reused steps.
+///
+/// Which steps may reuse: never the first two nor the last. The first has nothing to compare with; the
+/// second compares with the noisiest prediction, where the trajectory turns fastest and an error would
+/// carry through every later step; the last sets the fine detail the video shows, and nothing after it
+/// could correct a stale residual.
+struct StepCache {
+    threshold: f64,
+    last_full: Option<FullStep>,
+}
+
+/// What the last step computed in full leaves for the steps after it, in the transformer's dtype.
+struct FullStep {
+    /// What the first block added to the tokens.
+    first_residual: Tensor,
+    /// What the remaining blocks added.
+    rest_residual: Tensor,
+}
+
+impl StepCache {
+    fn new(threshold: f64) -> Self {
+        StepCache { threshold, last_full: None }
+    }
+
+    /// Whether step `step` (0-based) of `steps` may reuse the cache.
+    fn may_reuse(step: usize, steps: usize) -> bool {
+        step >= 2 && step + 1 < steps
+    }
+
+    /// The transformer's prediction for step `step` of `steps`, and whether it reused the cache. A step
+    /// computed in full runs exactly the operations of `forward_embedded`, so a cache that never hits
+    /// changes nothing.
+    fn forward(
+        &mut self,
+        transformer: &WanTransformer3DModel,
+        input: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+        step: usize,
+        steps: usize,
+    ) -> candle_core::Result<(Tensor, bool)> {
+        let embedded = transformer.embed(input, timestep, text)?;
+        let first = transformer.run_blocks(embedded.tokens(), 0..1, &embedded)?;
+        let first_residual = (&first - embedded.tokens())?;
+        let change = match &self.last_full {
+            Some(last) if Self::may_reuse(step, steps) => Some(relative_l1(&first_residual, &last.first_residual)?),
+            _ => None,
+        };
+        let reusable = change.is_some_and(|change| change < self.threshold);
+        tracing::debug!(step, ?change, reusable, "step cache");
+        let tokens = match &self.last_full {
+            Some(last) if reusable => (&first + &last.rest_residual)?,
+            _ => {
+                let tokens = transformer.run_blocks(&first, 1..transformer.num_blocks(), &embedded)?;
+                self.last_full = Some(FullStep { rest_residual: (&tokens - &first)?, first_residual });
+                tokens
+            }
+        };
+        Ok((transformer.project_out(&tokens, &embedded)?, reusable))
+    }
+}
+
+/// `Σ|a − b| / Σ|b|`, summed in f32; NaN or infinite when `b` is all zeros, which no threshold passes.
+fn relative_l1(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let sum_abs = |t: &Tensor| t.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>();
+    Ok(f64::from(sum_abs(&(a - b)?)?) / f64::from(sum_abs(b)?))
 }
 
 fn vae_spatial_scale(cfg: &vae::Config) -> usize {

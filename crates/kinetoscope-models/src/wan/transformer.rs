@@ -11,6 +11,8 @@
 //! Precision follows diffusers: the time embedder, the modulation tables and the layer norms stay in f32 whatever
 //! the weights' dtype (diffusers' `_keep_in_fp32_modules`), and normalization and modulation are computed in f32.
 
+use std::ops::Range;
+
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use serde::Deserialize;
@@ -432,6 +434,27 @@ impl ConditionEmbedder {
     }
 }
 
+/// One forward pass between its stages (made by [`WanTransformer3DModel::embed`]): the patch tokens, and the
+/// prompt, timestep and rotary tables every block and the output projection use.
+pub struct Embedded {
+    tokens: Tensor,
+    text: Tensor,
+    temb: Tensor,
+    timestep_proj: Tensor,
+    rope: Rope,
+    /// Patches along (time, height, width).
+    grid: [usize; 3],
+    /// The latents' (T, H, W), which the output is put back into.
+    latent_size: [usize; 3],
+}
+
+impl Embedded {
+    /// `[B, L, dim]` tokens after the patch embedding, in the weights' dtype: the input of the first block.
+    pub fn tokens(&self) -> &Tensor {
+        &self.tokens
+    }
+}
+
 /// The Wan 2.1 text-to-video transformer.
 pub struct WanTransformer3DModel {
     /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap.
@@ -492,6 +515,20 @@ impl WanTransformer3DModel {
     /// Predicts from latents `[B, C, T, H, W]`, timesteps `[B]` and the prompt embedded by [`Self::embed_text`];
     /// returns `[B, C_out, T, H, W]` in the weights' dtype.
     pub fn forward_embedded(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
+        let embedded = self.embed(hidden_states, timestep, text)?;
+        let x = self.run_blocks(embedded.tokens(), 0..self.num_blocks(), &embedded)?;
+        self.project_out(&x, &embedded)
+    }
+
+    /// Number of transformer blocks (`num_layers`).
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The first stage of [`Self::forward_embedded`]: latents cut into patch tokens, the timestep and rotary
+    /// tables that every block uses. Callers that run the blocks in parts (step caching) go on with
+    /// [`Self::run_blocks`] and [`Self::project_out`].
+    pub fn embed(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Embedded> {
         let (b, c, t, h, w) = hidden_states.dims5()?;
         let [pt, ph, pw] = self.patch_size;
         if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
@@ -507,7 +544,6 @@ impl WanTransformer3DModel {
         }
         let grid = [t / pt, h / ph, w / pw];
         let (cos, sin) = self.rope.tables(grid, hidden_states.device())?;
-        let rope = Rope { cos, sin };
 
         // [B, C, T', pt, H', ph, W', pw] → tokens in (T', H', W') order, each (C, pt, ph, pw) flattened as the
         // Conv3d kernel is.
@@ -516,20 +552,44 @@ impl WanTransformer3DModel {
             .reshape(vec![b, c, grid[0], pt, grid[1], ph, grid[2], pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .reshape((b, grid.iter().product::<usize>(), ()))?;
-        let mut x = self.patch_embedding.forward(&x)?;
-
+        let tokens = self.patch_embedding.forward(&x)?;
         let (temb, timestep_proj) = self.condition_embedder.time(timestep, self.dtype)?;
-        for block in &self.blocks {
-            x = block.forward(&x, text, &timestep_proj, &rope)?;
-        }
+        Ok(Embedded {
+            tokens,
+            text: text.clone(),
+            temb,
+            timestep_proj,
+            rope: Rope { cos, sin },
+            grid,
+            latent_size: [t, h, w],
+        })
+    }
 
-        let modulation = self.scale_shift_table.broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+    /// Runs `x` (tokens `[B, L, dim]`, as from [`Embedded::tokens`] or an earlier `run_blocks`) through the
+    /// blocks in `blocks`; the whole model is every block in order, in one call or several.
+    pub fn run_blocks(&self, x: &Tensor, blocks: Range<usize>, embedded: &Embedded) -> Result<Tensor> {
+        let Some(selected) = self.blocks.get(blocks.clone()) else {
+            bail!("Wan transformer: blocks {blocks:?} are outside the model's 0..{}", self.blocks.len())
+        };
+        let mut x = x.clone();
+        for block in selected {
+            x = block.forward(&x, &embedded.text, &embedded.timestep_proj, &embedded.rope)?;
+        }
+        Ok(x)
+    }
+
+    /// The last stage of [`Self::forward_embedded`]: tokens after the last block → the output norm, the
+    /// projection and the patches put back, `[B, C_out, T, H, W]` in the weights' dtype.
+    pub fn project_out(&self, x: &Tensor, embedded: &Embedded) -> Result<Tensor> {
+        let modulation = self.scale_shift_table.broadcast_add(&embedded.temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
         let [shift, scale]: [Tensor; 2] =
             modulation.chunk(2, 1)?.try_into().expect("two chunks of a dimension of size 2");
-        let x = modulate(&layer_norm_f32(&x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
+        let x = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
         let x = self.proj_out.forward(&x)?;
 
         // Each token's (pt, ph, pw, C_out) values back to [B, C_out, T, H, W].
+        let b = x.dim(0)?;
+        let ([pt, ph, pw], grid, [t, h, w]) = (self.patch_size, embedded.grid, embedded.latent_size);
         x.reshape(vec![b, grid[0], grid[1], grid[2], pt, ph, pw, self.out_channels])?
             .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
             .reshape((b, self.out_channels, t, h, w))
@@ -598,6 +658,33 @@ mod tests {
         assert_eq!(ok.dims(), [1, 4, 3, 4, 6]);
         let err = model.forward(&Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?, &t, &text).err().unwrap();
         assert!(err.to_string().contains("[1, 4, 3, 5, 6]"), "{err}");
+        Ok(())
+    }
+
+    /// The stages one at a time, the blocks split in two, give exactly what one forward pass gives.
+    #[test]
+    fn blocks_run_in_parts_equal_one_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let cfg = Config { num_layers: 3, ..tiny_config("") };
+        let model = WanTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+        for var in varmap.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &dev)?)?;
+        }
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 3, 4, 6), &dev)?;
+        let t = Tensor::new(&[500f32, 500.0], &dev)?;
+        let text = model.embed_text(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?)?;
+
+        let whole = model.forward_embedded(&latents, &t, &text)?;
+        let embedded = model.embed(&latents, &t, &text)?;
+        let first = model.run_blocks(embedded.tokens(), 0..1, &embedded)?;
+        let rest = model.run_blocks(&first, 1..model.num_blocks(), &embedded)?;
+        let parts = model.project_out(&rest, &embedded)?;
+        assert_eq!(parts.dims(), [2, 4, 3, 4, 6]);
+        assert_eq!(parts.flatten_all()?.to_vec1::<f32>()?, whole.flatten_all()?.to_vec1::<f32>()?);
+
+        let err = model.run_blocks(&first, 1..4, &embedded).err().unwrap();
+        assert!(err.to_string().contains("outside the model's 0..3"), "{err}");
         Ok(())
     }
 

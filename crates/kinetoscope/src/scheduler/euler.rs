@@ -41,6 +41,10 @@ impl Scheduler for FlowMatchEuler {
         &self.sigmas
     }
 
+    fn set_begin_index(&mut self, index: usize) {
+        self.step_index = index;
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let i = self.step_index;
         let dt = self.sigmas[i + 1] - self.sigmas[i];

@@ -24,6 +24,9 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> &[f32];
     /// Advances `sample` by one step given the model's velocity prediction for the current step.
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> candle_core::Result<Tensor>;
+    /// Makes the next `step` the schedule's step `index` (0-based) instead of the first, with no history:
+    /// how diffusers' image- and video-to-video pipelines start part-way down the schedule.
+    fn set_begin_index(&mut self, index: usize);
 }
 
 /// Which sampler to run; the model folder's config picks one, a request may pick the other.

@@ -172,6 +172,10 @@ impl Scheduler for UniPc {
         &self.sigmas
     }
 
+    fn set_begin_index(&mut self, index: usize) {
+        self.step_index = index;
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let i = self.step_index;
         // Flow prediction: the model's velocity v gives the data prediction x₀ = x − σ·v.

@@ -1,0 +1,293 @@
+//! `generate --input-video`: video-to-video (`--strength`) or regenerating a time range (`--redo`); `generate
+//! --extend-from`: extending a clip (`--seconds`). Reads the source clip, fits it to a size and frame count
+//! the model takes, runs the library's edit, and says what the sidecar records of it (the source's hash, the
+//! edit).
+
+use std::ops::{ControlFlow, Range};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use kinetoscope::{
+    EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, Pipeline, Progress, Video, MAX_EXTEND_SECONDS,
+};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The flags of an edit.
+#[derive(clap::Args)]
+pub struct EditArgs {
+    /// Regenerate this video with the prompt (video-to-video) instead of starting from noise. Its frames are
+    /// center-cropped to the aspect ratio of --width x --height and resized to that size (bilinear, averaging
+    /// when shrinking), and cut to the largest frame count of the form 4k+1 that is at most both --frames
+    /// and the clip's own; the output has that many frames.
+    #[arg(long, value_name = "VIDEO")]
+    input_video: Option<PathBuf>,
+    /// How much of --input-video to regenerate, in (0, 1]: only the last ⌊steps·S⌋ steps run, starting from
+    /// the input noised to that step's level; 1 keeps nothing of the input but its length.
+    #[arg(long, value_name = "S", requires = "input_video", default_value_t = 0.8, value_parser = parse_strength)]
+    strength: f64,
+    /// Regenerate only this time range of --input-video, keeping the rest (up to the VAE's round trip; the
+    /// latent frame on each side of the range is blended): seconds of the input, START s-END s (e.g.
+    /// 2.0s-3.5s, frames shown from START up to before END), or frame indices FIRST-LAST (e.g. 32-55, both
+    /// included). All steps run; --strength doesn't apply.
+    #[arg(long, value_name = "RANGE", requires = "input_video", conflicts_with = "strength", value_parser = parse_range)]
+    redo: Option<TimeRange>,
+    /// Extend this video: generate what follows it with the prompt, conditioned on its last 9 frames, and
+    /// write the video and the new frames as one MP4 at the video's size (rounded down to multiples of 16)
+    /// and frame rate. The output's frames are the video's but its last 4, then 4 seam frames generated
+    /// in their place (easing from the video into the new content), then the new frames: as many as the
+    /// video had plus --seconds (or --frames, a multiple of 4).
+    #[arg(long, value_name = "VIDEO", conflicts_with_all = ["input_video", "height", "width", "fps"])]
+    extend_from: Option<PathBuf>,
+    /// How long a part --extend-from adds, in (0, 10] seconds; rounded up to a multiple of 4 frames.
+    #[arg(long, requires = "extend_from", value_parser = parse_seconds)]
+    seconds: Option<f64>,
+}
+
+/// A `--redo` range as given.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TimeRange {
+    /// Seconds of the input, end excluded.
+    Seconds(f64, f64),
+    /// Frame indices, both included.
+    Frames(usize, usize),
+}
+
+/// What to do with the source.
+enum Mode {
+    VideoToVideo { strength: f64 },
+    Redo { range: TimeRange, frames: Range<usize> },
+    Extend { seconds: Option<f64>, fps: u32, extension: Option<Extension> },
+}
+
+/// An extension's length and where its frames come from: known once [`Edit::fit`] has run.
+#[derive(Clone, Copy)]
+struct Extension {
+    frames: usize,
+    layout: ExtendLayout,
+}
+
+/// The source of an edit: as read, then [`Edit::fit`] to the request.
+pub struct Edit {
+    pub input: InputVideo,
+    mode: Mode,
+    source: PathBuf,
+    sha256: String,
+    /// The clip as read: frames, width, height.
+    source_shape: (usize, usize, usize),
+}
+
+impl EditArgs {
+    /// Reads and hashes `--input-video`, if given: before the model loads, so a bad file fails fast.
+    pub fn read(&self) -> Result<Option<Edit>> {
+        let (path, extend) = match (&self.input_video, &self.extend_from) {
+            (Some(path), _) => (path, false),
+            (None, Some(path)) => (path, true),
+            (None, None) => return Ok(None),
+        };
+        let cannot_read = || format!("cannot read the input video {}", path.display());
+        let sha256 = file_sha256(path).with_context(cannot_read)?;
+        let frames = kinetoscope_video::read_frames(path).with_context(cannot_read)?;
+        let source_shape = (frames.num_frames(), frames.width(), frames.height());
+        let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
+        let mode = match self.redo {
+            _ if extend => {
+                let fps = kinetoscope_video::probe(path).with_context(cannot_read)?.fps.round();
+                if !(fps >= 1.0 && fps <= f64::from(u32::MAX)) {
+                    anyhow::bail!("the input video {} states no usable frame rate ({fps} fps)", path.display());
+                }
+                Mode::Extend { seconds: self.seconds, fps: fps as u32, extension: None }
+            }
+            None => Mode::VideoToVideo { strength: self.strength },
+            Some(range @ TimeRange::Frames(first, last)) => Mode::Redo { range, frames: first..last + 1 },
+            Some(range @ TimeRange::Seconds(start, end)) => {
+                let fps = kinetoscope_video::probe(path).with_context(cannot_read)?.fps;
+                // Frame i is shown from i/fps: the range holds the frames whose time is in [start, end).
+                let frame_at = |t: f64| (t * fps - 1e-9).ceil().max(0.0) as usize;
+                Mode::Redo { range, frames: frame_at(start)..frame_at(end) }
+            }
+        };
+        Ok(Some(Edit { input, mode, source: path.clone(), sha256, source_shape }))
+    }
+}
+
+impl Edit {
+    /// The clip at a size and frame count the model takes. To edit: at `request`'s size, cut to at most its
+    /// frame count and down to the form `k·frame_multiple + 1`. To extend: at its own size rounded down to
+    /// multiples of the model's, every frame kept; `request.num_frames` is the frames to add unless
+    /// `--seconds` says.
+    pub fn fit(self, request: &GenerateRequest, pipeline: &Pipeline) -> Result<Self> {
+        let Mode::Extend { seconds, fps, .. } = self.mode else {
+            let kind = self.kind();
+            let input = pipeline.fit_input(self.input, &kind, request)?;
+            return Ok(Edit { input, ..self });
+        };
+        let frames = match seconds {
+            Some(seconds) => pipeline.extension_frames(seconds, fps)?,
+            None => request.num_frames,
+        };
+        let input = pipeline.fit_input(self.input, &EditKind::Extend { frames }, request)?;
+        let base = GenerateRequest { fps, ..request.clone() };
+        let layout = pipeline.extend_layout(&ExtendRequest { base, input: &input, frames });
+        let layout = match seconds {
+            Some(_) => layout?,
+            None => layout.context("without --seconds, --frames is the number of frames to add")?,
+        };
+        let extension = Some(Extension { frames, layout });
+        Ok(Edit { input, mode: Mode::Extend { seconds, fps, extension }, ..self })
+    }
+
+    /// The library's description of the edit.
+    fn kind(&self) -> EditKind {
+        match &self.mode {
+            Mode::VideoToVideo { strength } => EditKind::VideoToVideo { strength: *strength },
+            Mode::Redo { frames, .. } => EditKind::Redo { start: frames.start, end: frames.end },
+            Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
+        }
+    }
+
+    /// Sets what the edit decides of `request`: the frame count it generates, and to extend, size and frame rate.
+    pub fn shape(&self, request: &mut GenerateRequest) {
+        match &self.mode {
+            Mode::Extend { fps, extension: Some(extension), .. } => {
+                request.num_frames = extension.layout.generated;
+                (request.height, request.width, request.fps) = (self.input.height, self.input.width, *fps);
+            }
+            _ => request.num_frames = self.input.num_frames,
+        }
+    }
+
+    /// Denoising steps the edit runs of `steps`.
+    pub fn steps(&self, steps: usize) -> Result<usize> {
+        Ok(kinetoscope::edit_steps(&self.kind(), steps)?)
+    }
+
+    /// Runs the edit with `base` (one candidate's settings) on this source.
+    pub fn render(
+        &self,
+        pipeline: &Pipeline,
+        base: &GenerateRequest,
+        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> kinetoscope::Result<Video> {
+        pipeline.run_edit(&self.kind(), base, &self.input, on_step)
+    }
+
+    /// What the sidecar records under `edit`.
+    pub fn record(&self) -> Value {
+        let (frames, width, height) = self.source_shape;
+        let mut record = json!({
+            "source": self.source,
+            "source_sha256": self.sha256,
+            "source_video": { "frames": frames, "width": width, "height": height },
+            "frames_used": self.input.num_frames,
+        });
+        match &self.mode {
+            Mode::VideoToVideo { strength } => {
+                record["kind"] = json!("video_to_video");
+                record["strength"] = json!(strength);
+            }
+            Mode::Redo { range, frames } => {
+                record["kind"] = json!("redo");
+                record["redo"] = match range {
+                    TimeRange::Seconds(start, end) => json!({ "start_s": start, "end_s": end }),
+                    TimeRange::Frames(first, last) => json!({ "first_frame": first, "last_frame": last }),
+                };
+                record["redo_frames"] = json!([frames.start, frames.end]);
+            }
+            Mode::Extend { seconds, extension, .. } => {
+                record["kind"] = json!("extend");
+                record["seconds"] = json!(seconds);
+                if let Some(Extension { frames, layout }) = extension {
+                    let (used, end) = (self.input.num_frames, layout.kept + layout.generated - layout.generated_from);
+                    record["added_frames"] = json!(frames);
+                    record["context_frames"] = json!([used - layout.context, used]);
+                    record["source_frames"] = json!([0, layout.kept]);
+                    record["generated_frames"] = json!([layout.kept, end]);
+                }
+            }
+        }
+        record
+    }
+}
+
+fn parse_range(s: &str) -> Result<TimeRange, String> {
+    let bad = || {
+        format!("{s:?} is not a range: expected seconds as START s-END s (e.g. 2.0s-3.5s) or frames as FIRST-LAST (e.g. 32-55)")
+    };
+    let (start, end) = s.split_once('-').ok_or_else(bad)?;
+    let (start, end) = (start.trim(), end.trim());
+    match (start.strip_suffix('s'), end.strip_suffix('s')) {
+        (Some(start), Some(end)) => {
+            let (start, end) = (start.parse::<f64>().map_err(|_| bad())?, end.parse::<f64>().map_err(|_| bad())?);
+            if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end) {
+                return Err(format!("{s:?}: expected 0 ≤ START < END seconds"));
+            }
+            Ok(TimeRange::Seconds(start, end))
+        }
+        (None, None) => {
+            let (first, last) = (start.parse::<usize>().map_err(|_| bad())?, end.parse::<usize>().map_err(|_| bad())?);
+            if first > last {
+                return Err(format!("{s:?}: the first frame comes after the last"));
+            }
+            Ok(TimeRange::Frames(first, last))
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn parse_strength(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a strength: expected a number in (0, 1], e.g. 0.6")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= MAX_EXTEND_SECONDS => Ok(v),
+        _ => Err(format!("{s:?} is not a length: expected seconds in (0, {MAX_EXTEND_SECONDS}], e.g. 2.5")),
+    }
+}
+
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_seconds_or_frames() {
+        assert_eq!(parse_range("2.0s-3.5s"), Ok(TimeRange::Seconds(2.0, 3.5)));
+        assert_eq!(parse_range("0s-1s"), Ok(TimeRange::Seconds(0.0, 1.0)));
+        assert_eq!(parse_range("32-55"), Ok(TimeRange::Frames(32, 55)));
+        assert_eq!(parse_range("7-7"), Ok(TimeRange::Frames(7, 7)));
+        for bad in ["2.0s-3", "abc", "5", "-1-3", "1.5-2.5", "3s-2s", "9-4"] {
+            let err = parse_range(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn seconds_are_in_zero_to_the_cap() {
+        assert_eq!(parse_seconds("2.5"), Ok(2.5));
+        assert_eq!(parse_seconds("10"), Ok(10.0));
+        for bad in ["0", "-1", "10.5", "NaN", "two"] {
+            let err = parse_seconds(bad).unwrap_err();
+            assert!(err.contains("(0, 10]"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn strengths_are_in_zero_to_one() {
+        assert_eq!(parse_strength("1"), Ok(1.0));
+        assert_eq!(parse_strength("0.25"), Ok(0.25));
+        for bad in ["0", "1.5", "-0.2", "NaN", "half"] {
+            let err = parse_strength(bad).unwrap_err();
+            assert!(err.contains("(0, 1]"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! `kinetoscope serve`: the OpenAI Videos API over HTTP (see the kinetoscope-server crate).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kinetoscope::DType;
+use kinetoscope_server::webhooks::WebhookConfig;
+use kinetoscope_server::{ApiKeys, Config, Defaults, Limits};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A diffusers-layout model folder, or a Hugging Face repository id found in the local cache.
+    #[arg(long, default_value = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")]
+    model: String,
+    /// The name clients pass as `model` [default: the last part of --model].
+    #[arg(long)]
+    model_name: Option<String>,
+    /// A device to render on; repeat for one worker per GPU (cuda:0, cuda:1, ...)
+    /// [default: cuda in a CUDA build, else cpu].
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Precision of the text encoder and the transformer: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = |s: &str| kinetoscope::parse_dtype(s).map_err(|e| e.to_string()))]
+    dtype: DType,
+    /// Address to listen on; only this machine can connect unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the job database (jobs.sqlite) and the finished videos live.
+    #[arg(long, default_value = "kinetoscope-data")]
+    data_dir: PathBuf,
+    /// A file of API keys, one per line (also read: KINETOSCOPE_API_KEYS, comma-separated).
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// Prompts longer than this many characters are refused (prompt_too_long).
+    #[arg(long, default_value_t = Limits::default().max_prompt_chars)]
+    max_prompt_chars: usize,
+    #[arg(long, default_value_t = Limits::default().max_width)]
+    max_width: usize,
+    #[arg(long, default_value_t = Limits::default().max_height)]
+    max_height: usize,
+    #[arg(long, default_value_t = Limits::default().max_frames)]
+    max_frames: usize,
+    #[arg(long, default_value_t = Limits::default().max_steps)]
+    max_steps: usize,
+    /// Request bodies larger than this are refused with 413.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// The same for edits and extensions, which may upload a video.
+    #[arg(long, default_value_t = Limits::default().max_upload_bytes)]
+    max_upload_bytes: usize,
+    /// Jobs queued or running at once; beyond it, creates get 429 with Retry-After.
+    #[arg(long, default_value_t = Limits::default().max_queue)]
+    max_queue: usize,
+    /// Size of a request that gives none, WIDTHxHEIGHT.
+    #[arg(long, default_value = "832x480", value_parser = parse_size)]
+    default_size: (usize, usize),
+    #[arg(long, default_value_t = Defaults::default().seconds)]
+    default_seconds: u32,
+    #[arg(long, default_value_t = Defaults::default().fps)]
+    default_fps: u32,
+    #[arg(long, default_value_t = Defaults::default().steps)]
+    default_steps: usize,
+    #[arg(long, default_value_t = Defaults::default().guidance_scale)]
+    default_guidance: f64,
+    /// Hours a finished video stays downloadable.
+    #[arg(long, default_value_t = 24.0)]
+    retention_hours: f64,
+    /// A job running longer fails with timed_out.
+    #[arg(long, default_value_t = 3600)]
+    job_timeout_s: u64,
+    /// On SIGTERM, seconds the running job may take to finish before it is stopped and re-queued.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_s: u64,
+    /// Tells polling clients how long to wait between polls (openai-poll-after-ms).
+    #[arg(long, default_value_t = 1000)]
+    poll_after_ms: u64,
+    /// Receiver of video.completed / video.failed events; repeat for several.
+    #[arg(long = "webhook-url")]
+    webhook_urls: Vec<String>,
+    /// Hosts webhooks may be sent to (host, IP or host:port); repeat for several. A request's own
+    /// webhook_url must also be on this list.
+    #[arg(long = "webhook-allowed-host")]
+    webhook_allowed_hosts: Vec<String>,
+    /// A file holding the `whsec_...` signing secret (also read: KINETOSCOPE_WEBHOOK_SECRET).
+    #[arg(long)]
+    webhook_secret_file: Option<PathBuf>,
+    /// Delivery attempts per event and target.
+    #[arg(long, default_value_t = 5)]
+    webhook_attempts: u32,
+}
+
+fn parse_size(text: &str) -> Result<(usize, usize), String> {
+    let parse = || {
+        let (w, h) = text.split_once('x')?;
+        Some((w.parse().ok()?, h.parse().ok()?))
+    };
+    parse().ok_or_else(|| format!("{text:?}: expected WIDTHxHEIGHT, e.g. 832x480"))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let api_keys = ApiKeys::load(args.api_keys_file.as_deref(), std::env::var("KINETOSCOPE_API_KEYS").ok().as_deref())?;
+    let secret = match &args.webhook_secret_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the webhook secret from {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("KINETOSCOPE_WEBHOOK_SECRET").ok(),
+    };
+    let mut config = Config::new(&args.model, &args.data_dir, api_keys);
+    if let Some(name) = args.model_name {
+        config.model_name = name;
+    }
+    if !args.devices.is_empty() {
+        config.devices = args.devices;
+    } else if cfg!(feature = "cuda") {
+        config.devices = vec!["cuda".into()];
+    }
+    config.dtype = args.dtype;
+    config.listen = args.listen;
+    config.limits = Limits {
+        max_prompt_chars: args.max_prompt_chars,
+        max_width: args.max_width,
+        max_height: args.max_height,
+        max_frames: args.max_frames,
+        max_steps: args.max_steps,
+        max_body_bytes: args.max_body_bytes,
+        max_upload_bytes: args.max_upload_bytes,
+        max_queue: args.max_queue,
+    };
+    let (width, height) = args.default_size;
+    config.defaults = Defaults {
+        width,
+        height,
+        seconds: args.default_seconds,
+        fps: args.default_fps,
+        steps: args.default_steps,
+        guidance_scale: args.default_guidance,
+    };
+    config.retention = Duration::from_secs_f64(args.retention_hours.max(0.0) * 3600.0);
+    config.job_timeout = Duration::from_secs(args.job_timeout_s);
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_s);
+    config.poll_after = Duration::from_millis(args.poll_after_ms);
+    config.webhooks = WebhookConfig {
+        urls: args.webhook_urls,
+        secret,
+        allowed_hosts: args.webhook_allowed_hosts,
+        max_attempts: args.webhook_attempts,
+        ..WebhookConfig::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(kinetoscope_server::serve(config))
+}

@@ -1,0 +1,251 @@
+//! `generate --input-video` end to end on the small test model: a clip rendered by the binary is fed back
+//! at another size, and comes out at that size with the clip's frame count (taken down to 4k+1) and a
+//! sidecar recording the source's hash and the strength; a time range is redone, keeping the clip's length;
+//! a clip is extended into one MP4 of its frames and the new ones; bad sources, strengths, ranges and
+//! lengths fail clearly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn generate(args: &[&str]) -> Output {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan21-tiny-a");
+    Command::new(env!("CARGO_BIN_EXE_kinetoscope"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(["--steps", "4", "--seed", "3"])
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A 13-frame 32×48 clip from the binary itself.
+fn source_clip(dir: &Path) -> PathBuf {
+    let mp4 = dir.join("source.mp4");
+    let out = generate(&[
+        "--prompt",
+        "a red fox in the snow",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--frames",
+        "13",
+        "--output",
+        mp4.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    mp4
+}
+
+#[test]
+fn an_edit_takes_the_requested_size_and_records_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_clip(dir.path());
+    let edited = dir.path().join("owl.mp4");
+    let out = generate(&[
+        "--prompt",
+        "an owl in the snow",
+        "--input-video",
+        source.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--height",
+        "48",
+        "--width",
+        "48",
+        "--frames",
+        "12",
+        "--output",
+        edited.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // 12 frames asked, 13 in the clip: the largest 4k+1 at most both is 9.
+    let info = kinetoscope_video::probe(&edited).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (48, 48, 9));
+
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("owl.json")).unwrap()).unwrap();
+    let edit = &sidecar["edit"];
+    let sha256 = format!("{:x}", Sha256::digest(std::fs::read(&source).unwrap()));
+    assert_eq!(edit["kind"], "video_to_video");
+    assert_eq!(edit["source_sha256"], sha256.as_str());
+    assert_eq!(edit["strength"], 0.5);
+    assert_eq!(edit["source_video"], serde_json::json!({ "frames": 13, "width": 48, "height": 32 }));
+    assert_eq!(edit["frames_used"], 9);
+    assert_eq!(sidecar["request"]["num_frames"], 9);
+    assert_eq!(sidecar["request"]["prompt"], "an owl in the snow");
+
+    // A text-to-video render has no edit record.
+    let plain: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("source.json")).unwrap()).unwrap();
+    assert!(plain.get("edit").is_none());
+}
+
+#[test]
+fn bad_sources_and_strengths_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.mp4");
+    let output = output.to_str().unwrap();
+    let edit = |video: &str, strength: &str| {
+        generate(&["--prompt", "x", "--input-video", video, "--strength", strength, "--output", output])
+    };
+
+    let missing = dir.path().join("missing.mp4");
+    let out = edit(missing.to_str().unwrap(), "0.5");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot read the input video") && stderr(&out).contains("missing.mp4"),
+        "{}",
+        stderr(&out)
+    );
+
+    let garbage = dir.path().join("garbage.mp4");
+    std::fs::write(&garbage, b"not a video").unwrap();
+    let out = edit(garbage.to_str().unwrap(), "0.5");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot read the input video") && stderr(&out).contains("garbage.mp4"),
+        "{}",
+        stderr(&out)
+    );
+
+    for bad in ["0", "1.5"] {
+        let out = edit(garbage.to_str().unwrap(), bad);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--strength") && stderr(&out).contains("(0, 1]"), "{bad}: {}", stderr(&out));
+    }
+
+    // Too low for the steps: no step would run.
+    let source = source_clip(dir.path());
+    let out = edit(source.to_str().unwrap(), "0.1");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("runs no step"), "{}", stderr(&out));
+
+    let out = generate(&["--prompt", "x", "--strength", "0.5", "--output", output]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--input-video"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_redo_keeps_the_length_and_records_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_clip(dir.path());
+    let source = source.to_str().unwrap();
+    let redone = dir.path().join("redone.mp4");
+    let redo = |range: &str, extra: &[&str]| {
+        let mut args = vec!["--prompt", "an owl", "--input-video", source, "--redo", range];
+        args.extend(["--height", "32", "--width", "48", "--output", redone.to_str().unwrap()]);
+        args.extend(extra);
+        generate(&args)
+    };
+
+    // 13 frames at 16 fps: 0.5 s to 0.8 s are frames 8 to 12.
+    let out = redo("0.5s-0.8s", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = kinetoscope_video::probe(&redone).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (48, 32, 13));
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("redone.json")).unwrap()).unwrap();
+    let edit = &sidecar["edit"];
+    assert_eq!(edit["kind"], "redo");
+    assert_eq!(edit["redo"], serde_json::json!({ "start_s": 0.5, "end_s": 0.8 }));
+    assert_eq!(edit["redo_frames"], serde_json::json!([8, 13]));
+    assert!(edit.get("strength").is_none());
+
+    let out = redo("2-4", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("redone.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["edit"]["redo_frames"], serde_json::json!([2, 5]));
+
+    let out = redo("0.5s-2s", &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("redo") && stderr(&out).contains("0..13"), "{}", stderr(&out));
+
+    let out = redo("2-4", &["--strength", "0.5"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--strength") && stderr(&out).contains("--redo"), "{}", stderr(&out));
+
+    let out = redo("4-2", &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the first frame comes after the last"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_extension_joins_the_source_and_the_new_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_clip(dir.path());
+    let extended = dir.path().join("longer.mp4");
+    let extend = |extra: &[&str]| {
+        let mut args = vec!["--prompt", "the fox runs away", "--extend-from", source.to_str().unwrap()];
+        args.extend(["--output", extended.to_str().unwrap()]);
+        args.extend(extra);
+        generate(&args)
+    };
+
+    // 0.4 s at the source's 16 fps is 6.4 frames, rounded up to 8: 13 + 8 frames at the source's size.
+    let out = extend(&["--seconds", "0.4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = kinetoscope_video::probe(&extended).unwrap();
+    assert_eq!((info.width, info.height, info.frames, info.fps), (48, 32, 21, 16.0));
+
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("longer.json")).unwrap()).unwrap();
+    let edit = &sidecar["edit"];
+    let sha256 = format!("{:x}", Sha256::digest(std::fs::read(&source).unwrap()));
+    assert_eq!(edit["kind"], "extend");
+    assert_eq!(edit["source_sha256"], sha256.as_str());
+    assert_eq!(edit["seconds"], 0.4);
+    assert_eq!(edit["added_frames"], 8);
+    assert_eq!(edit["context_frames"], serde_json::json!([4, 13]));
+    assert_eq!(edit["source_frames"], serde_json::json!([0, 9]));
+    assert_eq!(edit["generated_frames"], serde_json::json!([9, 21]));
+    // The generated clip: the 9 context frames and the 8 new ones.
+    assert_eq!(sidecar["request"]["num_frames"], 17);
+    assert_eq!(sidecar["video"]["frames"], 21);
+
+    // Without --seconds, --frames is the number of frames to add.
+    let out = extend(&["--frames", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(kinetoscope_video::probe(&extended).unwrap().frames, 17);
+
+    let out = extend(&["--frames", "6"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--frames is the number of frames to add") && stderr(&out).contains("multiple of 4"));
+
+    for bad in ["0", "-1", "11"] {
+        let out = extend(&[&format!("--seconds={bad}")]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--seconds") && stderr(&out).contains("(0, 10]"), "{bad}: {}", stderr(&out));
+    }
+
+    let out = extend(&["--seconds", "1", "--width", "32"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--width") && stderr(&out).contains("--extend-from"), "{}", stderr(&out));
+
+    let missing = dir.path().join("missing.mp4");
+    let out = generate(&["--prompt", "x", "--extend-from", missing.to_str().unwrap(), "--seconds", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot read the input video") && stderr(&out).contains("missing.mp4"));
+
+    // A 5-frame clip is too short to condition on.
+    let short = dir.path().join("short.mp4");
+    let short_args = ["--height", "32", "--width", "48", "--frames", "5", "--output", short.to_str().unwrap()];
+    let out = generate(&[&["--prompt", "x"][..], &short_args].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = generate(&["--prompt", "x", "--extend-from", short.to_str().unwrap(), "--seconds", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("has 5 frames") && stderr(&out).contains("at least 9"), "{}", stderr(&out));
+
+    let out = generate(&["--prompt", "x", "--seconds", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--extend-from"), "{}", stderr(&out));
+}

@@ -1,0 +1,770 @@
+//! The routes: OpenAI's Videos API (`/v1/videos...`, field names and types as `openai/types/video*.py`
+//! of the `openai` SDK 3.x), progress as server-sent events, and the operator's health and metrics.
+
+use std::convert::Infallible;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use crate::error::ApiError;
+use crate::fields::{Fields, VideoReference};
+use crate::store::{Job, NewJob, Settings, Status, StoreError};
+use crate::worker::{self, Stop};
+use crate::{unix_now, Shared, Update};
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/v1/videos", post(create).get(list))
+        .route("/v1/videos/{id}", get(retrieve).delete(delete))
+        .route("/v1/videos/{id}/content", get(content))
+        .route("/v1/videos/{id}/remix", post(remix))
+        .route("/v1/videos/edits", post(edit))
+        .route("/v1/videos/extensions", post(extension))
+        .route("/v1/videos/{id}/events", get(events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "unknown_route", "no such route") })
+        .with_state(shared)
+}
+
+async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match presented.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(key) if shared.config.api_keys.allows(key.trim()) => next.run(request).await,
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send an API key as `Authorization: Bearer <key>`",
+        )
+        .into_response(),
+    }
+}
+
+fn store_error(error: StoreError) -> ApiError {
+    match error {
+        StoreError::QueueFull { .. } => ApiError {
+            retry_after_s: Some(30),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{error}; retry later"))
+        },
+        StoreError::UnknownCursor { .. } => ApiError::invalid("invalid_cursor", "after", error.to_string()),
+        other => ApiError::internal(other),
+    }
+}
+
+fn new_id() -> String {
+    format!("video_{:032x}", rand::random::<u128>())
+}
+
+/// Refuses new work when no worker could load the model: it would wait forever.
+fn check_available(shared: &Shared) -> ApiResult<()> {
+    match shared.unavailable() {
+        Some((code, reason)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            format!("the model could not be loaded, so no video can be made until it is fixed: {reason}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
+    check_available(&shared)?;
+    let mut fields = Fields::from_request(request, shared.config.limits.max_body_bytes).await?;
+    let job = resolve(&shared, &mut fields)?;
+    fields.finish()?;
+    enqueue(&shared, job).await
+}
+
+async fn remix(State(shared): State<Arc<Shared>>, Path(id): Path<String>, request: Request) -> ApiResult {
+    check_available(&shared)?;
+    let mut fields = Fields::from_request(request, shared.config.limits.max_body_bytes).await?;
+    let prompt = required_prompt(&shared, &mut fields)?;
+    let webhook_url = webhook_url(&shared, &mut fields)?;
+    fields.finish()?;
+    let source = lookup(&shared, &id).await?;
+    let job = NewJob {
+        id: new_id(),
+        model: source.model,
+        seconds: source.seconds,
+        settings: Settings { prompt, ..source.settings },
+        remixed_from: Some(source.id.clone()),
+        webhook_url: webhook_url.or(source.webhook_url),
+    };
+    if job.settings.edit.is_none() {
+        return enqueue(&shared, job).await;
+    }
+    // A remix of an edit edits the same source again.
+    let (from, to) = (worker::input_path(&shared, &source.id), worker::input_path(&shared, &job.id));
+    if tokio::fs::copy(&from, &to).await.is_err() {
+        let message = format!("the source video of {} is no longer kept", source.id);
+        return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
+    }
+    let id = job.id.clone();
+    enqueue_with_source(&shared, &id, Ok(job)).await
+}
+
+/// The source of an edit, accepted: its file at the job's input path, what it is, and what to do to it.
+struct Source {
+    edit: EditKind,
+    sha256: String,
+}
+
+/// A source video as read from the file kept for the job.
+struct SourceVideo {
+    sha256: String,
+    frames: usize,
+    width: usize,
+    height: usize,
+    fps: u32,
+}
+
+/// The model, which edits need loaded: their sizes and frame counts come from the source and the model.
+fn loaded(shared: &Shared) -> ApiResult<Arc<kinetoscope::Pipeline>> {
+    shared.pipeline.get().cloned().ok_or_else(|| ApiError {
+        retry_after_s: Some(5),
+        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_loading", "the model is still loading; retry shortly")
+    })
+}
+
+/// Keeps the source a request names as the new job's input (`inputs/<id>.mp4`): a copy of a completed
+/// video's MP4, or the upload. Returns what it is; on any error nothing is left behind.
+async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) -> ApiResult<SourceVideo> {
+    let target = worker::input_path(shared, id);
+    let bytes = match reference {
+        VideoReference::Upload(bytes) => bytes,
+        VideoReference::Id(source) => {
+            let job = lookup(shared, &source).await.map_err(|e| ApiError { param: Some("video".into()), ..e })?;
+            if job.status != Status::Completed {
+                let message = format!("video {source} is {:?}; only a completed video can be edited", job.status);
+                return Err(ApiError::invalid("video_not_ready", "video", message));
+            }
+            let path = worker::video_path(shared, &job.id);
+            tokio::fs::read(&path).await.map(Bytes::from).map_err(|_| {
+                ApiError::new(
+                    StatusCode::GONE,
+                    "video_expired",
+                    format!("video {source} has expired and its files are deleted"),
+                )
+            })?
+        }
+    };
+    let kept = target.clone();
+    let probed = tokio::task::spawn_blocking(move || -> Result<SourceVideo, String> {
+        let dir = kept.parent().expect("inputs/<id>.mp4 has a parent");
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("cannot store the video: {e}"))?;
+        std::io::Write::write_all(&mut file, &bytes).map_err(|e| format!("cannot store the video: {e}"))?;
+        let info = kinetoscope_video::probe(file.path()).map_err(|e| format!("not a readable video: {e}"))?;
+        let fps = info.fps.round();
+        if !(1.0..=240.0).contains(&fps) || info.frames == 0 {
+            return Err(format!("a video of {} frames at {} fps can't be edited", info.frames, info.fps));
+        }
+        file.persist(&kept).map_err(|e| format!("cannot store the video: {e}"))?;
+        let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        Ok(SourceVideo {
+            sha256,
+            frames: info.frames,
+            width: info.width as usize,
+            height: info.height as usize,
+            fps: fps as u32,
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    probed.map_err(|reason| ApiError::invalid("invalid_video", "video", format!("video: {reason}")))
+}
+
+/// A `redo` range of `source`: frame indices `FIRST-LAST` (both included) or seconds `STARTs-ENDs` (end
+/// excluded), as `kinetoscope generate --redo` takes them.
+fn redo_range(text: &str, source: &SourceVideo) -> ApiResult<(usize, usize)> {
+    let invalid = |why: String| ApiError::invalid("invalid_redo", "redo", format!("redo {text:?}: {why}"));
+    let (a, b) = text.split_once('-').ok_or_else(|| invalid("expected FIRST-LAST frames or STARTs-ENDs".into()))?;
+    let (start, end) = match (a.trim().strip_suffix('s'), b.trim().strip_suffix('s')) {
+        (Some(a), Some(b)) => {
+            let (a, b): (f64, f64) = (
+                a.parse().map_err(|_| invalid("bad start".into()))?,
+                b.parse().map_err(|_| invalid("bad end".into()))?,
+            );
+            let frame_at = |t: f64| (t * f64::from(source.fps) - 1e-9).ceil().max(0.0) as usize;
+            (frame_at(a), frame_at(b))
+        }
+        _ => {
+            let first: usize = a.trim().parse().map_err(|_| invalid("bad first frame".into()))?;
+            let last: usize = b.trim().parse().map_err(|_| invalid("bad last frame".into()))?;
+            (first, last + 1)
+        }
+    };
+    if start >= end || end > source.frames {
+        return Err(invalid(format!(
+            "frames {start}..{end} are not a range inside the video's {} frames",
+            source.frames
+        )));
+    }
+    Ok((start, end))
+}
+
+fn seconds_of(frames: usize, fps: u32) -> String {
+    let text = format!("{:.2}", frames as f64 / f64::from(fps));
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// `POST /v1/videos/edits` (the SDK's `videos.edit`): the source video regenerated with a new prompt,
+/// as a whole (`strength`, video-to-video) or only a time range (`redo`).
+async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
+    check_available(&shared)?;
+    let pipeline = loaded(&shared)?;
+    let mut fields = Fields::from_request(request, shared.config.limits.max_upload_bytes).await?;
+    let prompt = required_prompt(&shared, &mut fields)?;
+    let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
+    let (redo, strength) = (fields.text("redo")?, fields.number("strength")?);
+    if redo.is_some() && strength.is_some() {
+        return Err(ApiError::invalid("invalid_request", "strength", "give strength or redo, not both"));
+    }
+    let mut request = request_defaults(&shared);
+    sampling_fields(&shared, &mut fields, &mut request)?;
+    let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
+    let webhook_url = webhook_url(&shared, &mut fields)?;
+    fields.finish()?;
+
+    let id = new_id();
+    let source = keep_source(&shared, reference, &id).await?;
+    let accepted = (|| {
+        let edit = match &redo {
+            Some(range) => {
+                let (start, end) = redo_range(range, &source)?;
+                EditKind::Redo { start, end }
+            }
+            None => EditKind::VideoToVideo { strength: strength.unwrap_or(0.8) },
+        };
+        kinetoscope::edit_steps(&edit, request.steps).map_err(request_error)?;
+        let (m, s) = (pipeline.frame_multiple(), pipeline.size_multiple());
+        let frames = source.frames.min(shared.config.limits.max_frames);
+        (request.num_frames, request.fps) = ((frames - 1) / m * m + 1, source.fps);
+        (request.width, request.height) = (source.width / s * s, source.height / s * s);
+        check_size(&shared, &request)?;
+        validate(&pipeline, &request)?;
+        Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, Source { edit, sha256: source.sha256.clone() }))
+    })();
+    enqueue_with_source(&shared, &id, accepted).await
+}
+
+/// `POST /v1/videos/extensions` (the SDK's `videos.extend`): `seconds` more of the source video, joined
+/// to it; the result's `seconds` is the whole.
+async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
+    check_available(&shared)?;
+    let pipeline = loaded(&shared)?;
+    let mut fields = Fields::from_request(request, shared.config.limits.max_upload_bytes).await?;
+    let prompt = required_prompt(&shared, &mut fields)?;
+    let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
+    let seconds_text = fields.text_or_number("seconds")?.ok_or_else(|| {
+        ApiError::invalid("missing_required_parameter", "seconds", "seconds is required: how long a part to add")
+    })?;
+    let mut request = request_defaults(&shared);
+    sampling_fields(&shared, &mut fields, &mut request)?;
+    let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
+    let webhook_url = webhook_url(&shared, &mut fields)?;
+    fields.finish()?;
+
+    let id = new_id();
+    let source = keep_source(&shared, reference, &id).await?;
+    let accepted = (|| {
+        let invalid_seconds =
+            |why: String| ApiError::invalid("invalid_seconds", "seconds", format!("seconds {seconds_text:?}: {why}"));
+        let seconds: f64 = seconds_text.trim().parse().map_err(|_| invalid_seconds("expected a number".into()))?;
+        let frames = pipeline.extension_frames(seconds, source.fps).map_err(|e| invalid_seconds(e.to_string()))?;
+        let s = pipeline.size_multiple();
+        (request.width, request.height, request.fps) = (source.width / s * s, source.height / s * s, source.fps);
+        check_size(&shared, &request)?;
+        // Only the length of the source matters to where the frames go; its pixels are read by the worker.
+        let shape =
+            InputVideo { frames: Vec::new(), num_frames: source.frames, height: request.height, width: request.width };
+        let layout = pipeline
+            .extend_layout(&ExtendRequest { base: request.clone(), input: &shape, frames })
+            .map_err(request_error)?;
+        if layout.generated > shared.config.limits.max_frames {
+            return Err(invalid_seconds(format!(
+                "{} frames to generate; the limit is {}",
+                layout.generated, shared.config.limits.max_frames
+            )));
+        }
+        validate(&pipeline, &GenerateRequest { num_frames: layout.generated, ..request.clone() })?;
+        request.num_frames = layout.kept + layout.generated - layout.generated_from;
+        let source = Source { edit: EditKind::Extend { frames }, sha256: source.sha256.clone() };
+        Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, source))
+    })();
+    enqueue_with_source(&shared, &id, accepted).await
+}
+
+/// The job of an accepted edit: `request` as fitted to the source; its `seconds` are the output clip's.
+fn edit_job(
+    shared: &Shared,
+    id: &str,
+    prompt: String,
+    request: &GenerateRequest,
+    seed: u64,
+    webhook_url: Option<String>,
+    source: Source,
+) -> NewJob {
+    NewJob {
+        id: id.to_string(),
+        model: shared.config.model_name.clone(),
+        seconds: seconds_of(request.num_frames, request.fps),
+        settings: settings(prompt, request, seed, None, Some(source)),
+        remixed_from: None,
+        webhook_url,
+    }
+}
+
+fn missing_video() -> ApiError {
+    ApiError::invalid(
+        "missing_required_parameter",
+        "video",
+        "video is required: {\"id\": \"video_...\"} or an uploaded file",
+    )
+}
+
+/// What a request that gives nothing gets.
+fn request_defaults(shared: &Shared) -> GenerateRequest {
+    let defaults = &shared.config.defaults;
+    GenerateRequest {
+        width: defaults.width,
+        height: defaults.height,
+        steps: defaults.steps,
+        guidance_scale: defaults.guidance_scale,
+        fps: defaults.fps,
+        ..GenerateRequest::default()
+    }
+}
+
+fn check_size(shared: &Shared, request: &GenerateRequest) -> ApiResult<()> {
+    let limits = &shared.config.limits;
+    if request.width > limits.max_width || request.height > limits.max_height {
+        let (w, h, mw, mh) = (request.width, request.height, limits.max_width, limits.max_height);
+        return Err(ApiError::invalid("invalid_size", "size", format!("size {w}x{h} exceeds the limit {mw}x{mh}")));
+    }
+    Ok(())
+}
+
+/// Queues the edit `id`, whose source is already kept, or removes the source if the job was refused.
+async fn enqueue_with_source(shared: &Arc<Shared>, id: &str, accepted: ApiResult<NewJob>) -> ApiResult {
+    let result = match accepted {
+        Ok(job) => enqueue(shared, job).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        worker::remove_files(shared, id);
+    }
+    result
+}
+
+async fn enqueue(shared: &Arc<Shared>, job: NewJob) -> ApiResult {
+    let store_shared = shared.clone();
+    let max_queue = shared.config.limits.max_queue;
+    let job = blocking(move || store_shared.store.insert(&job, unix_now(), max_queue)).await?;
+    shared.wake.notify();
+    tracing::info!(id = job.id, "queued");
+    Ok(Json(job.to_object()).into_response())
+}
+
+/// Runs a store call off the async threads (SQLite syncs to disk on every commit).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?.map_err(store_error)
+}
+
+async fn lookup(shared: &Arc<Shared>, id: &str) -> ApiResult<Job> {
+    let (shared, key) = (shared.clone(), id.to_string());
+    blocking(move || shared.store.get(&key)).await?.ok_or_else(|| ApiError::not_found(id))
+}
+
+fn required_prompt(shared: &Shared, fields: &mut Fields) -> ApiResult<String> {
+    let prompt = fields.text("prompt")?.ok_or_else(|| {
+        ApiError::invalid("missing_required_parameter", "prompt", "prompt is required: the text the video shows")
+    })?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid("invalid_prompt", "prompt", "prompt is empty"));
+    }
+    check_length(shared, "prompt", &prompt)?;
+    Ok(prompt)
+}
+
+fn check_length(shared: &Shared, name: &str, text: &str) -> ApiResult<()> {
+    let (chars, limit) = (text.chars().count(), shared.config.limits.max_prompt_chars);
+    if chars > limit {
+        return Err(ApiError::invalid(
+            "prompt_too_long",
+            name,
+            format!("{name} has {chars} characters; the limit is {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+fn webhook_url(shared: &Shared, fields: &mut Fields) -> ApiResult<Option<String>> {
+    let Some(url) = fields.text("webhook_url")? else { return Ok(None) };
+    shared
+        .webhooks
+        .check_target(&url)
+        .map_err(|e| ApiError::invalid("invalid_webhook_url", "webhook_url", e.to_string()))?;
+    Ok(Some(url))
+}
+
+/// Turns a create request into fixed settings: the server's defaults, then the preset, then every
+/// field the client gave, each checked against the configured limits and the model.
+fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
+    let (limits, defaults) = (&shared.config.limits, &shared.config.defaults);
+    if fields.contains("input_reference") {
+        return Err(unsupported_reference());
+    }
+    let prompt = required_prompt(shared, fields)?;
+    if let Some(model) = fields.text("model")? {
+        if model != shared.config.model_name {
+            let served = &shared.config.model_name;
+            return Err(ApiError::invalid(
+                "model_not_found",
+                "model",
+                format!("model {model:?} is not served here; this server serves {served:?}"),
+            ));
+        }
+    }
+    let mut request = request_defaults(shared);
+    let preset = fields.text("preset")?;
+    if let Some(name) = &preset {
+        let preset =
+            Preset::from_str(name).map_err(|e| ApiError::invalid("invalid_preset", "preset", e.to_string()))?;
+        preset.apply(&mut request);
+    }
+    if let Some(size) = fields.text("size")? {
+        let invalid = || {
+            ApiError::invalid("invalid_size", "size", format!("size {size:?}: expected WIDTHxHEIGHT, e.g. \"832x480\""))
+        };
+        let (w, h) = size.split_once('x').ok_or_else(invalid)?;
+        (request.width, request.height) = (w.parse().map_err(|_| invalid())?, h.parse().map_err(|_| invalid())?);
+    }
+    check_size(shared, &request)?;
+    if let Some(fps) = fields.integer("fps")? {
+        if !(1..=120).contains(&fps) {
+            return Err(ApiError::invalid("invalid_fps", "fps", format!("fps {fps} is outside 1..=120")));
+        }
+        request.fps = fps as u32;
+    }
+    let seconds_text = fields.text_or_number("seconds")?.unwrap_or_else(|| defaults.seconds.to_string());
+    let seconds: f64 =
+        seconds_text.trim().parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0).ok_or_else(|| {
+            ApiError::invalid(
+                "invalid_seconds",
+                "seconds",
+                format!("seconds {seconds_text:?}: expected a positive number"),
+            )
+        })?;
+    request.num_frames = frames_for(seconds, request.fps, frame_multiple(shared));
+    if request.num_frames > limits.max_frames {
+        let most = (limits.max_frames - 1) as f64 / request.fps as f64;
+        return Err(ApiError::invalid(
+            "invalid_seconds",
+            "seconds",
+            format!(
+                "{seconds} s at {} fps is {} frames; the limit is {} frames ({most:.1} s)",
+                request.fps, request.num_frames, limits.max_frames
+            ),
+        ));
+    }
+    sampling_fields(shared, fields, &mut request)?;
+    let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
+    let webhook_url = webhook_url(shared, fields)?;
+    let settings = settings(prompt, &request, seed, preset, None);
+    if let Some(pipeline) = shared.pipeline.get() {
+        validate(pipeline, &worker::to_request(&settings))?;
+    }
+    Ok(NewJob {
+        id: new_id(),
+        model: shared.config.model_name.clone(),
+        seconds: seconds_text,
+        settings,
+        remixed_from: None,
+        webhook_url,
+    })
+}
+
+/// The fields every kind of job takes that shape the sampling: steps, guidance, negative prompt, step cache.
+fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateRequest) -> ApiResult<()> {
+    let limits = &shared.config.limits;
+    if let Some(steps) = fields.integer("steps")? {
+        request.steps = steps as usize;
+    }
+    if request.steps == 0 || request.steps > limits.max_steps {
+        return Err(ApiError::invalid(
+            "invalid_steps",
+            "steps",
+            format!("steps {} is outside 1..={}", request.steps, limits.max_steps),
+        ));
+    }
+    if let Some(guidance) = fields.number("guidance_scale")? {
+        request.guidance_scale = guidance;
+    }
+    if let Some(negative) = fields.text("negative_prompt")? {
+        check_length(shared, "negative_prompt", &negative)?;
+        request.negative_prompt = negative;
+    }
+    if let Some(threshold) = fields.number("step_cache")? {
+        request.step_cache = Some(threshold);
+    }
+    Ok(())
+}
+
+fn settings(
+    prompt: String,
+    request: &GenerateRequest,
+    seed: u64,
+    preset: Option<String>,
+    edit: Option<Source>,
+) -> Settings {
+    let (edit, source_sha256) = edit.map_or((None, None), |source| (Some(source.edit), Some(source.sha256)));
+    Settings {
+        prompt,
+        negative_prompt: request.negative_prompt.clone(),
+        width: request.width,
+        height: request.height,
+        num_frames: request.num_frames,
+        fps: request.fps,
+        steps: request.steps,
+        guidance_scale: request.guidance_scale,
+        seed,
+        step_cache: request.step_cache,
+        preset,
+        edit,
+        source_sha256,
+    }
+}
+
+/// Checks a request against the model, naming the API's field for the library's.
+fn validate(pipeline: &kinetoscope::Pipeline, request: &GenerateRequest) -> ApiResult<()> {
+    pipeline.validate(request).map_err(request_error)
+}
+
+fn request_error(error: kinetoscope::Error) -> ApiError {
+    match error {
+        kinetoscope::Error::InvalidRequest { field, reason } => {
+            let (code, param) = match field {
+                "height" | "width" => ("invalid_size", "size"),
+                "num_frames" => ("invalid_seconds", "seconds"),
+                "steps" => ("invalid_steps", "steps"),
+                "strength" => ("invalid_strength", "strength"),
+                "input" | "frames" => ("invalid_video", "video"),
+                other => ("invalid_request", other),
+            };
+            ApiError::invalid(code, param, format!("{param}: {reason}"))
+        }
+        other => ApiError::invalid(other.code(), "request", other.to_string()),
+    }
+}
+
+fn unsupported_reference() -> ApiError {
+    ApiError::invalid(
+        "unsupported_parameter",
+        "input_reference",
+        "input_reference: image conditioning is not supported by this model yet; send a text prompt only",
+    )
+}
+
+/// The model's frame-count step (4 for Wan's VAE); before the model is loaded, Wan's.
+fn frame_multiple(shared: &Shared) -> usize {
+    shared.pipeline.get().map_or(4, |p| p.frame_multiple())
+}
+
+/// Frames for a duration: the nearest count the model takes (`multiple·k + 1`), at least one step.
+pub fn frames_for(seconds: f64, fps: u32, multiple: usize) -> usize {
+    let steps = (seconds * fps as f64 / multiple as f64).round().max(1.0);
+    steps as usize * multiple + 1
+}
+
+async fn retrieve(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    let job = lookup(&shared, &id).await?;
+    let mut response = Json(job.to_object()).into_response();
+    // What the SDK's `poll` helper waits between requests.
+    let poll_ms = shared.config.poll_after.as_millis().to_string();
+    response.headers_mut().insert("openai-poll-after-ms", HeaderValue::from_str(&poll_ms).expect("digits"));
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+async fn list(State(shared): State<Arc<Shared>>, Query(query): Query<ListQuery>) -> ApiResult {
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("invalid_limit", "limit", format!("limit {limit} is outside 1..=100")));
+    }
+    let descending = match query.order.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => {
+            return Err(ApiError::invalid("invalid_order", "order", format!("order {other:?}: expected asc or desc")))
+        }
+    };
+    let store_shared = shared.clone();
+    let (jobs, more) = blocking(move || store_shared.store.list(query.after.as_deref(), limit, descending)).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": jobs.iter().map(Job::to_object).collect::<Vec<_>>(),
+        "first_id": jobs.first().map(|j| &j.id),
+        "last_id": jobs.last().map(|j| &j.id),
+        "has_more": more,
+    }))
+    .into_response())
+}
+
+async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    let store_shared = shared.clone();
+    let key = id.clone();
+    let job = blocking(move || store_shared.store.delete(&key)).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    if let Some(stop) = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        stop.set(Stop::Deleted);
+    }
+    worker::remove_files(&shared, &job.id);
+    shared.publish(&job.id);
+    tracing::info!(id, status = ?job.status, "deleted");
+    Ok(Json(json!({"id": job.id, "object": "video.deleted", "deleted": true})).into_response())
+}
+
+#[derive(Deserialize)]
+struct ContentQuery {
+    variant: Option<String>,
+}
+
+async fn content(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(query): Query<ContentQuery>,
+    request: Request,
+) -> ApiResult {
+    let job = lookup(&shared, &id).await?;
+    if job.status != Status::Completed {
+        let message = format!("video {id} is {:?}; its content exists once it is completed", job.status);
+        return Err(ApiError {
+            param: Some("video_id".into()),
+            ..ApiError::new(StatusCode::CONFLICT, "video_not_ready", message)
+        });
+    }
+    if job.expires_at.is_some_and(|t| t <= unix_now()) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "video_expired",
+            format!("video {id} has expired and its files are deleted"),
+        ));
+    }
+    let path = match query.variant.as_deref() {
+        None | Some("video") => worker::video_path(&shared, &job.id),
+        Some("thumbnail") => worker::thumbnail_path(&shared, &job.id),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "unsupported_parameter",
+                "variant",
+                format!("variant {other:?}: expected video or thumbnail"),
+            ))
+        }
+    };
+    // ServeFile answers Range requests (206 / 416) and conditional requests for the MP4.
+    let response = tower_http::services::ServeFile::new(&path).try_call(request).await.map_err(ApiError::internal)?;
+    if response.status() == StatusCode::NOT_FOUND {
+        return Err(ApiError::internal(format!("{} is missing for a completed video", path.display())));
+    }
+    Ok(response.map(Body::new))
+}
+
+async fn events(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    // Subscribe before reading the current state, so no update falls between the two.
+    let updates = shared.events.subscribe();
+    let job = lookup(&shared, &id).await?;
+    let state = (Some(Some(Box::new(job))), updates, id, shared, false);
+    let stream = futures_util::stream::unfold(state, |(pending, mut updates, id, shared, done)| async move {
+        if done {
+            return None;
+        }
+        let job = match pending {
+            Some(job) => job,
+            None => loop {
+                match updates.recv().await {
+                    Ok(Update::Job { id: updated, job }) if updated == id => break job,
+                    Ok(Update::Job { .. }) => continue,
+                    Ok(Update::Shutdown) | Err(broadcast::error::RecvError::Closed) => return None,
+                    // Fell behind: the stored state is the latest anyway.
+                    Err(broadcast::error::RecvError::Lagged(_)) => match shared.store.get(&id) {
+                        Ok(job) => break job.map(Box::new),
+                        Err(_) => return None,
+                    },
+                }
+            },
+        };
+        let (event, done) = match &job {
+            Some(job) => {
+                let name = format!("video.{}", serde_json::to_value(job.status).ok()?.as_str()?);
+                (Event::default().event(name).json_data(job.to_object()).ok()?, job.status.is_terminal())
+            }
+            None => (Event::default().event("video.deleted").json_data(json!({"id": id, "deleted": true})).ok()?, true),
+        };
+        Some((Ok(event), (None, updates, id, shared, done)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.metrics.workers_ready.get() > 0 {
+        return Json(json!({"status": "ready", "model": shared.config.model_name})).into_response();
+    }
+    let body = match shared.unavailable() {
+        Some((code, reason)) => json!({"status": "failed", "code": code, "error": reason}),
+        None => json!({"status": "loading"}),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let store_shared = shared.clone();
+    let depth = blocking(move || store_shared.store.queue_depth()).await?;
+    let text = shared.metrics.render(depth);
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frames_for;
+
+    #[test]
+    fn seconds_become_the_nearest_frame_count_the_model_takes() {
+        assert_eq!(frames_for(4.0, 16, 4), 65);
+        assert_eq!(frames_for(5.0, 16, 4), 81);
+        assert_eq!(frames_for(1.0, 8, 4), 9);
+        assert_eq!(frames_for(0.01, 16, 4), 5);
+    }
+}

@@ -1,0 +1,192 @@
+//! What the operator decides: where to listen, which model on which devices, who may call, and the
+//! limits every request is held to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kinetoscope::DType;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::webhooks::WebhookConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A diffusers-layout folder or a Hugging Face repository id in the local cache.
+    pub model: String,
+    /// The name clients pass as `model` (and see in the video object).
+    pub model_name: String,
+    /// One worker per entry (`cpu`, `cuda:0`, `cuda:1`, ...), each with its own copy of the model.
+    pub devices: Vec<String>,
+    pub dtype: DType,
+    pub listen: SocketAddr,
+    /// Where the job database and the finished videos live.
+    pub data_dir: PathBuf,
+    pub api_keys: ApiKeys,
+    pub limits: Limits,
+    pub defaults: Defaults,
+    /// How long finished videos stay downloadable.
+    pub retention: Duration,
+    /// A job running longer than this fails with `timed_out`.
+    pub job_timeout: Duration,
+    /// On shutdown, how long the running job may take to finish before it is stopped and re-queued.
+    pub shutdown_grace: Duration,
+    /// How often clients polling a video are told to come back (`openai-poll-after-ms`).
+    pub poll_after: Duration,
+    pub webhooks: WebhookConfig,
+}
+
+/// The most any request may ask for; requests beyond are refused with 400/413/429 and a code.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_prompt_chars: usize,
+    pub max_width: usize,
+    pub max_height: usize,
+    pub max_frames: usize,
+    pub max_steps: usize,
+    /// Request bodies (JSON or multipart) larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// The same for the routes that take an uploaded video (edits, extensions).
+    pub max_upload_bytes: usize,
+    /// Jobs queued or running at once; beyond it creates are refused with 429.
+    pub max_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_prompt_chars: 4000,
+            max_width: 1280,
+            max_height: 1280,
+            max_frames: 129,
+            max_steps: 100,
+            max_body_bytes: 1 << 20,
+            max_upload_bytes: 256 << 20,
+            max_queue: 64,
+        }
+    }
+}
+
+/// What a request that leaves a field out gets.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub width: usize,
+    pub height: usize,
+    pub seconds: u32,
+    pub fps: u32,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+impl Default for Defaults {
+    /// Wan 2.1's pipeline defaults: 832×480 at 16 fps, 50 steps, guidance 5; 4 s as OpenAI's API.
+    fn default() -> Self {
+        Defaults { width: 832, height: 480, seconds: 4, fps: 16, steps: 50, guidance_scale: 5.0 }
+    }
+}
+
+impl Config {
+    /// A configuration with the defaults above for `model`, served on 127.0.0.1:8080 from the CPU.
+    pub fn new(model: &str, data_dir: &Path, api_keys: ApiKeys) -> Self {
+        Config {
+            model: model.to_string(),
+            model_name: default_model_name(model),
+            devices: vec!["cpu".into()],
+            dtype: DType::F32,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.to_path_buf(),
+            api_keys,
+            limits: Limits::default(),
+            defaults: Defaults::default(),
+            retention: Duration::from_secs(24 * 3600),
+            job_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(30),
+            poll_after: Duration::from_millis(1000),
+            webhooks: WebhookConfig::default(),
+        }
+    }
+}
+
+/// The model's name as clients see it: the last part of its path or repository id.
+pub fn default_model_name(model: &str) -> String {
+    let trimmed = model.trim_end_matches('/');
+    trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
+}
+
+/// Bearer keys. Only their SHA-256 digests are kept, and a presented key is compared with each in
+/// constant time, so neither timing nor a memory dump gives a key away.
+#[derive(Clone)]
+pub struct ApiKeys(Vec<[u8; 32]>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+impl ApiKeys {
+    pub fn new<S: AsRef<str>>(keys: &[S]) -> Result<Self> {
+        let keys: Vec<&str> = keys.iter().map(|k| k.as_ref().trim()).filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            bail!("no API keys: give --api-keys-file (one key per line) or KINETOSCOPE_API_KEYS (comma-separated)");
+        }
+        if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+            bail!("an API key is {} characters long; use at least 16", short.len());
+        }
+        Ok(ApiKeys(keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect()))
+    }
+
+    /// Keys from a file (one per line, `#` comments) and/or a comma-separated list, both optional.
+    pub fn load(file: Option<&Path>, list: Option<&str>) -> Result<Self> {
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading API keys from {}", path.display()))?;
+            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        }
+        if let Some(list) = list {
+            keys.extend(list.split(',').map(|k| k.trim().to_string()));
+        }
+        Self::new(&keys)
+    }
+
+    pub fn allows(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Every key is compared, so the time taken doesn't say which one matched.
+        self.0.iter().fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&digest)).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_a_file_and_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# ops\nkey-from-the-file-0001\n\n").unwrap();
+        let keys = ApiKeys::load(Some(&file), Some(" key-from-the-env-0002 ,")).unwrap();
+        assert!(keys.allows("key-from-the-file-0001"));
+        assert!(keys.allows("key-from-the-env-0002"));
+        assert!(!keys.allows("key-from-the-file-000"));
+        assert!(!keys.allows(""));
+        assert_eq!(format!("{keys:?}"), "ApiKeys(2 keys)");
+    }
+
+    #[test]
+    fn no_keys_or_short_keys_are_refused() {
+        let err = ApiKeys::load(None, Some(" , ")).unwrap_err();
+        assert!(err.to_string().contains("KINETOSCOPE_API_KEYS"), "{err}");
+        let err = ApiKeys::new(&["short"]).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+    }
+
+    #[test]
+    fn model_name_is_the_last_path_part() {
+        assert_eq!(default_model_name("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), "Wan2.1-T2V-1.3B-Diffusers");
+        assert_eq!(default_model_name("/models/tiny/"), "tiny");
+    }
+}

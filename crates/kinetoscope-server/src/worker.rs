@@ -1,0 +1,271 @@
+//! One worker per device: it loads the model once, then takes jobs from the store in order, renders
+//! them, and writes each MP4 and thumbnail by rename so a download never sees half a file.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kinetoscope::{GenerateRequest, InputVideo, LoadOptions, ModelDir, Pipeline};
+use kinetoscope_video::Frames;
+
+use crate::error::job_error_code;
+use crate::metrics::{DeviceLabel, Outcome};
+use crate::store::{Job, Settings};
+use crate::webhooks::EventKind;
+use crate::{unix_now, Shared};
+
+/// Why a running job was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stop {
+    None = 0,
+    /// Deleted by its owner: its row is gone, its files must go too.
+    Deleted = 1,
+    /// The server is shutting down: the job goes back to the queue.
+    Shutdown = 2,
+}
+
+/// A running job's stop flag, set by the API or the shutdown and read by the worker after each step.
+#[derive(Debug, Default)]
+pub struct StopFlag(AtomicU8);
+
+impl StopFlag {
+    pub fn set(&self, stop: Stop) {
+        self.0.store(stop as u8, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Stop {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Stop::Deleted,
+            2 => Stop::Shutdown,
+            _ => Stop::None,
+        }
+    }
+}
+
+/// Wakes idle workers when a job is queued (they also look every second, so a missed wake costs
+/// at most that).
+#[derive(Default)]
+pub struct Wake {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let guard = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = *guard;
+        let _ = self.changed.wait_timeout_while(guard, timeout, |g| *g == seen);
+    }
+}
+
+/// Where a job's files live: named by the job id the server made, never by anything a client sent.
+pub fn video_path(shared: &Shared, id: &str) -> PathBuf {
+    shared.config.data_dir.join("videos").join(format!("{id}.mp4"))
+}
+
+pub fn thumbnail_path(shared: &Shared, id: &str) -> PathBuf {
+    shared.config.data_dir.join("videos").join(format!("{id}.png"))
+}
+
+/// The source video of an edit, copied or uploaded when the job was accepted.
+pub fn input_path(shared: &Shared, id: &str) -> PathBuf {
+    shared.config.data_dir.join("inputs").join(format!("{id}.mp4"))
+}
+
+pub fn remove_files(shared: &Shared, id: &str) {
+    for path in [video_path(shared, id), thumbnail_path(shared, id), input_path(shared, id)] {
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), "cannot remove: {e}");
+            }
+        }
+    }
+}
+
+/// The worker's loop; returns when the server stops or the model can't be loaded.
+pub fn run(shared: Arc<Shared>, device: String) {
+    let pipeline = match load(&shared, &device) {
+        Ok(pipeline) => Arc::new(pipeline),
+        Err(e) => {
+            tracing::error!(device, "cannot load the model: {e}");
+            let failure = (job_error_code(&e), format!("{device}: {e}"));
+            shared.load_failures.lock().unwrap_or_else(|p| p.into_inner()).push(failure);
+            return;
+        }
+    };
+    let _ = shared.pipeline.set(pipeline.clone());
+    shared.metrics.workers_ready.inc();
+    tracing::info!(device, "model loaded; taking jobs");
+    while !shared.is_stopping() {
+        match shared.store.claim_next() {
+            Ok(Some(job)) => render(&shared, &pipeline, &device, job),
+            Ok(None) => shared.wake.wait(Duration::from_secs(1)),
+            Err(e) => {
+                tracing::error!("cannot take a job: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    shared.metrics.workers_ready.dec();
+}
+
+fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
+    let dir = ModelDir::open(&shared.config.model)?;
+    let options = LoadOptions { device: kinetoscope::open_device(device)?, dtype: shared.config.dtype };
+    Pipeline::load(&dir, &options)
+}
+
+pub fn to_request(settings: &Settings) -> GenerateRequest {
+    GenerateRequest {
+        prompt: settings.prompt.clone(),
+        negative_prompt: settings.negative_prompt.clone(),
+        height: settings.height,
+        width: settings.width,
+        num_frames: settings.num_frames,
+        steps: settings.steps,
+        guidance_scale: settings.guidance_scale,
+        seed: settings.seed,
+        fps: settings.fps,
+        step_cache: settings.step_cache,
+        ..GenerateRequest::default()
+    }
+}
+
+fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
+    let id = job.id.clone();
+    let stop = Arc::new(StopFlag::default());
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stop.clone());
+    shared.publish(&id);
+    tracing::info!(id, attempt = job.attempts, "rendering");
+
+    let started = Instant::now();
+    let deadline = started + shared.config.job_timeout;
+    let mut timed_out = false;
+    let mut last_step = Instant::now();
+    let request = to_request(&job.settings);
+    let mut on_step = |progress: kinetoscope::Progress| {
+        shared.metrics.step_seconds.observe(last_step.elapsed().as_secs_f64());
+        last_step = Instant::now();
+        if let Some(bytes) = kinetoscope::gpu_memory_used(pipeline.device()) {
+            shared
+                .metrics
+                .gpu_memory_bytes
+                .get_or_create(&DeviceLabel { device: device.to_string() })
+                .set(bytes as i64);
+        }
+        // Denoising is most of the work; 100 is kept for when the files are written.
+        let percent = (progress.step * 99 / progress.steps.max(1)) as i64;
+        match shared.store.set_progress(&id, percent) {
+            Ok(true) => shared.publish(&id),
+            Ok(false) => return ControlFlow::Break(()),
+            Err(e) => tracing::warn!(id, "cannot record progress: {e}"),
+        }
+        timed_out = Instant::now() > deadline;
+        if timed_out || stop.get() != Stop::None {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let result = match &job.settings.edit {
+        None => pipeline.generate_with_progress(&request, &mut on_step),
+        Some(edit) => read_input(shared, &id)
+            .and_then(|input| pipeline.fit_input(input, edit, &request))
+            .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step)),
+    };
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+
+    let now = unix_now();
+    let outcome = match result {
+        Ok(video) => match write_files(shared, &id, &video) {
+            Ok(()) => {
+                let expires = now + shared.config.retention.as_secs() as i64;
+                match shared.store.complete(&id, now, expires) {
+                    Ok(true) => Some("completed".to_string()),
+                    // Deleted while it was being written: nothing may outlive the job.
+                    _ => {
+                        remove_files(shared, &id);
+                        None
+                    }
+                }
+            }
+            Err(message) => fail(shared, &id, now, "output_write_failed", &message),
+        },
+        Err(kinetoscope::Error::Cancelled { .. }) if !timed_out => match stop.get() {
+            Stop::Shutdown => {
+                tracing::info!(id, "stopped by the shutdown; queued again");
+                if let Err(e) = shared.store.requeue(&id) {
+                    tracing::error!(id, "cannot re-queue: {e}");
+                }
+                None
+            }
+            // Deleted: the API already removed the row and answered the client.
+            Stop::Deleted | Stop::None => {
+                remove_files(shared, &id);
+                None
+            }
+        },
+        Err(kinetoscope::Error::Cancelled { step, steps }) => {
+            let limit = shared.config.job_timeout.as_secs();
+            fail(
+                shared,
+                &id,
+                now,
+                "timed_out",
+                &format!("stopped at step {step} of {steps}: the job limit is {limit} s"),
+            )
+        }
+        Err(e) => fail(shared, &id, now, job_error_code(&e), &e.to_string()),
+    };
+    if let Some(outcome) = outcome {
+        shared.metrics.job_seconds.observe(started.elapsed().as_secs_f64());
+        shared.metrics.jobs.get_or_create(&Outcome { outcome: outcome.clone() }).inc();
+        let kind = if outcome == "completed" { EventKind::Completed } else { EventKind::Failed };
+        shared.webhooks.notify(kind, &id, job.webhook_url.as_deref());
+        tracing::info!(id, outcome, seconds = started.elapsed().as_secs_f64(), "finished");
+    }
+    shared.publish(&id);
+}
+
+/// The job's source video as frames.
+fn read_input(shared: &Shared, id: &str) -> kinetoscope::Result<InputVideo> {
+    let path = input_path(shared, id);
+    let frames = kinetoscope_video::read_frames(&path).map_err(|e| kinetoscope::Error::InvalidRequest {
+        field: "video",
+        reason: format!("unreadable source video: {e}"),
+    })?;
+    InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
+}
+
+/// Records a failure; returns the outcome to count, or `None` if the job was deleted meanwhile.
+fn fail(shared: &Shared, id: &str, now: i64, code: &str, message: &str) -> Option<String> {
+    tracing::warn!(id, code, "failed: {message}");
+    match shared.store.fail(id, now, code, message) {
+        Ok(true) => Some(code.to_string()),
+        Ok(false) => None,
+        Err(e) => {
+            tracing::error!(id, "cannot record the failure: {e}");
+            None
+        }
+    }
+}
+
+fn write_files(shared: &Shared, id: &str, video: &kinetoscope::Video) -> Result<(), String> {
+    let frames =
+        Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width).map_err(|e| e.to_string())?;
+    let mp4 = video_path(shared, id);
+    let written = kinetoscope_video::write_mp4(&mp4, &frames, video.fps)
+        .and_then(|_| kinetoscope_video::write_png(&thumbnail_path(shared, id), &frames, video.num_frames / 2));
+    written.map_err(|e| {
+        remove_files(shared, id);
+        e.to_string()
+    })
+}

@@ -1,0 +1,116 @@
+//! Named trade-offs of quality against speed: each sets the denoising steps, the size and the step cache
+//! of a request.
+//!
+//! | preset | steps | width × height | step cache |
+//! | --- | --- | --- | --- |
+//! | `quality` | 50 | 832 × 480 | off |
+//! | `balanced` | 30 | 832 × 480 | 0.05 |
+//! | `draft` | 20 | 416 × 240 | 0.10 |
+//!
+//! `quality` is Wan 2.1's own pipeline defaults. `draft` halves both sides of Wan 2.1's 832 × 480, which
+//! stays a multiple of 16 (8 pixels per latent cell × the transformer's 2 × 2 patches). The step cache
+//! thresholds are relative L1 changes of the first transformer block's residual (see
+//! [`GenerateRequest::step_cache`]): 0.05 is diffusers' `FirstBlockCacheConfig` default, 0.10 reuses more
+//! steps at a visible cost in fine detail.
+//!
+//! A preset is a starting point, not a mode: callers start from [`GenerateRequest::default`], apply the
+//! preset, then set the fields the user gave explicitly, so an explicit value always wins. The number of
+//! frames, guidance and everything else keep their values.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::GenerateRequest;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// A quick look: half size, 20 steps, a strong step cache.
+    Draft,
+    /// Full size, 30 steps, a mild step cache.
+    Balanced,
+    /// Full size, 50 steps, every step computed.
+    Quality,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::Draft, Preset::Balanced, Preset::Quality];
+
+    /// Sets `steps`, `height`, `width` and `step_cache` of `request` to this preset's values (the table in
+    /// the module documentation).
+    pub fn apply(self, request: &mut GenerateRequest) {
+        let (steps, width, height, step_cache) = match self {
+            Preset::Draft => (20, 416, 240, Some(0.10)),
+            Preset::Balanced => (30, 832, 480, Some(0.05)),
+            Preset::Quality => (50, 832, 480, None),
+        };
+        request.steps = steps;
+        request.width = width;
+        request.height = height;
+        request.step_cache = step_cache;
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Draft => "draft",
+            Preset::Balanced => "balanced",
+            Preset::Quality => "quality",
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Preset::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown preset {s:?}: expected one of {}", names.join(", "))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_text_and_json() {
+        for preset in Preset::ALL {
+            assert_eq!(preset.to_string().parse::<Preset>(), Ok(preset));
+            let json = serde_json::to_string(&preset).unwrap();
+            assert_eq!(json, format!("\"{preset}\""));
+            assert_eq!(serde_json::from_str::<Preset>(&json).unwrap(), preset);
+        }
+        let err = "fast".parse::<Preset>().unwrap_err();
+        assert!(err.contains("\"fast\"") && err.contains("draft, balanced, quality"), "{err}");
+    }
+
+    #[test]
+    fn quality_is_the_pipeline_default_and_the_others_are_cheaper() {
+        let default = GenerateRequest::default();
+        let mut quality = GenerateRequest::default();
+        Preset::Quality.apply(&mut quality);
+        assert_eq!(
+            (quality.steps, quality.width, quality.height, quality.step_cache),
+            (default.steps, default.width, default.height, default.step_cache)
+        );
+
+        let mut balanced = GenerateRequest { num_frames: 49, ..Default::default() };
+        Preset::Balanced.apply(&mut balanced);
+        assert_eq!((balanced.steps, balanced.width, balanced.height, balanced.step_cache), (30, 832, 480, Some(0.05)));
+        assert_eq!(balanced.num_frames, 49, "a preset leaves the frame count alone");
+
+        let mut draft = GenerateRequest::default();
+        Preset::Draft.apply(&mut draft);
+        assert_eq!((draft.steps, draft.width, draft.height, draft.step_cache), (20, 416, 240, Some(0.10)));
+        assert!(draft.width % 16 == 0 && draft.height % 16 == 0);
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `kinetoscope serve` driven by the official openai Python SDK (pinned in
+# crates/kinetoscope-server/tests/sdk/requirements.txt), in a virtual environment this script makes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${KINETOSCOPE_SDK_VENV:-$HOME/.cache/kinetoscope/sdk-venv}"
+requirements=crates/kinetoscope-server/tests/sdk/requirements.txt
+if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
+fi
+cargo build --locked -p kinetoscope-cli
+binary="${CARGO_TARGET_DIR:-target}/debug/kinetoscope"
+"$venv/bin/python" crates/kinetoscope-server/tests/sdk/test_openai_sdk.py --binary "$binary" --model models/tiny/wan21-tiny-a
