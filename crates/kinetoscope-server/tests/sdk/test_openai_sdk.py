@@ -83,7 +83,8 @@ class Server:
     def wait_ready(self):
         deadline = time.time() + 120
         while time.time() < deadline:
-            check(self.process.poll() is None, "the server exited while starting")
+            if self.process.poll() is not None:
+                raise AssertionError("the server exited while starting")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
                     if r.status == 200:
