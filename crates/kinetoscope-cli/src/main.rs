@@ -4,6 +4,7 @@ mod batch;
 mod edit;
 mod generate;
 mod manifest;
+mod models;
 mod output;
 mod serve;
 
@@ -25,6 +26,8 @@ enum Command {
     Batch(batch::Args),
     /// Serve the OpenAI Videos API over HTTP: durable jobs, progress events and signed webhooks.
     Serve(serve::Args),
+    /// List the supported models, or check a model folder before a long job.
+    Models(models::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Models(args) => models::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -110,8 +110,11 @@ fn decode(
             }
         }
     };
-    let mut packet = Packet::empty();
     loop {
+        // A fresh packet per read: av_read_frame overwrites the packet without releasing the buffer it
+        // held, so reusing one leaks every packet but the last (a few KB per video, found by
+        // benches/server_soak.rs); dropping a Packet releases its buffer.
+        let mut packet = Packet::empty();
         match packet.read(&mut input) {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,

@@ -15,6 +15,7 @@ mod model_dir;
 mod noise;
 mod pipeline;
 mod preset;
+pub mod registry;
 pub mod scheduler;
 mod text;
 
@@ -29,4 +30,5 @@ pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};
 pub use preset::Preset;
+pub use registry::{models, verify, ModelManifest, VerifyReport};
 pub use text::{clean_prompt, TextEncoder};

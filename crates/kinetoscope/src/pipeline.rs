@@ -151,26 +151,7 @@ impl Pipeline {
         let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
             .map_err(weights_error("vae"))?;
 
-        let config_path = |c: &str| dir.component(c).join("config.json");
-        if transformer_config.text_dim != text_encoder.dim() {
-            return Err(Error::Config {
-                path: config_path("transformer"),
-                reason: format!(
-                    "text_dim {} doesn't match the text encoder's d_model {}",
-                    transformer_config.text_dim,
-                    text_encoder.dim()
-                ),
-            });
-        }
-        if transformer_config.in_channels != vae_config.z_dim {
-            return Err(Error::Config {
-                path: config_path("transformer"),
-                reason: format!(
-                    "in_channels {} doesn't match the VAE's z_dim {}",
-                    transformer_config.in_channels, vae_config.z_dim
-                ),
-            });
-        }
+        crate::registry::check_configs_agree(dir, &transformer_config, text_encoder.dim(), &vae_config)?;
         Ok(Pipeline {
             identity,
             device,

@@ -1,0 +1,417 @@
+//! The supported models (one JSON manifest each, in `models/registry/`, embedded at build time) and a
+//! pre-flight check of a model folder against what the code needs, before a long job starts.
+//!
+//! [`verify`] reads configs and safetensors headers only, never tensor data: it builds the real networks over a
+//! `VarBuilder` whose backend checks each requested tensor's name, shape and dtype against the headers and
+//! hands back a broadcast zero, so the list of needed tensors is the model code's own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use kinetoscope_models::umt5::{self, UMT5Encoder};
+use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
+use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
+use safetensors::tensor::Metadata;
+use safetensors::Dtype;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model_dir::{read_json, ModelDir};
+use crate::scheduler::SchedulerConfig;
+
+const MANIFESTS: [&str; 2] = [
+    include_str!("../../../models/registry/wan2.1-t2v-1.3b.json"),
+    include_str!("../../../models/registry/wan2.1-t2v-14b.json"),
+];
+
+/// The precision the networks are built in while verifying. A few constructors re-lay-out their weights (the
+/// VAE's causal convolutions, the patch embedding), which copies the placeholder zeros; half precision halves
+/// that transient memory (about 250 MB for Wan 2.1's VAE). Stored dtypes are checked separately.
+const VERIFY_DTYPE: DType = DType::BF16;
+
+/// Safetensors headers above this size are refused rather than read (real ones are a few MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One supported model: where it comes from, how its folder is laid out, the config values that identify it,
+/// and the generation defaults its authors recommend.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelManifest {
+    pub id: String,
+    pub name: String,
+    /// Models of one family share a pipeline and a folder layout, and differ only in config values.
+    pub family: String,
+    pub repo_id: String,
+    pub pipeline_class: String,
+    /// By component folder: its class in `model_index.json` and the files it must hold besides weights.
+    pub components: BTreeMap<String, ComponentManifest>,
+    /// By component: config keys and the values this model has; all must match for a folder to be this model.
+    pub configs: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+    pub defaults: Defaults,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ComponentManifest {
+    pub library: String,
+    pub class: String,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Defaults {
+    pub width: usize,
+    pub height: usize,
+    pub num_frames: usize,
+    pub fps: u32,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub shift: f64,
+}
+
+/// The registry, parsed once.
+pub fn models() -> &'static [ModelManifest] {
+    static MODELS: OnceLock<Vec<ModelManifest>> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        MANIFESTS
+            .iter()
+            .map(|text| serde_json::from_str(text).expect("the embedded manifests are checked by a unit test"))
+            .collect()
+    })
+}
+
+/// What [`verify`] found in a folder that passed.
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    pub root: PathBuf,
+    /// The family whose layout the folder follows.
+    pub family: String,
+    /// The registry entry every identifying config value matches; `None` for a model of a known family with
+    /// other sizes (the tiny test models, a fine-tune with another depth).
+    pub model: Option<&'static ModelManifest>,
+    /// The networks' weights, in the order checked.
+    pub weights: Vec<WeightsReport>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightsReport {
+    pub component: &'static str,
+    pub files: usize,
+    /// Tensors the code needs, all present with the right shape.
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Stored dtypes of the needed tensors, e.g. `["bf16"]`.
+    pub dtypes: Vec<&'static str>,
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.model {
+            Some(m) => writeln!(f, "{}: {} ({}), OK", self.root.display(), m.name, m.id)?,
+            None => writeln!(
+                f,
+                "{}: unknown model of the {} family, configs are self-consistent, OK",
+                self.root.display(),
+                self.family
+            )?,
+        }
+        for w in &self.weights {
+            writeln!(
+                f,
+                "  {:<13} {} tensors, {} parameters, {} in {} file(s)",
+                w.component,
+                w.tensors,
+                w.parameters,
+                w.dtypes.join("+"),
+                w.files
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    /// Component folder → `[library, class]` (`[null, null]` for an unused slot).
+    #[serde(flatten)]
+    components: BTreeMap<String, serde_json::Value>,
+}
+
+/// Checks that `dir` holds everything the code needs to run it, reading configs and safetensors headers only:
+/// `model_index.json` and its pipeline class, each component's class and files, the configs, the shards an
+/// index lists, and every tensor the networks load (present, right shape, stored as f32, f16 or bf16).
+pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
+    let index_path = dir.root().join("model_index.json");
+    let index: ModelIndex = read_json(&index_path)?;
+    let family = models().iter().find(|m| m.pipeline_class == index.class_name).ok_or_else(|| Error::Config {
+        path: index_path.clone(),
+        reason: format!(
+            "pipeline class {} is not supported (supported: {})",
+            index.class_name,
+            models().iter().map(|m| m.pipeline_class.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    })?;
+    for (name, component) in &family.components {
+        let expected = serde_json::json!([component.library, component.class]);
+        if index.components.get(name) != Some(&expected) {
+            return Err(Error::Config {
+                path: index_path.clone(),
+                reason: format!("component {name} should be {expected}, found {}", show(index.components.get(name))),
+            });
+        }
+        for file in &component.files {
+            let path = dir.component(name).join(file);
+            if !path.is_file() {
+                return Err(Error::MissingFile { path, what: format!("the {name}'s {file}") });
+            }
+        }
+    }
+
+    let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
+    scheduler.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
+    let text_cfg: umt5::Config = dir.config("text_encoder", "config.json")?;
+    let transformer_cfg: transformer::Config = dir.config("transformer", "config.json")?;
+    let vae_cfg: vae::Config = dir.config("vae", "config.json")?;
+    check_configs_agree(dir, &transformer_cfg, text_cfg.d_model, &vae_cfg)?;
+
+    let weights = vec![
+        check_weights(dir, "text_encoder", |vb| UMT5Encoder::new(&text_cfg, vb).map(drop))?,
+        check_weights(dir, "transformer", |vb| WanTransformer3DModel::new(&transformer_cfg, vb).map(drop))?,
+        check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?,
+    ];
+    let model = identify(dir, &family.pipeline_class)?;
+    Ok(VerifyReport { root: dir.root().to_path_buf(), family: family.family.clone(), model, weights })
+}
+
+/// The transformer's inputs must be as wide as what feeds them: the text encoder's states and the VAE's
+/// latents.
+pub(crate) fn check_configs_agree(
+    dir: &ModelDir,
+    transformer: &transformer::Config,
+    text_dim: usize,
+    vae: &vae::Config,
+) -> Result<()> {
+    let mismatch =
+        |reason: String| Err(Error::Config { path: dir.component("transformer").join("config.json"), reason });
+    if transformer.text_dim != text_dim {
+        return mismatch(format!(
+            "text_dim {} doesn't match the text encoder's d_model {text_dim}",
+            transformer.text_dim
+        ));
+    }
+    if transformer.in_channels != vae.z_dim {
+        return mismatch(format!(
+            "in_channels {} doesn't match the VAE's z_dim {}",
+            transformer.in_channels, vae.z_dim
+        ));
+    }
+    Ok(())
+}
+
+fn show(value: Option<&serde_json::Value>) -> String {
+    value.map_or_else(|| "nothing".to_string(), |v| v.to_string())
+}
+
+/// The registry entry of `pipeline_class` whose every identifying config value the folder's configs have.
+fn identify(dir: &ModelDir, pipeline_class: &str) -> Result<Option<&'static ModelManifest>> {
+    let mut configs: HashMap<&str, serde_json::Value> = HashMap::new();
+    for model in models().iter().filter(|m| m.pipeline_class == pipeline_class) {
+        let mut matches = true;
+        for (component, expected) in &model.configs {
+            if !configs.contains_key(component.as_str()) {
+                let file = &model.components[component].files[0];
+                configs.insert(component.as_str(), read_json(&dir.component(component).join(file))?);
+            }
+            let config = &configs[component.as_str()];
+            matches &= expected.iter().all(|(key, value)| config.get(key) == Some(value));
+        }
+        if matches {
+            return Ok(Some(model));
+        }
+    }
+    Ok(None)
+}
+
+/// Builds a network over `component`'s safetensors headers, so that every tensor it asks for is checked.
+fn check_weights(
+    dir: &ModelDir,
+    component: &'static str,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> Result<WeightsReport> {
+    let files = dir.weight_files(component)?;
+    let mut tensors = HashMap::new();
+    for file in &files {
+        for (name, info) in read_header(component, file)?.tensors() {
+            tensors.insert(name, StoredTensor { file: file.clone(), dtype: info.dtype, shape: info.shape.clone() });
+        }
+    }
+    let backend = HeaderBackend { tensors, used: Default::default() };
+    let used = backend.used.clone();
+    let vb = VarBuilder::from_backend(Box::new(backend), VERIFY_DTYPE, Device::Cpu);
+    build(vb).map_err(|e| Error::Weights { component, path: dir.component(component), reason: e.to_string() })?;
+    let used = used.lock().expect("no panic while holding the lock");
+    let mut dtypes: Vec<&'static str> = used.values().map(|t| dtype_name(t.dtype)).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Ok(WeightsReport {
+        component,
+        files: files.len(),
+        tensors: used.len(),
+        parameters: used.values().map(|t| t.shape.iter().product::<usize>() as u64).sum(),
+        dtypes,
+    })
+}
+
+/// Parses a safetensors file's header (8-byte length, then JSON) and checks that the file is as long as the
+/// header says, without reading past the header.
+fn read_header(component: &'static str, path: &Path) -> Result<Metadata> {
+    let bad = |reason: String| Error::Weights { component, path: path.to_path_buf(), reason };
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(|_| bad(format!("{file_len} bytes: too short for a safetensors file")))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "the header claims {header_len} bytes but the file has {file_len}: truncated or not safetensors"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable safetensors header: {e}")))?;
+    let expected_len = 8 + header_len + metadata.data_len() as u64;
+    if file_len != expected_len {
+        return Err(bad(format!("the header describes {expected_len} bytes but the file has {file_len}: truncated?")));
+    }
+    Ok(metadata)
+}
+
+fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::BF16 => "bf16",
+        _ => "unsupported",
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StoredTensor {
+    file: PathBuf,
+    dtype: Dtype,
+    shape: Vec<usize>,
+}
+
+/// Answers the networks' requests for weights from the headers: a broadcast zero of the requested shape, which
+/// allocates one element, after checking that the tensor is stored with that shape in a supported dtype.
+struct HeaderBackend {
+    tensors: HashMap<String, StoredTensor>,
+    /// The tensors the networks asked for, for the report.
+    used: Arc<Mutex<HashMap<String, StoredTensor>>>,
+}
+
+impl HeaderBackend {
+    fn lookup(&self, name: &str, expected: Option<&Shape>) -> candle_core::Result<&StoredTensor> {
+        let Some(stored) = self.tensors.get(name) else {
+            let shape = expected.map_or_else(String::new, |s| format!(" of shape {:?}", s.dims()));
+            candle_core::bail!("tensor {name}{shape} is missing")
+        };
+        if let Some(expected) = expected {
+            if stored.shape != expected.dims() {
+                candle_core::bail!(
+                    "tensor {name} in {} has shape {:?}, expected {:?}",
+                    stored.file.display(),
+                    stored.shape,
+                    expected.dims()
+                )
+            }
+        }
+        if !matches!(stored.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            candle_core::bail!(
+                "tensor {name} in {} is stored as {:?}; expected f32, f16 or bf16",
+                stored.file.display(),
+                stored.dtype
+            )
+        }
+        self.used.lock().expect("no panic while holding the lock").insert(name.to_string(), stored.clone());
+        Ok(stored)
+    }
+}
+
+fn placeholder(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+}
+
+impl SimpleBackend for HeaderBackend {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.lookup(name, Some(&s))?;
+        placeholder(s.dims(), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let shape = self.lookup(name, None)?.shape.clone();
+        placeholder(&shape, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_manifest_parses_and_names_its_configs_components() {
+        assert_eq!(models().len(), MANIFESTS.len());
+        for m in models() {
+            for component in m.configs.keys() {
+                let files = &m.components.get(component).expect("configs name a component").files;
+                assert!(
+                    files.first().is_some_and(|f| f.ends_with(".json")),
+                    "{}: {component} lists its config first",
+                    m.id
+                );
+            }
+            assert_eq!(m.defaults.num_frames % 4, 1, "{}", m.id);
+        }
+    }
+
+    /// A folder holding only the configs of `model`, with `transformer.num_layers` set to `layers`.
+    fn configs_of(model: &ModelManifest, layers: usize) -> (tempfile::TempDir, ModelDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("model_index.json"), "{}").unwrap();
+        for (component, values) in &model.configs {
+            let mut values = values.clone();
+            if component == "transformer" {
+                values.insert("num_layers".into(), layers.into());
+            }
+            let dir = tmp.path().join(component);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(&model.components[component].files[0]), serde_json::to_string(&values).unwrap())
+                .unwrap();
+        }
+        let dir = ModelDir::from_path(tmp.path()).unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_model_is_identified_by_all_its_config_values() {
+        for m in models() {
+            let layers = m.configs["transformer"]["num_layers"].as_u64().unwrap() as usize;
+            let (_tmp, dir) = configs_of(m, layers);
+            assert_eq!(identify(&dir, &m.pipeline_class).unwrap().map(|found| &found.id), Some(&m.id));
+            let (_tmp, dir) = configs_of(m, layers + 1);
+            assert!(identify(&dir, &m.pipeline_class).unwrap().is_none(), "{}", m.id);
+        }
+    }
+}

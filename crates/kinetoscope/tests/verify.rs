@@ -1,0 +1,166 @@
+//! `registry::verify` on the tiny models and on broken copies of them: each fault is reported naming the file
+//! and the tensor, and the check reads safetensors headers only.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use kinetoscope::{verify, Error, ModelDir};
+use safetensors::tensor::{Metadata, TensorInfo};
+
+fn tiny(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny").join(name)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn broken_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join(name);
+    copy_dir(&tiny(name), &root);
+    (tmp, root)
+}
+
+fn verify_path(root: &Path) -> kinetoscope::Result<kinetoscope::VerifyReport> {
+    verify(&ModelDir::from_path(root)?)
+}
+
+#[test]
+fn both_tiny_models_verify_as_the_wan21_family() {
+    for name in ["wan21-tiny-a", "wan21-tiny-b"] {
+        let report = verify_path(&tiny(name)).unwrap();
+        assert!(report.model.is_none(), "{name} is no registry entry");
+        assert_eq!(report.family, "Wan 2.1 text-to-video");
+        let components: Vec<_> = report.weights.iter().map(|w| w.component).collect();
+        assert_eq!(components, ["text_encoder", "transformer", "vae"]);
+        assert!(report.weights.iter().all(|w| w.tensors > 0 && w.parameters > 0), "{report}");
+        assert!(report.to_string().contains("unknown model"), "{report}");
+    }
+    let b = verify_path(&tiny("wan21-tiny-b")).unwrap();
+    let transformer = &b.weights[1];
+    assert_eq!((transformer.files, transformer.dtypes.as_slice()), (4, ["bf16"].as_slice()));
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let file = root.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    tensors.insert("proj_out.weight".into(), Tensor::zeros((64, 63), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let err = verify_path(&root).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Weights { component: "transformer", .. }), "{text}");
+    assert!(text.contains("proj_out.weight") && text.contains("[64, 63]") && text.contains("[64, 64]"), "{text}");
+    assert!(text.contains("diffusion_pytorch_model.safetensors"), "{text}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let file = root.join("vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    tensors.remove("post_quant_conv.bias").unwrap();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let text = verify_path(&root).unwrap_err().to_string();
+    assert!(text.contains("post_quant_conv.bias") && text.contains("missing"), "{text}");
+}
+
+#[test]
+fn a_missing_shard_is_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-b");
+    let shard = root.join("transformer/diffusion_pytorch_model-00003-of-00004.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    let err = verify_path(&root).unwrap_err();
+    assert!(matches!(&err, Error::MissingFile { path, .. } if *path == shard), "{err}");
+}
+
+#[test]
+fn a_truncated_file_is_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let file = root.join("vae/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 100).unwrap();
+    let err = verify_path(&root).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(&err, Error::Weights { component: "vae", path, .. } if *path == file), "{text}");
+    assert!(text.contains("truncated"), "{text}");
+}
+
+#[test]
+fn configs_that_disagree_are_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let config_path = root.join("vae/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"z_dim\": 16", "\"z_dim\": 8");
+    std::fs::write(&config_path, config).unwrap();
+    let err = verify_path(&root).unwrap_err();
+    assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("z_dim 8"), "{err}");
+}
+
+#[test]
+fn a_missing_tokenizer_is_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    std::fs::remove_file(root.join("tokenizer/tokenizer.json")).unwrap();
+    let err = verify_path(&root).unwrap_err();
+    assert!(matches!(&err, Error::MissingFile { path, .. } if path.ends_with("tokenizer/tokenizer.json")), "{err}");
+}
+
+#[test]
+fn an_unsupported_dtype_is_named() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let file = root.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let bias = tensors["proj_out.bias"].to_dtype(DType::I64).unwrap();
+    tensors.insert("proj_out.bias".into(), bias);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let text = verify_path(&root).unwrap_err().to_string();
+    assert!(text.contains("proj_out.bias") && text.contains("I64"), "{text}");
+}
+
+/// The transformer's weights rewritten as a sparse file with a feed-forward width of 2^24, 16 GB of (absent)
+/// data: verify passes without reading or allocating it, which loading the weights could not.
+#[test]
+fn verify_reads_headers_only() {
+    let (_tmp, root) = broken_copy("wan21-tiny-a");
+    let ffn_dim = 1usize << 24;
+    let config_path = root.join("transformer/config.json");
+    let config =
+        std::fs::read_to_string(&config_path).unwrap().replace("\"ffn_dim\": 64", &format!("\"ffn_dim\": {ffn_dim}"));
+    std::fs::write(&config_path, config).unwrap();
+
+    let file = root.join("transformer/diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let mut infos = Vec::new();
+    let mut offset = 0;
+    for (name, tensor) in tensors {
+        let mut shape = tensor.dims().to_vec();
+        if name.ends_with("ffn.net.0.proj.weight") || name.ends_with("ffn.net.0.proj.bias") {
+            shape[0] = ffn_dim;
+        } else if name.ends_with("ffn.net.2.weight") {
+            shape[1] = ffn_dim;
+        }
+        let bytes = shape.iter().product::<usize>() * 4;
+        infos
+            .push((name, TensorInfo { dtype: safetensors::Dtype::F32, shape, data_offsets: (offset, offset + bytes) }));
+        offset += bytes;
+    }
+    let header = serde_json::to_vec(&Metadata::new(None, infos).unwrap()).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len((bytes.len() + offset) as u64).unwrap();
+    assert!(offset > 16 << 30);
+
+    let report = verify_path(&root).unwrap();
+    assert!(report.weights[1].parameters > (4 << 30), "{report}");
+}
