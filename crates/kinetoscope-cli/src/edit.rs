@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use kinetoscope::{
-    EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, Pipeline, Progress, Video, MAX_EXTEND_SECONDS,
+    EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, Pipeline, Progress, TimeRange, Video,
+    MAX_EXTEND_SECONDS,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -30,7 +31,7 @@ pub struct EditArgs {
     /// latent frame on each side of the range is blended): seconds of the input, START s-END s (e.g.
     /// 2.0s-3.5s, frames shown from START up to before END), or frame indices FIRST-LAST (e.g. 32-55, both
     /// included). All steps run; --strength doesn't apply.
-    #[arg(long, value_name = "RANGE", requires = "input_video", conflicts_with = "strength", value_parser = parse_range)]
+    #[arg(long, value_name = "RANGE", requires = "input_video", conflicts_with = "strength")]
     redo: Option<TimeRange>,
     /// Extend this video: generate what follows it with the prompt, conditioned on its last 9 frames, and
     /// write the video and the new frames as one MP4 at the video's size (rounded down to multiples of 16)
@@ -42,15 +43,6 @@ pub struct EditArgs {
     /// How long a part --extend-from adds, in (0, 10] seconds; rounded up to a multiple of 4 frames.
     #[arg(long, requires = "extend_from", value_parser = parse_seconds)]
     seconds: Option<f64>,
-}
-
-/// A `--redo` range as given.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum TimeRange {
-    /// Seconds of the input, end excluded.
-    Seconds(f64, f64),
-    /// Frame indices, both included.
-    Frames(usize, usize),
 }
 
 /// What to do with the source.
@@ -99,12 +91,13 @@ impl EditArgs {
                 Mode::Extend { seconds: self.seconds, fps: fps as u32, extension: None }
             }
             None => Mode::VideoToVideo { strength: self.strength },
-            Some(range @ TimeRange::Frames(first, last)) => Mode::Redo { range, frames: first..last + 1 },
-            Some(range @ TimeRange::Seconds(start, end)) => {
-                let fps = kinetoscope_video::probe(path).with_context(cannot_read)?.fps;
-                // Frame i is shown from i/fps: the range holds the frames whose time is in [start, end).
-                let frame_at = |t: f64| (t * fps - 1e-9).ceil().max(0.0) as usize;
-                Mode::Redo { range, frames: frame_at(start)..frame_at(end) }
+            Some(range) => {
+                // Only a range in seconds needs the clip's frame rate.
+                let fps = match range {
+                    TimeRange::Seconds(..) => kinetoscope_video::probe(path).with_context(cannot_read)?.fps,
+                    TimeRange::Frames(..) => 0.0,
+                };
+                Mode::Redo { range, frames: range.frames(fps) }
             }
         };
         Ok(Some(Edit { input, mode, source: path.clone(), sha256, source_shape }))
@@ -210,31 +203,6 @@ impl Edit {
     }
 }
 
-fn parse_range(s: &str) -> Result<TimeRange, String> {
-    let bad = || {
-        format!("{s:?} is not a range: expected seconds as START s-END s (e.g. 2.0s-3.5s) or frames as FIRST-LAST (e.g. 32-55)")
-    };
-    let (start, end) = s.split_once('-').ok_or_else(bad)?;
-    let (start, end) = (start.trim(), end.trim());
-    match (start.strip_suffix('s'), end.strip_suffix('s')) {
-        (Some(start), Some(end)) => {
-            let (start, end) = (start.parse::<f64>().map_err(|_| bad())?, end.parse::<f64>().map_err(|_| bad())?);
-            if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end) {
-                return Err(format!("{s:?}: expected 0 ≤ START < END seconds"));
-            }
-            Ok(TimeRange::Seconds(start, end))
-        }
-        (None, None) => {
-            let (first, last) = (start.parse::<usize>().map_err(|_| bad())?, end.parse::<usize>().map_err(|_| bad())?);
-            if first > last {
-                return Err(format!("{s:?}: the first frame comes after the last"));
-            }
-            Ok(TimeRange::Frames(first, last))
-        }
-        _ => Err(bad()),
-    }
-}
-
 fn parse_strength(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
@@ -258,18 +226,6 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_are_seconds_or_frames() {
-        assert_eq!(parse_range("2.0s-3.5s"), Ok(TimeRange::Seconds(2.0, 3.5)));
-        assert_eq!(parse_range("0s-1s"), Ok(TimeRange::Seconds(0.0, 1.0)));
-        assert_eq!(parse_range("32-55"), Ok(TimeRange::Frames(32, 55)));
-        assert_eq!(parse_range("7-7"), Ok(TimeRange::Frames(7, 7)));
-        for bad in ["2.0s-3", "abc", "5", "-1-3", "1.5-2.5", "3s-2s", "9-4"] {
-            let err = parse_range(bad).unwrap_err();
-            assert!(err.contains(bad), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn seconds_are_in_zero_to_the_cap() {

@@ -180,6 +180,6 @@ impl ModelArgs {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType, String> {
+pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
     kinetoscope::parse_dtype(s).map_err(|e| e.to_string())
 }

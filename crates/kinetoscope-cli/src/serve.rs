@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long = "device")]
     devices: Vec<String>,
     /// Precision of the text encoder and the transformer: f32, bf16 or f16.
-    #[arg(long, default_value = "f32", value_parser = |s: &str| kinetoscope::parse_dtype(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "f32", value_parser = crate::generate::parse_dtype)]
     dtype: DType,
     /// Address to listen on; only this machine can connect unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:8080")]

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
-use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset};
+use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset, TimeRange};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -198,33 +198,17 @@ async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) 
     probed.map_err(|reason| ApiError::invalid("invalid_video", "video", format!("video: {reason}")))
 }
 
-/// A `redo` range of `source`: frame indices `FIRST-LAST` (both included) or seconds `STARTs-ENDs` (end
-/// excluded), as `kinetoscope generate --redo` takes them.
+/// A `redo` range of `source` as `kinetoscope generate --redo` takes it ([`TimeRange`]), as frames inside it.
 fn redo_range(text: &str, source: &SourceVideo) -> ApiResult<(usize, usize)> {
-    let invalid = |why: String| ApiError::invalid("invalid_redo", "redo", format!("redo {text:?}: {why}"));
-    let (a, b) = text.split_once('-').ok_or_else(|| invalid("expected FIRST-LAST frames or STARTs-ENDs".into()))?;
-    let (start, end) = match (a.trim().strip_suffix('s'), b.trim().strip_suffix('s')) {
-        (Some(a), Some(b)) => {
-            let (a, b): (f64, f64) = (
-                a.parse().map_err(|_| invalid("bad start".into()))?,
-                b.parse().map_err(|_| invalid("bad end".into()))?,
-            );
-            let frame_at = |t: f64| (t * f64::from(source.fps) - 1e-9).ceil().max(0.0) as usize;
-            (frame_at(a), frame_at(b))
-        }
-        _ => {
-            let first: usize = a.trim().parse().map_err(|_| invalid("bad first frame".into()))?;
-            let last: usize = b.trim().parse().map_err(|_| invalid("bad last frame".into()))?;
-            (first, last + 1)
-        }
-    };
-    if start >= end || end > source.frames {
+    let invalid = |why: String| ApiError::invalid("invalid_redo", "redo", format!("redo: {why}"));
+    let frames = text.parse::<TimeRange>().map_err(invalid)?.frames(f64::from(source.fps));
+    if frames.start >= frames.end || frames.end > source.frames {
         return Err(invalid(format!(
-            "frames {start}..{end} are not a range inside the video's {} frames",
+            "{text:?} is frames {frames:?}, not a range inside the video's {} frames",
             source.frames
         )));
     }
-    Ok((start, end))
+    Ok((frames.start, frames.end))
 }
 
 fn seconds_of(frames: usize, fps: u32) -> String {

@@ -209,21 +209,29 @@ async fn shutdown_signal() {
 }
 
 /// Deletes the files of expired videos (their rows stay, so a download says "expired", not "unknown").
+/// Each sweep takes the videos that expired since the one before; the first, at start, takes every
+/// video that ever expired, in case the server was down when it should have.
 async fn expire_outputs(shared: Arc<Shared>) {
     let mut interval =
         tokio::time::interval(Duration::from_secs(60).min(shared.config.retention.max(Duration::from_secs(1))));
+    let mut swept_until = i64::MIN;
     loop {
         interval.tick().await;
+        let now = unix_now();
         let task_shared = shared.clone();
         let expired = tokio::task::spawn_blocking(move || {
-            let ids = task_shared.store.expired(unix_now())?;
+            let ids = task_shared.store.expired(swept_until, now)?;
             ids.iter().for_each(|id| worker::remove_files(&task_shared, id));
             Ok::<_, store::StoreError>(ids.len())
         })
         .await;
         match expired {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(n, "expired videos' files checked"),
+            Ok(Ok(n)) => {
+                swept_until = now;
+                if n > 0 {
+                    tracing::debug!(n, "expired videos' files deleted");
+                }
+            }
             Ok(Err(e)) => tracing::warn!("cannot expire videos: {e}"),
             Err(e) => tracing::warn!("the expiry task failed: {e}"),
         }

@@ -305,11 +305,12 @@ impl Store {
         Ok(job)
     }
 
-    /// Completed jobs whose files should go: expired at `now`.
-    pub fn expired(&self, now: i64) -> Result<Vec<String>, StoreError> {
+    /// Completed jobs that expired after `since` and by `now` (both unix seconds): their files should go.
+    pub fn expired(&self, since: i64, now: i64) -> Result<Vec<String>, StoreError> {
         let db = self.db();
-        let mut statement = db.prepare("SELECT id FROM videos WHERE status = 'completed' AND expires_at <= ?1")?;
-        let ids = statement.query_map([now], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let mut statement =
+            db.prepare("SELECT id FROM videos WHERE status = 'completed' AND expires_at > ?1 AND expires_at <= ?2")?;
+        let ids = statement.query_map([since, now], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
         Ok(ids)
     }
 
@@ -465,6 +466,20 @@ mod tests {
         store.claim_next().unwrap();
         store.complete("video_1", 2, 3).unwrap();
         store.insert(&job("video_3"), 1, 2).unwrap();
+    }
+
+    #[test]
+    fn each_expired_video_is_swept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.sqlite")).unwrap();
+        for (id, expires) in [("video_early", 100), ("video_late", 200)] {
+            store.insert(&job(id), 1, 10).unwrap();
+            store.claim_next().unwrap();
+            store.complete(id, 2, expires).unwrap();
+        }
+        assert_eq!(store.expired(i64::MIN, 150).unwrap(), ["video_early"]);
+        assert_eq!(store.expired(150, 250).unwrap(), ["video_late"]);
+        assert!(store.expired(250, 300).unwrap().is_empty());
     }
 
     #[test]

@@ -296,6 +296,58 @@ fn redo_mask(frames: &Range<usize>, num_frames: usize, frame_multiple: usize) ->
         .collect())
 }
 
+/// A time range of a clip as a user writes it: seconds `START s-END s` (e.g. `2.0s-3.5s`, end excluded) or
+/// frame indices `FIRST-LAST` (e.g. `32-55`, both included).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TimeRange {
+    Seconds(f64, f64),
+    Frames(usize, usize),
+}
+
+impl TimeRange {
+    /// The pixel frames the range covers, end excluded, in a clip at `fps` (used only for seconds): frame `i`
+    /// is shown from `i/fps`, so the range holds the frames whose time is in `[start, end)`.
+    pub fn frames(&self, fps: f64) -> Range<usize> {
+        match *self {
+            TimeRange::Seconds(start, end) => {
+                let frame_at = |t: f64| (t * fps - 1e-9).ceil().max(0.0) as usize;
+                frame_at(start)..frame_at(end)
+            }
+            TimeRange::Frames(first, last) => first..last + 1,
+        }
+    }
+}
+
+impl std::str::FromStr for TimeRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("{s:?} is not a range: expected seconds as START s-END s (e.g. 2.0s-3.5s) or frames as FIRST-LAST (e.g. 32-55)")
+        };
+        let (start, end) = s.split_once('-').ok_or_else(bad)?;
+        let (start, end) = (start.trim(), end.trim());
+        match (start.strip_suffix('s'), end.strip_suffix('s')) {
+            (Some(start), Some(end)) => {
+                let (start, end) = (start.parse::<f64>().map_err(|_| bad())?, end.parse::<f64>().map_err(|_| bad())?);
+                if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end) {
+                    return Err(format!("{s:?}: expected 0 ≤ START < END seconds"));
+                }
+                Ok(TimeRange::Seconds(start, end))
+            }
+            (None, None) => {
+                let (first, last) =
+                    (start.parse::<usize>().map_err(|_| bad())?, end.parse::<usize>().map_err(|_| bad())?);
+                if first > last {
+                    return Err(format!("{s:?}: the first frame comes after the last"));
+                }
+                Ok(TimeRange::Frames(first, last))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// One edit of a source clip, as a job queue or a sidecar records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -534,6 +586,20 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_are_seconds_or_frames() {
+        assert_eq!("2.0s-3.5s".parse(), Ok(TimeRange::Seconds(2.0, 3.5)));
+        assert_eq!("0s-1s".parse(), Ok(TimeRange::Seconds(0.0, 1.0)));
+        assert_eq!("32-55".parse(), Ok(TimeRange::Frames(32, 55)));
+        assert_eq!("7-7".parse(), Ok(TimeRange::Frames(7, 7)));
+        for bad in ["2.0s-3", "abc", "5", "-1-3", "1.5-2.5", "3s-2s", "9-4"] {
+            let err = bad.parse::<TimeRange>().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert_eq!(TimeRange::Seconds(2.0, 3.5).frames(16.0), 32..56);
+        assert_eq!(TimeRange::Frames(32, 55).frames(16.0), 32..56);
+    }
 
     #[test]
     fn first_step_follows_diffusers() {

@@ -22,7 +22,7 @@ mod text;
 pub use candle_core::{DType, Device};
 pub use device::{gpu_memory_used, open_device, parse_dtype};
 pub use edit::{
-    edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, InputVideo, RedoRequest,
+    edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, InputVideo, RedoRequest, TimeRange,
     MAX_EXTEND_SECONDS,
 };
 pub use error::{Error, Result};

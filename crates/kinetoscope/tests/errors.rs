@@ -5,21 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{model_dir, reference_request, tiny};
+use common::{copy_tree, model_dir, reference_request, tiny};
 use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 /// A copy of tiny model a, changed by `edit`, and the error loading it gives.
 fn load_error(edit: impl FnOnce(&Path)) -> String {

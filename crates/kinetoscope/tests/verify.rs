@@ -1,33 +1,23 @@
 //! `registry::verify` on the tiny models and on broken copies of them: each fault is reported naming the file
 //! and the tensor, and the check reads safetensors headers only.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::copy_tree;
 use kinetoscope::{verify, Error, ModelDir};
 use safetensors::tensor::{Metadata, TensorInfo};
 
 fn tiny(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny").join(name)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
+    common::tiny().join(name)
 }
 
 fn broken_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join(name);
-    copy_dir(&tiny(name), &root);
+    copy_tree(&tiny(name), &root);
     (tmp, root)
 }
 
