@@ -1,7 +1,9 @@
-"""Build the tiny random-weight Wan 2.1 pipelines and diffusers' reference outputs on them.
+"""Build the tiny random-weight Wan pipelines and diffusers' reference outputs on them.
 
 Run from anywhere with the pinned environment (requirements.txt); writes next to this file:
-`wan21-tiny-a/`, `wan21-tiny-b/` (diffusers layout) and `reference/<model>/` (see FIXTURES.md).
+`wan21-tiny-a/`, `wan21-tiny-b/` (Wan 2.1 text-to-video), `wan22-ti2v-tiny-a/`, `wan22-ti2v-tiny-b/` (Wan 2.2
+TI2V: text- and image-to-video in one network), each in the diffusers layout, and `reference/<model>/` (see
+FIXTURES.md).
 Everything is seeded, CPU and f32, so a rerun reproduces the files byte for byte.
 """
 
@@ -20,11 +22,13 @@ from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
     WanVideoToVideoPipeline,
 )
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 
@@ -69,6 +73,19 @@ EDIT_STRENGTH = 0.75
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config.json): everything else is the class default.
 SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
 
+# What Wan 2.2 TI2V-5B changes (Wan-AI/Wan2.2-TI2V-5B-Diffusers): the VAE patchifies 2x2 pixels into 12 channels,
+# has residual down/up blocks with a wider decoder and 16x spatial compression; the pipeline gives every latent
+# token its own timestep (`expand_timesteps`), the conditioning image's at 0; the schedule is shifted by 5.
+TI2V_VAE = dict(
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_temporal=4,
+    scale_factor_spatial=16,
+)
+TI2V_FLOW_SHIFT = 5.0
+
 CONFIGS = {
     "wan21-tiny-a": dict(
         umt5=dict(d_model=32, num_layers=3, num_heads=4, d_kv=8, d_ff=48),
@@ -99,6 +116,38 @@ CONFIGS = {
         ),
         sharded=True,
         seed=2,
+    ),
+    "wan22-ti2v-tiny-a": dict(
+        umt5=dict(d_model=32, num_layers=3, num_heads=4, d_kv=8, d_ff=48),
+        transformer=dict(num_attention_heads=2, attention_head_dim=32, freq_dim=16, ffn_dim=64, num_layers=2),
+        vae=dict(base_dim=4, decoder_base_dim=6, z_dim=8, num_res_blocks=1, **TI2V_VAE),
+        run=dict(
+            height=64,
+            width=96,
+            num_frames=9,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            max_sequence_length=512,
+        ),
+        ti2v=True,
+        sharded=False,
+        seed=3,
+    ),
+    "wan22-ti2v-tiny-b": dict(
+        umt5=dict(d_model=40, num_layers=4, num_heads=5, d_kv=6, d_ff=56),
+        transformer=dict(num_attention_heads=3, attention_head_dim=24, freq_dim=32, ffn_dim=96, num_layers=3),
+        vae=dict(base_dim=6, decoder_base_dim=8, z_dim=12, num_res_blocks=2, **TI2V_VAE),
+        run=dict(
+            height=96,
+            width=64,
+            num_frames=13,
+            num_inference_steps=3,
+            guidance_scale=3.5,
+            max_sequence_length=32,
+        ),
+        ti2v=True,
+        sharded=True,
+        seed=4,
     ),
 }
 
@@ -199,6 +248,7 @@ def build_pipeline(cfg, tokenizer):
     z = v["z_dim"]
     latents_mean = (0.5 * torch.randn(z, generator=gen)).tolist()
     latents_std = (1.0 + 1.5 * torch.rand(z, generator=gen)).tolist()
+    wan22 = {k: v[k] for k in ("decoder_base_dim", *TI2V_VAE) if k in v}
     vae = AutoencoderKLWan(
         base_dim=v["base_dim"],
         z_dim=z,
@@ -208,12 +258,21 @@ def build_pipeline(cfg, tokenizer):
         temperal_downsample=[False, True, True],
         latents_mean=[round(x, 4) for x in latents_mean],
         latents_std=[round(x, 4) for x in latents_std],
+        **wan22,
     ).eval()
     for m in (text_encoder, transformer, vae):
         redraw_(m, gen)
+    ti2v = cfg.get("ti2v", False)
     scheduler = UniPCMultistepScheduler(**SCHEDULER)
+    if ti2v:
+        scheduler = UniPCMultistepScheduler(**{**SCHEDULER, "flow_shift": TI2V_FLOW_SHIFT})
     return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        expand_timesteps=ti2v,
     )
 
 
@@ -259,6 +318,12 @@ def save(path, tensors):
     save_file(out, str(path))
 
 
+def latent_shape_of(vae, run):
+    c = vae.config
+    lat_t = (run["num_frames"] - 1) // c.scale_factor_temporal + 1
+    return (1, c.z_dim, lat_t, run["height"] // c.scale_factor_spatial, run["width"] // c.scale_factor_spatial)
+
+
 def scheduler_run(sched, n, sample_shape, gen, prefix):
     sched.set_timesteps(n)
     out = {
@@ -285,9 +350,7 @@ def references(name, cfg, pipe):
     gen = torch.Generator().manual_seed(100 + cfg["seed"])
     vae = pipe.vae
     z = vae.config.z_dim
-    lat_t = (run["num_frames"] - 1) // 4 + 1
-    lat_h, lat_w = run["height"] // 8, run["width"] // 8
-    latent_shape = (1, z, lat_t, lat_h, lat_w)
+    latent_shape = latent_shape_of(vae, run)
 
     # text
     def embeds(text):
@@ -314,6 +377,12 @@ def references(name, cfg, pipe):
     sched.set_timesteps(run["num_inference_steps"])
     t = sched.timesteps[1:2]
     hidden = torch.randn(latent_shape, generator=gen)
+    if pipe.config.expand_timesteps:
+        # one timestep per token, the first latent frame's at 0, as the image-to-video loop passes them
+        _, _, lat_t, lat_h, lat_w = latent_shape
+        mask = torch.ones(lat_t, lat_h // 2, lat_w // 2)
+        mask[0] = 0
+        t = (mask * t).flatten().unsqueeze(0)
     tr_out = pipe.transformer(
         hidden_states=hidden, timestep=t, encoder_hidden_states=prompt_embeds, return_dict=False
     )[0]
@@ -404,9 +473,7 @@ def video_to_video_references(name, cfg, pipe):
     assert torch.equal(pre, (frames * 2 - 1).permute(3, 0, 1, 2).unsqueeze(0)), "preprocessing resampled"
 
     seed = 200 + cfg["seed"]
-    lat_t = (run["num_frames"] - 1) // 4 + 1
-    latent_shape = (1, pipe.vae.config.z_dim, lat_t, run["height"] // 8, run["width"] // 8)
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(latent_shape_of(pipe.vae, run), generator=torch.Generator().manual_seed(seed))
     start = {}
     prepare = v2v.prepare_latents
 
@@ -444,6 +511,62 @@ def video_to_video_references(name, cfg, pipe):
     (out_dir / "video_to_video.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
+@torch.no_grad()
+def image_to_video_references(name, cfg, pipe):
+    """`WanImageToVideoPipeline` with `expand_timesteps` (Wan 2.2 TI2V) from the same components and noise.
+
+    The image is 8-bit (so a PNG of it is exact) at the run's size, so preprocessing only maps it to [-1, 1];
+    the script checks that. It is encoded alone (one frame) to the posterior's mode, normalized, and held as
+    the first latent frame, whose tokens get timestep 0.
+    """
+    run = cfg["run"]
+    out_dir = ROOT / "reference" / name
+    names = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+    i2v = WanImageToVideoPipeline(**{k: pipe.components[k] for k in names}, expand_timesteps=True)
+    i2v.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(300 + cfg["seed"])
+    pixels = torch.randint(0, 256, (run["height"], run["width"], 3), generator=gen, dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    image_f32 = pixels.to(torch.float32) / 255
+    pre = i2v.video_processor.preprocess(image, height=run["height"], width=run["width"])
+    assert torch.equal(pre, (image_f32 * 2 - 1).permute(2, 0, 1).unsqueeze(0)), "preprocessing resampled"
+
+    noise = torch.randn(latent_shape_of(pipe.vae, run), generator=gen)
+    captured = {}
+    prepare = i2v.prepare_latents
+
+    def capture(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        captured["condition"] = out[1].clone()
+        return out
+
+    i2v.prepare_latents = capture
+    common = dict(
+        image=image,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        height=run["height"],
+        width=run["width"],
+        num_frames=run["num_frames"],
+        num_inference_steps=run["num_inference_steps"],
+        guidance_scale=run["guidance_scale"],
+        max_sequence_length=run["max_sequence_length"],
+    )
+    final_latents = i2v(**common, latents=noise.clone(), output_type="latent").frames
+    frames = i2v(**common, latents=noise.clone(), output_type="np").frames[0]
+    save(
+        out_dir / "image_to_video.safetensors",
+        {
+            "image": image_f32,
+            "noise": noise,
+            "condition": captured["condition"],
+            "final_latents": final_latents,
+            "frames": torch.from_numpy(np.ascontiguousarray(frames)),
+        },
+    )
+    Image.fromarray(pixels.numpy()).save(out_dir / "image.png")
+
+
 def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -459,7 +582,10 @@ def main():
             assert all(p.dtype == torch.float32 for p in m.parameters())
         pipe.set_progress_bar_config(disable=True)
         references(name, cfg, pipe)
-        video_to_video_references(name, cfg, pipe)
+        if cfg.get("ti2v"):
+            image_to_video_references(name, cfg, pipe)
+        else:
+            video_to_video_references(name, cfg, pipe)
         print(f"{name}: done")
 
 

@@ -29,3 +29,10 @@ fn tiny_a_matches_diffusers() -> Result<()> {
 fn tiny_b_sharded_bf16_matches_diffusers() -> Result<()> {
     check("wan21-tiny-b")
 }
+
+/// Wan 2.2 TI2V: one timestep per token, the first latent frame's tokens at 0 (`timestep` is `[1, L]`).
+#[test]
+fn ti2v_per_token_timesteps_match_diffusers() -> Result<()> {
+    check("wan22-ti2v-tiny-a")?;
+    check("wan22-ti2v-tiny-b")
+}

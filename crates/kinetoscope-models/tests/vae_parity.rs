@@ -45,6 +45,20 @@ fn encode_matches_diffusers() -> Result<()> {
     check_encode("wan21-tiny-b")
 }
 
+/// Wan 2.2's VAE: patchified pixels, residual blocks with averaging / duplicating shortcuts, a
+/// decoder wider than the encoder.
+#[test]
+fn wan22_decode_matches_diffusers() -> Result<()> {
+    check_decode("wan22-ti2v-tiny-a")?;
+    check_decode("wan22-ti2v-tiny-b")
+}
+
+#[test]
+fn wan22_encode_matches_diffusers() -> Result<()> {
+    check_encode("wan22-ti2v-tiny-a")?;
+    check_encode("wan22-ti2v-tiny-b")
+}
+
 /// Streaming equals batch: the first latent frame alone, then all the others in one chunk, gives
 /// the same video as diffusers' frame-by-frame decode.
 #[test]

@@ -1,4 +1,4 @@
-//! The Wan 2.1 spacetime transformer (text-to-video DiT), in diffusers' layout.
+//! The Wan spacetime transformer (the text-to-video DiT of Wan 2.1 and Wan 2.2 TI2V), in diffusers' layout.
 //!
 //! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models", <https://arxiv.org/abs/2503.20314>.
 //! Reference: diffusers' `WanTransformer3DModel`,
@@ -7,6 +7,8 @@
 //! Latents `[B, C, T, H, W]` are cut into `patch_size` patches, one token each. Every block applies
 //! self-attention with a 3D rotary embedding (time, height, width), cross-attention to the embedded prompt, and a
 //! GELU feed-forward; the timestep modulates (shift, scale, gate) the self-attention and the feed-forward.
+//! The timestep is one per batch item (Wan 2.1), or one per token (Wan 2.2 TI2V, whose image-conditioned
+//! first frame is at timestep 0 while the rest is noisy): the modulation is then per token too.
 //!
 //! Precision follows diffusers: the time embedder, the modulation tables and the layer norms stay in f32 whatever
 //! the weights' dtype (diffusers' `_keep_in_fp32_modules`), and normalization and modulation are computed in f32.
@@ -130,12 +132,13 @@ fn layer_norm_f32(x: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// `norm · (1 + scale) + shift`, the adaLN modulation, with `[B, 1, dim]` shift and scale.
+/// `norm · (1 + scale) + shift`, the adaLN modulation, with `[B, 1, dim]` (one timestep per batch item) or
+/// `[B, L, dim]` (one per token) shift and scale.
 fn modulate(norm: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     norm.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
-/// Sinusoidal timestep embedding `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/half)`, `[B]` → `[B, dim]`, in f32.
+/// Sinusoidal timestep embedding `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/half)`, `[N]` → `[N, dim]`, in f32.
 ///
 /// diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`; the frequencies are rounded exactly as
 /// its f32 arithmetic does (`-ln(10000)·i`, then `/ half`), because `t·f` with `t` near 1000 amplifies any
@@ -352,7 +355,7 @@ struct TransformerBlock {
     /// `None` when `cross_attn_norm` is false (diffusers' `nn.Identity`).
     norm2: Option<AffineLayerNorm>,
     ffn: FeedForward,
-    /// `[1, 6, dim]` f32: learned offsets of (shift, scale, gate) for attention, then for the feed-forward.
+    /// `[1, 1, 6, dim]` f32: learned offsets of (shift, scale, gate) for attention, then for the feed-forward.
     scale_shift_table: Tensor,
     eps: f64,
 }
@@ -366,17 +369,15 @@ impl TransformerBlock {
             attn2: Attention::new(cfg, vb.pp("attn2"))?,
             norm2,
             ffn: FeedForward::new(cfg, vb.pp("ffn"))?,
-            scale_shift_table: vb.to_dtype(DType::F32).get((1, 6, dim), "scale_shift_table")?,
+            scale_shift_table: vb.to_dtype(DType::F32).get((1, 6, dim), "scale_shift_table")?.unsqueeze(0)?,
             eps: cfg.eps,
         })
     }
 
-    /// `x` `[B, L, dim]`, `text` `[B, L_text, dim]`, `timestep_proj` `[B, 6, dim]`.
+    /// `x` `[B, L, dim]`, `text` `[B, L_text, dim]`, `timestep_proj` `[B, 1 or L, 6, dim]`.
     fn forward(&self, x: &Tensor, text: &Tensor, timestep_proj: &Tensor, rope: &Rope) -> Result<Tensor> {
         let dtype = x.dtype();
-        let modulation = self.scale_shift_table.broadcast_add(&timestep_proj.to_dtype(DType::F32)?)?;
-        let [shift, scale, gate, ff_shift, ff_scale, ff_gate]: [Tensor; 6] =
-            modulation.chunk(6, 1)?.try_into().expect("six chunks of a dimension of size 6");
+        let [shift, scale, gate, ff_shift, ff_scale, ff_gate] = modulation(&self.scale_shift_table, timestep_proj)?;
 
         let h = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
         let attn = self.attn1.forward(&h, &h, Some(rope))?;
@@ -392,6 +393,14 @@ impl TransformerBlock {
         let ff = self.ffn.forward(&h)?;
         (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?.to_dtype(dtype)
     }
+}
+
+/// The table plus the timestep's projection, `[1, 1, N, dim]` + `[B, 1 or L, N, dim]`, cut into its N
+/// `[B, 1 or L, dim]` parts, in f32.
+fn modulation<const N: usize>(table: &Tensor, projection: &Tensor) -> Result<[Tensor; N]> {
+    let sum = table.broadcast_add(&projection.to_dtype(DType::F32)?)?;
+    let parts = sum.chunk(N, 2)?.into_iter().map(|part| part.squeeze(2)).collect::<Result<Vec<_>>>()?;
+    Ok(parts.try_into().expect("N chunks of a dimension of size N"))
 }
 
 /// diffusers' `WanTimeTextImageEmbedding` without the image branch.
@@ -420,13 +429,15 @@ impl ConditionEmbedder {
         })
     }
 
-    /// `[B]` timesteps → (`temb` `[B, dim]`, `timestep_proj` `[B, 6, dim]`), both in `dtype`.
+    /// Timesteps `[B, N]` (N = 1, or one per token) → (`temb` `[B, N, dim]`, `timestep_proj` `[B, N, 6, dim]`),
+    /// both in `dtype`.
     fn time(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = timestep_embedding(timestep, self.freq_dim)?;
+        let (b, n) = timestep.dims2()?;
+        let t = timestep_embedding(&timestep.flatten_all()?, self.freq_dim)?;
         let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?.to_dtype(dtype)?;
         let proj = self.time_proj.forward(&temb.silu()?)?;
-        let (b, six_dim) = proj.dims2()?;
-        Ok((temb, proj.reshape((b, 6, six_dim / 6))?))
+        let dim = temb.dim(1)?;
+        Ok((temb.reshape((b, n, dim))?, proj.reshape((b, n, 6, dim))?))
     }
 
     fn text(&self, x: &Tensor) -> Result<Tensor> {
@@ -463,7 +474,7 @@ pub struct WanTransformer3DModel {
     rope: RotaryEmbedding,
     blocks: Vec<TransformerBlock>,
     proj_out: Linear,
-    /// `[1, 2, dim]` f32: offsets of (shift, scale) for the output norm.
+    /// `[1, 1, 2, dim]` f32: offsets of (shift, scale) for the output norm.
     scale_shift_table: Tensor,
     patch_size: [usize; 3],
     in_channels: usize,
@@ -497,7 +508,7 @@ impl WanTransformer3DModel {
             rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
             blocks,
             proj_out: linear(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"))?,
-            scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?,
+            scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?.unsqueeze(0)?,
             patch_size: cfg.patch_size,
             in_channels: cfg.in_channels,
             out_channels: cfg.out_channels(),
@@ -512,8 +523,9 @@ impl WanTransformer3DModel {
         self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?)
     }
 
-    /// Predicts from latents `[B, C, T, H, W]`, timesteps `[B]` and the prompt embedded by [`Self::embed_text`];
-    /// returns `[B, C_out, T, H, W]` in the weights' dtype.
+    /// Predicts from latents `[B, C, T, H, W]`, timesteps (`[B]`, or `[B, L]` with one per token in token order:
+    /// time, then height, then width of the patch grid) and the prompt embedded by [`Self::embed_text`]; returns
+    /// `[B, C_out, T, H, W]` in the weights' dtype.
     pub fn forward_embedded(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
         let embedded = self.embed(hidden_states, timestep, text)?;
         let x = self.run_blocks(embedded.tokens(), 0..self.num_blocks(), &embedded)?;
@@ -539,10 +551,16 @@ impl WanTransformer3DModel {
                 self.patch_size
             )
         }
-        if timestep.dims() != [b] {
-            bail!("Wan transformer: expected one timestep per batch item, shape [{b}], got {:?}", timestep.dims())
-        }
         let grid = [t / pt, h / ph, w / pw];
+        let tokens = grid.iter().product::<usize>();
+        let timestep = match timestep.dims() {
+            [n] if *n == b => timestep.unsqueeze(1)?,
+            [n, l] if *n == b && *l == tokens => timestep.clone(),
+            dims => bail!(
+                "Wan transformer: expected timesteps of shape [{b}] (one per batch item) or [{b}, {tokens}] (one per \
+                 token), got {dims:?}"
+            ),
+        };
         let (cos, sin) = self.rope.tables(grid, hidden_states.device())?;
 
         // [B, C, T', pt, H', ph, W', pw] → tokens in (T', H', W') order, each (C, pt, ph, pw) flattened as the
@@ -551,9 +569,9 @@ impl WanTransformer3DModel {
             .to_dtype(self.dtype)?
             .reshape(vec![b, c, grid[0], pt, grid[1], ph, grid[2], pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
-            .reshape((b, grid.iter().product::<usize>(), ()))?;
+            .reshape((b, tokens, ()))?;
         let tokens = self.patch_embedding.forward(&x)?;
-        let (temb, timestep_proj) = self.condition_embedder.time(timestep, self.dtype)?;
+        let (temb, timestep_proj) = self.condition_embedder.time(&timestep, self.dtype)?;
         Ok(Embedded {
             tokens,
             text: text.clone(),
@@ -581,9 +599,7 @@ impl WanTransformer3DModel {
     /// The last stage of [`Self::forward_embedded`]: tokens after the last block → the output norm, the
     /// projection and the patches put back, `[B, C_out, T, H, W]` in the weights' dtype.
     pub fn project_out(&self, x: &Tensor, embedded: &Embedded) -> Result<Tensor> {
-        let modulation = self.scale_shift_table.broadcast_add(&embedded.temb.to_dtype(DType::F32)?.unsqueeze(1)?)?;
-        let [shift, scale]: [Tensor; 2] =
-            modulation.chunk(2, 1)?.try_into().expect("two chunks of a dimension of size 2");
+        let [shift, scale] = modulation(&self.scale_shift_table, &embedded.temb.unsqueeze(2)?)?;
         let x = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
         let x = self.proj_out.forward(&x)?;
 

@@ -1,7 +1,7 @@
 //! The layers the Wan VAE's encoder and decoder are made of, on frames-major tensors
 //! `[batch, frames, channels, height, width]`.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
 use super::causal::{per_frame, CausalCache, CausalConv3d};
@@ -143,10 +143,10 @@ pub(super) enum Resample {
 }
 
 impl Resample {
-    /// diffusers' `upsample3d` when `temporal`, else `upsample2d`; `dim` channels in, `dim / 2`
-    /// out.
-    pub(super) fn up(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let conv = CausalConv3d::image(dim, dim / 2, 3, vb.pp("resample.1"))?;
+    /// diffusers' `upsample3d` when `temporal`, else `upsample2d`; `dim` channels in, `out_dim` out
+    /// (Wan 2.1 halves them, Wan 2.2's residual blocks keep them).
+    pub(super) fn up(dim: usize, out_dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
+        let conv = CausalConv3d::image(dim, out_dim, 3, vb.pp("resample.1"))?;
         let time_conv =
             temporal.then(|| CausalConv3d::new(dim, 2 * dim, (3, 1), (1, 0), 1, vb.pp("time_conv"))).transpose()?;
         Ok(Self::Up { conv, time_conv })
@@ -202,6 +202,79 @@ impl Resample {
                 }
                 Ok(x)
             }
+        }
+    }
+}
+
+/// The parameter-free shortcut of Wan 2.2's residual down blocks (diffusers' `AvgDown3D`): each
+/// `factor_t × factor_s × factor_s` cell of pixels becomes channels, and groups of those channels
+/// are averaged down to `out_dim`.
+#[derive(Debug, Clone)]
+pub(super) struct AvgDown {
+    out_dim: usize,
+    factor_t: usize,
+    factor_s: usize,
+}
+
+impl AvgDown {
+    pub(super) fn new(in_dim: usize, out_dim: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
+        if in_dim * factor_t * factor_s * factor_s % out_dim != 0 {
+            bail!("Wan VAE: a {in_dim} → {out_dim} channel shortcut can't average {factor_t}×{factor_s}² cells")
+        }
+        Ok(Self { out_dim, factor_t, factor_s })
+    }
+
+    /// `[B, T, C, H, W]` → `[B, ⌈T/f_t⌉, out_dim, H/f_s, W/f_s]`. Time is padded with zero frames at
+    /// the start to a multiple of `factor_t`, as diffusers does for every chunk on its own: the
+    /// stream's first frame is averaged with a zero frame.
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (ft, fs) = (self.factor_t, self.factor_s);
+        let (b, t, c, h, w) = x.dims5()?;
+        let pad = (ft - t % ft) % ft;
+        let x = x.pad_with_zeros(1, pad, 0)?;
+        let t = (t + pad) / ft;
+        // Channel `c·f + i_t·f_s² + i_h·f_s + i_w` of the merged cell, as diffusers orders them.
+        let cells = x
+            .reshape(vec![b, t, ft, c, h / fs, fs, w / fs, fs])?
+            .permute(vec![0, 1, 3, 2, 5, 7, 4, 6])?
+            .reshape((b, t, self.out_dim, c * ft * fs * fs / self.out_dim, h / fs, w / fs))?;
+        cells.mean(3)
+    }
+}
+
+/// The parameter-free shortcut of Wan 2.2's residual up blocks (diffusers' `DupUp3D`): each channel
+/// is repeated, and the copies are spread over a `factor_t × factor_s × factor_s` cell of pixels.
+#[derive(Debug, Clone)]
+pub(super) struct DupUp {
+    out_dim: usize,
+    factor_t: usize,
+    factor_s: usize,
+    repeats: usize,
+}
+
+impl DupUp {
+    pub(super) fn new(in_dim: usize, out_dim: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
+        let cell = out_dim * factor_t * factor_s * factor_s;
+        if cell % in_dim != 0 {
+            bail!("Wan VAE: a {in_dim} → {out_dim} channel shortcut can't fill {factor_t}×{factor_s}² cells")
+        }
+        Ok(Self { out_dim, factor_t, factor_s, repeats: cell / in_dim })
+    }
+
+    /// `[B, T, C, H, W]` → `[B, T·f_t, out_dim, H·f_s, W·f_s]`; on a stream's first chunk only the
+    /// last of each cell's frames is kept, as the main path doesn't double that chunk's frames.
+    pub(super) fn forward(&self, x: &Tensor, first_chunk: bool) -> Result<Tensor> {
+        let (ft, fs) = (self.factor_t, self.factor_s);
+        let (b, t, c, h, w) = x.dims5()?;
+        let copies = x.unsqueeze(3)?.broadcast_as((b, t, c, self.repeats, h, w))?;
+        let y = copies
+            .reshape(vec![b, t, self.out_dim, ft, fs, fs, h, w])?
+            .permute(vec![0, 1, 3, 2, 6, 4, 7, 5])?
+            .reshape((b, t * ft, self.out_dim, h * fs, w * fs))?;
+        if first_chunk {
+            y.narrow(1, ft - 1, t * ft - (ft - 1))
+        } else {
+            Ok(y)
         }
     }
 }

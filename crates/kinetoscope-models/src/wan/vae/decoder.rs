@@ -1,19 +1,21 @@
 //! The decoder: z_dim channels → video, 8× larger in space and 4× in time (but the first frame)
-//! for Wan 2.1.
+//! for Wan 2.1's and Wan 2.2's widths.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{MidBlock, Resample, ResidualBlock, RmsNorm};
+use super::blocks::{DupUp, MidBlock, Resample, ResidualBlock, RmsNorm};
 use super::causal::{CausalCache, CausalConv3d};
 use super::Config;
 
-/// `num_res_blocks + 1` residual blocks, then (except in the last block) an upsampler that halves
-/// the channels.
+/// `num_res_blocks + 1` residual blocks, then (except in the last block) an upsampler. Wan 2.1's
+/// upsampler halves the channels; Wan 2.2's (`is_residual`) keeps them and the block adds its
+/// input, spread over the larger output (diffusers' `WanResidualUpBlock`).
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<ResidualBlock>,
     upsampler: Option<Resample>,
+    avg_shortcut: Option<DupUp>,
 }
 
 impl UpBlock {
@@ -24,19 +26,29 @@ impl UpBlock {
                 ResidualBlock::new(in_dim, out_dim, vb.pp("resnets").pp(j))
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsampler =
-            upsample.map(|temporal| Resample::up(out_dim, temporal, vb.pp("upsamplers").pp(0))).transpose()?;
-        Ok(Self { resnets, upsampler })
+        let (upsampler, avg_shortcut) = match upsample {
+            None => (None, None),
+            Some(temporal) if cfg.is_residual => {
+                let upsampler = Resample::up(out_dim, out_dim, temporal, vb.pp("upsampler"))?;
+                let shortcut = DupUp::new(in_dim, out_dim, if temporal { 2 } else { 1 }, 2)?;
+                (Some(upsampler), Some(shortcut))
+            }
+            Some(temporal) => (Some(Resample::up(out_dim, out_dim / 2, temporal, vb.pp("upsamplers").pp(0))?), None),
+        };
+        Ok(Self { resnets, upsampler, avg_shortcut })
     }
 
     fn forward(&self, x: &Tensor, cache: &mut CausalCache) -> Result<Tensor> {
-        let mut x = x.clone();
+        let mut h = x.clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x, cache)?;
+            h = resnet.forward(&h, cache)?;
         }
-        match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&x, cache),
-            None => Ok(x),
+        if let Some(upsampler) = &self.upsampler {
+            h = upsampler.forward(&h, cache)?;
+        }
+        match &self.avg_shortcut {
+            Some(shortcut) => h + shortcut.forward(x, cache.first_chunk())?,
+            None => Ok(h),
         }
     }
 }
@@ -60,9 +72,9 @@ impl Decoder {
         let temperal_upsample: Vec<bool> = cfg.temperal_downsample.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(levels);
         for i in 0..levels {
-            // Each upsampler halves the channels, so every block after the first starts at half its
-            // predecessor's width.
-            let in_dim = if i == 0 { dims[0] } else { dims[i] / 2 };
+            // Wan 2.1's upsamplers halve the channels, so every block after the first starts at half
+            // its predecessor's width.
+            let in_dim = if i == 0 || cfg.is_residual { dims[i] } else { dims[i] / 2 };
             let upsample = (i + 1 < levels).then(|| temperal_upsample[i]);
             let vb = vb.pp("up_blocks").pp(i);
             up_blocks.push(UpBlock::new(in_dim, dims[i + 1], upsample, cfg, vb)?);

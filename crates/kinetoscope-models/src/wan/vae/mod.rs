@@ -1,4 +1,6 @@
-//! The Wan 2.1 causal 3D VAE: video ↔ latents, 8× smaller in height and width and 4× in time.
+//! The Wan causal 3D VAE: video ↔ latents, 8× smaller in height and width and 4× in time (Wan
+//! 2.1), or 16× in space (Wan 2.2: 2×2 pixels patchified into channels first, residual down and
+//! up blocks with parameter-free shortcuts, a wider decoder).
 //!
 //! Wan (<https://arxiv.org/abs/2503.20314>, "Wan-VAE") compresses `1 + 4k` frames into `1 + k`
 //! latent frames with convolutions that are causal in time, so that the first frame is encoded
@@ -48,11 +50,13 @@ pub struct Config {
     /// Per-channel statistics of the latents: the pipeline decodes `latents · std + mean`.
     pub latents_mean: Vec<f64>,
     pub latents_std: Vec<f64>,
-    /// Wan 2.2: residual down/up blocks with pixel-shuffle shortcuts (not supported yet).
+    /// Wan 2.2: residual down/up blocks with averaging / duplicating shortcuts.
     pub is_residual: bool,
+    /// Channels the encoder takes and the decoder gives: after patchifying, so 3·patch².
     pub in_channels: usize,
     pub out_channels: usize,
-    /// Wan 2.2: pixels patchified before the encoder (not supported yet).
+    /// Wan 2.2: each `patch × patch` square of pixels becomes channels before the encoder, and back
+    /// after the decoder.
     pub patch_size: Option<usize>,
     pub scale_factor_temporal: usize,
     pub scale_factor_spatial: usize,
@@ -90,6 +94,37 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Pixels per latent cell along height and width: one halving per downsampling, times the patch.
+    pub fn spatial_compression(&self) -> usize {
+        (1 << self.dim_mult.len().saturating_sub(1)) * self.patch()
+    }
+
+    fn patch(&self) -> usize {
+        self.patch_size.unwrap_or(1)
+    }
+}
+
+/// Frames-major `[B, T, C, H, W]` → `[B, T, C·p², H/p, W/p]`, channel `c·p² + i_w·p + i_h` for the
+/// pixel at `(i_h, i_w)` of its square, as diffusers' `patchify` orders them (width first).
+fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (b, t, c, h, w) = x.dims5()?;
+    x.reshape(vec![b, t, c, h / p, p, w / p, p])?.permute(vec![0, 1, 2, 6, 4, 3, 5])?.reshape((b, t, c * p * p, h / p, w / p))
+}
+
+/// The inverse of [`patchify`].
+fn unpatchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (b, t, cp, h, w) = x.dims5()?;
+    let c = cp / (p * p);
+    x.reshape(vec![b, t, c, p, p, h, w])?.permute(vec![0, 1, 2, 5, 4, 6, 3])?.reshape((b, t, c, h * p, w * p))
+}
+
 /// diffusers' `[B, C, T, H, W]` ↔ frames-major `[B, T, C, H, W]` (the swap is its own inverse).
 fn swap_channels_frames(x: &Tensor) -> Result<Tensor> {
     x.permute((0, 2, 1, 3, 4))
@@ -103,19 +138,32 @@ pub struct AutoencoderKLWan {
     post_quant_conv: CausalConv3d,
     decoder: Decoder,
     z_dim: usize,
-    in_channels: usize,
-    /// How much smaller latents are than pixels in height and width: one halving per downsampling.
+    /// Channels of the video itself, before patchifying.
+    video_channels: usize,
+    patch: usize,
+    /// How much smaller latents are than pixels in height and width.
     spatial_compression: usize,
     clip_output: bool,
 }
 
 impl AutoencoderKLWan {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        if cfg.is_residual {
-            bail!("Wan VAE config: `is_residual: true` (the Wan 2.2 VAE) is not supported yet")
+        let patch = cfg.patch();
+        if patch == 0 || cfg.in_channels % (patch * patch) != 0 || cfg.out_channels % (patch * patch) != 0 {
+            bail!(
+                "Wan VAE config: `in_channels` {} and `out_channels` {} must be multiples of `patch_size`² ({patch}²)",
+                cfg.in_channels,
+                cfg.out_channels
+            )
         }
-        if let Some(p) = cfg.patch_size.filter(|&p| p != 1) {
-            bail!("Wan VAE config: `patch_size: {p}` (the Wan 2.2 VAE) is not supported yet")
+        if cfg.scale_factor_spatial != cfg.spatial_compression() {
+            bail!(
+                "Wan VAE config: `scale_factor_spatial` {} disagrees with the network, which compresses {}× \
+                 (`dim_mult` {:?}, `patch_size` {patch})",
+                cfg.scale_factor_spatial,
+                cfg.spatial_compression(),
+                cfg.dim_mult
+            )
         }
         if !cfg.attn_scales.is_empty() {
             bail!(
@@ -139,20 +187,21 @@ impl AutoencoderKLWan {
             post_quant_conv: CausalConv3d::cube(cfg.z_dim, cfg.z_dim, 1, vb.pp("post_quant_conv"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             z_dim: cfg.z_dim,
-            in_channels: cfg.in_channels,
-            spatial_compression: 1 << (cfg.dim_mult.len() - 1),
+            video_channels: cfg.in_channels / (patch * patch),
+            patch,
+            spatial_compression: cfg.spatial_compression(),
             clip_output: cfg.clip_output,
         })
     }
 
-    /// Encodes a video `[B, C, 1 + 4k, H, W]` (values in [-1, 1], H and W multiples of 8) into the
-    /// posterior's `(mean, logvar)`, each `[B, z_dim, 1 + k, H/8, W/8]`; the log-variance is
-    /// clamped to [-30, 20].
+    /// Encodes a video `[B, C, 1 + 4k, H, W]` (values in [-1, 1], H and W multiples of the spatial
+    /// compression s) into the posterior's `(mean, logvar)`, each `[B, z_dim, 1 + k, H/s, W/s]`;
+    /// the log-variance is clamped to [-30, 20].
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, c, f, h, w) = x.dims5()?;
         let s = self.spatial_compression;
-        if c != self.in_channels {
-            bail!("Wan VAE encode: expected {} channels in [B, C, F, H, W], got {:?}", self.in_channels, x.dims())
+        if c != self.video_channels {
+            bail!("Wan VAE encode: expected {} channels in [B, C, F, H, W], got {:?}", self.video_channels, x.dims())
         }
         if f % ENCODE_CHUNK != 1 {
             bail!("Wan VAE encode: the frame count must be 4k+1, got {f} in [B, C, F, H, W] = {:?}", x.dims())
@@ -160,7 +209,7 @@ impl AutoencoderKLWan {
         if h % s != 0 || w % s != 0 {
             bail!("Wan VAE encode: height and width must be multiples of {s}, got [B, C, F, H, W] = {:?}", x.dims())
         }
-        let x = swap_channels_frames(x)?.contiguous()?;
+        let x = patchify(&swap_channels_frames(x)?.contiguous()?, self.patch)?;
         let mut cache = CausalCache::new();
         let mut chunks = vec![self.encoder.forward(&x.narrow(1, 0, 1)?, &mut cache)?];
         for start in (1..f).step_by(ENCODE_CHUNK) {
@@ -173,7 +222,7 @@ impl AutoencoderKLWan {
     }
 
     /// Decodes latents `[B, z_dim, T, h, w]` (already de-normalized) into a video `[B, C, 4(T−1)+1,
-    /// 8h, 8w]`, one latent frame at a time.
+    /// s·h, s·w]`, one latent frame at a time.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let t = self.latent_frames(z)?;
         if t == 0 {
@@ -201,7 +250,7 @@ impl AutoencoderKLWan {
             bail!("Wan VAE decode: a stream starts with one latent frame, then any number; got {:?}", z.dims())
         }
         let z = self.post_quant_conv.forward(&swap_channels_frames(z)?)?;
-        let x = swap_channels_frames(&self.decoder.forward(&z, cache)?)?;
+        let x = swap_channels_frames(&unpatchify(&self.decoder.forward(&z, cache)?, self.patch)?)?;
         if self.clip_output {
             x.clamp(-1.0, 1.0)
         } else {
@@ -227,12 +276,40 @@ mod tests {
         r.expect_err("an error").to_string()
     }
 
+    fn small_wan22() -> Config {
+        let patch = Config { patch_size: Some(2), in_channels: 12, out_channels: 12, ..small() };
+        Config { is_residual: true, decoder_base_dim: Some(3), scale_factor_spatial: 16, ..patch }
+    }
+
     #[test]
-    fn wan22_configs_are_refused_by_field() {
-        let residual = Config { is_residual: true, ..small() };
-        assert!(error_of(tiny_vae(&residual)).contains("is_residual"));
-        let patched = Config { patch_size: Some(2), ..small() };
-        assert!(error_of(tiny_vae(&patched)).contains("patch_size"));
+    fn inconsistent_patch_configs_are_refused_by_field() {
+        let odd_channels = Config { in_channels: 3, ..small_wan22() };
+        assert!(error_of(tiny_vae(&odd_channels)).contains("`in_channels` 3"));
+        let wrong_scale = Config { scale_factor_spatial: 8, ..small_wan22() };
+        let err = error_of(tiny_vae(&wrong_scale));
+        assert!(err.contains("scale_factor_spatial") && err.contains("16×"), "{err}");
+    }
+
+    #[test]
+    fn patchify_orders_channels_as_diffusers_and_inverts() -> Result<()> {
+        // One frame, one channel, 2×4 pixels numbered row-major.
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)?.reshape((1, 1, 1, 2, 4))?;
+        let p = patchify(&x, 2)?;
+        assert_eq!(p.dims(), &[1, 1, 4, 1, 2]);
+        // Channel i_w·2 + i_h: (0,0), (1,0), (0,1), (1,1) of each 2×2 square.
+        assert_eq!(p.flatten_all()?.to_vec1::<f32>()?, [0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]);
+        assert_eq!(unpatchify(&p, 2)?.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn wan22_decode_and_encode_give_diffusers_shapes() -> Result<()> {
+        let vae = tiny_vae(&small_wan22())?;
+        let video = vae.decode(&Tensor::zeros((1, 2, 3, 2, 3), DType::F32, &Device::Cpu)?)?;
+        assert_eq!(video.dims(), &[1, 3, 9, 32, 48]);
+        let (mean, _) = vae.encode(&video)?;
+        assert_eq!(mean.dims(), &[1, 2, 3, 2, 3]);
+        Ok(())
     }
 
     #[test]
