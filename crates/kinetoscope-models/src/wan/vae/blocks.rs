@@ -218,7 +218,7 @@ pub(super) struct AvgDown {
 
 impl AvgDown {
     pub(super) fn new(in_dim: usize, out_dim: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
-        if in_dim * factor_t * factor_s * factor_s % out_dim != 0 {
+        if !(in_dim * factor_t * factor_s * factor_s).is_multiple_of(out_dim) {
             bail!("Wan VAE: a {in_dim} → {out_dim} channel shortcut can't average {factor_t}×{factor_s}² cells")
         }
         Ok(Self { out_dim, factor_t, factor_s })
@@ -255,7 +255,7 @@ pub(super) struct DupUp {
 impl DupUp {
     pub(super) fn new(in_dim: usize, out_dim: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
         let cell = out_dim * factor_t * factor_s * factor_s;
-        if cell % in_dim != 0 {
+        if !cell.is_multiple_of(in_dim) {
             bail!("Wan VAE: a {in_dim} → {out_dim} channel shortcut can't fill {factor_t}×{factor_s}² cells")
         }
         Ok(Self { out_dim, factor_t, factor_s, repeats: cell / in_dim })

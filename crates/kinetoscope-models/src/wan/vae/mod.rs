@@ -112,7 +112,13 @@ fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, t, c, h, w) = x.dims5()?;
-    x.reshape(vec![b, t, c, h / p, p, w / p, p])?.permute(vec![0, 1, 2, 6, 4, 3, 5])?.reshape((b, t, c * p * p, h / p, w / p))
+    x.reshape(vec![b, t, c, h / p, p, w / p, p])?.permute(vec![0, 1, 2, 6, 4, 3, 5])?.reshape((
+        b,
+        t,
+        c * p * p,
+        h / p,
+        w / p,
+    ))
 }
 
 /// The inverse of [`patchify`].
@@ -149,7 +155,10 @@ pub struct AutoencoderKLWan {
 impl AutoencoderKLWan {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let patch = cfg.patch();
-        if patch == 0 || cfg.in_channels % (patch * patch) != 0 || cfg.out_channels % (patch * patch) != 0 {
+        if patch == 0
+            || !cfg.in_channels.is_multiple_of(patch * patch)
+            || !cfg.out_channels.is_multiple_of(patch * patch)
+        {
             bail!(
                 "Wan VAE config: `in_channels` {} and `out_channels` {} must be multiples of `patch_size`² ({patch}²)",
                 cfg.in_channels,
