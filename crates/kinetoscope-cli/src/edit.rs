@@ -1,7 +1,7 @@
 //! `generate --input-video`: video-to-video (`--strength`) or regenerating a time range (`--redo`); `generate
-//! --extend-from`: extending a clip (`--seconds`). Reads the source clip, fits it to a size and frame count
-//! the model takes, runs the library's edit, and says what the sidecar records of it (the source's hash, the
-//! edit).
+//! --extend-from`: extending a clip (`--seconds`); `generate --image`: image-to-video. Reads the source clip or
+//! image, fits it to a size and frame count the model takes, runs the library's edit, and says what the sidecar
+//! records of it (the source's hash, the edit).
 
 use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
@@ -43,6 +43,11 @@ pub struct EditArgs {
     /// How long a part --extend-from adds, in (0, 10] seconds; rounded up to a multiple of 4 frames.
     #[arg(long, requires = "extend_from", value_parser = parse_seconds)]
     seconds: Option<f64>,
+    /// Start the video from this image (PNG, JPEG or WebP), held as its first frame (models that take an image:
+    /// Wan 2.2 TI2V). The image is center-cropped to the aspect ratio of --width x --height and resized to that
+    /// size (bilinear, averaging when shrinking); the video has --frames frames.
+    #[arg(long, value_name = "IMAGE", conflicts_with_all = ["input_video", "extend_from"])]
+    image: Option<PathBuf>,
 }
 
 /// What to do with the source.
@@ -50,6 +55,7 @@ enum Mode {
     VideoToVideo { strength: f64 },
     Redo { range: TimeRange, frames: Range<usize> },
     Extend { seconds: Option<f64>, fps: u32, extension: Option<Extension> },
+    ImageToVideo,
 }
 
 /// An extension's length and where its frames come from: known once [`Edit::fit`] has run.
@@ -65,13 +71,22 @@ pub struct Edit {
     mode: Mode,
     source: PathBuf,
     sha256: String,
-    /// The clip as read: frames, width, height.
+    /// The clip or image as read: frames, width, height.
     source_shape: (usize, usize, usize),
 }
 
 impl EditArgs {
-    /// Reads and hashes `--input-video`, if given: before the model loads, so a bad file fails fast.
+    /// Reads and hashes `--input-video`, `--extend-from` or `--image`, if given: before the model loads, so a
+    /// bad file fails fast.
     pub fn read(&self) -> Result<Option<Edit>> {
+        if let Some(path) = &self.image {
+            let sha256 = file_sha256(path).with_context(|| format!("cannot read the image {}", path.display()))?;
+            let image = kinetoscope_video::read_image(path)?;
+            let (height, width) = (image.height(), image.width());
+            let input = InputVideo::from_rgb8(image.as_bytes(), 1, height, width)?;
+            let (mode, source, source_shape) = (Mode::ImageToVideo, path.clone(), (1, width, height));
+            return Ok(Some(Edit { input, mode, source, sha256, source_shape }));
+        }
         let (path, extend) = match (&self.input_video, &self.extend_from) {
             (Some(path), _) => (path, false),
             (None, Some(path)) => (path, true),
@@ -136,16 +151,19 @@ impl Edit {
             Mode::VideoToVideo { strength } => EditKind::VideoToVideo { strength: *strength },
             Mode::Redo { frames, .. } => EditKind::Redo { start: frames.start, end: frames.end },
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
+            Mode::ImageToVideo => EditKind::ImageToVideo,
         }
     }
 
     /// Sets what the edit decides of `request`: the frame count it generates, and to extend, size and frame rate.
+    /// An image decides nothing: the video has the request's frames.
     pub fn shape(&self, request: &mut GenerateRequest) {
         match &self.mode {
             Mode::Extend { fps, extension: Some(extension), .. } => {
                 request.num_frames = extension.layout.generated;
                 (request.height, request.width, request.fps) = (self.input.height, self.input.width, *fps);
             }
+            Mode::ImageToVideo => {}
             _ => request.num_frames = self.input.num_frames,
         }
     }
@@ -168,12 +186,11 @@ impl Edit {
     /// What the sidecar records under `edit`.
     pub fn record(&self) -> Value {
         let (frames, width, height) = self.source_shape;
-        let mut record = json!({
-            "source": self.source,
-            "source_sha256": self.sha256,
-            "source_video": { "frames": frames, "width": width, "height": height },
-            "frames_used": self.input.num_frames,
-        });
+        let mut record = json!({ "source": self.source, "source_sha256": self.sha256 });
+        if !matches!(self.mode, Mode::ImageToVideo) {
+            record["source_video"] = json!({ "frames": frames, "width": width, "height": height });
+            record["frames_used"] = json!(self.input.num_frames);
+        }
         match &self.mode {
             Mode::VideoToVideo { strength } => {
                 record["kind"] = json!("video_to_video");
@@ -197,6 +214,10 @@ impl Edit {
                     record["source_frames"] = json!([0, layout.kept]);
                     record["generated_frames"] = json!([layout.kept, end]);
                 }
+            }
+            Mode::ImageToVideo => {
+                record["kind"] = json!("image_to_video");
+                record["source_image"] = json!({ "width": width, "height": height });
             }
         }
         record

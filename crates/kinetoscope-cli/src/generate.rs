@@ -86,6 +86,10 @@ pub struct ModelArgs {
     /// Precision of the text encoder and the transformer: f32, bf16 or f16 (the VAE always runs in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
+    /// Working memory (beyond the weights) a stage may need, e.g. 8GiB or 512MiB; a request that would need
+    /// more fails with out_of_memory before the stage starts [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
+    memory_limit: Option<u64>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -170,7 +174,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<(Pipeline, f64)> {
         let start = Instant::now();
         let model = ModelDir::open(&self.model)?;
-        let options = LoadOptions { device: kinetoscope::open_device(&self.device)?, dtype: self.dtype };
+        let options = LoadOptions {
+            device: kinetoscope::open_device(&self.device)?,
+            dtype: self.dtype,
+            memory_limit: self.memory_limit,
+        };
         let pipeline = Pipeline::load(&model, &options)?;
         Ok((pipeline, start.elapsed().as_secs_f64()))
     }
@@ -182,4 +190,8 @@ impl ModelArgs {
 
 pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
     kinetoscope::parse_dtype(s).map_err(|e| e.to_string())
+}
+
+pub(crate) fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    s.parse::<kinetoscope::MemoryLimit>().map(kinetoscope::MemoryLimit::bytes)
 }

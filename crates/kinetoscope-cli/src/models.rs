@@ -72,7 +72,8 @@ mod tests {
         let repo_column = lines[0].find("REPOSITORY").unwrap();
         for (line, m) in lines[1..].iter().zip(kinetoscope::models()) {
             assert_eq!(line.find(&m.repo_id), Some(repo_column), "{text}");
-            assert!(line.contains("832x480"), "{text}");
+            let size = format!("{}x{}", m.defaults.width, m.defaults.height);
+            assert!(line.contains(&size), "{text}");
         }
     }
 }

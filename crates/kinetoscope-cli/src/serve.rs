@@ -24,6 +24,10 @@ pub struct Args {
     /// Precision of the text encoder and the transformer: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = crate::generate::parse_dtype)]
     dtype: DType,
+    /// Working memory (beyond the weights) a job's stage may need, e.g. 8GiB or 512MiB; a job that would need
+    /// more fails with out_of_memory before the stage starts [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = crate::generate::parse_memory_limit)]
+    memory_limit: Option<u64>,
     /// Address to listen on; only this machine can connect unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -120,6 +124,7 @@ pub fn run(args: Args) -> Result<()> {
         config.devices = vec!["cuda".into()];
     }
     config.dtype = args.dtype;
+    config.memory_limit = args.memory_limit;
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

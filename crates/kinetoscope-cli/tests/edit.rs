@@ -1,8 +1,8 @@
 //! `generate --input-video` end to end on the small test model: a clip rendered by the binary is fed back
 //! at another size, and comes out at that size with the clip's frame count (taken down to 4k+1) and a
 //! sidecar recording the source's hash and the strength; a time range is redone, keeping the clip's length;
-//! a clip is extended into one MP4 of its frames and the new ones; bad sources, strengths, ranges and
-//! lengths fail clearly.
+//! a clip is extended into one MP4 of its frames and the new ones; an image starts a video (Wan 2.2 TI2V);
+//! bad sources, strengths, ranges, lengths and images fail clearly.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,7 +10,11 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 fn generate(args: &[&str]) -> Output {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan21-tiny-a");
+    generate_with("wan21-tiny-a", args)
+}
+
+fn generate_with(model: &str, args: &[&str]) -> Output {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny").join(model);
     Command::new(env!("CARGO_BIN_EXE_kinetoscope"))
         .arg("generate")
         .arg("--model")
@@ -248,4 +252,74 @@ fn an_extension_joins_the_source_and_the_new_frames() {
     let out = generate(&["--prompt", "x", "--seconds", "1"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--extend-from"), "{}", stderr(&out));
+}
+
+/// The still of the TI2V fixtures (96×64), as diffusers' pipeline was given it.
+fn fixture_image() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/reference/wan22-ti2v-tiny-a/image.png")
+}
+
+#[test]
+fn an_image_starts_the_video_at_the_requested_size_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("fox.mp4");
+    // 96×64 into 64×64: the image is center-cropped to a square first.
+    let out = generate_with(
+        "wan22-ti2v-tiny-a",
+        &[
+            "--prompt",
+            "a red fox wakes up",
+            "--image",
+            fixture_image().to_str().unwrap(),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--frames",
+            "9",
+            "--output",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = kinetoscope_video::probe(&out_path).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (64, 64, 9));
+
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("fox.json")).unwrap()).unwrap();
+    let edit = &sidecar["edit"];
+    let sha256 = format!("{:x}", Sha256::digest(std::fs::read(fixture_image()).unwrap()));
+    assert_eq!(edit["kind"], "image_to_video");
+    assert_eq!(edit["source_sha256"], sha256.as_str());
+    assert_eq!(edit["source_image"], serde_json::json!({ "width": 96, "height": 64 }));
+}
+
+#[test]
+fn images_that_cannot_start_a_video_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixture_image();
+    let image = image.to_str().unwrap();
+    let out_path = dir.path().join("out.mp4");
+    let out_path = out_path.to_str().unwrap();
+
+    // Wan 2.1 T2V has no per-token timesteps to hold an image with.
+    let out = generate(&["--prompt", "x", "--image", image, "--height", "32", "--width", "48", "-o", out_path]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("image") && stderr(&out).contains("text only"), "{}", stderr(&out));
+
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"not an image").unwrap();
+    let out = generate_with("wan22-ti2v-tiny-a", &["--prompt", "x", "--image", not_an_image.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("notes.png") && stderr(&out).contains("PNG, JPEG or WebP"), "{}", stderr(&out));
+
+    let out = generate_with("wan22-ti2v-tiny-a", &["--prompt", "x", "--image", image, "--input-video", image]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--image") && stderr(&out).contains("--input-video"), "{}", stderr(&out));
+
+    // TI2V's grid is 32 pixels (16 in the VAE, 2 in the patch).
+    let out =
+        generate_with("wan22-ti2v-tiny-a", &["--prompt", "x", "--image", image, "--height", "48", "-o", out_path]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("height") && stderr(&out).contains("32"), "{}", stderr(&out));
 }

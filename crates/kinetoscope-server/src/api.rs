@@ -15,6 +15,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine as _;
 use futures_util::Stream;
 use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset, TimeRange};
 use serde::Deserialize;
@@ -23,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use crate::error::ApiError;
-use crate::fields::{Fields, VideoReference};
+use crate::fields::{Fields, ImageReference, VideoReference};
 use crate::store::{Job, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
 use crate::{unix_now, Shared, Update};
@@ -94,10 +95,67 @@ fn check_available(shared: &Shared) -> ApiResult<()> {
 
 async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
-    let mut fields = Fields::from_request(request, shared.config.limits.max_body_bytes).await?;
-    let job = resolve(&shared, &mut fields)?;
+    let limits = &shared.config.limits;
+    // A model that starts from images takes uploads here.
+    let takes_image = shared.pipeline.get().is_some_and(|p| p.takes_image());
+    let limit = if takes_image { limits.max_upload_bytes } else { limits.max_body_bytes };
+    let mut fields = Fields::from_request(request, limit).await?;
+    let image = fields.image_reference("input_reference")?;
+    if image.is_some() && !takes_image {
+        return Err(unsupported_reference(&shared));
+    }
+    let mut job = resolve(&shared, &mut fields)?;
     fields.finish()?;
-    enqueue(&shared, job).await
+    let Some(image) = image else { return enqueue(&shared, job).await };
+    let id = job.id.clone();
+    let sha256 = keep_image(&shared, image, &id).await?;
+    job.settings.edit = Some(EditKind::ImageToVideo);
+    job.settings.source_sha256 = Some(sha256);
+    enqueue_with_source(&shared, &id, Ok(job)).await
+}
+
+/// Keeps the image of an image-to-video job (`input_reference`) at the job's image path, once it decodes;
+/// answers its sha256. Only uploads and `data:` URLs are taken: the server fetches nothing.
+async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -> ApiResult<String> {
+    let invalid =
+        |reason: String| ApiError::invalid("invalid_image", "input_reference", format!("input_reference: {reason}"));
+    let unsupported = |reason: &str| {
+        ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
+    };
+    let bytes = match reference {
+        ImageReference::Upload(bytes) => bytes,
+        ImageReference::Url(url) => match url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")) {
+            Some((_, data)) => base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map(Bytes::from)
+                .map_err(|e| invalid(format!("the data: URL is not valid base64: {e}")))?,
+            None => {
+                return Err(unsupported(
+                    "only a base64 data: URL (data:image/png;base64,...) or an upload: this server fetches no URL",
+                ))
+            }
+        },
+        ImageReference::FileId => {
+            return Err(unsupported("file_id needs a Files API, which this server has not: upload the image instead"))
+        }
+    };
+    let target = worker::image_path(shared, id);
+    tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let dir = target.parent().expect("inputs/<id>.image has a parent");
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("cannot store the image: {e}"))?;
+        std::io::Write::write_all(&mut file, &bytes).map_err(|e| format!("cannot store the image: {e}"))?;
+        kinetoscope_video::read_image(file.path()).map_err(|e| match e {
+            kinetoscope_video::VideoError::ImageRead { source, .. } => {
+                format!("not a readable image ({source}); expected a PNG, JPEG or WebP file")
+            }
+            other => other.to_string(),
+        })?;
+        file.persist(&target).map_err(|e| format!("cannot store the image: {e}"))?;
+        Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(invalid)
 }
 
 async fn remix(State(shared): State<Arc<Shared>>, Path(id): Path<String>, request: Request) -> ApiResult {
@@ -119,7 +177,8 @@ async fn remix(State(shared): State<Arc<Shared>>, Path(id): Path<String>, reques
         return enqueue(&shared, job).await;
     }
     // A remix of an edit edits the same source again.
-    let (from, to) = (worker::input_path(&shared, &source.id), worker::input_path(&shared, &job.id));
+    let edit = job.settings.edit.as_ref().expect("an edit");
+    let (from, to) = (worker::source_path(&shared, &source.id, edit), worker::source_path(&shared, &job.id, edit));
     if tokio::fs::copy(&from, &to).await.is_err() {
         let message = format!("the source video of {} is no longer kept", source.id);
         return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
@@ -420,9 +479,6 @@ fn webhook_url(shared: &Shared, fields: &mut Fields) -> ApiResult<Option<String>
 /// field the client gave, each checked against the configured limits and the model.
 fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
     let (limits, defaults) = (&shared.config.limits, &shared.config.defaults);
-    if fields.contains("input_reference") {
-        return Err(unsupported_reference());
-    }
     let prompt = required_prompt(shared, fields)?;
     if let Some(model) = fields.text("model")? {
         if model != shared.config.model_name {
@@ -566,12 +622,16 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
     }
 }
 
-fn unsupported_reference() -> ApiError {
-    ApiError::invalid(
-        "unsupported_parameter",
-        "input_reference",
-        "input_reference: image conditioning is not supported by this model yet; send a text prompt only",
-    )
+fn unsupported_reference(shared: &Shared) -> ApiError {
+    let served = &shared.config.model_name;
+    let reason = match shared.pipeline.get() {
+        Some(_) => format!(
+            "the served model {served:?} generates from text only; starting from an image needs an image-to-video \
+             model (Wan 2.2 TI2V-5B)"
+        ),
+        None => "the model is still loading; retry shortly".to_string(),
+    };
+    ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
 }
 
 /// The model's frame-count step (4 for Wan's VAE); before the model is loaded, Wan's.

@@ -21,6 +21,9 @@ pub struct Config {
     /// One worker per entry (`cpu`, `cuda:0`, `cuda:1`, ...), each with its own copy of the model.
     pub devices: Vec<String>,
     pub dtype: DType,
+    /// Bytes of working memory (beyond the weights) a job's stage may need; a job that would need more
+    /// fails with `out_of_memory` before the stage starts. `None`: no limit.
+    pub memory_limit: Option<u64>,
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -95,6 +98,7 @@ impl Config {
             model_name: default_model_name(model),
             devices: vec!["cpu".into()],
             dtype: DType::F32,
+            memory_limit: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

@@ -23,6 +23,15 @@ pub enum VideoReference {
     Upload(Bytes),
 }
 
+/// An image a request starts from (OpenAI's `input_reference`): an uploaded file, or `{"image_url": ...}` /
+/// `{"file_id": ...}` (JSON, or `name[image_url]` in multipart as the `openai` SDK flattens it).
+pub enum ImageReference {
+    Upload(Bytes),
+    Url(String),
+    /// A file of OpenAI's Files API, which this server has not: named only to be refused clearly.
+    FileId,
+}
+
 impl Fields {
     /// Reads a JSON or multipart body of at most `limit` bytes.
     pub async fn from_request(request: Request<Body>, limit: usize) -> Result<Self, ApiError> {
@@ -96,10 +105,6 @@ impl Fields {
         }
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.files.contains_key(name) || self.values.get(name).is_some_and(|v| !v.is_null())
-    }
-
     /// A source video given as `{"id": ...}` (JSON), `name[id]` (multipart, as the `openai` SDK flattens
     /// it) or an uploaded file.
     pub fn video_reference(&mut self, name: &str) -> Result<Option<VideoReference>, ApiError> {
@@ -124,6 +129,32 @@ impl Fields {
                 name,
                 format!("{name} must be {{\"id\": \"video_...\"}} or an uploaded file, got {other}"),
             )),
+        }
+    }
+
+    /// An image reference, see [`ImageReference`].
+    pub fn image_reference(&mut self, name: &str) -> Result<Option<ImageReference>, ApiError> {
+        if let Some(bytes) = self.files.remove(name) {
+            return Ok(Some(ImageReference::Upload(bytes)));
+        }
+        if let Some(url) = self.text(&format!("{name}[image_url]"))? {
+            return Ok(Some(ImageReference::Url(url)));
+        }
+        if self.text(&format!("{name}[file_id]"))?.is_some() {
+            return Ok(Some(ImageReference::FileId));
+        }
+        let expected =
+            format!("{name} must be an uploaded image, {{\"image_url\": \"data:...\"}} or {{\"file_id\": ...}}");
+        match self.values.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(mut reference)) if reference.len() == 1 => {
+                match (reference.remove("image_url"), reference.remove("file_id")) {
+                    (Some(Value::String(url)), _) => Ok(Some(ImageReference::Url(url))),
+                    (_, Some(Value::String(_))) => Ok(Some(ImageReference::FileId)),
+                    _ => Err(ApiError::invalid("invalid_image", name, expected)),
+                }
+            }
+            Some(other) => Err(ApiError::invalid("invalid_image", name, format!("{expected}, got {other}"))),
         }
     }
 

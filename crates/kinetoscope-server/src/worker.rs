@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kinetoscope::{GenerateRequest, InputVideo, LoadOptions, ModelDir, Pipeline};
+use kinetoscope::{EditKind, GenerateRequest, InputVideo, LoadOptions, ModelDir, Pipeline};
 use kinetoscope_video::Frames;
 
 use crate::error::job_error_code;
@@ -80,8 +80,21 @@ pub fn input_path(shared: &Shared, id: &str) -> PathBuf {
     shared.config.data_dir.join("inputs").join(format!("{id}.mp4"))
 }
 
+/// The image an image-to-video job starts from, as uploaded (PNG, JPEG or WebP, told by its bytes).
+pub fn image_path(shared: &Shared, id: &str) -> PathBuf {
+    shared.config.data_dir.join("inputs").join(format!("{id}.image"))
+}
+
+/// Where the source of a job with `edit` is kept.
+pub fn source_path(shared: &Shared, id: &str, edit: &EditKind) -> PathBuf {
+    match edit {
+        EditKind::ImageToVideo => image_path(shared, id),
+        _ => input_path(shared, id),
+    }
+}
+
 pub fn remove_files(shared: &Shared, id: &str) {
-    for path in [video_path(shared, id), thumbnail_path(shared, id), input_path(shared, id)] {
+    for path in [video_path(shared, id), thumbnail_path(shared, id), input_path(shared, id), image_path(shared, id)] {
         if let Err(e) = std::fs::remove_file(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), "cannot remove: {e}");
@@ -119,7 +132,11 @@ pub fn run(shared: Arc<Shared>, device: String) {
 
 fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
     let dir = ModelDir::open(&shared.config.model)?;
-    let options = LoadOptions { device: kinetoscope::open_device(device)?, dtype: shared.config.dtype };
+    let options = LoadOptions {
+        device: kinetoscope::open_device(device)?,
+        dtype: shared.config.dtype,
+        memory_limit: shared.config.memory_limit,
+    };
     Pipeline::load(&dir, &options)
 }
 
@@ -177,7 +194,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     };
     let result = match &job.settings.edit {
         None => pipeline.generate_with_progress(&request, &mut on_step),
-        Some(edit) => read_input(shared, &id)
+        Some(edit) => read_input(shared, &id, edit)
             .and_then(|input| pipeline.fit_input(input, edit, &request))
             .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step)),
     };
@@ -235,13 +252,18 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     shared.publish(&id);
 }
 
-/// The job's source video as frames.
-fn read_input(shared: &Shared, id: &str) -> kinetoscope::Result<InputVideo> {
-    let path = input_path(shared, id);
-    let frames = kinetoscope_video::read_frames(&path).map_err(|e| kinetoscope::Error::InvalidRequest {
-        field: "video",
-        reason: format!("unreadable source video: {e}"),
-    })?;
+/// The job's source video (or image, a clip of one frame) as frames.
+fn read_input(shared: &Shared, id: &str, edit: &EditKind) -> kinetoscope::Result<InputVideo> {
+    let path = source_path(shared, id, edit);
+    let frames = match edit {
+        EditKind::ImageToVideo => kinetoscope_video::read_image(&path).map_err(|e| {
+            kinetoscope::Error::InvalidRequest { field: "input_reference", reason: format!("unreadable image: {e}") }
+        }),
+        _ => kinetoscope_video::read_frames(&path).map_err(|e| kinetoscope::Error::InvalidRequest {
+            field: "video",
+            reason: format!("unreadable source video: {e}"),
+        }),
+    }?;
     InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
 }
 

@@ -469,3 +469,95 @@ async fn videos_are_edited_redone_and_extended_by_id_or_upload() {
     assert_eq!(inputs.len(), 4, "one kept source per accepted edit: {inputs:?}");
     server.stop().await;
 }
+
+async fn wait_ready(server: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.client.get(server.url("/readyz")).send().await.unwrap().status() != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the model never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn download(server: &Running, id: &str, to: &Path) -> kinetoscope_video::VideoInfo {
+    let response =
+        server.client.get(server.url(&format!("/v1/videos/{id}/content"))).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    std::fs::write(to, response.bytes().await.unwrap()).unwrap();
+    kinetoscope_video::probe(to).unwrap()
+}
+
+/// `input_reference` on a Wan 2.2 TI2V model, as the SDK uploads it and as a data: URL: the image starts the
+/// video; what the server would have to fetch, or can't decode, is refused with a code before any work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_reference_starts_an_image_to_video_job() {
+    use base64::Engine as _;
+    let data = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+    let mut config = config(data.path());
+    config.model = tiny.join("wan22-ti2v-tiny-a").display().to_string();
+    config.defaults = Defaults { width: 64, height: 64, seconds: 1, fps: 8, steps: 2, guidance_scale: 5.0 };
+    let server = Running::start(config).await;
+    wait_ready(&server).await;
+    let image = std::fs::read(tiny.join("reference/wan22-ti2v-tiny-a/image.png")).unwrap();
+
+    let file = reqwest::multipart::Part::bytes(image.clone()).file_name("still.png");
+    let form =
+        reqwest::multipart::Form::new().text("prompt", "a fox wakes").text("seed", "3").part("input_reference", file);
+    let response = server.client.post(server.url("/v1/videos")).bearer_auth(KEY).multipart(form).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let uploaded = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&image));
+    let (code, created) = server
+        .post("/v1/videos", json!({"prompt": "a fox wakes", "seed": 3, "input_reference": {"image_url": url}}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{created}");
+    let inlined = created["id"].as_str().unwrap().to_string();
+
+    let mut outputs = Vec::new();
+    for id in [&uploaded, &inlined] {
+        server.wait_for(id, "completed").await;
+        let path = data.path().join(format!("{id}.mp4"));
+        let info = download(&server, id, &path).await;
+        assert_eq!((info.width, info.height, info.frames), (64, 64, 9), "{id}");
+        outputs.push(kinetoscope_video::read_frames(&path).unwrap().as_bytes().to_vec());
+    }
+    assert_eq!(outputs[0], outputs[1], "the same image, prompt and seed, sent two ways");
+
+    for (reference, code) in [
+        (json!({"image_url": "https://example.com/fox.png"}), "unsupported_parameter"),
+        (json!({"file_id": "file_123"}), "unsupported_parameter"),
+        (json!({"image_url": "data:image/png;base64,@@@"}), "invalid_image"),
+        (json!({"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}), "invalid_image"),
+        (json!("fox.png"), "invalid_image"),
+    ] {
+        let (status, error) = server.post("/v1/videos", json!({"prompt": "x", "input_reference": reference})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reference} → {error}");
+        assert_eq!(error["error"]["code"], code, "{reference} → {error}");
+        assert_eq!(error["error"]["param"], "input_reference", "{reference} → {error}");
+    }
+    // Nothing refused is kept: two jobs' images only.
+    assert_eq!(files_in(&data.path().join("inputs")).len(), 2);
+    server.stop().await;
+}
+
+/// A job whose stage would need more working memory than the configured limit fails with `out_of_memory`,
+/// naming the stage, before it starts; the next job, small enough, completes on the same worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_the_memory_limit_fails_and_the_next_completes() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(data.path());
+    config.memory_limit = Some(64 << 20);
+    let server = Running::start(config).await;
+    wait_ready(&server).await;
+
+    let (code, big) = server.post("/v1/videos", json!({"prompt": "a fox", "size": "832x480", "seconds": "5"})).await;
+    assert_eq!(code, StatusCode::OK, "{big}");
+    let (_, small) = server.post("/v1/videos", json!({"prompt": "a fox"})).await;
+    let big = server.wait_for(big["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(big["error"]["code"], "out_of_memory", "{big}");
+    let message = big["error"]["message"].as_str().unwrap();
+    assert!(message.contains("denoising") && message.contains("64.0 MiB"), "{message}");
+    server.wait_for(small["id"].as_str().unwrap(), "completed").await;
+    server.stop().await;
+}

@@ -89,6 +89,13 @@ pub enum VideoError {
         source: image::ImageError,
     },
 
+    #[error("cannot read the image {}: {source} (expected a PNG, JPEG or WebP file)", .path.display())]
+    ImageRead {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+
     #[error("FFmpeg failed to initialize: {0}")]
     Init(#[source] ffmpeg::Error),
 }

@@ -24,7 +24,7 @@ mod staged;
 pub use error::VideoError;
 pub use frames::Frames;
 pub use mp4::write_mp4;
-pub use png::{write_png, write_png_frames};
+pub use png::{read_image, write_png, write_png_frames};
 pub use quality::QualitySignals;
 pub use read::{probe, read_frames, VideoInfo};
 

@@ -1,11 +1,12 @@
-//! One PNG per frame, for looking at individual frames without a video player.
+//! Still images: one PNG per frame, for looking at individual frames without a video player, and reading
+//! an image (the first frame of an image-to-video generation).
 
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder};
+use image::{ExtendedColorType, ImageEncoder, ImageReader};
 
 use crate::staged::Staged;
 use crate::{Frames, VideoError};
@@ -44,6 +45,26 @@ pub fn write_png(path: &Path, frames: &Frames, index: usize) -> Result<(), Video
     staged.commit()
 }
 
+/// Reads a PNG, JPEG or WebP image (the format told by its bytes, not its name) as one RGB frame; alpha is
+/// dropped and 16-bit channels are rounded to 8. The decoder's default limits (512 MiB) bound what a
+/// hostile file can make it allocate.
+pub fn read_image(path: &Path) -> Result<Frames, VideoError> {
+    let read_error = |source| VideoError::ImageRead { path: path.to_path_buf(), source };
+    let reader = ImageReader::open(path).map_err(|source| VideoError::Io {
+        action: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let image = reader
+        .with_guessed_format()
+        .map_err(|e| read_error(image::ImageError::IoError(e)))?
+        .decode()
+        .map_err(read_error)?;
+    let rgb = image.to_rgb8();
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    Frames::new(rgb.into_raw(), 1, height, width)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +95,27 @@ mod tests {
         let err = write_png_frames(&file.join("pngs"), &frames).unwrap_err();
         assert!(matches!(err, VideoError::Io { .. }), "{err}");
         assert!(err.to_string().contains("not-a-dir/pngs"), "{err}");
+    }
+
+    #[test]
+    fn an_image_reads_back_as_the_frame_written() -> Result<(), VideoError> {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..4 * 6 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let frames = Frames::new(data.clone(), 1, 4, 6)?;
+        let path = dir.path().join("still.png");
+        write_png(&path, &frames, 0)?;
+        let read = read_image(&path)?;
+        assert_eq!((read.num_frames(), read.height(), read.width()), (1, 4, 6));
+        assert_eq!(read.as_bytes(), &data[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_that_is_no_image_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.png");
+        fs::write(&path, b"not an image").unwrap();
+        let err = read_image(&path).unwrap_err().to_string();
+        assert!(err.contains("notes.png") && err.contains("PNG, JPEG or WebP"), "{err}");
     }
 }

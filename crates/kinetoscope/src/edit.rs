@@ -18,7 +18,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, StageContext};
-use crate::pipeline::{GenerateRequest, Pipeline, Progress, Timings, Video};
+use crate::image_to_video::ImageRequest;
+use crate::pipeline::{Condition, GenerateRequest, Pipeline, Progress, Timings, Video};
 
 /// RGB frames in [0, 1], `[num_frames, height, width, 3]` row-major: the clip an edit starts from.
 #[derive(Debug, Clone)]
@@ -348,7 +349,8 @@ impl std::str::FromStr for TimeRange {
     }
 }
 
-/// One edit of a source clip, as a job queue or a sidecar records it.
+/// What a generation does with a source: edit or extend a clip, or start from an image (a clip of one frame),
+/// as a job queue or a sidecar records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EditKind {
@@ -358,14 +360,20 @@ pub enum EditKind {
     Redo { start: usize, end: usize },
     /// `frames` added after the clip; see [`ExtendRequest`].
     Extend { frames: usize },
+    /// The source's first frame held as the video's first frame; see [`ImageRequest`].
+    ImageToVideo,
 }
 
 impl Pipeline {
     /// `input` cut and resized for `edit`. To regenerate (video-to-video, redo): at `request`'s size, center
     /// cropped ([`InputVideo::fit`]), and cut to the most frames of the form `k·m + 1` (m =
     /// [`Pipeline::frame_multiple`]) not above `request.num_frames` nor the clip's own. To extend: at the
-    /// clip's own size rounded down to multiples of [`Pipeline::size_multiple`], every frame kept.
+    /// clip's own size rounded down to multiples of [`Pipeline::size_multiple`], every frame kept. To start from
+    /// an image: its first frame, center cropped and resized to `request`'s size.
     pub fn fit_input(&self, input: InputVideo, edit: &EditKind, request: &GenerateRequest) -> Result<InputVideo> {
+        if let EditKind::ImageToVideo = edit {
+            return Ok(input.take_frames(1).fit(request.height, request.width));
+        }
         if let EditKind::Extend { .. } = edit {
             let multiple = self.size_multiple();
             let (height, width) = (input.height / multiple * multiple, input.width / multiple * multiple);
@@ -402,6 +410,7 @@ impl Pipeline {
                 self.redo_with_progress(&RedoRequest { base, input, frames: start..end }, on_step)
             }
             EditKind::Extend { frames } => self.extend_with_progress(&ExtendRequest { base, input, frames }, on_step),
+            EditKind::ImageToVideo => self.image_to_video_with_progress(&ImageRequest { base, image: input }, on_step),
         }
     }
 }
@@ -410,7 +419,7 @@ impl Pipeline {
 pub fn edit_steps(edit: &EditKind, steps: usize) -> Result<usize> {
     match *edit {
         EditKind::VideoToVideo { strength } => Ok(steps - first_step(steps, strength)?),
-        EditKind::Redo { .. } | EditKind::Extend { .. } => Ok(steps),
+        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo => Ok(steps),
     }
 }
 
@@ -443,7 +452,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Video> {
         let (latents, first_step) = self.edit_start(request)?;
-        self.generate_from(latents, first_step, &request.generate_request(), None, on_step)
+        self.generate_from(latents, first_step, &request.generate_request(), Condition::Text, on_step)
     }
 
     /// Checks the request and gives what the loop starts from: the input encoded and noised to the level of
@@ -474,7 +483,7 @@ impl Pipeline {
         let (clean, noise) = self.encode_input(request.input, &generate)?;
         let hold = Hold::new(clean, noise, mask).stage(STAGE)?;
         let latents = hold.apply(&hold.noise, self.sigma(&generate, 0)).stage(STAGE)?;
-        self.generate_from(latents, 0, &generate, Some(&hold), on_step)
+        self.generate_from(latents, 0, &generate, Condition::Hold(&hold), on_step)
     }
 
     pub fn extend(&self, request: &ExtendRequest) -> Result<Video> {
@@ -511,7 +520,7 @@ impl Pipeline {
         let clean = context.pad_with_zeros(2, 0, latent_frames - context_frames).stage(STAGE)?;
         let hold = Hold::new(clean, noise, extend_mask(latent_frames)).stage(STAGE)?;
         let latents = hold.apply(&hold.noise, self.sigma(&generate, 0)).stage(STAGE)?;
-        self.denoise_request(latents, 0, &generate, Some(&hold), on_step)
+        self.denoise_request(latents, 0, &generate, Condition::Hold(&hold), on_step)
     }
 
     /// Checks an extension's length and input and says where its frames come from.

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::memory::MemoryLimit;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,16 @@ pub enum Error {
     )]
     GpuOutOfMemory { stage: &'static str, source: candle_core::Error },
 
+    /// `stage` would need more working memory than the configured limit (`LoadOptions::memory_limit`);
+    /// refused before the stage starts.
+    #[error(
+        "out of memory for {stage}: it needs about {} of working memory, over the limit of {}; try a smaller size \
+         or fewer frames, or raise the memory limit",
+        MemoryLimit::new(*needed_bytes),
+        MemoryLimit::new(*limit_bytes)
+    )]
+    OutOfMemory { stage: &'static str, needed_bytes: u64, limit_bytes: u64 },
+
     /// A computation failed inside candle while running `stage`.
     #[error("{stage} failed: {source}")]
     Compute { stage: &'static str, source: candle_core::Error },
@@ -79,6 +91,7 @@ impl Error {
             Error::NonFinite { .. } => "non_finite_output",
             Error::Cancelled { .. } => "cancelled",
             Error::GpuOutOfMemory { .. } => "gpu_out_of_memory",
+            Error::OutOfMemory { .. } => "out_of_memory",
             Error::Compute { .. } => "compute_failed",
         }
     }

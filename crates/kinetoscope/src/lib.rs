@@ -1,4 +1,5 @@
-//! Kinetoscope: text-to-video with open-weight spacetime latent diffusion models (Wan 2.1), offline.
+//! Kinetoscope: text- and image-to-video with open-weight spacetime latent diffusion models (Wan 2.1 T2V, Wan 2.2
+//! TI2V), offline.
 //!
 //! ```no_run
 //! use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
@@ -11,6 +12,8 @@
 mod device;
 mod edit;
 mod error;
+mod image_to_video;
+mod memory;
 mod model_dir;
 mod noise;
 mod pipeline;
@@ -26,6 +29,8 @@ pub use edit::{
     MAX_EXTEND_SECONDS,
 };
 pub use error::{Error, Result};
+pub use image_to_video::ImageRequest;
+pub use memory::MemoryLimit;
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};

@@ -44,12 +44,19 @@ pub struct ModelIdentity {
     pub config_sha256: BTreeMap<String, String>,
 }
 
+/// `model_index.json`: the pipeline's class and its own settings.
 #[derive(Debug, Deserialize)]
-struct ModelIndex {
+pub(crate) struct ModelIndex {
     #[serde(rename = "_class_name")]
-    class_name: String,
+    pub(crate) class_name: String,
     #[serde(rename = "_diffusers_version")]
     diffusers_version: Option<String>,
+    /// Wan 2.2 TI2V: one timestep per latent token, so that an image's first frame can sit at timestep 0.
+    #[serde(default)]
+    pub(crate) expand_timesteps: bool,
+    /// Wan 2.2 A14B: the timestep where a second transformer (`transformer_2`) takes over.
+    #[serde(default)]
+    boundary_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,8 +172,24 @@ impl ModelDir {
         })
     }
 
+    /// `model_index.json`, refused when it configures a pipeline this code doesn't run.
+    pub(crate) fn model_index(&self) -> Result<ModelIndex> {
+        let path = self.require_file("model_index.json", "model_index.json")?;
+        let index: ModelIndex = read_json(&path)?;
+        if let Some(ratio) = index.boundary_ratio {
+            return Err(Error::Config {
+                path,
+                reason: format!(
+                    "boundary_ratio {ratio}: two-expert pipelines (Wan 2.2 A14B, a second transformer for the \
+                     low-noise steps) are not supported; Wan 2.1 T2V and Wan 2.2 TI2V-5B are"
+                ),
+            });
+        }
+        Ok(index)
+    }
+
     pub fn identity(&self) -> Result<ModelIdentity> {
-        let index: ModelIndex = read_json(&self.require_file("model_index.json", "model_index.json")?)?;
+        let index = self.model_index()?;
         let mut config_sha256 = BTreeMap::new();
         for (component, file) in [
             ("scheduler", "scheduler_config.json"),

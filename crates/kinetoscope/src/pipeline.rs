@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::edit::Hold;
 use crate::error::{Error, Result, StageContext};
+use crate::memory::MemoryBudget;
 use crate::model_dir::{ModelDir, ModelIdentity};
 use crate::noise;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
@@ -22,11 +23,14 @@ use crate::text::TextEncoder;
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// Bytes of working memory (beyond the weights) a request's stage may need; a request whose stage
+    /// would need more fails with `Error::OutOfMemory` before the stage starts. `None`: no limit.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, dtype: DType::F32 }
+        LoadOptions { device: Device::Cpu, dtype: DType::F32, memory_limit: None }
     }
 }
 
@@ -122,6 +126,9 @@ pub struct Pipeline {
     vae: AutoencoderKLWan,
     vae_config: vae::Config,
     scheduler_config: SchedulerConfig,
+    memory: MemoryBudget,
+    /// Whether the model takes one timestep per token and so can hold an image as its first frame.
+    expand_timesteps: bool,
 }
 
 impl Pipeline {
@@ -131,6 +138,7 @@ impl Pipeline {
         let (device, dtype) = (options.device.clone(), options.dtype);
         crate::device::check_dtype(dtype)?;
         let identity = dir.identity()?;
+        let index = dir.model_index()?;
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         scheduler_config.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
 
@@ -152,6 +160,7 @@ impl Pipeline {
             .map_err(weights_error("vae"))?;
 
         crate::registry::check_configs_agree(dir, &transformer_config, text_encoder.dim(), &vae_config)?;
+        let memory = MemoryBudget::load(options.memory_limit, dir, &transformer_config, &vae_config)?;
         Ok(Pipeline {
             identity,
             device,
@@ -162,6 +171,8 @@ impl Pipeline {
             vae,
             vae_config,
             scheduler_config,
+            memory,
+            expand_timesteps: index.expand_timesteps,
         })
     }
 
@@ -177,10 +188,16 @@ impl Pipeline {
         &self.scheduler_config
     }
 
+    /// Whether the model generates from an image as well as from text (Wan 2.2 TI2V): see
+    /// [`Pipeline::image_to_video`].
+    pub fn takes_image(&self) -> bool {
+        self.expand_timesteps
+    }
+
     /// Pixels per latent cell in height/width times the transformer's spatial patch: sizes must be
-    /// multiples of this (16 for Wan 2.1).
+    /// multiples of this (16 for Wan 2.1, 32 for Wan 2.2 TI2V).
     pub fn size_multiple(&self) -> usize {
-        vae_spatial_scale(&self.vae_config)
+        self.vae_config.spatial_compression()
             * self.transformer_config.patch_size[1].max(self.transformer_config.patch_size[2])
     }
 
@@ -189,9 +206,10 @@ impl Pipeline {
         1 << self.vae_config.temperal_downsample.iter().filter(|d| **d).count()
     }
 
-    /// Shape of the initial noise for a request: `[1, z_dim, latent frames, height/8, width/8]`.
+    /// Shape of the initial noise for a request: `[1, z_dim, latent frames, height/s, width/s]` (s = 8 for Wan
+    /// 2.1, 16 for Wan 2.2 TI2V).
     pub fn latent_shape(&self, request: &GenerateRequest) -> [usize; 5] {
-        let scale = vae_spatial_scale(&self.vae_config);
+        let scale = self.vae_config.spatial_compression();
         let frames = (request.num_frames - 1) / self.frame_multiple() + 1;
         [1, self.vae_config.z_dim, frames, request.height / scale, request.width / scale]
     }
@@ -255,21 +273,21 @@ impl Pipeline {
     ) -> Result<Video> {
         self.validate(request)?;
         let latents = self.initial_latents(request)?;
-        self.generate_from(latents, 0, request, None, on_step)
+        self.generate_from(latents, 0, request, Condition::Text, on_step)
     }
 
     /// Runs the request's schedule from step `first_step` (0-based) on `latents`, already at that step's noise
-    /// level, and decodes the result: text-to-video from 0, video-to-video from later. `hold`, when given, holds
-    /// latent frames to a clip's after every step (a time-range redo, an extension).
+    /// level, and decodes the result: text-to-video from 0, video-to-video from later; `condition` says what
+    /// else holds latents fixed (a clip's frames, an image).
     pub(crate) fn generate_from(
         &self,
         latents: Tensor,
         first_step: usize,
         request: &GenerateRequest,
-        hold: Option<&Hold>,
+        condition: Condition,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Video> {
-        let (latents, timings) = self.denoise_request(latents, first_step, request, hold, on_step)?;
+        let (latents, timings) = self.denoise_request(latents, first_step, request, condition, on_step)?;
         self.decode_video(&latents, timings, request.fps)
     }
 
@@ -280,13 +298,14 @@ impl Pipeline {
         latents: Tensor,
         first_step: usize,
         request: &GenerateRequest,
-        hold: Option<&Hold>,
+        condition: Condition,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Tensor, Timings)> {
         let mut timings = Timings::default();
 
         let start = Instant::now();
         let guidance = request.guidance_scale > 1.0;
+        self.memory.check_request(&latents, request.max_sequence_length, guidance)?;
         let prompt = self.encode_prompt(&request.prompt, request.max_sequence_length)?;
         let text = if guidance {
             let negative = self.encode_prompt(&request.negative_prompt, request.max_sequence_length)?;
@@ -298,7 +317,7 @@ impl Pipeline {
         tracing::debug!(seconds = timings.text_encoding_s, "text encoded");
 
         let start = Instant::now();
-        let latents = self.denoise_held(latents, &text, request, first_step, hold, &mut |progress| {
+        let latents = self.denoise_held(latents, &text, request, first_step, condition, &mut |progress| {
             timings.cached_steps += usize::from(progress.cached);
             on_step(progress)
         })?;
@@ -347,18 +366,18 @@ impl Pipeline {
         first_step: usize,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
-        self.denoise_held(latents, text, request, first_step, None, on_step)
+        self.denoise_held(latents, text, request, first_step, Condition::Text, on_step)
     }
 
-    /// [`Pipeline::denoise_from`], with `hold` (when given) applied after every step at the noise level the
-    /// step reached.
+    /// [`Pipeline::denoise_from`] under `condition`: held frames are put back after every step at the noise
+    /// level the step reached; an image's first latent frame before every prediction, at timestep 0.
     fn denoise_held(
         &self,
         mut latents: Tensor,
         text: &Tensor,
         request: &GenerateRequest,
         first_step: usize,
-        hold: Option<&Hold>,
+        condition: Condition,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
         const STAGE: &str = "denoising";
@@ -371,9 +390,15 @@ impl Pipeline {
         let sigmas = scheduler.sigmas()[first_step.min(request.steps)..].to_vec();
         let mut cache = request.step_cache.map(StepCache::new);
         for (i, &t) in timesteps.iter().enumerate() {
+            if let Condition::FirstFrame(image) = condition {
+                latents = with_first_frame(&latents, image).stage(STAGE)?;
+            }
             let input = latents.to_dtype(self.dtype).stage(STAGE)?;
             let input = if guidance { Tensor::cat(&[&input, &input], 0).stage(STAGE)? } else { input };
-            let timestep = Tensor::full(t, batch, &self.device).stage(STAGE)?;
+            let timestep = match condition {
+                Condition::FirstFrame(_) => self.first_frame_timesteps(&latents, t, batch).stage(STAGE)?,
+                _ => Tensor::full(t, batch, &self.device).stage(STAGE)?,
+            };
             let (velocity, cached) = match &mut cache {
                 Some(cache) => cache.forward(&self.transformer, &input, &timestep, &text, i, timesteps.len()),
                 None => self.transformer.forward_embedded(&input, &timestep, &text).map(|v| (v, false)),
@@ -387,14 +412,28 @@ impl Pipeline {
                 velocity
             };
             latents = scheduler.step(&velocity, &latents).stage(STAGE)?;
-            if let Some(hold) = hold {
+            if let Condition::Hold(hold) = condition {
                 latents = hold.apply(&latents, sigmas[i + 1]).stage(STAGE)?;
             }
             if on_step(Progress { step: i + 1, steps: timesteps.len(), cached }).is_break() {
                 return Err(Error::Cancelled { step: i + 1, steps: timesteps.len() });
             }
         }
-        Ok(latents)
+        match condition {
+            Condition::FirstFrame(image) => with_first_frame(&latents, image).stage(STAGE),
+            _ => Ok(latents),
+        }
+    }
+
+    /// Wan 2.2 TI2V's per-token timesteps `[batch, L]` for `latents` `[1, C, T, h, w]`: 0 for the tokens of the
+    /// first latent frame (the image, already clean), `t` for the others.
+    fn first_frame_timesteps(&self, latents: &Tensor, t: f32, batch: usize) -> candle_core::Result<Tensor> {
+        let (_, _, frames, h, w) = latents.dims5()?;
+        let [_, ph, pw] = self.transformer_config.patch_size;
+        let per_frame = (h / ph) * (w / pw);
+        let image = Tensor::zeros(per_frame, DType::F32, &self.device)?;
+        let rest = Tensor::full(t, (frames - 1) * per_frame, &self.device)?;
+        Tensor::cat(&[image, rest], 0)?.unsqueeze(0)?.repeat((batch, 1))
     }
 
     /// The VAE's per-channel latent mean and the reciprocal of its std, `[1, z_dim, 1, 1, 1]` each: diffusers
@@ -413,6 +452,7 @@ impl Pipeline {
     /// of the VAE's posterior, as diffusers' video-to-video pipeline takes it (`sample_mode="argmax"`).
     pub fn encode(&self, frames: &Tensor) -> Result<Tensor> {
         const STAGE: &str = "VAE encoding";
+        self.memory.check_encoding(frames)?;
         let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         // [0, 1] channels last → [-1, 1] as [1, 3, F, H, W].
         let video = frames.to_dtype(DType::F32).and_then(|f| (f * 2.0)? - 1.0);
@@ -424,6 +464,7 @@ impl Pipeline {
     /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         const STAGE: &str = "VAE decoding";
+        self.memory.check_decoding(latents)?;
         let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         let z =
             latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
@@ -432,6 +473,26 @@ impl Pipeline {
         let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
         video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)
     }
+}
+
+/// What holds latents fixed during the loop, besides the prompt.
+#[derive(Clone, Copy)]
+pub(crate) enum Condition<'a> {
+    /// Nothing: text-to-video, video-to-video.
+    Text,
+    /// Latent frames held to a clip's after every step (a time-range redo, an extension).
+    Hold(&'a Hold),
+    /// Wan 2.2 TI2V: the first latent frame is an image's normalized encoding `[1, C, 1, h, w]`, put back before
+    /// every prediction and at the end, with its tokens at timestep 0. diffusers mixes it into the model's input
+    /// only and lets the scheduler carry its own first frame, which no other element depends on (every
+    /// scheduler update is elementwise): putting it into the latents gives the same video.
+    FirstFrame(&'a Tensor),
+}
+
+/// `latents` `[B, C, T, h, w]` with latent frame 0 replaced by `first` `[B, C, 1, h, w]`.
+fn with_first_frame(latents: &Tensor, first: &Tensor) -> candle_core::Result<Tensor> {
+    let frames = latents.dim(2)?;
+    Tensor::cat(&[first, &latents.narrow(2, 1, frames - 1)?], 2)
 }
 
 /// First-block cache, of the TeaCache family (as ParaAttention's and diffusers' `FirstBlockCache`): each step
@@ -506,10 +567,6 @@ impl StepCache {
 fn relative_l1(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let sum_abs = |t: &Tensor| t.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>();
     Ok(f64::from(sum_abs(&(a - b)?)?) / f64::from(sum_abs(b)?))
-}
-
-fn vae_spatial_scale(cfg: &vae::Config) -> usize {
-    1 << (cfg.dim_mult.len() - 1)
 }
 
 fn ensure_finite(t: &Tensor, stage: &'static str) -> Result<()> {

@@ -25,9 +25,10 @@ use crate::error::{Error, Result};
 use crate::model_dir::{read_json, ModelDir};
 use crate::scheduler::SchedulerConfig;
 
-const MANIFESTS: [&str; 2] = [
+const MANIFESTS: [&str; 3] = [
     include_str!("../../../models/registry/wan2.1-t2v-1.3b.json"),
     include_str!("../../../models/registry/wan2.1-t2v-14b.json"),
+    include_str!("../../../models/registry/wan2.2-ti2v-5b.json"),
 ];
 
 /// The precision the networks are built in while verifying. A few constructors re-lay-out their weights (the
@@ -48,6 +49,10 @@ pub struct ModelManifest {
     pub family: String,
     pub repo_id: String,
     pub pipeline_class: String,
+    /// `model_index.json`'s `expand_timesteps`: one timestep per token, which lets Wan 2.2 TI2V hold an image
+    /// as the first frame. Tells the families that share a pipeline class apart.
+    #[serde(default)]
+    pub expand_timesteps: bool,
     /// By component folder: its class in `model_index.json` and the files it must hold besides weights.
     pub components: BTreeMap<String, ComponentManifest>,
     /// By component: config keys and the values this model has; all must match for a folder to be this model.
@@ -149,14 +154,22 @@ struct ModelIndex {
 pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
     let index_path = dir.root().join("model_index.json");
     let index: ModelIndex = read_json(&index_path)?;
-    let family = models().iter().find(|m| m.pipeline_class == index.class_name).ok_or_else(|| Error::Config {
-        path: index_path.clone(),
-        reason: format!(
-            "pipeline class {} is not supported (supported: {})",
-            index.class_name,
-            models().iter().map(|m| m.pipeline_class.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-    })?;
+    let expand_timesteps = dir.model_index()?.expand_timesteps;
+    let family = models()
+        .iter()
+        .find(|m| m.pipeline_class == index.class_name && m.expand_timesteps == expand_timesteps)
+        .ok_or_else(|| Error::Config {
+            path: index_path.clone(),
+            reason: format!(
+                "pipeline class {} with expand_timesteps {expand_timesteps} is not supported (supported: {})",
+                index.class_name,
+                models()
+                    .iter()
+                    .map(|m| format!("{} with expand_timesteps {}", m.pipeline_class, m.expand_timesteps))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
     for (name, component) in &family.components {
         let expected = serde_json::json!([component.library, component.class]);
         if index.components.get(name) != Some(&expected) {
@@ -185,7 +198,7 @@ pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
         check_weights(dir, "transformer", |vb| WanTransformer3DModel::new(&transformer_cfg, vb).map(drop))?,
         check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?,
     ];
-    let model = identify(dir, &family.pipeline_class)?;
+    let model = identify(dir, family)?;
     Ok(VerifyReport { root: dir.root().to_path_buf(), family: family.family.clone(), model, weights })
 }
 
@@ -218,10 +231,12 @@ fn show(value: Option<&serde_json::Value>) -> String {
     value.map_or_else(|| "nothing".to_string(), |v| v.to_string())
 }
 
-/// The registry entry of `pipeline_class` whose every identifying config value the folder's configs have.
-fn identify(dir: &ModelDir, pipeline_class: &str) -> Result<Option<&'static ModelManifest>> {
+/// The registry entry of `family`'s pipeline whose every identifying config value the folder's configs have.
+fn identify(dir: &ModelDir, family: &ModelManifest) -> Result<Option<&'static ModelManifest>> {
     let mut configs: HashMap<&str, serde_json::Value> = HashMap::new();
-    for model in models().iter().filter(|m| m.pipeline_class == pipeline_class) {
+    let same_pipeline =
+        |m: &&ModelManifest| m.pipeline_class == family.pipeline_class && m.expand_timesteps == family.expand_timesteps;
+    for model in models().iter().filter(same_pipeline) {
         let mut matches = true;
         for (component, expected) in &model.configs {
             if !configs.contains_key(component.as_str()) {
@@ -409,9 +424,9 @@ mod tests {
         for m in models() {
             let layers = m.configs["transformer"]["num_layers"].as_u64().unwrap() as usize;
             let (_tmp, dir) = configs_of(m, layers);
-            assert_eq!(identify(&dir, &m.pipeline_class).unwrap().map(|found| &found.id), Some(&m.id));
+            assert_eq!(identify(&dir, m).unwrap().map(|found| &found.id), Some(&m.id));
             let (_tmp, dir) = configs_of(m, layers + 1);
-            assert!(identify(&dir, &m.pipeline_class).unwrap().is_none(), "{}", m.id);
+            assert!(identify(&dir, m).unwrap().is_none(), "{}", m.id);
         }
     }
 }

@@ -4,50 +4,19 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::Path;
 
 use candle_core::Tensor;
-use common::{max_abs_error, model_dir, reference, reference_request, relative_error, MODELS};
+use common::{
+    assert_text_to_video_matches, model_dir, reference, reference_request, relative_error,
+    request_with_reference_noise, MODELS,
+};
 use kinetoscope::{GenerateRequest, LoadOptions, Pipeline};
-
-/// The reference run's request, its initial noise written to a latents file in `dir`.
-fn request_with_reference_noise(model: &str, dir: &Path) -> GenerateRequest {
-    let noise = dir.join("noise.safetensors");
-    let latents = reference(model, "pipeline.safetensors").remove("latents").unwrap();
-    candle_core::safetensors::save(&[("latents", latents)].into_iter().collect(), &noise).unwrap();
-    GenerateRequest { latents: Some(noise), ..reference_request(model) }
-}
 
 #[test]
 fn pipeline_matches_diffusers() {
     for model in MODELS {
         let pipeline = Pipeline::load(&model_dir(model), &LoadOptions::default()).unwrap();
-        let r = reference(model, "pipeline.safetensors");
-        let dir = tempfile::tempdir().unwrap();
-        let request = request_with_reference_noise(model, dir.path());
-
-        // Stage by stage: the denoised latents.
-        let text = Tensor::cat(
-            &[
-                pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap(),
-                pipeline.encode_prompt(&request.negative_prompt, request.max_sequence_length).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
-        let latents = pipeline.initial_latents(&request).unwrap();
-        let latents = pipeline.denoise(latents, &text, &request, &mut |_| ControlFlow::Continue(())).unwrap();
-        let err = relative_error(&latents, &r["final_latents"]);
-        println!("{model}: final latents relative error {err:.2e}");
-        assert!(err < 1e-4, "{model}: final latents relative error {err}");
-
-        // End to end: the frames.
-        let video = pipeline.generate(&request).unwrap();
-        let want = &r["frames"];
-        let got = Tensor::from_vec(video.frames, want.shape(), &candle_core::Device::Cpu).unwrap();
-        let err = max_abs_error(&got, want);
-        println!("{model}: frames max abs error {err:.2e}");
-        assert!(err < 2e-3, "{model}: frames max abs error {err}");
+        assert_text_to_video_matches(&pipeline, model);
     }
 }
 

@@ -42,6 +42,28 @@ fn both_tiny_models_verify_as_the_wan21_family() {
 }
 
 #[test]
+fn both_tiny_ti2v_models_verify_as_the_wan22_family() {
+    for name in ["wan22-ti2v-tiny-a", "wan22-ti2v-tiny-b"] {
+        let report = verify_path(&tiny(name)).unwrap();
+        assert!(report.model.is_none(), "{name} is no registry entry");
+        assert_eq!(report.family, "Wan 2.2 text- and image-to-video");
+        assert!(report.weights.iter().all(|w| w.tensors > 0 && w.parameters > 0), "{report}");
+    }
+}
+
+/// Wan 2.2 A14B's two transformers (a `boundary_ratio`) are refused by name before any weight is read.
+#[test]
+fn a_two_expert_pipeline_is_refused_by_field() {
+    let (_tmp, root) = broken_copy("wan22-ti2v-tiny-a");
+    let index_path = root.join("model_index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["boundary_ratio"] = 0.875.into();
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let err = verify_path(&root).unwrap_err().to_string();
+    assert!(err.contains("boundary_ratio 0.875") && err.contains("model_index.json"), "{err}");
+}
+
+#[test]
 fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     let (_tmp, root) = broken_copy("wan21-tiny-a");
     let file = root.join("transformer/diffusion_pytorch_model.safetensors");

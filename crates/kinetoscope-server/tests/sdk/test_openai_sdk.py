@@ -1,9 +1,11 @@
 """`kinetoscope serve` driven by the official `openai` Python SDK, as a client of OpenAI's Videos API
 would drive it after changing only its base URL; webhooks checked with the `standardwebhooks`
-reference verifier and the SDK's own `webhooks.unwrap`; and a `kill -9` mid-queue that loses no job.
+reference verifier and the SDK's own `webhooks.unwrap`; a `kill -9` mid-queue that loses no job; and
+`input_reference` (an upload and a data: URL) on a Wan 2.2 TI2V model.
 
 Run by scripts/test-server-sdk.sh (which makes the virtual environment); by hand:
-    python test_openai_sdk.py --binary target/debug/kinetoscope --model models/tiny/wan21-tiny-a
+    python test_openai_sdk.py --binary target/debug/kinetoscope --model models/tiny/wan21-tiny-a \
+        --ti2v-model models/tiny/wan22-ti2v-tiny-a
 """
 
 import argparse
@@ -64,12 +66,12 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 class Server:
     started = []
 
-    def __init__(self, args, data_dir, hook_port):
+    def __init__(self, args, data_dir, hook_port, model=None, size="48x32"):
         self.port = free_port()
         command = [
-            args.binary, "serve", "--model", args.model, "--model-name", MODEL, "--device", "cpu",
+            args.binary, "serve", "--model", model or args.model, "--model-name", MODEL, "--device", "cpu",
             "--listen", f"127.0.0.1:{self.port}", "--data-dir", data_dir,
-            "--default-size", "48x32", "--default-seconds", "1", "--default-fps", "8", "--default-steps", "2",
+            "--default-size", size, "--default-seconds", "1", "--default-fps", "8", "--default-steps", "2",
             "--poll-after-ms", "100", "--max-queue", "8",
             "--webhook-url", f"http://127.0.0.1:{hook_port}/hooks/video",
             "--webhook-allowed-host", f"127.0.0.1:{hook_port}",
@@ -109,6 +111,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--ti2v-model", required=True)
     args = parser.parse_args()
 
     hook_port = free_port()
@@ -221,6 +224,32 @@ def main():
         check(listed == [remix.id] + edits + queued, f"after the restart: {listed}")
         server.stop()
         check(server.process.returncode == 0, f"graceful stop exit status {server.process.returncode}")
+
+    # Image-to-video: `input_reference` as the SDK uploads a file, and as an image_url object (a data: URL).
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = Server(args, data_dir, hook_port, model=args.ti2v_model, size="64x64")
+        client = server.client
+        with open(os.path.join(os.path.dirname(args.ti2v_model), "reference", "wan22-ti2v-tiny-a", "image.png"), "rb") as f:
+            png = f.read()
+        uploaded = client.videos.create(prompt="a fox wakes", input_reference=("still.png", png, "image/png"),
+                                        seconds="1", extra_body={"seed": 5})
+        data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+        # The SDK 3.57 checks `input_reference` as a file on the client side, so the object goes in extra_body
+        # (sent as the multipart field `input_reference[image_url]`).
+        inlined = client.videos.create(prompt="a fox wakes", seconds="1",
+                                       extra_body={"seed": 5, "input_reference": {"image_url": data_url}})
+        clips = []
+        for video in (uploaded, inlined):
+            done = poll(client, video.id)
+            check(done.size == "64x64", f"image-to-video size: {done.size}")
+            clips.append(client.videos.download_content(video.id).read())
+            check(clips[-1][4:8] == b"ftyp", "the image-to-video download is an MP4")
+        try:
+            client.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "https://example.com/a.png"}})
+            check(False, "an image URL to fetch was accepted")
+        except openai.BadRequestError as e:
+            check(e.code == "unsupported_parameter" and e.param == "input_reference", f"error {e.code} {e.param}")
+        server.stop()
 
     receiver.shutdown()
     print(f"sdk: {checks} checks passed")

@@ -5,9 +5,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::ops::ControlFlow;
+
 use candle_core::{Device, Tensor};
+use kinetoscope::{GenerateRequest, Pipeline};
 
 pub const MODELS: [&str; 2] = ["wan21-tiny-a", "wan21-tiny-b"];
+
+/// Wan 2.2 TI2V: text- and image-to-video in one network.
+pub const TI2V_MODELS: [&str; 2] = ["wan22-ti2v-tiny-a", "wan22-ti2v-tiny-b"];
 
 pub fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny")
@@ -67,4 +73,48 @@ pub fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
 
 pub fn max_abs_error(got: &Tensor, want: &Tensor) -> f32 {
     (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// `tensor` written as the latents file `noise.safetensors` in `dir`, for a request to start from.
+pub fn noise_file(tensor: &Tensor, dir: &Path) -> PathBuf {
+    let path = dir.join("noise.safetensors");
+    candle_core::safetensors::save(&[("latents", tensor.clone())].into_iter().collect(), &path).unwrap();
+    path
+}
+
+/// The reference run's request, its initial noise written to a latents file in `dir`.
+pub fn request_with_reference_noise(model: &str, dir: &Path) -> GenerateRequest {
+    let noise = noise_file(&reference(model, "pipeline.safetensors")["latents"], dir);
+    GenerateRequest { latents: Some(noise), ..reference_request(model) }
+}
+
+/// Text-to-video on `pipeline` (loaded from `model`) against the reference pipeline's run from the same noise:
+/// the denoised latents within 1e-4 relative error, the frames within 2e-3 absolute.
+pub fn assert_text_to_video_matches(pipeline: &Pipeline, model: &str) {
+    let r = reference(model, "pipeline.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let request = request_with_reference_noise(model, dir.path());
+
+    // Stage by stage: the denoised latents.
+    let text = Tensor::cat(
+        &[
+            pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap(),
+            pipeline.encode_prompt(&request.negative_prompt, request.max_sequence_length).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let latents = pipeline.initial_latents(&request).unwrap();
+    let latents = pipeline.denoise(latents, &text, &request, &mut |_| ControlFlow::Continue(())).unwrap();
+    let err = relative_error(&latents, &r["final_latents"]);
+    println!("{model}: final latents relative error {err:.2e}");
+    assert!(err < 1e-4, "{model}: final latents relative error {err}");
+
+    // End to end: the frames.
+    let video = pipeline.generate(&request).unwrap();
+    let want = &r["frames"];
+    let got = Tensor::from_vec(video.frames, want.shape(), &Device::Cpu).unwrap();
+    let err = max_abs_error(&got, want);
+    println!("{model}: frames max abs error {err:.2e}");
+    assert!(err < 2e-3, "{model}: frames max abs error {err}");
 }
