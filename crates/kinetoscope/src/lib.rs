@@ -30,7 +30,7 @@ pub use edit::{
 };
 pub use error::{Error, Result};
 pub use image_to_video::ImageRequest;
-pub use memory::MemoryLimit;
+pub use memory::{MemoryLimit, WorkingMemory};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};

@@ -26,8 +26,9 @@
 //!   lives for the whole stream and at full resolution is the largest term), plus the widest moment of
 //!   one chunk — [`CONV_COPIES`] activations of a residual block (its input, the norm's output, the padded
 //!   input, the per-frame outputs, their stack and the bias sum) or the nearest-upsampled tensor of an
-//!   upsampler with its padded copies and its convolution's outputs — plus two copies of the video (the
-//!   decoded chunks and their concatenation, then the pipeline's [0, 1] conversion). The 3×3×3 convolution
+//!   upsampler with its padded copies and its convolution's outputs (and, in Wan 2.2's residual up blocks,
+//!   the duplicated shortcut) — plus two copies of the video (the decoded chunks and their concatenation,
+//!   then the pipeline's [0, 1] conversion), three where Wan 2.2 unpatchifies the chunks into pixels. The 3×3×3 convolution
 //!   is `vae::causal`'s banded im2col, whose unrolled columns are capped at 2²¹ floats, so they are left to
 //!   the slack; candle's conv2d (the encoder's downsampling) is tiled and copies only its input.
 //! - **VAE encoding** (edits: the clip, 4 frames a chunk after the first): the same walk through the
@@ -113,6 +114,16 @@ impl fmt::Display for MemoryLimit {
     }
 }
 
+/// What each stage of a request needs beyond the weights, in bytes, as the memory limit checks it
+/// ([`crate::Pipeline::working_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WorkingMemory {
+    pub text_encoding: u64,
+    /// One step: the transformer on the guided batch, and the scheduler's tensors.
+    pub denoising_step: u64,
+    pub vae_decoding: u64,
+}
+
 /// The shapes of the networks that the estimates depend on.
 #[derive(Debug, Clone)]
 struct Networks {
@@ -145,11 +156,21 @@ impl MemoryBudget {
     pub(crate) fn check_request(&self, latents: &Tensor, max_sequence_length: usize, guidance: bool) -> Result<()> {
         let Some(limit) = self.limit else { return Ok(()) };
         let latent = latents.dims5().stage("denoising")?.into();
+        let needed = self.estimate(latent, max_sequence_length, guidance);
+        check(limit, "text encoding", needed.text_encoding)?;
+        check(limit, "denoising", needed.denoising_step)?;
+        check(limit, "VAE decoding", needed.vae_decoding)
+    }
+
+    /// What a request on latents of shape `latent` needs at each stage.
+    pub(crate) fn estimate(&self, latent: LatentShape, max_sequence_length: usize, guidance: bool) -> WorkingMemory {
         let net = &self.networks;
-        check(limit, "text encoding", text_encoding_bytes(&net.text, max_sequence_length))?;
         let batch = if guidance { 2 } else { 1 };
-        check(limit, "denoising", denoising_step_bytes(&net.transformer, latent, batch, max_sequence_length))?;
-        check(limit, "VAE decoding", vae_decoding_bytes(&net.vae, latent))
+        WorkingMemory {
+            text_encoding: text_encoding_bytes(&net.text, max_sequence_length),
+            denoising_step: denoising_step_bytes(&net.transformer, latent, batch, max_sequence_length),
+            vae_decoding: vae_decoding_bytes(&net.vae, latent),
+        }
     }
 
     /// Before decoding latents `[1, z, T, h, w]`.
@@ -199,7 +220,7 @@ fn text_encoding_bytes(cfg: &umt5::Config, tokens: usize) -> u64 {
 }
 
 /// Latents `[batch, channels, frames, height, width]`.
-type LatentShape = [usize; 5];
+pub(crate) type LatentShape = [usize; 5];
 
 fn denoising_step_bytes(cfg: &transformer::Config, latent: LatentShape, batch: usize, text_tokens: usize) -> u64 {
     let [_, channels, t, h, w] = latent;
@@ -245,15 +266,19 @@ fn vae_decoding_bytes(cfg: &vae::Config, latent: LatentShape) -> u64 {
                 frames *= 2;
             }
             (h, w) = (2 * h, 2 * w);
-            // The nearest-upsampled input, its two padded copies, and the three copies of the halved output.
+            // The nearest-upsampled input, its two padded copies, and the three copies of the halved output;
+            // Wan 2.2's residual up blocks also hold their duplicated shortcut at the upsampled size.
             let upsampled = padded(frames, dims[level + 1], h, w);
-            widest = widest.max(3 * upsampled + 3 * upsampled / 2);
+            let shortcut = if cfg.is_residual { upsampled } else { 0 };
+            widest = widest.max(3 * upsampled + 3 * upsampled / 2 + shortcut);
         }
     }
     cache += padded(2, dims[levels], h, w);
     let video_frames = (t.max(1) - 1) * frames + 1;
     let video = cfg.out_channels * video_frames * h * w;
-    with_headroom((cache + widest + 2 * video) * F32)
+    // Wan 2.2 unpatchifies the decoded chunks into pixels: one more copy.
+    let video_copies = if cfg.patch_size.unwrap_or(1) > 1 { 3 } else { 2 };
+    with_headroom((cache + widest + video_copies * video) * F32)
 }
 
 fn vae_encoding_bytes(cfg: &vae::Config, num_frames: usize, height: usize, width: usize) -> u64 {

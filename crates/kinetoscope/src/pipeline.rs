@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::edit::Hold;
 use crate::error::{Error, Result, StageContext};
-use crate::memory::MemoryBudget;
+use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity};
 use crate::noise;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
@@ -204,6 +204,11 @@ impl Pipeline {
     /// Frames per latent frame after the first (4 for Wan 2.1): frame counts must be `k·this + 1`.
     pub fn frame_multiple(&self) -> usize {
         1 << self.vae_config.temperal_downsample.iter().filter(|d| **d).count()
+    }
+
+    /// What `request`'s stages would need beyond the weights, as [`LoadOptions::memory_limit`] checks it.
+    pub fn working_memory(&self, request: &GenerateRequest) -> WorkingMemory {
+        self.memory.estimate(self.latent_shape(request), request.max_sequence_length, request.guidance_scale > 1.0)
     }
 
     /// Shape of the initial noise for a request: `[1, z_dim, latent frames, height/s, width/s]` (s = 8 for Wan
