@@ -6,15 +6,16 @@
 //! The tiny model on the CPU: this measures the server's and pipeline's own allocations per job (request,
 //! tensors, encoding, SQLite, events), not the model's size.
 
-use std::path::Path;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{BenchServer, JOB, KEY};
 use kinetoscope_server::metrics::resident_memory_bytes;
-use kinetoscope_server::{ApiKeys, Config, Defaults, Server};
-use reqwest::{Client, StatusCode};
+use reqwest::Client;
 use serde_json::{json, Value};
 
-const KEY: &str = "bench-key-0123456789abcdef";
 const WARM_UP: usize = 5;
 
 async fn render(client: &Client, base: &str, i: usize) {
@@ -50,30 +51,17 @@ fn mib(bytes: u64) -> f64 {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let jobs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
-    let data = tempfile::tempdir().unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan21-tiny-a");
-    let mut config = Config::new(&model.display().to_string(), data.path(), ApiKeys::new(&[KEY]).unwrap());
-    config.defaults = Defaults { width: 48, height: 32, seconds: 1, fps: 8, steps: 2, guidance_scale: 5.0 };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = Server::start(config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(listener, async move {
-        let _ = stopped.await;
-    }));
-    let client = Client::new();
-    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = BenchServer::start(|_| {}).await;
+    let (client, base) = (&server.client, server.base.as_str());
 
     for i in 0..WARM_UP {
-        render(&client, &base, i).await;
+        render(client, base, i).await;
     }
     let start_rss = resident_memory_bytes().expect("resident memory is read from /proc (Linux)");
     let started = Instant::now();
     let mut samples = Vec::with_capacity(jobs);
     for i in 0..jobs {
-        render(&client, &base, WARM_UP + i).await;
+        render(client, base, WARM_UP + i).await;
         samples.push(resident_memory_bytes().unwrap());
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -81,9 +69,7 @@ async fn main() {
     let peak = samples.iter().copied().max().unwrap();
     // Growth over the second half alone tells a leak (steady growth) from allocator warm-up (a step).
     let half = samples[jobs / 2 - 1];
-    println!(
-        "{jobs} sequential jobs after {WARM_UP} warm-up jobs, tiny model a (48x32, 9 frames, 2 steps), {seconds:.1} s"
-    );
+    println!("{jobs} sequential jobs after {WARM_UP} warm-up jobs, {JOB}, {seconds:.1} s");
     println!("| resident memory | MiB |\n| --- | --- |");
     println!("| after warm-up | {:.1} |", mib(start_rss));
     println!("| after job {} | {:.1} |", jobs / 2, mib(half));
@@ -95,6 +81,5 @@ async fn main() {
         mib(end_rss) - mib(half),
         jobs - jobs / 2
     );
-    stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    server.stop().await;
 }

@@ -3,12 +3,14 @@
 //! - Strict: every line is parsed and checked against the model before anything renders; one bad line
 //!   fails the run with every problem listed, so a typo never costs a half-rendered batch.
 //! - Resumable: an item whose MP4 and sidecar exist and verify is skipped; anything else is rendered
-//!   again. Files appear only complete (temporary name, then rename).
+//!   again. Files appear only complete (temporary name, then rename); the temporary files of a killed run
+//!   are removed by the next.
 //! - Sharded on the scheduler's own index (Kubernetes Indexed Job, Slurm array): an item belongs to
 //!   shard `hash(id) mod N`, so shards never share an item, and each appends to its own results file.
 //! - An item that fails is recorded with a stable error code and the run goes on; the exit status is
 //!   non-zero if any item failed.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,7 @@ pub fn run(args: Args) -> Result<()> {
     let results_path = args.out.join(format!("results-{}-of-{}.jsonl", shard.index, shard.count));
     let mut results = Results::open(&results_path)?;
     let mine: Vec<&Item> = items.iter().filter(|item| shard.owns(&item.id)).collect();
+    remove_leftovers(&args.out, &mine)?;
     // Skips first, so that the bar's rate and time left count only the items that render.
     let mut to_render = Vec::new();
     for item in &mine {
@@ -132,6 +135,42 @@ pub fn run(args: Args) -> Result<()> {
 fn mp4_path(out: &Path, item: &Item) -> PathBuf {
     // The id is validated to be a plain file name; nothing else from the line reaches a path.
     out.join(format!("{}.mp4", item.id))
+}
+
+/// Removes the temporary files that a run killed while writing these items left behind (it had no chance
+/// to); only these items', since another shard may be writing its own in the same folder.
+fn remove_leftovers(out: &Path, items: &[&Item]) -> Result<()> {
+    let ids: HashSet<&str> = items.iter().map(|item| item.id.as_str()).collect();
+    let entries = std::fs::read_dir(out).with_context(|| format!("cannot list the output folder {}", out.display()))?;
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list the output folder {}", out.display()))?;
+        let name = entry.file_name();
+        if name.to_str().and_then(leftover_of).is_some_and(|id| ids.contains(id)) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove the leftover temporary file {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        eprintln!("removed {removed} temporary file(s) left by an interrupted run in {}", out.display());
+    }
+    Ok(())
+}
+
+/// The item whose output a temporary file was to become. An output is `<id>.mp4`, `<id>.json` or a kept
+/// candidate's `<id>+seed<S>.mp4|json` (`+` can't appear in an id); its temporary file is `.<output>.tmp-`
+/// followed by the writer's process id and a counter (kinetoscope-video's and the sidecar's writers).
+fn leftover_of(name: &str) -> Option<&str> {
+    let (output, suffix) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+        return None;
+    }
+    let stem = output.strip_suffix(".mp4").or_else(|| output.strip_suffix(".json"))?;
+    match stem.rsplit_once("+seed") {
+        Some((id, seed)) if !seed.is_empty() && seed.bytes().all(|b| b.is_ascii_digit()) => Some(id),
+        _ => Some(stem),
+    }
 }
 
 fn render(
@@ -462,6 +501,31 @@ mod tests {
         for (vars, shards, expected) in cases {
             let error = format!("{:#}", resolve(None, shards, vars).unwrap_err());
             assert!(error.contains(expected), "{vars:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn leftovers_are_known_by_their_output_and_writer() {
+        for (name, id) in [
+            (".fox-01.mp4.tmp-4242-0", "fox-01"),
+            (".fox-01.json.tmp-4242", "fox-01"),
+            (".fox-01+seed8.mp4.tmp-17-3", "fox-01"),
+            (".a.b.json.tmp-1", "a.b"),
+            // An id may itself look like a temporary name.
+            (".x.mp4.tmp-1.mp4.tmp-9-0", "x.mp4.tmp-1"),
+        ] {
+            assert_eq!(leftover_of(name), Some(id), "{name}");
+        }
+        for name in [
+            "fox-01.mp4",
+            ".fox-01.mp4",
+            ".fox-01.mp4.tmp-",
+            ".fox-01.mp4.tmp-12x",
+            ".fox-01.png.tmp-12",
+            ".kinetoscope-probe1a2b",
+            "results-0-of-1.jsonl",
+        ] {
+            assert_eq!(leftover_of(name), None, "{name}");
         }
     }
 

@@ -1,10 +1,12 @@
 //! `kinetoscope batch` end to end through the binary on the small test model: everything renders, a
 //! rerun skips what is done and redoes what is missing or stale, bad manifests fail before any rendering,
-//! a failing item doesn't stop the others, and concurrent shards render every item exactly once.
+//! a failing item doesn't stop the others, concurrent shards render every item exactly once, and a run
+//! killed midway leaves only complete outputs, resumed by rendering exactly the missing items.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -294,4 +296,103 @@ fn presets_step_cache_and_candidates_are_recorded_and_resume() {
     let third = run("3");
     assert!(stderr(&third).contains("2 completed, 0 skipped, 0 failed"), "{}", stderr(&third));
     assert_eq!(sidecar(&out, "cached")["candidates"]["ranked"].as_array().unwrap().len(), 3);
+}
+
+#[cfg(unix)]
+/// The identity and last change of a file: equal before and after a rerun only if it was left alone.
+fn stamp(path: &Path) -> (u64, SystemTime) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.ino(), meta.modified().unwrap())
+}
+
+#[cfg(unix)]
+#[test]
+fn a_killed_run_leaves_only_whole_outputs_and_the_rerun_renders_exactly_the_missing_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ids: Vec<String> = (0..6).map(|i| format!("kill-{i}")).collect();
+    // More steps than elsewhere, so that the kill lands while items are left.
+    let lines: Vec<String> = ids.iter().map(|id| item(id, r#", "steps": 6"#)).collect();
+    let manifest = write_manifest(dir.path(), &lines);
+    let sidecars = || ids.iter().filter(|id| out.join(format!("{id}.json")).is_file()).count();
+
+    let mut run = batch_command(&manifest, &out).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // An item is done once its sidecar exists: it is written after the MP4.
+    while sidecars() == 0 {
+        assert!(run.try_wait().unwrap().is_none(), "the batch ended before it could be killed");
+        assert!(Instant::now() < deadline, "no item finished within 2 minutes");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    run.kill().unwrap(); // SIGKILL: no destructor, no cleanup.
+    run.wait().unwrap();
+
+    let done: Vec<&String> = ids.iter().filter(|id| out.join(format!("{id}.json")).is_file()).collect();
+    assert!(!done.is_empty() && done.len() < ids.len(), "killed with {} of {} items done", done.len(), ids.len());
+    // Whatever is under a final name is whole: an MP4 without its sidecar is possible, half of one is not.
+    for id in &ids {
+        let mp4 = out.join(format!("{id}.mp4"));
+        if mp4.exists() {
+            let info = kinetoscope_video::probe(&mp4).unwrap_or_else(|e| panic!("{id}.mp4 after the kill: {e}"));
+            assert_eq!((info.width, info.height, info.frames), (48, 32, 9), "{id}");
+        }
+    }
+    let before: BTreeMap<String, _> = done
+        .iter()
+        .flat_map(|id| [format!("{id}.mp4"), format!("{id}.json")])
+        .map(|name| (name.clone(), stamp(&out.join(name))))
+        .collect();
+    let results_path = out.join("results-0-of-1.jsonl");
+    let killed_lines = std::fs::read_to_string(&results_path).map(|t| t.lines().count()).unwrap_or(0);
+
+    let rerun = batch(&manifest, &out);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let after = statuses(&results(&results_path)[killed_lines..]);
+    let expected: BTreeMap<String, String> = ids
+        .iter()
+        .map(|id| (id.clone(), if done.contains(&id) { "skipped" } else { "completed" }.to_string()))
+        .collect();
+    assert_eq!(after, expected, "the rerun's results");
+    for (name, stamp_before) in &before {
+        assert_eq!(&stamp(&out.join(name)), stamp_before, "{name} was written again");
+    }
+    let mut files: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    let mut wanted: Vec<String> = ids.iter().flat_map(|id| [format!("{id}.json"), format!("{id}.mp4")]).collect();
+    wanted.push("results-0-of-1.jsonl".into());
+    wanted.sort();
+    assert_eq!(files, wanted, "each item's outputs once, and no temporary file");
+    for id in &ids {
+        let info = kinetoscope_video::probe(&out.join(format!("{id}.mp4"))).unwrap();
+        assert_eq!((info.width, info.height, info.frames), (48, 32, 9), "{id}");
+    }
+}
+
+#[test]
+fn a_rerun_removes_the_temporary_files_of_its_own_items_that_a_killed_run_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // "left" is in shard 0 of 2, "right" in shard 1.
+    let manifest = write_manifest(dir.path(), &[item("left", ""), item("right", "")]);
+    let leftovers = |id: &str| {
+        [format!(".{id}.mp4.tmp-4242-0"), format!(".{id}.json.tmp-4242"), format!(".{id}+seed3.mp4.tmp-4242-1")]
+    };
+    let others = [".notes".to_string(), ".unlisted.mp4.tmp-4242-0".to_string()];
+    for name in leftovers("left").iter().chain(&leftovers("right")).chain(&others) {
+        std::fs::write(out.join(name), b"half a file").unwrap();
+    }
+
+    let run = batch_command(&manifest, &out).args(["--shard", "0/2"]).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("removed 3 temporary file(s) left by an interrupted run"), "{}", stderr(&run));
+    assert_eq!(statuses(&results(&out.join("results-0-of-2.jsonl"))).keys().collect::<Vec<_>>(), ["left"]);
+    // Another shard's items and files of no item are not this run's to remove.
+    let mut kept = hidden_files(&out);
+    kept.sort();
+    let mut expected: Vec<String> = leftovers("right").into_iter().chain(others).collect();
+    expected.sort();
+    assert_eq!(kept, expected);
 }

@@ -1,0 +1,29 @@
+//! The batch manifest (JSON Lines) of `kinetoscope batch`. Its parser lives in the binary crate, so it is
+//! compiled in here by path.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../crates/kinetoscope-cli/src/manifest.rs"]
+mod manifest;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match manifest::parse(text) {
+        Ok(items) => {
+            for item in items {
+                // Ids become file names.
+                assert!(!item.id.is_empty() && !item.id.starts_with('.'), "{:?}", item.id);
+                assert!(!item.id.contains(['/', '\\', '\0']), "{:?}", item.id);
+                assert!(item.line >= 1 && item.request.fps > 0, "line {}", item.line);
+                std::hint::black_box(item.preset);
+            }
+        }
+        Err(errors) => {
+            for error in errors {
+                std::hint::black_box((error.to_string(), error.field));
+            }
+        }
+    }
+});
