@@ -209,7 +209,12 @@ impl Load {
                 _ => false,
             };
             let mut ledger = self.ledger();
+            let before = ledger.pending.len();
             ledger.pending.retain(|p| *p != id);
+            // The pollers' shares are positions in a list that shrinks, so two may see the same job finish.
+            if ledger.pending.len() == before {
+                continue;
+            }
             if finished {
                 ledger.ready.push_back(id);
             } else {
