@@ -117,9 +117,20 @@ impl ModelDir {
     }
 
     /// Reads and deserializes `component/file` (a `config.json`, `scheduler_config.json`, ...).
+    /// `component/file`, parsed as `T`. A whole number above [`MAX_CONFIG_INTEGER`] anywhere in it is refused,
+    /// naming its key: no network is that large, and sizes multiplied together must not overflow.
     pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
         let path = self.require_file(&format!("{component}/{file}"), &format!("the {component} config"))?;
-        read_json(&path)
+        let value: serde_json::Value = read_json(&path)?;
+        if let Some((key, number)) = oversized_integer(&value, "") {
+            return Err(Error::Config {
+                path,
+                reason: format!(
+                    "{key} is {number}, larger than any model's sizes (at most {MAX_CONFIG_INTEGER} is taken)"
+                ),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| Error::Config { path, reason: e.to_string() })
     }
 
     /// The safetensors files holding `component`'s weights: the shards an index lists, or the single file.
@@ -210,6 +221,27 @@ impl ModelDir {
             diffusers_version: index.diffusers_version,
             config_sha256,
         })
+    }
+}
+
+/// The largest whole number a component's config may hold (2²⁴; umT5's vocabulary, 256,384, is the largest in
+/// real checkpoints).
+pub const MAX_CONFIG_INTEGER: u64 = 1 << 24;
+
+/// The first whole number in `value` whose magnitude is above [`MAX_CONFIG_INTEGER`], with its key path.
+fn oversized_integer(value: &serde_json::Value, key: &str) -> Option<(String, serde_json::Number)> {
+    match value {
+        serde_json::Value::Number(n) => {
+            let magnitude = n.as_u64().or_else(|| n.as_i64().map(i64::unsigned_abs));
+            magnitude.filter(|m| *m > MAX_CONFIG_INTEGER).map(|_| (key.to_string(), n.clone()))
+        }
+        serde_json::Value::Array(items) => {
+            items.iter().enumerate().find_map(|(i, item)| oversized_integer(item, &format!("{key}[{i}]")))
+        }
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(name, field)| {
+            oversized_integer(field, &if key.is_empty() { name.clone() } else { format!("{key}.{name}") })
+        }),
+        _ => None,
     }
 }
 

@@ -89,3 +89,35 @@ fn requests_the_model_cannot_take_are_refused_by_field() {
         .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/noise.safetensors"), "{err}");
 }
+
+/// Sizes no checkpoint has, in each network's config: a clear error naming the component and the key or the
+/// tensor whose shape it changed, before any large allocation, never a panic or an overflow.
+#[test]
+fn absurd_config_sizes_are_refused_before_any_work() {
+    // What the error must name besides the component: the key, or the tensor a size shapes.
+    let cases: [(&str, &str, serde_json::Value, &str); 10] = [
+        ("transformer/config.json", "ffn_dim", 1_000_000_000_000u64.into(), "ffn_dim"),
+        ("transformer/config.json", "num_layers", 1_000_000_000u64.into(), "num_layers"),
+        ("transformer/config.json", "num_layers", 3.into(), "blocks.2"),
+        ("transformer/config.json", "attention_head_dim", 0.into(), "patch_embedding.weight"),
+        ("transformer/config.json", "num_attention_heads", u64::MAX.into(), "num_attention_heads"),
+        ("transformer/config.json", "patch_size", serde_json::json!([0, 0, 0]), "patch_embedding.weight"),
+        ("vae/config.json", "base_dim", 1_000_000_000_000u64.into(), "base_dim"),
+        ("vae/config.json", "z_dim", 0.into(), "conv_out.weight"),
+        ("text_encoder/config.json", "num_heads", 0.into(), "SelfAttention.q.weight"),
+        ("text_encoder/config.json", "d_model", (-1).into(), "expected usize"),
+    ];
+    let mut wrong = Vec::new();
+    for (file, key, value, named) in cases {
+        let shown = value.to_string();
+        let component = file.split('/').next().unwrap();
+        match std::panic::catch_unwind(|| load_error(|m| edit_json(&m.join(file), key, value))) {
+            Ok(err) if err.contains(component) && err.contains(named) => {}
+            Ok(err) => {
+                wrong.push(format!("{file} {key} = {shown}: the error doesn't name {component} and {named}: {err}"))
+            }
+            Err(_) => wrong.push(format!("{file} {key} = {shown}: panicked")),
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
