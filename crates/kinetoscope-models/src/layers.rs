@@ -12,6 +12,12 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 /// (umT5's relative position bias). The softmax runs in f32 whatever the input dtype, as PyTorch's
 /// SDPA accumulates it.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    // On the GPU in bf16 (the Wan transformer's attentions, which have no bias): the project's flash attention,
+    // which never materializes the scores.
+    #[cfg(feature = "cuda")]
+    if bias.is_none() && kinetoscope_kernels::kernels_enabled() && kinetoscope_kernels::flash_attention_supports(q) {
+        return kinetoscope_kernels::flash_attention(q, k, v, scale);
+    }
     let block = MAX_SCORE_ELEMENTS / k.dim(2)?.max(1);
     attention_in_blocks(q, k, v, bias, scale, block)
 }

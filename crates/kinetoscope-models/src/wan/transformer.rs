@@ -138,6 +138,15 @@ fn modulate(norm: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     norm.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
+/// `x` through [`layer_norm_f32`] and [`modulate`], in `x`'s dtype: one fused kernel on the GPU in bf16.
+fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kinetoscope_kernels::kernels_enabled() && kinetoscope_kernels::fused_norms_support(x) {
+        return kinetoscope_kernels::ada_layer_norm(x, shift, scale, eps as f32);
+    }
+    modulate(&layer_norm_f32(x, eps)?, shift, scale)?.to_dtype(x.dtype())
+}
+
 /// Sinusoidal timestep embedding `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/half)`, `[N]` → `[N, dim]`, in f32.
 ///
 /// diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`; the frequencies are rounded exactly as
@@ -246,9 +255,27 @@ impl RotaryEmbedding {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// `[L, head_dim]`, each row its cosines then its sines: the table the fused norm-and-rotate kernel reads,
+    /// made once per forward pass where that kernel runs.
+    #[cfg(feature = "cuda")]
+    cos_sin: Option<Tensor>,
 }
 
 impl Rope {
+    fn new(cos: Tensor, sin: Tensor, dtype: DType) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let fused = kinetoscope_kernels::kernels_enabled() && cos.device().is_cuda() && dtype == DType::BF16;
+            let cos_sin = if fused { Some(Tensor::cat(&[&cos, &sin], 1)?) } else { None };
+            Ok(Rope { cos, sin, cos_sin })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = dtype;
+            Ok(Rope { cos, sin })
+        }
+    }
+
     /// Rotates `[B, H, L, D]`; in f32, as diffusers multiplies by its f32 tables before casting back.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let rotated = candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, &self.cos, &self.sin)?;
@@ -283,6 +310,23 @@ impl Attention {
         })
     }
 
+    /// `x` `[B, L, dim]` RMS-normalized across heads with `weight`, as `[B, heads, L, head_dim]`, rotated when
+    /// `rope` is given: one fused kernel on the GPU in bf16.
+    fn normed_heads(&self, x: &Tensor, weight: &Tensor, rope: Option<&Rope>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(cos_sin) = rope.and_then(|rope| rope.cos_sin.as_ref()) {
+            if kinetoscope_kernels::fused_norms_support(x) {
+                let head_dim = x.dim(D::Minus1)? / self.heads;
+                return self.split_heads(&kinetoscope_kernels::rms_norm_rope(x, weight, cos_sin, head_dim, self.eps)?);
+            }
+        }
+        let x = self.split_heads(&candle_nn::ops::rms_norm(x, weight, self.eps)?)?;
+        match rope {
+            Some(rope) => rope.apply(&x),
+            None => Ok(x),
+        }
+    }
+
     /// `[B, L, dim]` → `[B, heads, L, head_dim]`.
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
@@ -291,15 +335,9 @@ impl Attention {
 
     /// Queries from `x`, keys and values from `context`; the rotary embedding, when given, turns q and k.
     fn forward(&self, x: &Tensor, context: &Tensor, rope: Option<&Rope>) -> Result<Tensor> {
-        let q = candle_nn::ops::rms_norm(&self.to_q.forward(x)?, &self.norm_q, self.eps)?;
-        let k = candle_nn::ops::rms_norm(&self.to_k.forward(context)?, &self.norm_k, self.eps)?;
-        let mut q = self.split_heads(&q)?;
-        let mut k = self.split_heads(&k)?;
+        let q = self.normed_heads(&self.to_q.forward(x)?, &self.norm_q, rope)?;
+        let k = self.normed_heads(&self.to_k.forward(context)?, &self.norm_k, rope)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        if let Some(rope) = rope {
-            q = rope.apply(&q)?;
-            k = rope.apply(&k)?;
-        }
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         let out = attention(&q, &k, &v, None, scale)?;
         let (b, _, l, _) = out.dims4()?;
@@ -379,7 +417,7 @@ impl TransformerBlock {
         let dtype = x.dtype();
         let [shift, scale, gate, ff_shift, ff_scale, ff_gate] = modulation(&self.scale_shift_table, timestep_proj)?;
 
-        let h = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(dtype)?;
+        let h = modulated_layer_norm(x, &shift, &scale, self.eps)?;
         let attn = self.attn1.forward(&h, &h, Some(rope))?;
         let x = (x.to_dtype(DType::F32)? + attn.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
 
@@ -389,7 +427,7 @@ impl TransformerBlock {
         };
         let x = (&x + self.attn2.forward(&h, text, None)?)?;
 
-        let h = modulate(&layer_norm_f32(&x, self.eps)?, &ff_shift, &ff_scale)?.to_dtype(dtype)?;
+        let h = modulated_layer_norm(&x, &ff_shift, &ff_scale, self.eps)?;
         let ff = self.ffn.forward(&h)?;
         (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?.to_dtype(dtype)
     }
@@ -577,7 +615,7 @@ impl WanTransformer3DModel {
             text: text.clone(),
             temb,
             timestep_proj,
-            rope: Rope { cos, sin },
+            rope: Rope::new(cos, sin, self.dtype)?,
             grid,
             latent_size: [t, h, w],
         })

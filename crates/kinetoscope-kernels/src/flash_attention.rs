@@ -1,0 +1,135 @@
+//! `softmax(q·kᵀ·scale)·v` on the GPU without the `q_len × k_len` score matrix: `kernels/flash_attention.cu`
+//! (FlashAttention-2's algorithm on the tensor cores), bf16, head dims 64 and 128, any lengths, non-causal.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use crate::view;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+/// Query rows per block (16 per warp) and threads per block, as the kernel is compiled.
+const BLOCK_M: usize = 64;
+const THREADS: u32 = 128;
+/// The kernel's 16-byte loads need every row, head and batch to start on a multiple of 8 bf16.
+const ALIGN: usize = 8;
+
+/// Head dimensions the kernel is compiled for.
+pub const FLASH_ATTENTION_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether [`flash_attention`] takes `q` (and keys and values like it): bf16 on a CUDA device, `[batch, heads,
+/// len, head_dim]` with a head dim it is compiled for.
+pub fn flash_attention_supports(q: &Tensor) -> bool {
+    q.device().is_cuda()
+        && q.dtype() == DType::BF16
+        && q.rank() == 4
+        && FLASH_ATTENTION_HEAD_DIMS.contains(&q.dims()[3])
+}
+
+/// `softmax(q·kᵀ·scale)·v` for `q` `[batch, heads, q_len, d]`, `k` and `v` `[batch, heads, k_len, d]`, bf16 on
+/// one CUDA device (see [`flash_attention_supports`]); the softmax and the products accumulate in f32. Any
+/// strides over batch, heads and rows are taken; the output is contiguous `[batch, heads, q_len, d]`.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (batch, heads, _, d) = q.dims4()?;
+    let (k_batch, k_heads, k_len, k_d) = k.dims4()?;
+    if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() || k_len == 0 {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?} and v {:?} must share batch, heads and head dim, k and v their shape, \
+             with at least one key",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if !flash_attention_supports(q) || k.dtype() != DType::BF16 || v.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "flash attention takes bf16 on CUDA with head dim {FLASH_ATTENTION_HEAD_DIMS:?}, got {:?} {:?} on {:?}",
+            q.dtype(),
+            q.dims(),
+            q.device().location()
+        );
+    }
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale })
+}
+
+/// `t` itself when the kernel can read it in place (head dim contiguous; rows, heads and batches starting on
+/// multiples of [`ALIGN`]), else a contiguous copy.
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let layout = t.layout();
+    let stride = layout.stride();
+    let in_place = stride[3] == 1
+        && layout.start_offset().is_multiple_of(ALIGN)
+        && stride[..3].iter().zip(t.dims()).all(|(s, n)| *n == 1 || s.is_multiple_of(ALIGN));
+    if in_place {
+        Ok(t.clone())
+    } else {
+        t.copy()
+    }
+}
+
+struct FlashAttention {
+    scale: f64,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only; the CPU path is layers::attention")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        q_layout: &Layout,
+        k: &CudaStorage,
+        k_layout: &Layout,
+        v: &CudaStorage,
+        v_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device();
+        let (batch, heads, q_len, d) = q_layout.shape().dims4()?;
+        let k_len = k_layout.shape().dims()[2];
+        let (q_view, k_view, v_view) =
+            (view::<bf16>(q, q_layout)?, view::<bf16>(k, k_layout)?, view::<bf16>(v, v_layout)?);
+        // SAFETY: every element is written by the kernel before the tensor is read.
+        let out = unsafe { dev.alloc::<bf16>(batch * heads * q_len * d)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("flash_attention_bf16_d{d}"), "kinetoscope_flash_attention", PTX)?;
+        let config = LaunchConfig {
+            grid_dim: (q_len.div_ceil(BLOCK_M) as u32, (batch * heads) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let strides = |l: &Layout| -> [i64; 3] {
+            let s = l.stride();
+            [s[0] as i64, s[1] as i64, s[2] as i64]
+        };
+        let (qs, ks, vs) = (strides(q_layout), strides(k_layout), strides(v_layout));
+        let mut builder = func.builder();
+        builder.arg(&q_view);
+        builder.arg(&k_view);
+        builder.arg(&v_view);
+        builder.arg(&out);
+        candle_core::builder_arg!(builder, heads as i32, q_len as i32, k_len as i32);
+        candle_core::builder_arg!(builder, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2]);
+        // The kernel works in base 2: exp(x·scale) = 2^(x·scale·log2 e).
+        candle_core::builder_arg!(builder, (self.scale * std::f64::consts::LOG2_E) as f32);
+        // SAFETY: the arguments match the kernel's signature; the views cover what the strides reach.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((batch, heads, q_len, d))))
+    }
+}

@@ -1,0 +1,144 @@
+//! The Wan transformer's normalizations fused with what follows them (`kernels/norms.cu`), bf16 on CUDA, f32
+//! inside: RMSNorm of q or k across heads with the rotary embedding, and LayerNorm with the adaLN modulation.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use crate::view;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
+const MODULE: &str = "kinetoscope_norms";
+const THREADS: u32 = 256;
+
+/// Whether the fused normalizations take `x`: bf16 on a CUDA device.
+pub fn fused_norms_support(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == DType::BF16
+}
+
+/// `x` `[B, L, dim]` normalized by its root mean square over `dim` (plus `eps`), times `weight` `[dim]`, then
+/// each head of `head_dim` channels rotated: pair `(2i, 2i+1)` of a head at token `l` by the angle whose cosine
+/// is `cos_sin[l][i]` and sine `cos_sin[l][head_dim/2 + i]` (`cos_sin` `[L, head_dim]` f32). bf16 out, same
+/// shape.
+pub fn rms_norm_rope(x: &Tensor, weight: &Tensor, cos_sin: &Tensor, head_dim: usize, eps: f32) -> Result<Tensor> {
+    let (_, len, dim) = x.dims3()?;
+    if weight.dims() != [dim]
+        || cos_sin.dims() != [len, head_dim]
+        || head_dim == 0
+        || dim % head_dim != 0
+        || dim % 2 != 0
+    {
+        candle_core::bail!(
+            "rms_norm_rope: x {:?}, weight {:?}, cos_sin {:?} and head dim {head_dim} don't fit: expected weight [dim], \
+             cos_sin [len, head_dim] and an even dim made of whole heads",
+            x.dims(),
+            weight.dims(),
+            cos_sin.dims()
+        );
+    }
+    let op = NormOp::RmsNormRope { len, head_dim, eps };
+    bf16_contiguous(x)?.apply_op3_no_bwd(&bf16_contiguous(weight)?, &f32_contiguous(cos_sin)?, &op)
+}
+
+/// `x` `[B, L, dim]` normalized over `dim` without affine parameters (mean, then the variance of the centred
+/// values, plus `eps`), then `· (1 + scale) + shift`, with `shift` and `scale` `[B, 1, dim]` (one row per batch
+/// item) or `[B, L, dim]` (one per token), f32. bf16 out, same shape.
+pub fn ada_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
+    let (batch, len, dim) = x.dims3()?;
+    let (shift_batch, rows, shift_dim) = shift.dims3()?;
+    if shift.dims() != scale.dims() || (shift_batch, shift_dim) != (batch, dim) || (rows != 1 && rows != len) {
+        candle_core::bail!(
+            "ada_layer_norm: x {:?}, shift {:?} and scale {:?} don't fit: expected shift and scale [B, 1, dim] or \
+             [B, L, dim]",
+            x.dims(),
+            shift.dims(),
+            scale.dims()
+        );
+    }
+    let op = NormOp::AdaLayerNorm { len, per_token: rows != 1, eps };
+    bf16_contiguous(x)?.apply_op3_no_bwd(&f32_contiguous(shift)?, &f32_contiguous(scale)?, &op)
+}
+
+fn bf16_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.contiguous()
+}
+
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+enum NormOp {
+    RmsNormRope { len: usize, head_dim: usize, eps: f32 },
+    AdaLayerNorm { len: usize, per_token: bool, eps: f32 },
+}
+
+impl CustomOp3 for NormOp {
+    fn name(&self) -> &'static str {
+        match self {
+            NormOp::RmsNormRope { .. } => "rms-norm-rope",
+            NormOp::AdaLayerNorm { .. } => "ada-layer-norm",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only; the CPU path is the plain candle ops", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let shape = x_layout.shape().clone();
+        let dim = shape.dims()[2];
+        let rows = shape.elem_count() / dim;
+        let x_view = view::<bf16>(x, x_layout)?;
+        // SAFETY: every element is written by the kernel before the tensor is read.
+        let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
+        let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        match *self {
+            NormOp::RmsNormRope { len, head_dim, eps } => {
+                let weight = view::<bf16>(a, a_layout)?;
+                let cos_sin = view::<f32>(b, b_layout)?;
+                let func = dev.get_or_load_custom_func("rms_norm_rope_bf16", MODULE, PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&x_view);
+                builder.arg(&weight);
+                builder.arg(&cos_sin);
+                builder.arg(&out);
+                candle_core::builder_arg!(builder, len as i32, dim as i32, head_dim as i32, eps);
+                // SAFETY: the arguments match the kernel's signature; every view is contiguous and whole.
+                unsafe { builder.launch(config) }.w()?;
+            }
+            NormOp::AdaLayerNorm { len, per_token, eps } => {
+                let shift = view::<f32>(a, a_layout)?;
+                let scale = view::<f32>(b, b_layout)?;
+                let func = dev.get_or_load_custom_func("ada_layer_norm_bf16", MODULE, PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&x_view);
+                builder.arg(&shift);
+                builder.arg(&scale);
+                builder.arg(&out);
+                candle_core::builder_arg!(builder, len as i32, dim as i32, i32::from(per_token), eps);
+                // SAFETY: as above.
+                unsafe { builder.launch(config) }.w()?;
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
