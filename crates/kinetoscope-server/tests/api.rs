@@ -527,6 +527,10 @@ async fn an_input_reference_starts_an_image_to_video_job() {
     // The thumbnail (the middle frame, lossless PNG) shows the generation itself; the MP4s' bytes can differ,
     // as x264's output was seen to vary from run to run in one process.
     assert_eq!(thumbnails[0], thumbnails[1], "the same image, prompt and seed, sent two ways");
+    // A remix starts from the same image again.
+    let (code, remixed) = server.post(&format!("/v1/videos/{uploaded}/remix"), json!({"prompt": "a fox sleeps"})).await;
+    assert_eq!(code, StatusCode::OK, "{remixed}");
+    server.wait_for(remixed["id"].as_str().unwrap(), "completed").await;
 
     for (reference, code) in [
         (json!({"image_url": "https://example.com/fox.png"}), "unsupported_parameter"),
@@ -540,8 +544,8 @@ async fn an_input_reference_starts_an_image_to_video_job() {
         assert_eq!(error["error"]["code"], code, "{reference} → {error}");
         assert_eq!(error["error"]["param"], "input_reference", "{reference} → {error}");
     }
-    // Nothing refused is kept: two jobs' images only.
-    assert_eq!(files_in(&data.path().join("inputs")).len(), 2);
+    // Nothing refused is kept: three jobs' images only.
+    assert_eq!(files_in(&data.path().join("inputs")).len(), 3);
     server.stop().await;
 }
 
