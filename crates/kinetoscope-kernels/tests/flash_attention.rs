@@ -4,19 +4,16 @@
 
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, D};
+use common::relative_error;
 use kinetoscope_kernels::{flash_attention, flash_attention_supports};
 
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
     let scores = (q.matmul(&k.t()?)? * scale)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?;
-    let diff = (got - want)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-    Ok(diff / want.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
 }
 
 fn random(shape: &[usize], dev: &Device) -> Result<Tensor> {

@@ -3,14 +3,11 @@
 
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, Result, Tensor, D};
-use kinetoscope_kernels::{ada_layer_norm, fused_norms_support, rms_norm_rope};
+mod common;
 
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let (got, want) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
-    let diff = (got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-    Ok(diff / want.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
-}
+use candle_core::{DType, Device, Result, Tensor, D};
+use common::relative_error;
+use kinetoscope_kernels::{ada_layer_norm, fused_norms_support, rms_norm_rope};
 
 #[test]
 fn rms_norm_rope_matches_norm_then_rotate() -> Result<()> {

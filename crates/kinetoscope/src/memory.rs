@@ -45,7 +45,6 @@ use kinetoscope_models::umt5;
 use kinetoscope_models::wan::{transformer, vae};
 
 use crate::error::{Error, Result, StageContext};
-use crate::model_dir::ModelDir;
 
 /// Headroom over the counted tensors, for the temporaries each count leaves out.
 const MARGIN: f64 = 1.25;
@@ -140,14 +139,14 @@ pub(crate) struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    pub(crate) fn load(
+    pub(crate) fn new(
         limit: Option<u64>,
-        dir: &ModelDir,
+        text: &umt5::Config,
         transformer: &transformer::Config,
         vae: &vae::Config,
-    ) -> Result<Self> {
-        let text = dir.config("text_encoder", "config.json")?;
-        Ok(MemoryBudget { limit, networks: Networks { text, transformer: transformer.clone(), vae: vae.clone() } })
+    ) -> Self {
+        let networks = Networks { text: text.clone(), transformer: transformer.clone(), vae: vae.clone() };
+        MemoryBudget { limit, networks }
     }
 
     /// Before a request's first stage: text encoding, one denoising step on `latents` `[1, z, T, h, w]`

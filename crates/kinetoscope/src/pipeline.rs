@@ -160,7 +160,7 @@ impl Pipeline {
             .map_err(weights_error("vae"))?;
 
         crate::registry::check_configs_agree(dir, &transformer_config, text_encoder.dim(), &vae_config)?;
-        let memory = MemoryBudget::load(options.memory_limit, dir, &transformer_config, &vae_config)?;
+        let memory = MemoryBudget::new(options.memory_limit, text_encoder.config(), &transformer_config, &vae_config);
         Ok(Pipeline {
             identity,
             device,

@@ -16,8 +16,7 @@ pub struct TextEncoder {
     tokenizer: Tokenizer,
     tokenizer_path: PathBuf,
     encoder: UMT5Encoder,
-    vocab_size: usize,
-    d_model: usize,
+    config: umt5::Config,
     device: Device,
 }
 
@@ -48,19 +47,17 @@ impl TextEncoder {
                 ),
             });
         }
-        Ok(TextEncoder {
-            tokenizer,
-            tokenizer_path,
-            encoder,
-            vocab_size: cfg.vocab_size,
-            d_model: cfg.d_model,
-            device: device.clone(),
-        })
+        Ok(TextEncoder { tokenizer, tokenizer_path, encoder, config: cfg, device: device.clone() })
     }
 
     /// Width of the text states.
     pub fn dim(&self) -> usize {
-        self.d_model
+        self.config.d_model
+    }
+
+    /// The encoder's `config.json`.
+    pub fn config(&self) -> &umt5::Config {
+        &self.config
     }
 
     /// Token ids of the cleaned prompt, `</s>` included, truncated to `max_len` as the Hugging Face
@@ -78,10 +75,13 @@ impl TextEncoder {
         tokenizer.with_padding(None).with_truncation(Some(truncation)).map_err(failed)?;
         let encoding = tokenizer.encode(clean_prompt(prompt), true).map_err(failed)?;
         let ids = encoding.get_ids().to_vec();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
             return Err(Error::Tokenizer {
                 path: self.tokenizer_path.clone(),
-                reason: format!("produced token id {bad} outside the text encoder's vocab_size {}", self.vocab_size),
+                reason: format!(
+                    "produced token id {bad} outside the text encoder's vocab_size {}",
+                    self.config.vocab_size
+                ),
             });
         }
         Ok(ids)
