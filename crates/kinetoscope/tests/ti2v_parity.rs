@@ -7,26 +7,11 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use candle_core::{Device, Tensor};
 use common::{
-    assert_text_to_video_matches, max_abs_error, model_dir, noise_file, reference, reference_request, relative_error,
+    assert_frames, assert_relative, assert_text_to_video_matches, model_dir, noise_file, reference, reference_request,
     TI2V_MODELS,
 };
 use kinetoscope::{GenerateRequest, ImageRequest, InputVideo, LoadOptions, Pipeline};
-
-fn assert_frames(model: &str, what: &str, frames: Vec<f32>, want: &Tensor) {
-    let got = Tensor::from_vec(frames, want.shape(), &Device::Cpu).unwrap();
-    let err = max_abs_error(&got, want);
-    println!("{model} {what}: frames max abs error {err:.2e}");
-    assert!(err < 2e-3, "{model} {what}: frames max abs error {err}");
-}
-
-fn assert_relative(model: &str, what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.dims(), want.dims(), "{model} {what}");
-    let err = relative_error(got, want);
-    println!("{model} {what}: relative error {err:.2e}");
-    assert!(err < 1e-4, "{model} {what}: relative error {err}");
-}
 
 #[test]
 fn text_to_video_matches_diffusers() {

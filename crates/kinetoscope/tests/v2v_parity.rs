@@ -6,8 +6,8 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use candle_core::{Device, Tensor};
-use common::{max_abs_error, model_dir, reference, relative_error, tiny, MODELS};
+use candle_core::Tensor;
+use common::{assert_frames, assert_relative, model_dir, reference, relative_error, tiny, MODELS};
 use kinetoscope::{EditRequest, GenerateRequest, InputVideo, LoadOptions, Pipeline};
 
 /// The reference edit's settings and input, its noise written to a latents file in `dir`.
@@ -69,17 +69,10 @@ fn video_to_video_matches_diffusers() {
             })
             .unwrap();
         assert_eq!(steps_run, request.steps - first_step);
-        let err = relative_error(&latents, &r["final_latents"]);
-        println!("{model}: final latents relative error {err:.2e}");
-        assert!(err < 1e-4, "{model}: final latents relative error {err}");
+        assert_relative(model, "final latents", &latents, &r["final_latents"]);
 
         // End to end.
-        let video = pipeline.edit(&edit).unwrap();
-        let want = &r["frames"];
-        let got = Tensor::from_vec(video.frames, want.shape(), &Device::Cpu).unwrap();
-        let err = max_abs_error(&got, want);
-        println!("{model}: frames max abs error {err:.2e}");
-        assert!(err < 2e-3, "{model}: frames max abs error {err}");
+        assert_frames(model, "video-to-video", pipeline.edit(&edit).unwrap().frames, &r["frames"]);
     }
 }
 

@@ -106,15 +106,24 @@ pub fn assert_text_to_video_matches(pipeline: &Pipeline, model: &str) {
     .unwrap();
     let latents = pipeline.initial_latents(&request).unwrap();
     let latents = pipeline.denoise(latents, &text, &request, &mut |_| ControlFlow::Continue(())).unwrap();
-    let err = relative_error(&latents, &r["final_latents"]);
-    println!("{model}: final latents relative error {err:.2e}");
-    assert!(err < 1e-4, "{model}: final latents relative error {err}");
+    assert_relative(model, "final latents", &latents, &r["final_latents"]);
 
     // End to end: the frames.
-    let video = pipeline.generate(&request).unwrap();
-    let want = &r["frames"];
-    let got = Tensor::from_vec(video.frames, want.shape(), &Device::Cpu).unwrap();
+    assert_frames(model, "text-to-video", pipeline.generate(&request).unwrap().frames, &r["frames"]);
+}
+
+/// A stage's output against the reference's: the same shape, within 1e-4 relative error.
+pub fn assert_relative(model: &str, what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims(), "{model} {what}");
+    let err = relative_error(got, want);
+    println!("{model} {what}: relative error {err:.2e}");
+    assert!(err < 1e-4, "{model} {what}: relative error {err}");
+}
+
+/// A video's frames (`[F, H, W, 3]` in [0, 1], flat) against the reference's, within 2e-3 absolute.
+pub fn assert_frames(model: &str, what: &str, frames: Vec<f32>, want: &Tensor) {
+    let got = Tensor::from_vec(frames, want.shape(), &Device::Cpu).unwrap();
     let err = max_abs_error(&got, want);
-    println!("{model}: frames max abs error {err:.2e}");
-    assert!(err < 2e-3, "{model}: frames max abs error {err}");
+    println!("{model} {what}: frames max abs error {err:.2e}");
+    assert!(err < 2e-3, "{model} {what}: frames max abs error {err}");
 }
