@@ -1,6 +1,7 @@
 //! The project's CUDA kernels against the plain candle path they replace, on the GPU, at Wan 2.1's sizes:
 //! time per call (median of 10 after 3 warm-ups, the device synchronized before each clock read) and the
-//! achieved TFLOP/s. Needs a CUDA build and device:
+//! achieved TFLOP/s (attention) or GB/s of memory traffic, each byte read or written counted once (the
+//! normalizations and the activation, which are bound by memory). Needs a CUDA build and device:
 //!
 //! ```sh
 //! cargo bench -p kinetoscope-kernels --features cuda --bench kernels
@@ -59,6 +60,84 @@ fn main() -> Result<()> {
             flops / kernel / 1e12,
             plain * 1e3,
             flops / plain / 1e12
+        );
+    }
+    memory_bound(&dev)
+}
+
+/// One way of computing a case's output.
+type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+
+/// The fused normalizations and the feed-forward's activation at Wan 1.3B's widths, 832×480×81 with guidance
+/// (2 × 32,760 tokens), against the plain ops: GB/s counts the kernel's own traffic (bf16 in and out, the f32
+/// tables), for both.
+fn memory_bound(dev: &Device) -> Result<()> {
+    let (b, l, heads, d, ffn) = (2, 32760, 12, 128, 8960);
+    let dim = heads * d;
+    let bf16 = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
+    let x = bf16(&[b, l, dim])?;
+    let weight = bf16(&[dim])?;
+    let angles = Tensor::rand(0f32, 6.3, (l, d / 2), dev)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let cos_sin = Tensor::cat(&[&cos, &sin], 1)?;
+    let shift = Tensor::randn(0f32, 1.0, (b, 1, dim), dev)?;
+    let scale = Tensor::randn(0f32, 1.0, (b, 1, dim), dev)?;
+    let hidden = bf16(&[b, l, ffn])?;
+    let bias = bf16(&[ffn])?;
+    let tokens = (b * l * dim * 2) as f64;
+    let y = bf16(&[b, l, dim])?;
+    let cases: [(&str, f64, Op, Op); 4] = [
+        (
+            "q/k RMSNorm + RoPE",
+            2.0 * tokens + (l * d * 4) as f64,
+            Box::new(|| kinetoscope_kernels::rms_norm_rope(&x, &weight, &cos_sin, d, 1e-6)),
+            Box::new(|| {
+                let normed = candle_nn::ops::rms_norm(&x, &weight, 1e-6)?;
+                let heads = normed.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?;
+                candle_nn::rotary_emb::rope_i(&heads, &cos.to_dtype(DType::BF16)?, &sin.to_dtype(DType::BF16)?)
+            }),
+        ),
+        (
+            "LayerNorm + adaLN",
+            2.0 * tokens,
+            Box::new(|| kinetoscope_kernels::ada_layer_norm(&x, &shift, &scale, 1e-6)),
+            Box::new(|| {
+                let normed = candle_nn::ops::layer_norm(
+                    &x.to_dtype(DType::F32)?,
+                    &Tensor::ones(dim, DType::F32, dev)?,
+                    &Tensor::zeros(dim, DType::F32, dev)?,
+                    1e-6,
+                )?;
+                normed.broadcast_mul(&(&scale + 1.0)?)?.broadcast_add(&shift)?.to_dtype(DType::BF16)
+            }),
+        ),
+        (
+            "gated residual add",
+            1.5 * tokens,
+            Box::new(|| kinetoscope_kernels::gated_residual(&x, &y, &scale)),
+            Box::new(|| {
+                (x.to_dtype(DType::F32)? + y.to_dtype(DType::F32)?.broadcast_mul(&scale)?)?.to_dtype(DType::BF16)
+            }),
+        ),
+        (
+            "bias + GELU (tanh)",
+            (2 * b * l * ffn * 2) as f64,
+            Box::new(|| kinetoscope_kernels::bias_gelu(&hidden, &bias)),
+            Box::new(|| hidden.broadcast_add(&bias)?.gelu()),
+        ),
+    ];
+    println!();
+    println!("| op at [{b}, {l}, {dim}] (FFN [{b}, {l}, {ffn}]) | kernel ms | GB/s | plain ms | GB/s |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, bytes, kernel, plain) in cases {
+        let kernel = median_seconds(dev, kernel)?;
+        let plain = median_seconds(dev, plain)?;
+        println!(
+            "| {name} | {:.3} | {:.0} | {:.3} | {:.0} |",
+            kernel * 1e3,
+            bytes / kernel / 1e9,
+            plain * 1e3,
+            bytes / plain / 1e9
         );
     }
     Ok(())

@@ -4,6 +4,8 @@
 //   embedding on interleaved pairs of each head, from a [len, head_dim] table: a row's cosines, then its sines.
 // - ada_layer_norm: LayerNorm without affine parameters (two passes: mean, then variance of the centred values),
 //   then the adaLN modulation `· (1 + scale) + shift`, with one shift/scale row per batch item or per token.
+// - gated_residual: what follows the attention and the feed-forward, the residual stream plus the block's output
+//   times its gate, `x + y · gate`, summed in f32 (one gate row per batch item or per token).
 // Rows are contiguous [rows, dim]; `dim` is even.
 
 #include <cuda_bf16.h>
@@ -77,5 +79,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     for (int i = threadIdx.x; i < dim; i += THREADS) {
         const float normed = (__bfloat162float(xr[i]) - mean) * inv;
         outr[i] = __float2bfloat16_rn(normed * (1.f + scale[mod + i]) + shift[mod + i]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    gated_residual_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ y,
+                        const float* __restrict__ gate, __nv_bfloat16* __restrict__ out, int len, int dim,
+                        int per_token) {
+    const long row = blockIdx.x;
+    const long offset = row * dim;
+    const long mod = (per_token ? row : row / len) * dim;
+    for (int i = threadIdx.x; i < dim; i += THREADS) {
+        const float sum = __bfloat162float(x[offset + i]) + __bfloat162float(y[offset + i]) * gate[mod + i];
+        out[offset + i] = __float2bfloat16_rn(sum);
     }
 }

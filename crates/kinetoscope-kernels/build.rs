@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["flash_attention", "norms"];
+const KERNELS: [&str; 3] = ["activations", "flash_attention", "norms"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -3,6 +3,8 @@
 //! callers keep the plain path.
 
 #[cfg(feature = "cuda")]
+mod activations;
+#[cfg(feature = "cuda")]
 mod flash_attention;
 #[cfg(feature = "cuda")]
 mod norms;
@@ -17,9 +19,11 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 #[cfg(feature = "cuda")]
+pub use activations::{bias_gelu, bias_gelu_support};
+#[cfg(feature = "cuda")]
 pub use flash_attention::{flash_attention, flash_attention_supports, FLASH_ATTENTION_HEAD_DIMS};
 #[cfg(feature = "cuda")]
-pub use norms::{ada_layer_norm, fused_norms_support, rms_norm_rope};
+pub use norms::{ada_layer_norm, fused_norms_support, gated_residual, rms_norm_rope};
 
 #[cfg(feature = "cuda")]
 /// Whether the project's kernels replace the plain candle ops where they apply: yes unless

@@ -1,5 +1,6 @@
 //! The Wan transformer's normalizations fused with what follows them (`kernels/norms.cu`), bf16 on CUDA, f32
-//! inside: RMSNorm of q or k across heads with the rotary embedding, and LayerNorm with the adaLN modulation.
+//! inside: RMSNorm of q or k across heads with the rotary embedding, LayerNorm with the adaLN modulation, and the
+//! gated residual add that ends each half of a block.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -61,6 +62,24 @@ pub fn ada_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> R
     bf16_contiguous(x)?.apply_op3_no_bwd(&f32_contiguous(shift)?, &f32_contiguous(scale)?, &op)
 }
 
+/// `x + y · gate`, `x` and `y` `[B, L, dim]`, `gate` `[B, 1, dim]` (one row per batch item) or `[B, L, dim]` (one
+/// per token), summed in f32. bf16 out, `x`'s shape.
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (batch, len, dim) = x.dims3()?;
+    let (gate_batch, rows, gate_dim) = gate.dims3()?;
+    if y.dims() != x.dims() || (gate_batch, gate_dim) != (batch, dim) || (rows != 1 && rows != len) {
+        candle_core::bail!(
+            "gated_residual: x {:?}, y {:?} and gate {:?} don't fit: expected y like x and gate [B, 1, dim] or \
+             [B, L, dim]",
+            x.dims(),
+            y.dims(),
+            gate.dims()
+        );
+    }
+    let op = NormOp::GatedResidual { len, per_token: rows != 1 };
+    bf16_contiguous(x)?.apply_op3_no_bwd(&bf16_contiguous(y)?, &f32_contiguous(gate)?, &op)
+}
+
 fn bf16_contiguous(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.contiguous()
 }
@@ -72,6 +91,7 @@ fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
 enum NormOp {
     RmsNormRope { len: usize, head_dim: usize, eps: f32 },
     AdaLayerNorm { len: usize, per_token: bool, eps: f32 },
+    GatedResidual { len: usize, per_token: bool },
 }
 
 impl CustomOp3 for NormOp {
@@ -79,6 +99,7 @@ impl CustomOp3 for NormOp {
         match self {
             NormOp::RmsNormRope { .. } => "rms-norm-rope",
             NormOp::AdaLayerNorm { .. } => "ada-layer-norm",
+            NormOp::GatedResidual { .. } => "gated-residual",
         }
     }
 
@@ -135,6 +156,19 @@ impl CustomOp3 for NormOp {
                 builder.arg(&scale);
                 builder.arg(&out);
                 candle_core::builder_arg!(builder, len as i32, dim as i32, i32::from(per_token), eps);
+                // SAFETY: as above.
+                unsafe { builder.launch(config) }.w()?;
+            }
+            NormOp::GatedResidual { len, per_token } => {
+                let y = view::<bf16>(a, a_layout)?;
+                let gate = view::<f32>(b, b_layout)?;
+                let func = dev.get_or_load_custom_func("gated_residual_bf16", MODULE, PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&x_view);
+                builder.arg(&y);
+                builder.arg(&gate);
+                builder.arg(&out);
+                candle_core::builder_arg!(builder, len as i32, dim as i32, i32::from(per_token));
                 // SAFETY: as above.
                 unsafe { builder.launch(config) }.w()?;
             }

@@ -1,4 +1,4 @@
-//! The fused normalizations against the plain candle ops they replace in the Wan transformer, computed in f32
+//! The fused normalizations (and the gated residual add) against the plain candle ops they replace in the Wan transformer, computed in f32
 //! on random inputs: bf16 relative error under 1e-2. Needs a CUDA device.
 
 #![cfg(feature = "cuda")]
@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use common::relative_error;
-use kinetoscope_kernels::{ada_layer_norm, fused_norms_support, rms_norm_rope};
+use kinetoscope_kernels::{ada_layer_norm, fused_norms_support, gated_residual, rms_norm_rope};
 
 #[test]
 fn rms_norm_rope_matches_norm_then_rotate() -> Result<()> {
@@ -56,6 +56,22 @@ fn ada_layer_norm_matches_norm_then_modulate() -> Result<()> {
 }
 
 #[test]
+fn gated_residual_matches_multiply_then_add() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    for (b, l, dim, per_token) in [(2, 300, 1536, false), (1, 9, 64, true), (2, 40, 5120, true)] {
+        let x = Tensor::randn(0f32, 4.0, (b, l, dim), &dev)?.to_dtype(DType::BF16)?;
+        let y = Tensor::randn(0f32, 1.0, (b, l, dim), &dev)?.to_dtype(DType::BF16)?;
+        let gate = Tensor::randn(0f32, 0.5, (b, if per_token { l } else { 1 }, dim), &dev)?;
+        let got = gated_residual(&x, &y, &gate)?;
+        let want = (x.to_dtype(DType::F32)? + y.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?;
+        let err = relative_error(&got, &want)?;
+        println!("gated_residual {b}x{l}x{dim} per token {per_token}: relative error {err:.2e}");
+        assert!(err < 1e-2, "{b}x{l}x{dim}: relative error {err}");
+    }
+    Ok(())
+}
+
+#[test]
 fn shapes_that_do_not_fit_are_refused() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let x = Tensor::zeros((1, 4, 64), DType::BF16, &dev)?;
@@ -64,5 +80,7 @@ fn shapes_that_do_not_fit_are_refused() -> Result<()> {
     assert!(rms_norm_rope(&x, &weight, &Tensor::zeros((4, 32), DType::F32, &dev)?, 48, 1e-6).is_err());
     let modulation = Tensor::zeros((1, 2, 64), DType::F32, &dev)?;
     assert!(ada_layer_norm(&x, &modulation, &modulation, 1e-6).is_err());
+    assert!(gated_residual(&x, &x, &modulation).is_err());
+    assert!(gated_residual(&x, &Tensor::zeros((1, 4, 32), DType::BF16, &dev)?, &modulation.narrow(1, 0, 1)?).is_err());
     Ok(())
 }

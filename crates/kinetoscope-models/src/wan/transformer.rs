@@ -147,6 +147,16 @@ fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) ->
     modulate(&layer_norm_f32(x, eps)?, shift, scale)?.to_dtype(x.dtype())
 }
 
+/// The residual stream `x` plus a block's output `y` times its gate (`[B, 1 or L, dim]` f32), summed in f32 as
+/// diffusers does, in `x`'s dtype: one fused kernel on the GPU in bf16.
+fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kinetoscope_kernels::kernels_enabled() && kinetoscope_kernels::fused_norms_support(x) {
+        return kinetoscope_kernels::gated_residual(x, y, gate);
+    }
+    (x.to_dtype(DType::F32)? + y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?.to_dtype(x.dtype())
+}
+
 /// Sinusoidal timestep embedding `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/half)`, `[N]` → `[N, dim]`, in f32.
 ///
 /// diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`; the frequencies are rounded exactly as
@@ -363,6 +373,14 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // On the GPU in bf16: the product without its bias, then the bias add and GELU in one kernel.
+        #[cfg(feature = "cuda")]
+        if let (true, Some(bias)) = (kinetoscope_kernels::kernels_enabled(), self.proj.bias()) {
+            if kinetoscope_kernels::bias_gelu_support(x) {
+                let product = Linear::new(self.proj.weight().clone(), None).forward(x)?;
+                return self.out.forward(&kinetoscope_kernels::bias_gelu(&product, bias)?);
+            }
+        }
         self.out.forward(&self.proj.forward(x)?.gelu()?)
     }
 }
@@ -419,7 +437,7 @@ impl TransformerBlock {
 
         let h = modulated_layer_norm(x, &shift, &scale, self.eps)?;
         let attn = self.attn1.forward(&h, &h, Some(rope))?;
-        let x = (x.to_dtype(DType::F32)? + attn.to_dtype(DType::F32)?.broadcast_mul(&gate)?)?.to_dtype(dtype)?;
+        let x = gated_residual(x, &attn, &gate)?;
 
         let h = match &self.norm2 {
             Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
@@ -429,7 +447,7 @@ impl TransformerBlock {
 
         let h = modulated_layer_norm(&x, &ff_shift, &ff_scale, self.eps)?;
         let ff = self.ffn.forward(&h)?;
-        (x.to_dtype(DType::F32)? + ff.to_dtype(DType::F32)?.broadcast_mul(&ff_gate)?)?.to_dtype(dtype)
+        gated_residual(&x, &ff, &ff_gate)
     }
 }
 
