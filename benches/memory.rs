@@ -15,16 +15,19 @@ use std::ops::ControlFlow;
 use std::process::Command;
 
 use candle_core::Tensor;
-use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
+use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline, Tiling, VaeTiling};
 
-/// Model, height, width, frames.
-const CASES: [(&str, usize, usize, usize); 5] = [
-    ("wan21-tiny-a", 256, 256, 17),
-    ("wan21-tiny-a", 480, 832, 17),
-    ("wan21-tiny-b", 256, 256, 17),
-    ("wan22-ti2v-tiny-a", 256, 256, 17),
-    ("wan22-ti2v-tiny-b", 704, 1280, 9),
+/// Model, height, width, frames, VAE tiling.
+const CASES: [(&str, usize, usize, usize, VaeTiling); 7] = [
+    ("wan21-tiny-a", 256, 256, 17, VaeTiling::Off),
+    ("wan21-tiny-a", 480, 832, 17, VaeTiling::Off),
+    ("wan21-tiny-a", 480, 832, 17, VaeTiling::On(DEFAULT_TILES)),
+    ("wan21-tiny-b", 256, 256, 17, VaeTiling::Off),
+    ("wan22-ti2v-tiny-a", 256, 256, 17, VaeTiling::Off),
+    ("wan22-ti2v-tiny-b", 704, 1280, 9, VaeTiling::Off),
+    ("wan22-ti2v-tiny-b", 704, 1280, 9, VaeTiling::On(DEFAULT_TILES)),
 ];
+const DEFAULT_TILES: Tiling = Tiling { tile_height: 256, tile_width: 256, stride_height: 192, stride_width: 192 };
 const MIB: f64 = (1 << 20) as f64;
 
 /// Kilobytes on the line of `/proc/self/status` that starts with `field`.
@@ -57,9 +60,14 @@ fn main() {
     println!("| model | size | stage | estimate MiB | measured MiB | estimate / measured |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut under = Vec::new();
-    for (model, height, width, num_frames) in CASES {
-        let pipeline = Pipeline::load(&ModelDir::open(&format!("{tiny}{model}")).unwrap(), &LoadOptions::default())
+    for (model, height, width, num_frames, vae_tiling) in CASES {
+        let options = LoadOptions { vae_tiling, ..LoadOptions::default() };
+        let pipeline = Pipeline::load(&ModelDir::open(&format!("{tiny}{model}")).unwrap(), &options)
             .expect("the tiny model loads");
+        let size = match vae_tiling {
+            VaeTiling::On(_) => format!("{width}x{height}x{num_frames} tiled"),
+            _ => format!("{width}x{height}x{num_frames}"),
+        };
         let request = GenerateRequest {
             prompt: "a red fox runs through fresh snow at dawn".into(),
             negative_prompt: "blurred, static".into(),
@@ -100,12 +108,12 @@ fn main() {
                 "—".to_string()
             };
             println!(
-                "| {model} | {width}x{height}x{num_frames} | {stage} | {:.1} | {:.1} | {ratio} |",
+                "| {model} | {size} | {stage} | {:.1} | {:.1} | {ratio} |",
                 estimated as f64 / MIB,
                 measured as f64 / MIB
             );
             if estimated < measured {
-                under.push(format!("{model} {width}x{height}x{num_frames} {stage}"));
+                under.push(format!("{model} {size} {stage}"));
             }
         }
     }

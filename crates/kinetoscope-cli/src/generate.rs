@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
-use kinetoscope::{DType, GenerateRequest, LoadOptions, ModelDir, Pipeline, Preset};
+use kinetoscope::{
+    DType, Device, GenerateRequest, LoadOptions, ModelDir, Pipeline, Preset, TextEncoderPlacement, VaeTiling,
+};
 
 use crate::edit::EditArgs;
 use crate::output::{self, Candidates};
@@ -86,10 +88,37 @@ pub struct ModelArgs {
     /// Precision of the text encoder and the transformer: f32, bf16 or f16 (the VAE always runs in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// How the pipeline uses memory: the flags `generate`, `batch` and `serve` share.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct MemoryArgs {
     /// Working memory (beyond the weights) a stage may need, e.g. 8GiB or 512MiB; a request that would need
     /// more fails with out_of_memory before the stage starts [default: no limit].
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
-    memory_limit: Option<u64>,
+    pub memory_limit: Option<u64>,
+    /// Where the text encoder lives: resident (on the device for good), offload (loaded onto the GPU for
+    /// each request's prompts and freed before denoising) or cpu (runs on the CPU in f32).
+    #[arg(long, value_name = "WHERE", default_value = "offload")]
+    pub text_encoder: TextEncoderPlacement,
+    /// VAE decoding in spatial tiles: auto (only when decoding whole would not fit in the memory limit or
+    /// the GPU's free memory), on (256-pixel tiles every 192 pixels, as diffusers' enable_tiling) or off.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub vae_tiling: VaeTiling,
+}
+
+impl MemoryArgs {
+    pub fn load_options(&self, device: Device, dtype: DType) -> LoadOptions {
+        LoadOptions {
+            device,
+            dtype,
+            memory_limit: self.memory_limit,
+            text_encoder: self.text_encoder,
+            vae_tiling: self.vae_tiling,
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -174,11 +203,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<(Pipeline, f64)> {
         let start = Instant::now();
         let model = ModelDir::open(&self.model)?;
-        let options = LoadOptions {
-            device: kinetoscope::open_device(&self.device)?,
-            dtype: self.dtype,
-            memory_limit: self.memory_limit,
-        };
+        let options = self.memory.load_options(kinetoscope::open_device(&self.device)?, self.dtype);
         let pipeline = Pipeline::load(&model, &options)?;
         Ok((pipeline, start.elapsed().as_secs_f64()))
     }

@@ -246,6 +246,13 @@ fn write_sidecar(
             "guidance": request.guidance_scale > 1.0,
             "device": setup.device,
             "dtype": setup.dtype.as_str(),
+            "text_encoder": setup.pipeline.text_encoder_placement(),
+            // The tiles the VAE decoded in (pixels), null when it decoded whole.
+            "vae_tiling": timings.vae_tiling,
+        },
+        "memory": {
+            // The most the pipeline's tensors held on the GPU at once, weights included; null on the CPU.
+            "peak_gpu_bytes": timings.peak_gpu_memory_bytes,
         },
         "model": setup.pipeline.identity(),
         "video": {

@@ -24,10 +24,8 @@ pub struct Args {
     /// Precision of the text encoder and the transformer: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = crate::generate::parse_dtype)]
     dtype: DType,
-    /// Working memory (beyond the weights) a job's stage may need, e.g. 8GiB or 512MiB; a job that would need
-    /// more fails with out_of_memory before the stage starts [default: no limit].
-    #[arg(long, value_name = "SIZE", value_parser = crate::generate::parse_memory_limit)]
-    memory_limit: Option<u64>,
+    #[command(flatten)]
+    memory: crate::generate::MemoryArgs,
     /// Address to listen on; only this machine can connect unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -124,7 +122,9 @@ pub fn run(args: Args) -> Result<()> {
         config.devices = vec!["cuda".into()];
     }
     config.dtype = args.dtype;
-    config.memory_limit = args.memory_limit;
+    config.memory_limit = args.memory.memory_limit;
+    config.text_encoder = args.memory.text_encoder;
+    config.vae_tiling = args.memory.vae_tiling;
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

@@ -75,6 +75,10 @@ fn generates_an_mp4_with_a_sidecar_and_frames() {
     assert_eq!(request["guidance_scale"], 5.0);
     assert_eq!(sidecar["resolved"]["scheduler"], "unipc");
     assert_eq!(sidecar["resolved"]["shift"], 3.0);
+    // Where the memory went: the text encoder offloaded by default, the VAE whole at this size, no GPU.
+    assert_eq!(sidecar["resolved"]["text_encoder"], "offload");
+    assert!(sidecar["resolved"]["vae_tiling"].is_null());
+    assert!(sidecar["memory"]["peak_gpu_bytes"].is_null());
     assert_eq!(sidecar["model"]["pipeline_class"], "WanPipeline");
     assert_eq!(sidecar["model"]["config_sha256"].as_object().unwrap().len(), 4);
     assert_eq!(sidecar["video"]["frames"], 13);
@@ -157,6 +161,13 @@ fn bad_input_is_a_clear_error() {
     let mut bad_device = request("32", "9", out);
     bad_device.extend(["--device", "tpu"]);
     assert_fails(&bad_device, &["device tpu", "expected cpu, cuda or cuda:N"]);
+    for (flag, value, expected) in
+        [("--vae-tiling", "sometimes", "expected auto, off or on"), ("--text-encoder", "gpu", "expected resident")]
+    {
+        let mut bad = request("32", "9", out);
+        bad.extend([flag, value]);
+        assert_fails(&bad, &[flag, value, expected]);
+    }
     let mut bad_latents = request("32", "9", out);
     bad_latents.extend(["--latents", "/nonexistent/noise.safetensors"]);
     assert_fails(&bad_latents, &["/nonexistent/noise.safetensors"]);
@@ -187,6 +198,18 @@ fn small(output: &Path, extra: &[&str]) -> Output {
     args.extend(["--max-sequence-length", "16", "--output", output.to_str().unwrap()]);
     args.extend(extra);
     generate(&args)
+}
+
+/// Tiles asked for and the encoder on the CPU: recorded, and a frame within one tile decodes whole.
+#[test]
+fn memory_settings_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = dir.path().join("kite.mp4");
+    let out = small(&mp4, &["--steps", "1", "--vae-tiling", "on", "--text-encoder", "cpu"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("kite.json"));
+    assert_eq!(sidecar["resolved"]["text_encoder"], "cpu");
+    assert!(sidecar["resolved"]["vae_tiling"].is_null(), "32×48 fits in one 256-pixel tile");
 }
 
 #[test]

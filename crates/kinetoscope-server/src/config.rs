@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kinetoscope::DType;
+use kinetoscope::{DType, TextEncoderPlacement, VaeTiling};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -24,6 +24,10 @@ pub struct Config {
     /// Bytes of working memory (beyond the weights) a job's stage may need; a job that would need more
     /// fails with `out_of_memory` before the stage starts. `None`: no limit.
     pub memory_limit: Option<u64>,
+    /// Where each worker's text encoder lives between jobs.
+    pub text_encoder: TextEncoderPlacement,
+    /// When each worker's VAE decodes in tiles.
+    pub vae_tiling: VaeTiling,
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -99,6 +103,8 @@ impl Config {
             devices: vec!["cpu".into()],
             dtype: DType::F32,
             memory_limit: None,
+            text_encoder: TextEncoderPlacement::default(),
+            vae_tiling: VaeTiling::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

@@ -136,6 +136,8 @@ fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
         device: kinetoscope::open_device(device)?,
         dtype: shared.config.dtype,
         memory_limit: shared.config.memory_limit,
+        text_encoder: shared.config.text_encoder,
+        vae_tiling: shared.config.vae_tiling,
     };
     Pipeline::load(&dir, &options)
 }

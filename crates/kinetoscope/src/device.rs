@@ -63,6 +63,76 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
+/// Bytes free on `device`'s GPU; `None` on the CPU or when the driver can't say.
+pub(crate) fn gpu_memory_free(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(free as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// candle allocates with `cuMemAllocAsync` from the device's memory pool, whose high watermark of memory in
+/// use is the peak of what tensors held at once (cuBLAS's workspaces and the CUDA context are outside it).
+/// `None` without a pool: drivers without stream-ordered allocation, or the CPU.
+#[cfg(feature = "cuda")]
+fn memory_pool(device: &Device) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let Device::Cuda(cuda) = device else { return None };
+    let context = cuda.cuda_stream().context().clone();
+    if !context.has_async_alloc() {
+        return None;
+    }
+    context.bind_to_thread().ok()?;
+    // SAFETY: the device handle comes from a live context.
+    unsafe { result::device::get_mem_pool(context.cu_device()) }.ok()
+}
+
+/// Starts a new peak for [`peak_gpu_memory`]: from what is in use now.
+pub fn reset_peak_gpu_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = memory_pool(device) {
+        use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
+        let mut zero = 0u64;
+        // SAFETY: the pool is live and the attribute is a cuuint64_t, which setting to 0 resets.
+        let reset = unsafe {
+            mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        };
+        if let Err(e) = reset {
+            tracing::debug!(error = %e, "could not reset the GPU memory peak");
+        }
+    }
+    let _ = device;
+}
+
+/// The most bytes `device`'s tensors held at once since [`reset_peak_gpu_memory`]; `None` on the CPU or
+/// when the driver can't say.
+pub fn peak_gpu_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = memory_pool(device) {
+        use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
+        let mut peak = 0u64;
+        // SAFETY: the pool is live and the attribute is a cuuint64_t.
+        unsafe {
+            mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut peak as *mut u64).cast(),
+            )
+        }
+        .ok()?;
+        return Some(peak);
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,9 +54,7 @@ pub enum Error {
     Cancelled { step: usize, steps: usize },
 
     /// The GPU ran out of memory in `stage`.
-    #[error(
-        "out of GPU memory during {stage}: {source}; try a smaller size or fewer frames, dtype bf16, or a GPU with more memory"
-    )]
+    #[error("out of GPU memory during {stage}: {source}; {}", gpu_memory_hint(stage))]
     GpuOutOfMemory { stage: &'static str, source: candle_core::Error },
 
     /// `stage` would need more working memory than the configured limit (`LoadOptions::memory_limit`);
@@ -97,6 +95,15 @@ impl Error {
     }
 }
 
+/// The setting that gives `stage` more room on the GPU.
+fn gpu_memory_hint(stage: &str) -> &'static str {
+    match stage {
+        "text encoding" => "try --text-encoder cpu (umT5 on the CPU), or a shorter max_sequence_length",
+        "VAE decoding" => "try --vae-tiling on (the decoder in 256-pixel tiles), or a smaller size",
+        _ => "try a smaller size or fewer frames, dtype bf16, --text-encoder offload, or a GPU with more memory",
+    }
+}
+
 fn list_paths(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -118,5 +125,31 @@ impl<T> StageContext<T> for candle_core::Result<T> {
                 Error::Compute { stage, source }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How candle reports the driver's failure, and what the user is told to change for each stage.
+    #[test]
+    fn gpu_out_of_memory_names_the_stage_and_the_setting_that_helps() {
+        let failed = |stage| -> Error {
+            let driver = candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into());
+            Err::<(), _>(driver).stage(stage).unwrap_err()
+        };
+        for (stage, hint) in [
+            ("VAE decoding", "--vae-tiling on"),
+            ("text encoding", "--text-encoder cpu"),
+            ("denoising", "smaller size"),
+        ] {
+            let err = failed(stage);
+            assert_eq!(err.code(), "gpu_out_of_memory");
+            let text = err.to_string();
+            assert!(text.contains(stage) && text.contains(hint), "{text}");
+        }
+        let other = Err::<(), _>(candle_core::Error::Msg("shape mismatch".into())).stage("denoising").unwrap_err();
+        assert_eq!(other.code(), "compute_failed");
     }
 }

@@ -23,17 +23,18 @@ pub mod scheduler;
 mod text;
 
 pub use candle_core::{DType, Device};
-pub use device::{gpu_memory_used, open_device, parse_dtype};
+pub use device::{gpu_memory_used, open_device, parse_dtype, peak_gpu_memory, reset_peak_gpu_memory};
 pub use edit::{
     edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, InputVideo, RedoRequest, TimeRange,
     MAX_EXTEND_SECONDS,
 };
 pub use error::{Error, Result};
 pub use image_to_video::ImageRequest;
+pub use kinetoscope_models::wan::vae::Tiling;
 pub use memory::{MemoryLimit, WorkingMemory};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
-pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, Video};
+pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, VaeTiling, Video};
 pub use preset::Preset;
 pub use registry::{models, verify, ModelManifest, VerifyReport};
-pub use text::{clean_prompt, TextEncoder};
+pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};

@@ -14,7 +14,8 @@
 //!   (twice: embedded and cast), the token states (8 × `S·max(d_model, heads·d_kv)`), and the larger of the
 //!   attention scores and the gated feed-forward (3 × `S·d_ff`). Scores are counted as two f32 copies of
 //!   `[heads, block, S]`, `block` the query rows `layers::attention` processes at once (at most 2²⁴
-//!   scores per head): the product and its softmax live together.
+//!   scores per head): the product and its softmax live together. An offloaded encoder
+//!   (`TextEncoderPlacement::Offload`) is loaded for each request, so its weights count too.
 //! - **One denoising step** (the transformer on `B` = 2 with guidance, else 1, and
 //!   `L = latent_frames/pt · h/ph · w/pw` tokens): [`TOKEN_COPIES`] `[B, L, dim]` tensors (the residual
 //!   stream, the embedded tokens, q, k, v, their f32 RoPE copies, the transposed keys, the attention output
@@ -31,6 +32,8 @@
 //!   then the pipeline's [0, 1] conversion), three where Wan 2.2 unpatchifies the chunks into pixels. The 3×3×3 convolution
 //!   is `vae::causal`'s banded im2col, whose unrolled columns are capped at 2²¹ floats, so they are left to
 //!   the slack; candle's conv2d (the encoder's downsampling) is tiled and copies only its input.
+//!   Tiled (`VaeTiling`), the cache and the widest moment are one tile's, and the video is held four times
+//!   (the finished bands, their concatenation, the clipped result, the conversion) plus two rows of tiles.
 //! - **VAE encoding** (edits: the clip, 4 frames a chunk after the first): the same walk through the
 //!   encoder's levels, and three copies of the clip (scaled to [-1, 1], permuted, frames-major).
 //!
@@ -45,6 +48,7 @@ use kinetoscope_models::umt5;
 use kinetoscope_models::wan::{transformer, vae};
 
 use crate::error::{Error, Result, StageContext};
+use crate::pipeline::VaeTiling;
 
 /// Headroom over the counted tensors, for the temporaries each count leaves out.
 const MARGIN: f64 = 1.25;
@@ -136,6 +140,10 @@ struct Networks {
 pub(crate) struct MemoryBudget {
     limit: Option<u64>,
     networks: Networks,
+    vae_tiling: VaeTiling,
+    /// The text encoder's weights when they are loaded for each request (offloaded), else 0: text encoding
+    /// then allocates them too.
+    text_weight_bytes: u64,
 }
 
 impl MemoryBudget {
@@ -144,9 +152,27 @@ impl MemoryBudget {
         text: &umt5::Config,
         transformer: &transformer::Config,
         vae: &vae::Config,
+        vae_tiling: VaeTiling,
+        text_weight_bytes: u64,
     ) -> Self {
         let networks = Networks { text: text.clone(), transformer: transformer.clone(), vae: vae.clone() };
-        MemoryBudget { limit, networks }
+        MemoryBudget { limit, networks, vae_tiling, text_weight_bytes }
+    }
+
+    /// How latents `latent` are decoded: whole (`None`) or in these tiles. `free_bytes` is what the GPU has
+    /// free, `None` on the CPU (or before denoising, when what the loop frees isn't known yet).
+    pub(crate) fn decode_tiling(&self, latent: LatentShape, free_bytes: Option<u64>) -> Option<vae::Tiling> {
+        let vae = &self.networks.vae;
+        let tiling = match self.vae_tiling {
+            VaeTiling::Off => None,
+            VaeTiling::On(tiling) => Some(tiling),
+            VaeTiling::Auto => {
+                let available = self.limit.into_iter().chain(free_bytes).min();
+                let whole = vae_decoding_bytes(vae, latent, None);
+                available.filter(|&bytes| whole > bytes).map(|_| vae::Tiling::default())
+            }
+        };
+        tiling.filter(|t| t.splits(vae.spatial_compression(), latent[3], latent[4]))
     }
 
     /// Before a request's first stage: text encoding, one denoising step on `latents` `[1, z, T, h, w]`
@@ -166,17 +192,16 @@ impl MemoryBudget {
         let net = &self.networks;
         let batch = if guidance { 2 } else { 1 };
         WorkingMemory {
-            text_encoding: text_encoding_bytes(&net.text, max_sequence_length),
+            text_encoding: text_encoding_bytes(&net.text, max_sequence_length) + self.text_weight_bytes,
             denoising_step: denoising_step_bytes(&net.transformer, latent, batch, max_sequence_length),
-            vae_decoding: vae_decoding_bytes(&net.vae, latent),
+            vae_decoding: vae_decoding_bytes(&net.vae, latent, self.decode_tiling(latent, None)),
         }
     }
 
-    /// Before decoding latents `[1, z, T, h, w]`.
-    pub(crate) fn check_decoding(&self, latents: &Tensor) -> Result<()> {
+    /// Before decoding latents of shape `latent` with `tiling`.
+    pub(crate) fn check_decoding(&self, latent: LatentShape, tiling: Option<vae::Tiling>) -> Result<()> {
         let Some(limit) = self.limit else { return Ok(()) };
-        let latent = latents.dims5().stage("VAE decoding")?.into();
-        check(limit, "VAE decoding", vae_decoding_bytes(&self.networks.vae, latent))
+        check(limit, "VAE decoding", vae_decoding_bytes(&self.networks.vae, latent, tiling))
     }
 
     /// Before encoding frames `[F, H, W, 3]`.
@@ -207,6 +232,17 @@ fn score_rows(queries: usize, keys: usize) -> usize {
 /// Bytes of two f32 copies of the scores of `batch_heads` attention maps of `queries` × `keys`.
 fn score_bytes(batch_heads: usize, queries: usize, keys: usize) -> usize {
     2 * F32 * batch_heads * score_rows(queries, keys) * keys
+}
+
+/// Bytes of umT5's weights at `bytes_per_weight`: the shared embedding, and per layer the attention's four
+/// projections, the gated feed-forward's three, the relative position bias and two norms; the final norm.
+pub(crate) fn text_encoder_weight_bytes(cfg: &umt5::Config, bytes_per_weight: usize) -> u64 {
+    let inner = cfg.num_heads * cfg.d_kv;
+    let layer = 4 * cfg.d_model * inner
+        + 3 * cfg.d_model * cfg.d_ff
+        + cfg.relative_attention_num_buckets * cfg.num_heads
+        + 2 * cfg.d_model;
+    ((cfg.vocab_size * cfg.d_model + cfg.num_layers * layer + cfg.d_model) * bytes_per_weight) as u64
 }
 
 fn text_encoding_bytes(cfg: &umt5::Config, tokens: usize) -> u64 {
@@ -241,8 +277,36 @@ fn padded(frames: usize, channels: usize, h: usize, w: usize) -> usize {
     frames * channels * (h + 2) * (w + 2)
 }
 
-fn vae_decoding_bytes(cfg: &vae::Config, latent: LatentShape) -> u64 {
-    let [_, z_dim, t, h0, w0] = latent;
+/// Decoding latents `latent` whole (`tiling` `None`) or in tiles: one stream's cache and widest moment (a
+/// tile's, when tiled), and the copies of the video. Tiled, the video is held as the finished bands, their
+/// concatenation and the clipped result (one more where Wan 2.2 unpatchifies), and two rows of whole tiles
+/// (the row blended against and the row being decoded).
+fn vae_decoding_bytes(cfg: &vae::Config, latent: LatentShape, tiling: Option<vae::Tiling>) -> u64 {
+    let [_, z_dim, t, h, w] = latent;
+    let s = cfg.spatial_compression();
+    let patch = cfg.patch_size.unwrap_or(1);
+    let unpatchify_copy = usize::from(patch > 1);
+    let video = |frames_per_latent: usize, h: usize, w: usize| {
+        cfg.out_channels * ((t.max(1) - 1) * frames_per_latent + 1) * (h * s / patch) * (w * s / patch)
+    };
+    let counted = match tiling {
+        None => {
+            let (stream, frames) = decoder_stream(cfg, z_dim, h, w);
+            stream + (2 + unpatchify_copy) * video(frames, h, w)
+        }
+        Some(tiling) => {
+            let (tile_h, tile_w) = ((tiling.tile_height / s).min(h), (tiling.tile_width / s).min(w));
+            let columns = w.div_ceil(tiling.stride_width / s);
+            let (stream, frames) = decoder_stream(cfg, z_dim, tile_h, tile_w);
+            stream + (3 + unpatchify_copy) * video(frames, h, w) + 2 * columns * video(frames, tile_h, tile_w)
+        }
+    };
+    with_headroom(counted * F32)
+}
+
+/// Elements one stream of latents `h0 × w0` holds at its widest in the decoder (its cache and the widest
+/// moment of a chunk), and the frames a latent frame after the first becomes.
+fn decoder_stream(cfg: &vae::Config, z_dim: usize, h0: usize, w0: usize) -> (usize, usize) {
     let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim);
     let levels = cfg.dim_mult.len();
     // Widths as the decoder builds them: the deepest first, then dim_mult from the end.
@@ -273,11 +337,7 @@ fn vae_decoding_bytes(cfg: &vae::Config, latent: LatentShape) -> u64 {
         }
     }
     cache += padded(2, dims[levels], h, w);
-    let video_frames = (t.max(1) - 1) * frames + 1;
-    let video = cfg.out_channels * video_frames * h * w;
-    // Wan 2.2 unpatchifies the decoded chunks into pixels: one more copy.
-    let video_copies = if cfg.patch_size.unwrap_or(1) > 1 { 3 } else { 2 };
-    with_headroom((cache + widest + video_copies * video) * F32)
+    (cache + widest, frames)
 }
 
 fn vae_encoding_bytes(cfg: &vae::Config, num_frames: usize, height: usize, width: usize) -> u64 {
@@ -354,6 +414,13 @@ mod tests {
 
     /// umT5-XXL on 512 tokens: the 64 heads' 512×512 scores (twice), the bias (twice) and the buckets.
     #[test]
+    fn umt5_xxl_weighs_what_its_checkpoint_does() {
+        // google/umt5-xxl's encoder, as Wan ships it: 5.68e9 parameters (11.4 GB in bf16).
+        let params = text_encoder_weight_bytes(&wan_1_3b().text, 1) as f64;
+        assert!((params / 5.68e9 - 1.0).abs() < 0.01, "{params:e}");
+    }
+
+    #[test]
     fn text_encoding_counts_scores_bias_and_states() {
         let net = wan_1_3b();
         let s = 512 * 512 * 4;
@@ -400,7 +467,7 @@ mod tests {
         let widest = 3 * upsampled + 3 * upsampled / 2;
         let videos = 2 * 3 * 9 * 32 * 48;
         let want = with_headroom((cache + widest + videos) * 4);
-        assert_eq!(vae_decoding_bytes(&tiny_vae(), [1, 16, 3, 4, 6]), want);
+        assert_eq!(vae_decoding_bytes(&tiny_vae(), [1, 16, 3, 4, 6], None), want);
     }
 
     /// 9 frames of 32×48. Encoder widths [4, 4, 8, 16, 16]; a chunk is 4, 4, 2, 1 frames at 32×48, 16×24,
@@ -419,5 +486,19 @@ mod tests {
         let want = with_headroom((cache + widest + clips) * 4);
         assert_eq!(vae_encoding_bytes(&tiny_vae(), 9, 32, 48), want);
         assert!(vae_encoding_bytes(&tiny_vae(), 1, 32, 48) < want);
+    }
+
+    /// 1280×720, 81 frames (latents [1, 16, 21, 90, 160]) with Wan 2.1's VAE: whole, the decode needs more
+    /// than a 24 GB card has (27 GiB, most of it the causal cache at full resolution); in diffusers' default
+    /// tiles it needs 6 GiB, beside the 1.3B model's weights (2.8 GB in bf16).
+    #[test]
+    fn a_720p_decode_fits_24_gb_only_in_tiles() {
+        let vae = wan_1_3b().vae;
+        let latent = [1, 16, 21, 90, 160];
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        let whole = gib(vae_decoding_bytes(&vae, latent, None));
+        let tiled = gib(vae_decoding_bytes(&vae, latent, Some(vae::Tiling::default())));
+        println!("720p×81 VAE decoding: whole {whole:.1} GiB, tiled {tiled:.1} GiB");
+        assert!(whole > 24.0 && tiled < 8.0, "whole {whole:.1} GiB, tiled {tiled:.1} GiB");
     }
 }

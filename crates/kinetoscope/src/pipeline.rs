@@ -16,7 +16,7 @@ use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity};
 use crate::noise;
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
-use crate::text::TextEncoder;
+use crate::text::{TextEncoder, TextEncoderPlacement};
 
 /// Where and in what precision the networks run.
 #[derive(Debug, Clone)]
@@ -26,11 +26,49 @@ pub struct LoadOptions {
     /// Bytes of working memory (beyond the weights) a request's stage may need; a request whose stage
     /// would need more fails with `Error::OutOfMemory` before the stage starts. `None`: no limit.
     pub memory_limit: Option<u64>,
+    /// Where the text encoder lives between requests (default: offloaded from the GPU between them).
+    pub text_encoder: TextEncoderPlacement,
+    /// When the VAE decodes in spatial tiles (default: when decoding whole would not fit).
+    pub vae_tiling: VaeTiling,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, dtype: DType::F32, memory_limit: None }
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            memory_limit: None,
+            text_encoder: TextEncoderPlacement::default(),
+            vae_tiling: VaeTiling::default(),
+        }
+    }
+}
+
+/// When the VAE decodes tile by tile ([`vae::Tiling`]: less memory, and a video that differs from the whole
+/// decode by the blending at the tiles' overlaps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTiling {
+    /// Tiles of diffusers' default size when decoding whole would need more working memory than there is:
+    /// the memory limit if one is set, and on a GPU what is free when decoding starts. The sidecar records
+    /// whether it tiled.
+    #[default]
+    Auto,
+    /// Always whole (diffusers' default).
+    Off,
+    /// Always these tiles (where the frame is larger than one).
+    On(vae::Tiling),
+}
+
+impl std::str::FromStr for VaeTiling {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "auto" => Ok(VaeTiling::Auto),
+            "off" => Ok(VaeTiling::Off),
+            "on" => Ok(VaeTiling::On(vae::Tiling::default())),
+            _ => Err(format!("{text:?}: expected auto, off or on")),
+        }
     }
 }
 
@@ -94,6 +132,11 @@ pub struct Timings {
     pub vae_decode_s: f64,
     /// Denoising steps that reused the step cache instead of running every transformer block.
     pub cached_steps: usize,
+    /// The tiles the VAE decoded in, `None` if it decoded whole.
+    pub vae_tiling: Option<vae::Tiling>,
+    /// The most GPU memory the pipeline's tensors held at once during the generation, weights included
+    /// (`None` on the CPU, or where the driver can't say).
+    pub peak_gpu_memory_bytes: Option<u64>,
 }
 
 /// Reported after every denoising step; returning `ControlFlow::Break` cancels the generation.
@@ -142,7 +185,7 @@ impl Pipeline {
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         scheduler_config.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
 
-        let text_encoder = TextEncoder::load(dir, dtype, &device)?;
+        let text_encoder = TextEncoder::load(dir, dtype, &device, options.text_encoder)?;
 
         let transformer_config: transformer::Config = dir.config("transformer", "config.json")?;
         let weights_error = |component: &'static str| {
@@ -160,7 +203,24 @@ impl Pipeline {
             .map_err(weights_error("vae"))?;
 
         crate::registry::check_configs_agree(dir, &transformer_config, text_encoder.dim(), &vae_config)?;
-        let memory = MemoryBudget::new(options.memory_limit, text_encoder.config(), &transformer_config, &vae_config);
+        if let VaeTiling::On(tiling) = options.vae_tiling {
+            let reason = |e: candle_core::Error| Error::InvalidRequest { field: "vae_tiling", reason: e.to_string() };
+            tiling.check(vae_config.spatial_compression()).map_err(reason)?;
+        }
+        let text_weight_bytes = match options.text_encoder {
+            TextEncoderPlacement::Offload => {
+                crate::memory::text_encoder_weight_bytes(text_encoder.config(), dtype.size_in_bytes())
+            }
+            TextEncoderPlacement::Resident | TextEncoderPlacement::Cpu => 0,
+        };
+        let memory = MemoryBudget::new(
+            options.memory_limit,
+            text_encoder.config(),
+            &transformer_config,
+            &vae_config,
+            options.vae_tiling,
+            text_weight_bytes,
+        );
         Ok(Pipeline {
             identity,
             device,
@@ -182,6 +242,11 @@ impl Pipeline {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Where the text encoder lives between requests.
+    pub fn text_encoder_placement(&self) -> TextEncoderPlacement {
+        self.text_encoder.placement()
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -255,7 +320,8 @@ impl Pipeline {
 
     /// Text states for a prompt: `[1, max_sequence_length, text_dim]`.
     pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<Tensor> {
-        self.text_encoder.encode(prompt, max_sequence_length)?.to_dtype(self.dtype).stage("text encoding")
+        let states = self.text_encoder.encode(&[prompt], max_sequence_length)?.remove(0);
+        states.to_dtype(self.dtype).stage("text encoding")
     }
 
     /// The initial noise a request asks for: from its latents file, else from its seed.
@@ -307,17 +373,18 @@ impl Pipeline {
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Tensor, Timings)> {
         let mut timings = Timings::default();
+        crate::device::reset_peak_gpu_memory(&self.device);
 
         let start = Instant::now();
         let guidance = request.guidance_scale > 1.0;
         self.memory.check_request(&latents, request.max_sequence_length, guidance)?;
-        let prompt = self.encode_prompt(&request.prompt, request.max_sequence_length)?;
-        let text = if guidance {
-            let negative = self.encode_prompt(&request.negative_prompt, request.max_sequence_length)?;
-            Tensor::cat(&[&prompt, &negative], 0).stage("text encoding")?
-        } else {
-            prompt
-        };
+        // Both prompts at once: an offloaded encoder is loaded once per request.
+        let mut prompts = vec![request.prompt.as_str()];
+        if guidance {
+            prompts.push(&request.negative_prompt);
+        }
+        let states = self.text_encoder.encode(&prompts, request.max_sequence_length)?;
+        let text = Tensor::cat(&states, 0).and_then(|t| t.to_dtype(self.dtype)).stage("text encoding")?;
         timings.text_encoding_s = start.elapsed().as_secs_f64();
         tracing::debug!(seconds = timings.text_encoding_s, "text encoded");
 
@@ -337,8 +404,10 @@ impl Pipeline {
     /// The second half of [`Pipeline::generate_from`]: decodes the denoised latents into the video.
     pub(crate) fn decode_video(&self, latents: &Tensor, mut timings: Timings, fps: u32) -> Result<Video> {
         let start = Instant::now();
-        let frames = self.decode(latents)?;
+        let (frames, tiling) = self.decode_tiled(latents)?;
         timings.vae_decode_s = start.elapsed().as_secs_f64();
+        timings.vae_tiling = tiling;
+        timings.peak_gpu_memory_bytes = crate::device::peak_gpu_memory(&self.device);
         tracing::debug!(seconds = timings.vae_decode_s, "decoded");
         ensure_finite(&frames, "VAE decoding")?;
 
@@ -466,17 +535,31 @@ impl Pipeline {
         z.broadcast_sub(&mean).and_then(|z| z.broadcast_mul(&inv_std)).stage(STAGE)
     }
 
-    /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`.
+    /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`, tiled as [`LoadOptions::vae_tiling`]
+    /// says.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_tiled(latents)?.0)
+    }
+
+    /// [`Pipeline::decode`], and the tiles it decoded in (`None`: whole).
+    fn decode_tiled(&self, latents: &Tensor) -> Result<(Tensor, Option<vae::Tiling>)> {
         const STAGE: &str = "VAE decoding";
-        self.memory.check_decoding(latents)?;
+        let latent = latents.dims5().stage(STAGE)?.into();
+        let free = crate::device::gpu_memory_free(&self.device);
+        let tiling = self.memory.decode_tiling(latent, free);
+        self.memory.check_decoding(latent, tiling)?;
         let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         let z =
             latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
-        let video = self.vae.decode(&z).stage(STAGE)?;
+        let video = match tiling {
+            Some(tiling) => self.vae.decode_tiled(&z, tiling),
+            None => self.vae.decode(&z),
+        }
+        .stage(STAGE)?;
         // [-1, 1] → [0, 1], channels last.
         let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
-        video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)
+        let frames = video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)?;
+        Ok((frames, tiling))
     }
 }
 

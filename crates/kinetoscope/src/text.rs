@@ -5,23 +5,68 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use kinetoscope_models::umt5::{self, UMT5Encoder};
+use serde::Serialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::error::{Error, Result, StageContext};
 use crate::model_dir::ModelDir;
 
+/// Where the text encoder's weights live and where it runs. umT5-XXL is 5.7B parameters (11 GB in bf16),
+/// more than Wan 2.1 1.3B's transformer and VAE together, and it runs once per prompt, so on a GPU it need not
+/// stay there through the denoising loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextEncoderPlacement {
+    /// Loaded on the pipeline's device and kept there: the fastest, and its weights take device memory for
+    /// good.
+    Resident,
+    /// The weights stay in their memory-mapped files; each request loads them onto the device, encodes its
+    /// prompts, and frees them before denoising starts: a second or so per request from the page cache,
+    /// against minutes of denoising, for the encoder's memory back during them (on the CPU too).
+    #[default]
+    Offload,
+    /// Runs on the CPU in f32 (the reference's precision; 4 bytes a parameter of host memory) and hands the
+    /// states to the device: for GPUs too small to hold the encoder at all.
+    Cpu,
+}
+
+impl std::str::FromStr for TextEncoderPlacement {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "resident" => Ok(TextEncoderPlacement::Resident),
+            "offload" => Ok(TextEncoderPlacement::Offload),
+            "cpu" => Ok(TextEncoderPlacement::Cpu),
+            _ => Err(format!("{text:?}: expected resident, offload or cpu")),
+        }
+    }
+}
+
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     tokenizer_path: PathBuf,
-    encoder: UMT5Encoder,
+    weights: Weights,
     config: umt5::Config,
+    /// Where the encoder runs.
     device: Device,
+    /// Where its states go: the pipeline's device.
+    output_device: Device,
+    placement: TextEncoderPlacement,
+}
+
+enum Weights {
+    /// Built once, kept.
+    Loaded(UMT5Encoder),
+    /// Built from the mapped files for each request's prompts, dropped after them.
+    Mapped(VarBuilder<'static>),
 }
 
 impl TextEncoder {
-    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, placement: TextEncoderPlacement) -> Result<Self> {
         let tokenizer_path = dir.component("tokenizer").join("tokenizer.json");
         if !tokenizer_path.is_file() {
             return Err(Error::MissingFile { path: tokenizer_path, what: "the tokenizer (tokenizer.json)".into() });
@@ -29,12 +74,24 @@ impl TextEncoder {
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| Error::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() })?;
         let cfg: umt5::Config = dir.config("text_encoder", "config.json")?;
-        let vb = dir.var_builder("text_encoder", dtype, device)?;
-        let encoder = UMT5Encoder::new(&cfg, vb).map_err(|e| Error::Weights {
+        let (run_device, run_dtype) = match placement {
+            TextEncoderPlacement::Cpu => (Device::Cpu, DType::F32),
+            _ => (device.clone(), dtype),
+        };
+        let vb = dir.var_builder("text_encoder", run_dtype, &run_device)?;
+        // Built now in every placement, so that weights that don't fit the config fail the load, not the
+        // first request.
+        let encoder = UMT5Encoder::new(&cfg, vb.clone()).map_err(|e| Error::Weights {
             component: "text_encoder",
             path: dir.component("text_encoder"),
             reason: e.to_string(),
         })?;
+        let weights = if placement == TextEncoderPlacement::Offload {
+            drop(encoder);
+            Weights::Mapped(vb)
+        } else {
+            Weights::Loaded(encoder)
+        };
         // A tokenizer whose ids run past the encoder's embedding table would fail deep inside the first
         // request; say so at load time instead.
         let vocab = tokenizer.get_vocab_size(true);
@@ -47,12 +104,26 @@ impl TextEncoder {
                 ),
             });
         }
-        Ok(TextEncoder { tokenizer, tokenizer_path, encoder, config: cfg, device: device.clone() })
+        let output_device = device.clone();
+        Ok(TextEncoder {
+            tokenizer,
+            tokenizer_path,
+            weights,
+            config: cfg,
+            device: run_device,
+            output_device,
+            placement,
+        })
     }
 
     /// Width of the text states.
     pub fn dim(&self) -> usize {
         self.config.d_model
+    }
+
+    /// Where the encoder lives, as loaded.
+    pub fn placement(&self) -> TextEncoderPlacement {
+        self.placement
     }
 
     /// The encoder's `config.json`.
@@ -87,15 +158,32 @@ impl TextEncoder {
         Ok(ids)
     }
 
-    /// Text states `[1, max_len, d_model]`: the encoder's output for the prompt's tokens, zero past them.
-    pub fn encode(&self, prompt: &str, max_len: usize) -> Result<Tensor> {
-        let ids = self.token_ids(prompt, max_len)?;
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, (1, n), &self.device).stage("text encoding")?;
-        // The reference pads to max_len and masks the padding out of attention; since every other op is
-        // per token and the position bias is relative, encoding the n real tokens alone gives the same rows.
-        let states = self.encoder.forward(&ids).stage("text encoding")?;
-        states.pad_with_zeros(1, 0, max_len - n).stage("text encoding")
+    /// Text states `[1, max_len, d_model]` for each prompt, on the pipeline's device: the encoder's output for
+    /// the prompt's tokens, zero past them. With the weights offloaded they are loaded once for all the prompts
+    /// and freed before this returns.
+    pub fn encode(&self, prompts: &[&str], max_len: usize) -> Result<Vec<Tensor>> {
+        const STAGE: &str = "text encoding";
+        let built;
+        let encoder = match &self.weights {
+            Weights::Loaded(encoder) => encoder,
+            Weights::Mapped(vb) => {
+                built = UMT5Encoder::new(&self.config, vb.clone()).stage(STAGE)?;
+                &built
+            }
+        };
+        prompts
+            .iter()
+            .map(|prompt| {
+                let ids = self.token_ids(prompt, max_len)?;
+                let n = ids.len();
+                let ids = Tensor::from_vec(ids, (1, n), &self.device).stage(STAGE)?;
+                // The reference pads to max_len and masks the padding out of attention; since every other op is
+                // per token and the position bias is relative, encoding the n real tokens alone gives the same
+                // rows.
+                let states = encoder.forward(&ids).stage(STAGE)?;
+                states.pad_with_zeros(1, 0, max_len - n).and_then(|s| s.to_device(&self.output_device)).stage(STAGE)
+            })
+            .collect()
     }
 }
 

@@ -17,6 +17,7 @@ mod blocks;
 mod causal;
 mod decoder;
 mod encoder;
+mod tiling;
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -26,6 +27,7 @@ pub use causal::CausalCache;
 use causal::CausalConv3d;
 use decoder::Decoder;
 use encoder::Encoder;
+pub use tiling::Tiling;
 
 /// Frames per encoder chunk after the first frame: diffusers' `_encode` steps by 4 whatever the
 /// config says.
@@ -258,8 +260,19 @@ impl AutoencoderKLWan {
         if t == 0 || (cache.is_fresh() && t != 1) {
             bail!("Wan VAE decode: a stream starts with one latent frame, then any number; got {:?}", z.dims())
         }
+        self.finish(&self.decode_patchified(z, cache)?)
+    }
+
+    /// The decoder's output for latents `[B, z_dim, T, h, w]` continuing `cache`'s stream, still
+    /// patchified (Wan 2.2) and unclipped: frames-major `[B, F, C·p², s·h/p, s·w/p]`.
+    fn decode_patchified(&self, z: &Tensor, cache: &mut CausalCache) -> Result<Tensor> {
         let z = self.post_quant_conv.forward(&swap_channels_frames(z)?)?;
-        let x = swap_channels_frames(&unpatchify(&self.decoder.forward(&z, cache)?, self.patch)?)?;
+        self.decoder.forward(&z, cache)
+    }
+
+    /// The decoder's frames-major output → the video `[B, C, F, H, W]`: pixels, clipped to [-1, 1].
+    fn finish(&self, decoded: &Tensor) -> Result<Tensor> {
+        let x = swap_channels_frames(&unpatchify(decoded, self.patch)?)?;
         if self.clip_output {
             x.clamp(-1.0, 1.0)
         } else {
