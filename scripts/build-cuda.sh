@@ -2,6 +2,7 @@
 # Builds the GPU binary (`--features cuda`) on any Linux x86-64 machine, with or without a GPU:
 #   bash scripts/build-cuda.sh            # release build: target/release/kinetoscope
 #   bash scripts/build-cuda.sh check      # type-check only (what CI runs)
+#   bash scripts/build-cuda.sh bundle     # target/gpu-bundle.tar.xz: what benches/gpu/run.sh runs on a GPU machine
 # The CUDA 13.0 toolchain comes from pinned PyPI wheels into $KINETOSCOPE_CUDA_HOME
 # (default ~/.cache/kinetoscope/cuda-13.0). No driver is needed to build: the binary links against a stub
 # libcuda.so generated from cuda.h, and uses the real driver's library at run time.
@@ -49,5 +50,37 @@ case "$mode" in
         cargo build --locked --release -p kinetoscope-cli --features cuda
         echo "built target/release/kinetoscope (CUDA, sm_$CUDA_COMPUTE_CAP); at run time put the CUDA 13 libraries on LD_LIBRARY_PATH (here: $cu/lib)" >&2
         ;;
-    *) echo "usage: $0 [build|check]" >&2; exit 2 ;;
+    bundle)
+        # The device machines have no cargo: the kernel tests and bench, the GPU parity check and Kinetoscope's
+        # half of the diffusers comparison, built here and stripped, with the diffusers wheel and the commit.
+        bundle=target/gpu-bundle
+        rm -rf "$bundle"
+        mkdir -p "$bundle/wheels"
+        executables() {
+            cargo "$@" --locked --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])'
+        }
+        {
+            executables test --release --no-run -p kinetoscope-kernels --features cuda
+            executables bench --no-run -p kinetoscope-kernels --features cuda --bench kernels
+            executables bench --no-run -p kinetoscope --features cuda --bench gpu_parity --bench gpu_vs_diffusers
+        } | while read -r name path; do
+            cp "$path" "$bundle/$name"
+            strip "$bundle/$name"
+        done
+        commit=$(git rev-parse HEAD)
+        if [ -n "$(git status --porcelain --untracked-files=no)" ]; then commit="$commit-dirty"; fi
+        echo "$commit" > "$bundle/COMMIT"
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 -d "$bundle/wheels" diffusers==0.42.1
+        # Every binary embeds candle's PTX (40-55 MB each, stripped); compressed as one stream the copies go
+        # (273 MB → 16 MB), within what a device machine is sent.
+        tar -C target -cf - gpu-bundle | xz -9e -T1 > "$bundle.tar.xz"
+        du -sh "$bundle" "$bundle.tar.xz" >&2
+        ;;
+    *) echo "usage: $0 [build|check|bundle]" >&2; exit 2 ;;
 esac

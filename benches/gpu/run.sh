@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# On a GPU machine with PyTorch (CUDA 13) and no cargo or network, from the repo root, with
+# target/gpu-bundle.tar.xz built beforehand by `bash scripts/build-cuda.sh bundle` and carried along:
+#   bash benches/gpu/run.sh [kernels] [parity] [bench] [bench14]     (default: kernels parity bench)
+# kernels: the CUDA kernels' tests against the plain path and their bench; parity: the tiny fixtures on the GPU
+# in f32 and bf16 against diffusers' references; bench: Kinetoscope against diffusers' WanPipeline at
+# 832×480×81 on a random-weight Wan 2.1 1.3B (benches/gpu/bench.py); bench14: the same on 14B's configuration.
+# Logs and results go to $OUT (default /tmp/kinetoscope-gpu); copy results.json to
+# benches/results/gpu-vs-diffusers.json and the figures to benches/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bundle=${BUNDLE:-target/gpu-bundle}
+out=${OUT:-/tmp/kinetoscope-gpu}
+work=${WORK:-/tmp/kinetoscope-bench}
+steps=${STEPS:-10}
+mkdir -p "$out" "$work"
+if [ ! -x "$bundle/gpu_parity" ] && [ -f "$bundle.tar.xz" ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
+        "$bundle.tar.xz" "$(dirname "$bundle")"
+fi
+[ -x "$bundle/gpu_parity" ] || { echo "no $bundle: build it with bash scripts/build-cuda.sh bundle" >&2; exit 2; }
+export KINETOSCOPE_COMMIT=$(cat "$bundle/COMMIT")
+# The CUDA 13 libraries the binaries link against (cudart, cuBLAS, cuBLASLt, cuRAND, NVRTC) come with PyTorch's
+# wheels: every nvidia/*/lib folder, wherever the wheels put them.
+cuda_libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**", "lib*.so*"), recursive=True)})))')
+export LD_LIBRARY_PATH="$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if missing=$(ldd "$bundle/gpu_parity" | grep "not found"); then
+    echo "libraries the binaries need and this machine lacks (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2
+    echo "$missing" >&2
+    exit 2
+fi
+export PYTHONUNBUFFERED=1 KINETOSCOPE_FIXTURES="$PWD/models/tiny"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+echo "commit $KINETOSCOPE_COMMIT" | tee -a "$out/device.txt"
+
+status=0
+run() { # name, command...: logged to $OUT/name.log; a failure is reported and the next part still runs
+    local name=$1
+    shift
+    echo "== $name" >&2
+    if ! "$@" 2>&1 | tee "$out/$name.log"; then
+        echo "== $name FAILED" >&2
+        status=1
+    fi
+}
+
+bench() { # model label
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$bundle"/wheels/*.whl
+    export PYTHONPATH=/tmp/site
+    run "checkpoint-$1" python3 benches/gpu/bench.py checkpoint "$work/ckpt-$1" --model "$1"
+    run "diffusers-$1" python3 benches/gpu/bench.py diffusers "$work/ckpt-$1" "$work/run-$1" --steps "$steps"
+    run "kinetoscope-$1" "$bundle/gpu_vs_diffusers" --model "$work/ckpt-$1" --work "$work/run-$1" --steps "$steps"
+    run "report-$1" python3 benches/gpu/bench.py report "$work/run-$1" "$out/results-$1.json"
+    rm -rf "$work/ckpt-$1"
+}
+
+parts=${*:-kernels parity bench}
+for part in $parts; do
+    case "$part" in
+        kernels)
+            run kernel-tests-flash "$bundle/flash_attention"
+            run kernel-tests-norms "$bundle/norms"
+            run kernel-bench "$bundle/kernels" --bench
+            ;;
+        parity)
+            export GPU_PARITY_JSON="$out/parity.json"
+            run parity "$bundle/gpu_parity"
+            ;;
+        bench) bench 1.3b ;;
+        bench14) bench 14b ;;
+        *) echo "unknown part $part: expected kernels, parity, bench or bench14" >&2; exit 2 ;;
+    esac
+done
+exit $status
