@@ -63,6 +63,22 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
+/// `f` with the f32 matrix products on a GPU allowed to use the tensor cores in TF32 (10-bit mantissa
+/// products, f32 sums) when `allowed`: for the VAE of a half-precision pipeline, whose convolutions are such
+/// products, as PyTorch runs diffusers' (cuDNN's default allows TF32 in convolutions). Many times faster than
+/// full f32 on Hopper. candle's switch is process-wide and read when a product is launched, so it is set for
+/// the launches inside `f` and put back after (a concurrent f32 product elsewhere may run either way).
+pub(crate) fn with_tf32<T>(device: &Device, allowed: bool, f: impl FnOnce() -> T) -> T {
+    if !device.is_cuda() || !allowed {
+        return f();
+    }
+    let before = candle_core::cuda::gemm_reduced_precision_f32();
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    let out = f();
+    candle_core::cuda::set_gemm_reduced_precision_f32(before);
+    out
+}
+
 /// Bytes free on `device`'s GPU; `None` on the CPU or when the driver can't say.
 pub(crate) fn gpu_memory_free(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]

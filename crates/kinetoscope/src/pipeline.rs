@@ -197,7 +197,8 @@ impl Pipeline {
                 .map_err(weights_error("transformer"))?;
 
         // The VAE runs in f32 whatever `dtype` is: its output is the video itself (half-precision decodes
-        // are where black and NaN frames come from), and it runs once per video, not once per step.
+        // are where black and NaN frames come from), and it runs once per video, not once per step. With
+        // half-precision networks on a GPU its products use TF32, as diffusers' do under PyTorch (`with_tf32`).
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
         let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
             .map_err(weights_error("vae"))?;
@@ -531,7 +532,8 @@ impl Pipeline {
         // [0, 1] channels last → [-1, 1] as [1, 3, F, H, W].
         let video = frames.to_dtype(DType::F32).and_then(|f| (f * 2.0)? - 1.0);
         let video = video.and_then(|v| v.permute((3, 0, 1, 2))?.unsqueeze(0)?.contiguous()).stage(STAGE)?;
-        let (z, _logvar) = self.vae.encode(&video).stage(STAGE)?;
+        let tf32 = self.dtype != DType::F32;
+        let (z, _logvar) = crate::device::with_tf32(&self.device, tf32, || self.vae.encode(&video)).stage(STAGE)?;
         z.broadcast_sub(&mean).and_then(|z| z.broadcast_mul(&inv_std)).stage(STAGE)
     }
 
@@ -551,10 +553,10 @@ impl Pipeline {
         let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         let z =
             latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
-        let video = match tiling {
+        let video = crate::device::with_tf32(&self.device, self.dtype != DType::F32, || match tiling {
             Some(tiling) => self.vae.decode_tiled(&z, tiling),
             None => self.vae.decode(&z),
-        }
+        })
         .stage(STAGE)?;
         // [-1, 1] → [0, 1], channels last.
         let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
