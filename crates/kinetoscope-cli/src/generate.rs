@@ -96,7 +96,8 @@ pub struct ModelArgs {
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct MemoryArgs {
     /// Working memory (beyond the weights) a stage may need, e.g. 8GiB or 512MiB; a request that would need
-    /// more fails with out_of_memory before the stage starts [default: no limit].
+    /// more fails with out_of_memory before the stage starts; an offloaded text encoder's weights count in
+    /// text encoding's need [default: no limit].
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
     pub memory_limit: Option<u64>,
     /// Where the text encoder lives: resident (on the device for good), offload (loaded onto the GPU for

@@ -24,7 +24,8 @@ pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
     /// Bytes of working memory (beyond the weights) a request's stage may need; a request whose stage
-    /// would need more fails with `Error::OutOfMemory` before the stage starts. `None`: no limit.
+    /// would need more fails with `Error::OutOfMemory` before the stage starts. `None`: no limit. An offloaded
+    /// text encoder's weights are loaded for each request and count in text encoding's need.
     pub memory_limit: Option<u64>,
     /// Where the text encoder lives between requests (default: offloaded from the GPU between them).
     pub text_encoder: TextEncoderPlacement,
