@@ -406,7 +406,7 @@ impl Pipeline {
     /// The second half of [`Pipeline::generate_from`]: decodes the denoised latents into the video.
     pub(crate) fn decode_video(&self, latents: &Tensor, mut timings: Timings, fps: u32) -> Result<Video> {
         let start = Instant::now();
-        let (frames, tiling) = self.decode_tiled(latents)?;
+        let (frames, tiling) = self.decode_with_tiling(latents)?;
         timings.vae_decode_s = start.elapsed().as_secs_f64();
         timings.vae_tiling = tiling;
         timings.peak_gpu_memory_bytes = crate::device::peak_gpu_memory(&self.device);
@@ -533,19 +533,25 @@ impl Pipeline {
         // [0, 1] channels last → [-1, 1] as [1, 3, F, H, W].
         let video = frames.to_dtype(DType::F32).and_then(|f| (f * 2.0)? - 1.0);
         let video = video.and_then(|v| v.permute((3, 0, 1, 2))?.unsqueeze(0)?.contiguous()).stage(STAGE)?;
-        let tf32 = self.dtype != DType::F32;
-        let (z, _logvar) = crate::device::with_tf32(&self.device, tf32, || self.vae.encode(&video)).stage(STAGE)?;
+        let (z, _logvar) =
+            crate::device::with_tf32(&self.device, self.vae_in_tf32(), || self.vae.encode(&video)).stage(STAGE)?;
         z.broadcast_sub(&mean).and_then(|z| z.broadcast_mul(&inv_std)).stage(STAGE)
     }
 
     /// Latents → RGB frames in [0, 1], `[1, frames, height, width, 3]`, tiled as [`LoadOptions::vae_tiling`]
     /// says.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.decode_tiled(latents)?.0)
+        Ok(self.decode_with_tiling(latents)?.0)
+    }
+
+    /// Whether the VAE's f32 products may use TF32 on a GPU: in a half-precision pipeline, as diffusers'
+    /// convolutions do under PyTorch; an f32 pipeline keeps full f32, for parity.
+    fn vae_in_tf32(&self) -> bool {
+        self.dtype != DType::F32
     }
 
     /// [`Pipeline::decode`], and the tiles it decoded in (`None`: whole).
-    fn decode_tiled(&self, latents: &Tensor) -> Result<(Tensor, Option<vae::Tiling>)> {
+    fn decode_with_tiling(&self, latents: &Tensor) -> Result<(Tensor, Option<vae::Tiling>)> {
         const STAGE: &str = "VAE decoding";
         let latent = latents.dims5().stage(STAGE)?.into();
         let free = crate::device::gpu_memory_free(&self.device);
@@ -554,7 +560,7 @@ impl Pipeline {
         let (mean, inv_std) = self.latent_statistics().stage(STAGE)?;
         let z =
             latents.to_dtype(DType::F32).and_then(|z| z.broadcast_div(&inv_std)?.broadcast_add(&mean)).stage(STAGE)?;
-        let video = crate::device::with_tf32(&self.device, self.dtype != DType::F32, || match tiling {
+        let video = crate::device::with_tf32(&self.device, self.vae_in_tf32(), || match tiling {
             Some(tiling) => self.vae.decode_tiled(&z, tiling),
             None => self.vae.decode(&z),
         })
