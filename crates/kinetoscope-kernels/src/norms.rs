@@ -3,7 +3,8 @@
 //! gated residual add that ends each half of a block.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -132,47 +133,51 @@ impl CustomOp3 for NormOp {
         // SAFETY: every element is written by the kernel before the tensor is read.
         let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
         let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // Every kernel here takes (x, a, b, out, len, dim, one more int[, eps]); b is always f32.
         match *self {
             NormOp::RmsNormRope { len, head_dim, eps } => {
-                let weight = view::<bf16>(a, a_layout)?;
-                let cos_sin = view::<f32>(b, b_layout)?;
-                let func = dev.get_or_load_custom_func("rms_norm_rope_bf16", MODULE, PTX)?;
-                let mut builder = func.builder();
-                builder.arg(&x_view);
-                builder.arg(&weight);
-                builder.arg(&cos_sin);
-                builder.arg(&out);
-                candle_core::builder_arg!(builder, len as i32, dim as i32, head_dim as i32, eps);
-                // SAFETY: the arguments match the kernel's signature; every view is contiguous and whole.
-                unsafe { builder.launch(config) }.w()?;
+                let (weight, cos_sin) = (view::<bf16>(a, a_layout)?, view::<f32>(b, b_layout)?);
+                let ints = [len as i32, dim as i32, head_dim as i32];
+                launch(dev, "rms_norm_rope_bf16", (&x_view, &weight, &cos_sin), &out, config, ints, Some(eps))?;
             }
             NormOp::AdaLayerNorm { len, per_token, eps } => {
-                let shift = view::<f32>(a, a_layout)?;
-                let scale = view::<f32>(b, b_layout)?;
-                let func = dev.get_or_load_custom_func("ada_layer_norm_bf16", MODULE, PTX)?;
-                let mut builder = func.builder();
-                builder.arg(&x_view);
-                builder.arg(&shift);
-                builder.arg(&scale);
-                builder.arg(&out);
-                candle_core::builder_arg!(builder, len as i32, dim as i32, i32::from(per_token), eps);
-                // SAFETY: as above.
-                unsafe { builder.launch(config) }.w()?;
+                let (shift, scale) = (view::<f32>(a, a_layout)?, view::<f32>(b, b_layout)?);
+                let ints = [len as i32, dim as i32, i32::from(per_token)];
+                launch(dev, "ada_layer_norm_bf16", (&x_view, &shift, &scale), &out, config, ints, Some(eps))?;
             }
             NormOp::GatedResidual { len, per_token } => {
-                let y = view::<bf16>(a, a_layout)?;
-                let gate = view::<f32>(b, b_layout)?;
-                let func = dev.get_or_load_custom_func("gated_residual_bf16", MODULE, PTX)?;
-                let mut builder = func.builder();
-                builder.arg(&x_view);
-                builder.arg(&y);
-                builder.arg(&gate);
-                builder.arg(&out);
-                candle_core::builder_arg!(builder, len as i32, dim as i32, i32::from(per_token));
-                // SAFETY: as above.
-                unsafe { builder.launch(config) }.w()?;
+                let (y, gate) = (view::<bf16>(a, a_layout)?, view::<f32>(b, b_layout)?);
+                let ints = [len as i32, dim as i32, i32::from(per_token)];
+                launch(dev, "gated_residual_bf16", (&x_view, &y, &gate), &out, config, ints, None)?;
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
     }
+}
+
+/// Launches `kernel(x, a, b, out, ints..., eps)` (`eps` only where given) from this module's PTX.
+fn launch<A: DeviceRepr>(
+    dev: &CudaDevice,
+    kernel: &str,
+    (x, a, b): (&CudaView<bf16>, &CudaView<A>, &CudaView<f32>),
+    out: &CudaSlice<bf16>,
+    config: LaunchConfig,
+    ints: [i32; 3],
+    eps: Option<f32>,
+) -> Result<()> {
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let mut builder = func.builder();
+    builder.arg(x);
+    builder.arg(a);
+    builder.arg(b);
+    builder.arg(out);
+    for int in &ints {
+        builder.arg(int);
+    }
+    if let Some(eps) = &eps {
+        builder.arg(eps);
+    }
+    // SAFETY: the callers pass what each kernel's signature takes; every view is contiguous and whole.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(())
 }
