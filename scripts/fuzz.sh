@@ -16,7 +16,7 @@ if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz_version" ]
     cargo install --locked cargo-fuzz --version "$cargo_fuzz_version"
 fi
 
-targets=(safetensors_header safetensors_file shard_index model_configs batch_manifest request_fields)
+targets=(safetensors_header safetensors_file shard_index model_configs batch_manifest request_fields media_sniff)
 RUSTC_BOOTSTRAP=1 cargo fuzz build
 failed=()
 for target in "${targets[@]}"; do

@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong turning frames into files or reading a video back. Each
-/// message names the file and what was expected, so the user knows what to change.
+/// message names the file and what was expected, so the user knows what to change; except
+/// [`VideoError::UnsupportedMedia`] and [`VideoError::TooLarge`], which refuse an untrusted file
+/// for what it holds and name no path, so that a server can show them to whoever sent the file.
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
     #[error("frame data holds {actual} values, but {frames} frames of {width}x{height} RGB need {expected}")]
@@ -96,6 +98,36 @@ pub enum VideoError {
         source: image::ImageError,
     },
 
+    /// A file that is not a kind this crate decodes, told by its bytes (never its name).
+    #[error("the file holds {found}, not {expected}")]
+    UnsupportedMedia { found: String, expected: &'static str },
+
+    /// A file whose frames would exceed the [`DecodeLimits`](crate::DecodeLimits), found out
+    /// before they are decoded (from the headers) or as they are.
+    #[error("the file is too large to decode: {what} (the limit is {limit})")]
+    TooLarge { what: String, limit: String },
+
     #[error("FFmpeg failed to initialize: {0}")]
     Init(#[source] ffmpeg::Error),
+}
+
+impl VideoError {
+    /// Whether the error refuses the file for what it holds (an unsupported kind of file, or one
+    /// too large to decode) rather than failing to read it: the message names no path and is
+    /// safe to show to whoever sent the file.
+    pub fn is_refused_media(&self) -> bool {
+        matches!(self, VideoError::UnsupportedMedia { .. } | VideoError::TooLarge { .. })
+    }
+
+    /// Whether writing failed for want of space (ENOSPC; or a quota, as std reports it), which passes once space is
+    /// freed: a server keeps the job rather than failing it.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            VideoError::Io { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+            }
+            VideoError::Encode { source: ffmpeg::Error::Other { errno }, .. } => *errno == ffmpeg::error::ENOSPC,
+            _ => false,
+        }
+    }
 }

@@ -15,18 +15,22 @@ extern crate ffmpeg_next as ffmpeg;
 
 mod error;
 mod frames;
+mod limits;
 mod mp4;
 mod png;
 mod quality;
 mod read;
+mod sniff;
 mod staged;
 
 pub use error::VideoError;
 pub use frames::Frames;
+pub use limits::DecodeLimits;
 pub use mp4::write_mp4;
-pub use png::{read_image, write_png, write_png_frames};
+pub use png::{read_image, read_image_with_limits, write_png, write_png_frames};
 pub use quality::QualitySignals;
-pub use read::{probe, read_frames, VideoInfo};
+pub use read::{probe, probe_with_limits, read_frames, read_frames_with_limits, VideoInfo};
+pub use sniff::{sniff, Media};
 
 use std::sync::OnceLock;
 

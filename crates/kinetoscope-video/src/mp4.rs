@@ -7,9 +7,9 @@ use ffmpeg::format::Pixel;
 use ffmpeg::software::scaling;
 use ffmpeg::{codec, encoder, format, frame, Dictionary, Packet, Rational};
 
-use crate::read::probe;
+use crate::read::probe_with_limits;
 use crate::staged::Staged;
-use crate::{Frames, VideoError, VideoInfo};
+use crate::{DecodeLimits, Frames, VideoError, VideoInfo};
 
 /// x264's constant-rate-factor mode at 18, "visually lossless" in x264's and FFmpeg's H.264
 /// guides: a clip takes minutes of GPU time to generate and seconds to encode, and at a few
@@ -48,7 +48,7 @@ pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<VideoInfo, Vi
         source,
     })?;
 
-    let info = probe(staged.path())?;
+    let info = probe_with_limits(staged.path(), &DecodeLimits::UNLIMITED)?;
     let expected = format!("h264 yuv420p {width}x{height}, {} frames", frames.num_frames());
     let found = format!("{} {} {}x{}, {} frames", info.codec, info.pixel_format, info.width, info.height, info.frames);
     if found != expected {

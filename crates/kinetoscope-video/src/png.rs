@@ -1,15 +1,16 @@
 //! Still images: one PNG per frame, for looking at individual frames without a video player, and reading
 //! an image (the first frame of an image-to-video generation).
 
-use std::fs;
-use std::io::{BufWriter, Write};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder, ImageReader};
+use image::{ExtendedColorType, ImageEncoder, ImageFormat, ImageReader};
 
+use crate::sniff::{sniff_file, Media};
 use crate::staged::Staged;
-use crate::{Frames, VideoError};
+use crate::{DecodeLimits, Frames, VideoError};
 
 /// Writes frame `i` to `dir/frame_{i:05}.png` (`frame_00000.png`, `frame_00001.png`, ...),
 /// creating `dir` if needed, and returns the paths in frame order. Each file is written under
@@ -45,22 +46,48 @@ pub fn write_png(path: &Path, frames: &Frames, index: usize) -> Result<(), Video
     staged.commit()
 }
 
-/// Reads a PNG, JPEG or WebP image (the format told by its bytes, not its name) as one RGB frame; alpha is
-/// dropped and 16-bit channels are rounded to 8. The decoder's default limits (512 MiB) bound what a
-/// hostile file can make it allocate.
+/// What [`read_image`] accepts, as refusals say.
+const ACCEPTED_IMAGE: &str = "a PNG, JPEG or WebP image";
+
+/// Reads a PNG, JPEG or WebP image (the format told by its bytes, not its name) as one RGB frame
+/// within the default [`DecodeLimits`]; alpha is dropped and 16-bit channels are rounded to 8.
 pub fn read_image(path: &Path) -> Result<Frames, VideoError> {
-    let read_error = |source| VideoError::ImageRead { path: path.to_path_buf(), source };
-    let reader = ImageReader::open(path).map_err(|source| VideoError::Io {
-        action: "open",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let image = reader
-        .with_guessed_format()
-        .map_err(|e| read_error(image::ImageError::IoError(e)))?
-        .decode()
-        .map_err(read_error)?;
-    let rgb = image.to_rgb8();
+    read_image_with_limits(path, &DecodeLimits::default())
+}
+
+/// [`read_image`] within `limits.max_pixels`: the size is read from the image's header and
+/// refused before any pixel is decoded, and the decoder itself is held to that size and to the
+/// memory its largest form (16-bit RGBA) takes, twice over for its working buffers.
+pub fn read_image_with_limits(path: &Path, limits: &DecodeLimits) -> Result<Frames, VideoError> {
+    let format = match sniff_file(path)? {
+        Media::Png => ImageFormat::Png,
+        Media::Jpeg => ImageFormat::Jpeg,
+        Media::WebP => ImageFormat::WebP,
+        other => return Err(VideoError::UnsupportedMedia { found: other.to_string(), expected: ACCEPTED_IMAGE }),
+    };
+    let read_error = |source| match source {
+        // The decoder's own limits (a side or an allocation past the cap) tripped before the header check
+        // below could name the size.
+        image::ImageError::Limits(error) => {
+            VideoError::TooLarge { what: format!("an image ({error})"), limit: format!("{} pixels", limits.max_pixels) }
+        }
+        source => VideoError::ImageRead { path: path.to_path_buf(), source },
+    };
+    let reader = || -> Result<_, VideoError> {
+        let file =
+            File::open(path).map_err(|source| VideoError::Io { action: "open", path: path.to_path_buf(), source })?;
+        let mut reader = ImageReader::with_format(BufReader::new(file), format);
+        let mut decoder_limits = image::Limits::default();
+        decoder_limits.max_image_width = Some(limits.max_side());
+        decoder_limits.max_image_height = Some(limits.max_side());
+        decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16));
+        reader.limits(decoder_limits);
+        Ok(reader)
+    };
+    // The header alone first; decoding opens the file afresh, as the reader is used up.
+    let (width, height) = reader()?.into_dimensions().map_err(read_error)?;
+    limits.check_size("an image", width, height)?;
+    let rgb = reader()?.decode().map_err(read_error)?.to_rgb8();
     let (width, height) = (rgb.width() as usize, rgb.height() as usize);
     Frames::new(rgb.into_raw(), 1, height, width)
 }
@@ -111,11 +138,25 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_no_image_is_named_in_the_error() {
+    fn a_file_that_is_no_image_is_refused_for_what_it_holds() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.png");
         fs::write(&path, b"not an image").unwrap();
-        let err = read_image(&path).unwrap_err().to_string();
-        assert!(err.contains("notes.png") && err.contains("PNG, JPEG or WebP"), "{err}");
+        let err = read_image(&path).unwrap_err();
+        assert!(matches!(err, VideoError::UnsupportedMedia { .. }) && err.is_refused_media(), "{err}");
+        // Told to whoever sent the file, so no path.
+        assert_eq!(err.to_string(), "the file holds text, not a PNG, JPEG or WebP image");
+    }
+
+    #[test]
+    fn a_broken_image_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.png");
+        write_png(&path, &Frames::new(vec![7; 4 * 4 * 3], 1, 4, 4).unwrap(), 0).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = read_image(&path).unwrap_err();
+        assert!(matches!(err, VideoError::ImageRead { .. }), "{err}");
+        assert!(err.to_string().contains("cut.png"), "{err}");
     }
 }

@@ -218,13 +218,14 @@ fn failure_after_encoding_removes_the_temp_file_and_keeps_what_was_there() {
 }
 
 #[test]
-fn reading_a_file_that_is_not_a_video_names_it() {
+fn reading_a_broken_or_missing_video_names_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notes.mp4");
-    fs::write(&path, b"this is not a video").unwrap();
+    // The start of an MP4 (a file type box) and nothing else: no index (`moov`) to read.
+    let path = dir.path().join("cut.mp4");
+    fs::write(&path, b"\0\0\0\x10ftypisom\0\0\x02\0").unwrap();
     let err = probe(&path).unwrap_err();
     assert!(matches!(err, VideoError::Decode { .. }), "{err}");
-    assert!(err.to_string().contains("notes.mp4"), "{err}");
+    assert!(err.to_string().contains("cut.mp4"), "{err}");
 
     let err = read_frames(&dir.path().join("absent.mp4")).unwrap_err();
     assert!(err.to_string().contains("absent.mp4"), "{err}");
