@@ -10,14 +10,16 @@ mod manifest;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    match manifest::parse(text) {
+    // An `image` is resolved against the manifest's folder and must name a file: a folder with none.
+    let folder = std::env::temp_dir().join("kinetoscope-fuzz-manifest");
+    match manifest::parse(text, &folder, &kinetoscope::GenerateRequest::default()) {
         Ok(items) => {
             for item in items {
                 // Ids become file names.
                 assert!(!item.id.is_empty() && !item.id.starts_with('.'), "{:?}", item.id);
                 assert!(!item.id.contains(['/', '\\', '\0']), "{:?}", item.id);
                 assert!(item.line >= 1 && item.request.fps > 0, "line {}", item.line);
-                std::hint::black_box(item.preset);
+                std::hint::black_box((item.preset, item.image));
             }
         }
         Err(errors) => {

@@ -19,11 +19,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kinetoscope::{Error, GenerateRequest};
+use kinetoscope::{Error, GenerateRequest, Pipeline};
 use kinetoscope_video::VideoError;
 use serde_json::{json, Value};
 
-use crate::generate::ModelArgs;
+use crate::edit::{self, Edit};
+use crate::generate::{Model, ModelArgs};
 use crate::manifest::{self, Item, LineError};
 use crate::output::{self, Candidates, Job, Setup};
 
@@ -31,8 +32,9 @@ use crate::output::{self, Candidates, Job, Setup};
 pub struct Args {
     /// JSON Lines: one object per line with an `id` ([A-Za-z0-9._-], naming the outputs) and the fields of
     /// a request (prompt, negative_prompt, height, width, num_frames, steps, guidance_scale, shift,
-    /// scheduler, seed, max_sequence_length, fps, step_cache; defaults as `generate`'s), optionally a
-    /// `preset` (draft, balanced, quality) that the line's fields override. `#` lines are comments.
+    /// scheduler, seed, max_sequence_length, fps, step_cache; defaults the model's, as `generate`'s),
+    /// optionally a `preset` (draft, balanced, quality) that the line's fields override, and an `image` to
+    /// start from as `generate --image` (a path relative to the manifest's folder). `#` lines are comments.
     manifest: PathBuf,
     /// Folder for `<id>.mp4`, `<id>.json` and `results-<I>-of-<N>.jsonl` (created if missing).
     #[arg(long)]
@@ -55,7 +57,11 @@ pub fn run(args: Args) -> Result<()> {
     let shard = Shard::resolve(args.shard, args.shards, &|name| std::env::var(name).ok())?;
     let text = std::fs::read_to_string(&args.manifest)
         .with_context(|| format!("cannot read the manifest {}", args.manifest.display()))?;
-    let items = manifest::parse(&text).map_err(|errors| bad_manifest(&args.manifest, &errors))?;
+    // The model's configs alone tell its defaults, which the lines need; its weights load once they pass.
+    let model = args.model.open()?;
+    let folder = args.manifest.parent().unwrap_or(Path::new(""));
+    let items =
+        manifest::parse(&text, folder, &model.defaults()).map_err(|errors| bad_manifest(&args.manifest, &errors))?;
     if items.is_empty() {
         bail!("the manifest {} has no items", args.manifest.display());
     }
@@ -63,23 +69,14 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
     output::check_writable(&args.out.join("probe"))?;
 
-    let (pipeline, load_s) = args.model.load()?;
+    let (pipeline, load_s) = args.model.load(&model)?;
     // Every line, not only this shard's: all shards of one manifest agree on whether it is valid.
-    let invalid: Vec<LineError> = items
-        .iter()
-        .filter_map(|item| {
-            let seeds = args.candidates.seeds(item.request.seed).err().map(|e| LineError {
-                line: item.line,
-                field: Some("seed".into()),
-                reason: e.to_string(),
-            });
-            pipeline.validate(&item.request).err().map(|e| invalid_line(item, e)).or(seeds)
-        })
-        .collect();
+    let invalid: Vec<LineError> =
+        items.iter().filter_map(|item| check(item, &model, &pipeline, args.candidates)).collect();
     if !invalid.is_empty() {
         return Err(bad_manifest(&args.manifest, &invalid));
     }
-    let setup = args.model.setup(&pipeline, load_s);
+    let setup = args.model.setup(&pipeline, &model, load_s);
 
     let results_path = args.out.join(format!("results-{}-of-{}.jsonl", shard.index, shard.count));
     let mut results = Results::open(&results_path)?;
@@ -89,7 +86,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut to_render = Vec::new();
     for item in &mine {
         let started = Instant::now();
-        if verified(&mp4_path(&args.out, item), &item.request, args.candidates) {
+        if verified(&mp4_path(&args.out, item), item, args.candidates) {
             results.record(item, &Outcome::Skipped, started)?;
         } else {
             to_render.push(*item);
@@ -103,9 +100,15 @@ pub fn run(args: Args) -> Result<()> {
     for item in to_render {
         let started = Instant::now();
         let status = results.status();
-        let outcome = match render(&setup, item, &mp4_path(&args.out, item), args.candidates, &bar, &status) {
+        let rendered = match item.image.as_deref().map(Edit::read_image).transpose() {
+            Ok(image) => render(&setup, item, image, &mp4_path(&args.out, item), args.candidates, &bar, &status)
+                .map_err(|e| (failure_code(&e), e)),
+            // Changed or unreadable since the check.
+            Err(e) => Err(("invalid_image", e)),
+        };
+        let outcome = match rendered {
             Ok(()) => Outcome::Completed,
-            Err(e) => Outcome::Failed { code: failure_code(&e), message: message(&e) },
+            Err((code, e)) => Outcome::Failed { code, message: message(&e) },
         };
         if let Outcome::Failed { code, message } = &outcome {
             bar.suspend(|| eprintln!("{}: failed ({code}): {message}", item.id));
@@ -173,21 +176,42 @@ fn leftover_of(name: &str) -> Option<&str> {
     }
 }
 
+/// What keeps `item` from rendering with this model, if anything: the pipeline's checks of its request, room
+/// for its candidates' seeds, and an image only for a model that takes one.
+fn check(item: &Item, model: &Model, pipeline: &Pipeline, candidates: Candidates) -> Option<LineError> {
+    let on = |field: &str, reason: String| Some(LineError { line: item.line, field: Some(field.into()), reason });
+    if let Err(e) = pipeline.validate(&item.request) {
+        return Some(invalid_line(item, e));
+    }
+    if let Err(e) = candidates.seeds(item.request.seed) {
+        return on("seed", e.to_string());
+    }
+    if item.image.is_some() && !pipeline.takes_image() {
+        let reason = "generates from text only; an image needs a model that starts from one (Wan 2.2 TI2V)";
+        return on("image", format!("{} {reason}", model.name()));
+    }
+    None
+}
+
+/// Renders `item`, from `image` when it has one (read, not yet fitted to the request).
 fn render(
     setup: &Setup,
     item: &Item,
+    image: Option<Edit>,
     mp4: &Path,
     candidates: Candidates,
     bar: &ProgressBar,
     status: &str,
 ) -> Result<()> {
+    // An image decides nothing of the request (`Edit::shape`): the item's request is the one recorded.
+    let edit = image.map(|image| image.fit(&item.request, setup.pipeline)).transpose()?;
     let job = Job {
         request: &item.request,
         preset: item.preset,
         output: mp4,
         save_frames: None,
         started: Instant::now(),
-        edit: None,
+        edit: edit.as_ref(),
     };
     bar.set_message(format!("{status} · {}", item.id));
     output::render(setup, &job, candidates, &mut |k, p| {
@@ -198,15 +222,23 @@ fn render(
     Ok(())
 }
 
-/// Whether `mp4` and its sidecar are a finished rendering of `request` with these candidates: the kept
-/// one is any of the candidates' seeds.
-fn verified(mp4: &Path, request: &GenerateRequest, candidates: Candidates) -> bool {
+/// Whether `mp4` and its sidecar are a finished rendering of `item` with these candidates: the kept one
+/// is any of the candidates' seeds, and its image (if any) had the same content as the item's now.
+fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
+    let request = &item.request;
     let Some(sidecar) = std::fs::read_to_string(output::sidecar_path(mp4))
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
     else {
         return false;
     };
+    let same_image = match &item.image {
+        Some(path) => edit::file_sha256(path).is_ok_and(|sha256| sidecar["edit"]["source_sha256"] == sha256),
+        None => sidecar.get("edit").is_none(),
+    };
+    if !same_image {
+        return false;
+    }
     let Some(kept) = sidecar["request"]["seed"]
         .as_u64()
         .filter(|seed| candidates.seeds(request.seed).is_ok_and(|seeds| seeds.contains(seed)))

@@ -80,12 +80,7 @@ impl EditArgs {
     /// bad file fails fast.
     pub fn read(&self) -> Result<Option<Edit>> {
         if let Some(path) = &self.image {
-            let sha256 = file_sha256(path).with_context(|| format!("cannot read the image {}", path.display()))?;
-            let image = kinetoscope_video::read_image(path)?;
-            let (height, width) = (image.height(), image.width());
-            let input = InputVideo::from_rgb8(image.as_bytes(), 1, height, width)?;
-            let (mode, source, source_shape) = (Mode::ImageToVideo, path.clone(), (1, width, height));
-            return Ok(Some(Edit { input, mode, source, sha256, source_shape }));
+            return Edit::read_image(path).map(Some);
         }
         let (path, extend) = match (&self.input_video, &self.extend_from) {
             (Some(path), _) => (path, false),
@@ -120,6 +115,18 @@ impl EditArgs {
 }
 
 impl Edit {
+    /// Reads and hashes an image to start a video from (`--image`, a batch item's `image`).
+    pub fn read_image(path: &Path) -> Result<Self> {
+        let cannot_read = || format!("cannot read the image {}", path.display());
+        let sha256 = file_sha256(path).with_context(cannot_read)?;
+        // A refusal for what the file holds names no path (a server shows it to clients); the context does.
+        let image = kinetoscope_video::read_image(path).with_context(cannot_read)?;
+        let (height, width) = (image.height(), image.width());
+        let input = InputVideo::from_rgb8(image.as_bytes(), 1, height, width)?;
+        let (mode, source, source_shape) = (Mode::ImageToVideo, path.to_path_buf(), (1, width, height));
+        Ok(Edit { input, mode, source, sha256, source_shape })
+    }
+
     /// The clip at a size and frame count the model takes. To edit: at `request`'s size, cut to at most its
     /// frame count and down to the form `k·frame_multiple + 1`. To extend: at its own size rounded down to
     /// multiples of the model's, every frame kept; `request.num_frames` is the frames to add unless
@@ -238,7 +245,7 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-fn file_sha256(path: &Path) -> std::io::Result<String> {
+pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
     Ok(format!("{:x}", hasher.finalize()))

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
 use kinetoscope::{
-    DType, Device, GenerateRequest, LoadOptions, ModelDir, Pipeline, Preset, TextEncoderPlacement, VaeTiling,
+    DType, Device, GenerateRequest, LoadOptions, ModelDir, ModelManifest, Pipeline, Preset, TextEncoderPlacement,
+    VaeTiling,
 };
 
 use crate::edit::EditArgs;
@@ -24,22 +25,23 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Steps, size and step cache in one choice: draft (20 steps, 416x240, cache 0.10), balanced (30 steps,
-    /// 832x480, cache 0.05) or quality (50 steps, 832x480, no cache). Flags given explicitly override it.
+    /// 832x480, cache 0.05) or quality (50 steps, 832x480, no cache), over the model's defaults. Flags given
+    /// explicitly override it.
     #[arg(long)]
     preset: Option<Preset>,
     /// What the video should not show (used when guidance > 1).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// [default: 480, or the preset's]
+    /// [default: the model's (Wan 2.1: 480), or the preset's]
     #[arg(long)]
     height: Option<usize>,
-    /// [default: 832, or the preset's]
+    /// [default: the model's (Wan 2.1: 832), or the preset's]
     #[arg(long)]
     width: Option<usize>,
-    /// Number of frames, 4k+1.
-    #[arg(long, default_value_t = 81)]
-    frames: usize,
-    /// Denoising steps [default: 50, or the preset's].
+    /// Number of frames, 4k+1 [default: the model's (Wan 2.1: 81)].
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Denoising steps [default: the model's (Wan 2.1: 50), or the preset's].
     #[arg(long)]
     steps: Option<usize>,
     /// Step caching: a step whose first transformer block's residual changed by less than THRESHOLD
@@ -47,10 +49,11 @@ pub struct Args {
     /// 0.05 is mild, 0.1 strong [default: off, or the preset's].
     #[arg(long, value_name = "THRESHOLD")]
     step_cache: Option<f64>,
-    /// Classifier-free guidance scale (1 or less turns guidance off).
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
-    /// Shift of the flow sigmas [default: the model's scheduler config].
+    /// Classifier-free guidance scale (1 or less turns guidance off) [default: the model's (Wan 2.1: 5)].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Shift of the flow sigmas [default: the model's (Wan 2.1: 3), or for a folder that is no registry entry
+    /// its scheduler config's].
     #[arg(long)]
     shift: Option<f64>,
     /// Sampler: unipc or euler [default: the model's scheduler config].
@@ -59,8 +62,9 @@ pub struct Args {
     /// Seed of the initial noise [default: random, recorded in the sidecar].
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 16)]
-    fps: u32,
+    /// Frames per second of the MP4 [default: the model's (Wan 2.1: 16)].
+    #[arg(long)]
+    fps: Option<u32>,
     /// Text tokens the prompt is cut or padded to.
     #[arg(long, default_value_t = 512)]
     max_sequence_length: usize,
@@ -131,31 +135,12 @@ pub fn run(args: Args) -> Result<()> {
         output::check_writable(&dir.join("frame_00000.png"))?;
     }
 
-    let mut request = GenerateRequest {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        num_frames: args.frames,
-        guidance_scale: args.guidance,
-        shift: args.shift,
-        scheduler: args.scheduler,
-        // Seeds stay below 2^53 so that JSON readers in every language keep them exact.
-        seed: args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
-        latents: args.latents,
-        max_sequence_length: args.max_sequence_length,
-        fps: args.fps,
-        ..GenerateRequest::default()
-    };
-    if let Some(preset) = args.preset {
-        preset.apply(&mut request);
-    }
-    request.height = args.height.unwrap_or(request.height);
-    request.width = args.width.unwrap_or(request.width);
-    request.steps = args.steps.unwrap_or(request.steps);
-    request.step_cache = args.step_cache.or(request.step_cache);
+    let model = args.model.open()?;
+    let mut request = args.request(model.defaults());
     args.candidates.seeds(request.seed)?;
     let edit = args.edit.read()?;
 
-    let (pipeline, load_s) = args.model.load()?;
+    let (pipeline, load_s) = args.model.load(&model)?;
     let edit = edit.map(|edit| edit.fit(&request, &pipeline)).transpose()?;
     if let Some(edit) = &edit {
         edit.shape(&mut request);
@@ -180,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
     let label =
         |k: usize, stage: &str| if count > 1 { format!("candidate {}/{count} {stage}", k + 1) } else { stage.into() };
     bar.set_message(label(0, "denoising"));
-    let setup = args.model.setup(&pipeline, load_s);
+    let setup = args.model.setup(&pipeline, &model, load_s);
     let job = output::Job {
         request: &request,
         preset: args.preset,
@@ -198,19 +183,85 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+impl Args {
+    /// The request the flags ask for: `defaults` (the model's), then the preset's, then the flags given.
+    fn request(&self, defaults: GenerateRequest) -> GenerateRequest {
+        let mut request = GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            scheduler: self.scheduler,
+            // Seeds stay below 2^53 so that JSON readers in every language keep them exact.
+            seed: self.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
+            latents: self.latents.clone(),
+            max_sequence_length: self.max_sequence_length,
+            ..defaults
+        };
+        if let Some(preset) = self.preset {
+            preset.apply(&mut request);
+        }
+        request.height = self.height.unwrap_or(request.height);
+        request.width = self.width.unwrap_or(request.width);
+        request.num_frames = self.frames.unwrap_or(request.num_frames);
+        request.steps = self.steps.unwrap_or(request.steps);
+        request.guidance_scale = self.guidance.unwrap_or(request.guidance_scale);
+        request.shift = self.shift.or(request.shift);
+        request.fps = self.fps.unwrap_or(request.fps);
+        request.step_cache = self.step_cache.or(request.step_cache);
+        request
+    }
+}
+
+/// A model folder and the registry entry it is, if any, which gives the defaults of the settings a user leaves
+/// out.
+pub struct Model {
+    dir: ModelDir,
+    entry: Option<&'static ModelManifest>,
+}
+
+impl Model {
+    /// A request with the model's defaults: its registry entry's recommended settings, or for a folder that is
+    /// no entry (a fine-tune of another depth, the tiny test models) the request's own, which are Wan 2.1's.
+    pub fn defaults(&self) -> GenerateRequest {
+        let mut request = GenerateRequest::default();
+        if let Some(entry) = self.entry {
+            entry.defaults.apply(&mut request);
+        }
+        request
+    }
+
+    /// Where [`Model::defaults`] come from, for the sidecar: `registry:<id>`, or `built-in` (Wan 2.1's, with
+    /// the shift left to the scheduler config).
+    pub fn defaults_from(&self) -> String {
+        self.entry.map_or_else(|| "built-in".to_string(), |entry| format!("registry:{}", entry.id))
+    }
+
+    /// The model as messages name it: its registry name, else its folder.
+    pub fn name(&self) -> String {
+        let path = self.dir.root().display();
+        self.entry.map_or_else(|| format!("the model {path}"), |entry| format!("{} ({path})", entry.name))
+    }
+}
+
 impl ModelArgs {
-    /// Opens the model folder and loads the pipeline on the device asked for; returns it with the
-    /// seconds loading took.
-    pub fn load(&self) -> Result<(Pipeline, f64)> {
+    /// Finds the model folder and tells which registry entry it is, from its configs alone: quick, so that a
+    /// request's defaults are known and checked before the weights load.
+    pub fn open(&self) -> Result<Model> {
+        let dir = ModelDir::open(&self.model)?;
+        let entry = kinetoscope::registry::identify(&dir)?;
+        Ok(Model { dir, entry })
+    }
+
+    /// Loads `model`'s pipeline on the device asked for; returns it with the seconds loading took.
+    pub fn load(&self, model: &Model) -> Result<(Pipeline, f64)> {
         let start = Instant::now();
-        let model = ModelDir::open(&self.model)?;
         let options = self.memory.load_options(kinetoscope::open_device(&self.device)?, self.dtype);
-        let pipeline = Pipeline::load(&model, &options)?;
+        let pipeline = Pipeline::load(&model.dir, &options)?;
         Ok((pipeline, start.elapsed().as_secs_f64()))
     }
 
-    pub fn setup<'a>(&'a self, pipeline: &'a Pipeline, load_s: f64) -> output::Setup<'a> {
-        output::Setup { pipeline, device: &self.device, dtype: self.dtype, load_s }
+    pub fn setup<'a>(&'a self, pipeline: &'a Pipeline, model: &Model, load_s: f64) -> output::Setup<'a> {
+        let defaults_from = model.defaults_from();
+        output::Setup { pipeline, device: &self.device, dtype: self.dtype, load_s, defaults_from }
     }
 }
 
@@ -220,4 +271,81 @@ pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
 
 pub(crate) fn parse_memory_limit(s: &str) -> Result<u64, String> {
     s.parse::<kinetoscope::MemoryLimit>().map(kinetoscope::MemoryLimit::bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        Command::parse_from(["generate", "--prompt", "a fox"].iter().chain(flags)).args
+    }
+
+    fn ti2v() -> &'static ModelManifest {
+        kinetoscope::models().iter().find(|m| m.id == "wan2.2-ti2v-5b").expect("in the registry")
+    }
+
+    /// Size, frames, frame rate, steps, guidance, shift.
+    type Settings = (usize, usize, usize, u32, usize, f64, Option<f64>);
+
+    fn settings(r: &GenerateRequest) -> Settings {
+        (r.width, r.height, r.num_frames, r.fps, r.steps, r.guidance_scale, r.shift)
+    }
+
+    #[test]
+    fn flags_and_presets_override_the_models_defaults() {
+        let mut defaults = GenerateRequest::default();
+        ti2v().defaults.apply(&mut defaults);
+        assert_eq!(settings(&args(&[]).request(defaults.clone())), (1280, 704, 121, 24, 50, 5.0, Some(5.0)));
+        let given = args(&["--width", "640", "--frames", "49", "--fps", "12", "--guidance", "3", "--shift", "4"]);
+        assert_eq!(settings(&given.request(defaults.clone())), (640, 704, 49, 12, 50, 3.0, Some(4.0)));
+        // The preset's size and steps over the model's, and a flag over the preset's.
+        let draft = args(&["--preset", "draft", "--height", "256"]);
+        assert_eq!(settings(&draft.request(defaults)), (416, 256, 121, 24, 20, 5.0, Some(5.0)));
+        assert_eq!(settings(&args(&[]).request(GenerateRequest::default())), (832, 480, 81, 16, 50, 5.0, None));
+    }
+
+    /// A folder with `entry`'s `model_index.json` and identifying config values, and no weights.
+    fn configs_of(entry: &ModelManifest) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let index =
+            serde_json::json!({ "_class_name": entry.pipeline_class, "expand_timesteps": entry.expand_timesteps });
+        std::fs::write(tmp.path().join("model_index.json"), index.to_string()).unwrap();
+        for (component, values) in &entry.configs {
+            let dir = tmp.path().join(component);
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = serde_json::Value::Object(values.clone()).to_string();
+            std::fs::write(dir.join(&entry.components[component].files[0]), config).unwrap();
+        }
+        tmp
+    }
+
+    fn open(path: &Path) -> Model {
+        args(&["--model", path.to_str().unwrap()]).model.open().unwrap()
+    }
+
+    #[test]
+    fn a_registry_model_gives_its_defaults_and_another_folder_the_built_in_ones() {
+        let folder = configs_of(ti2v());
+        let model = open(folder.path());
+        assert_eq!(settings(&model.defaults()), (1280, 704, 121, 24, 50, 5.0, Some(5.0)));
+        assert_eq!(model.defaults_from(), "registry:wan2.2-ti2v-5b");
+        assert_eq!(model.name(), format!("Wan 2.2 TI2V 5B ({})", folder.path().display()));
+
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan22-ti2v-tiny-a");
+        let model = open(&tiny);
+        assert_eq!(settings(&model.defaults()), settings(&GenerateRequest::default()));
+        assert_eq!(model.defaults_from(), "built-in");
+        assert_eq!(model.name(), format!("the model {}", tiny.display()));
+    }
 }

@@ -11,7 +11,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kinetoscope", version, about = "Self-hosted text-to-video (Wan 2.1), offline")]
+#[command(
+    name = "kinetoscope",
+    version,
+    about = "Self-hosted text- and image-to-video (Wan 2.1 T2V, Wan 2.2 TI2V), offline"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

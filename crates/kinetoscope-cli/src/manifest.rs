@@ -1,6 +1,6 @@
 //! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files), the fields
-//! of a generate request, and optionally a `preset` that the line's own fields override. Blank lines and
-//! lines starting with `#` are skipped.
+//! of a generate request, optionally a `preset` that the line's own fields override, and optionally an `image`
+//! to start the video from. Blank lines and lines starting with `#` are skipped.
 //!
 //! Each field is read on its own, so that every problem names its line and its field (serde's own
 //! errors for a mistyped value don't say which field), and a field this reader doesn't know is an
@@ -8,16 +8,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use kinetoscope::{GenerateRequest, Preset};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-/// The fields a line may have. No `latents`: a manifest never names a file to read.
-const FIELDS: [&str; 15] = [
+/// The fields a line may have. No `latents`: the noise is the seed's, and the one file a line names is its
+/// `image`.
+const FIELDS: [&str; 16] = [
     "id",
     "preset",
+    "image",
     "prompt",
     "negative_prompt",
     "height",
@@ -46,6 +49,9 @@ pub struct Item {
     pub preset: Option<Preset>,
     /// Every default filled in, the seed included.
     pub request: GenerateRequest,
+    /// The image the video starts from, as `generate --image`: the line's path, resolved against the
+    /// manifest's folder; checked to exist.
+    pub image: Option<PathBuf>,
 }
 
 /// What is wrong with a manifest line.
@@ -66,8 +72,9 @@ impl fmt::Display for LineError {
     }
 }
 
-/// Parses every line of a manifest; on any problem, returns all of them (one per line at most).
-pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
+/// Parses every line of a manifest found in `folder`, filling what a line leaves out from `defaults` (the
+/// model's); on any problem, returns all of them (one per line at most).
+pub fn parse(text: &str, folder: &Path, defaults: &GenerateRequest) -> Result<Vec<Item>, Vec<LineError>> {
     let mut items = Vec::new();
     let mut errors = Vec::new();
     // Lowercased id → line: outputs of ids that differ only in case collide on case-insensitive
@@ -79,15 +86,16 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let (id, preset, request) = match parse_line(trimmed) {
-            Ok(parsed) => parsed,
+        let item = match parse_line(line, trimmed, folder, defaults) {
+            Ok(item) => item,
             Err((field, reason)) => {
                 errors.push(LineError { line, field, reason });
                 continue;
             }
         };
+        let id = &item.id;
         if let Some((first, first_id)) = seen.get(&id.to_ascii_lowercase()) {
-            let reason = if *first_id == id {
+            let reason = if first_id == id {
                 format!("{id:?} is already the id of line {first}")
             } else {
                 format!("{id:?} differs only in letter case from {first_id:?} of line {first}, and some file systems don't tell them apart")
@@ -96,7 +104,7 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
             continue;
         }
         seen.insert(id.to_ascii_lowercase(), (line, id.clone()));
-        items.push(Item { line, id, preset, request });
+        items.push(item);
     }
     if errors.is_empty() {
         Ok(items)
@@ -107,7 +115,7 @@ pub fn parse(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
 
 type FieldError = (Option<String>, String);
 
-fn parse_line(text: &str) -> Result<(String, Option<Preset>, GenerateRequest), FieldError> {
+fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest) -> Result<Item, FieldError> {
     let value: Value = serde_json::from_str(text).map_err(|e| (None, format!("not JSON: {}", without_position(&e))))?;
     let Value::Object(mut fields) = value else {
         return Err((None, "expected a JSON object".into()));
@@ -118,9 +126,9 @@ fn parse_line(text: &str) -> Result<(String, Option<Preset>, GenerateRequest), F
     let id: String = take(&mut fields, "id")?.ok_or((Some("id".into()), "missing".into()))?;
     validate_id(&id).map_err(|reason| (Some("id".into()), reason))?;
     let prompt = take(&mut fields, "prompt")?.ok_or((Some("prompt".into()), "missing".into()))?;
-    // The same defaults as `kinetoscope generate`'s flags, then the preset's, then the line's own fields.
+    // The model's defaults as `kinetoscope generate` takes them, then the preset's, then the line's own fields.
     let preset: Option<Preset> = take(&mut fields, "preset")?;
-    let mut d = GenerateRequest::default();
+    let mut d = defaults.clone();
     if let Some(preset) = preset {
         preset.apply(&mut d);
     }
@@ -132,7 +140,7 @@ fn parse_line(text: &str) -> Result<(String, Option<Preset>, GenerateRequest), F
         num_frames: take(&mut fields, "num_frames")?.unwrap_or(d.num_frames),
         steps: take(&mut fields, "steps")?.unwrap_or(d.steps),
         guidance_scale: take(&mut fields, "guidance_scale")?.unwrap_or(d.guidance_scale),
-        shift: take(&mut fields, "shift")?,
+        shift: take(&mut fields, "shift")?.or(d.shift),
         scheduler: take(&mut fields, "scheduler")?,
         // Without a seed, one from the id: a rerun renders the same video.
         seed: take(&mut fields, "seed")?.unwrap_or_else(|| seed_for(&id)),
@@ -146,7 +154,13 @@ fn parse_line(text: &str) -> Result<(String, Option<Preset>, GenerateRequest), F
     if request.fps == 0 {
         return Err((Some("fps".into()), "0 is not a frame rate; expected at least 1".into()));
     }
-    Ok((id, preset, request))
+    // Relative to the manifest, so that a manifest and its images move together; checked now rather than when
+    // the item's turn comes.
+    let image = take::<PathBuf>(&mut fields, "image")?.map(|path| folder.join(path));
+    if let Some(path) = image.as_ref().filter(|path| !path.is_file()) {
+        return Err((Some("image".into()), format!("{} is not a file", path.display())));
+    }
+    Ok(Item { line, id, preset, request, image })
 }
 
 /// Removes `name` from the line and reads it as a `T`; absent and `null` are `None`.
@@ -201,13 +215,18 @@ fn seed_for(id: &str) -> u64 {
 mod tests {
     use super::*;
 
+    /// `text` parsed with the built-in defaults, as a manifest in the working folder.
+    fn parse_plain(text: &str) -> Result<Vec<Item>, Vec<LineError>> {
+        parse(text, Path::new("."), &GenerateRequest::default())
+    }
+
     fn errors(text: &str) -> Vec<String> {
-        parse(text).unwrap_err().iter().map(|e| e.to_string()).collect()
+        parse_plain(text).unwrap_err().iter().map(|e| e.to_string()).collect()
     }
 
     #[test]
     fn a_minimal_line_gets_generate_defaults_and_a_seed_from_its_id() {
-        let items = parse("# comment\n\n{\"id\": \"a-1\", \"prompt\": \"fox\"}\r\n{\"id\": \"b\", \"prompt\": \"owl\", \"seed\": 7, \"scheduler\": \"euler\", \"shift\": null}\n").unwrap();
+        let items = parse_plain("# comment\n\n{\"id\": \"a-1\", \"prompt\": \"fox\"}\r\n{\"id\": \"b\", \"prompt\": \"owl\", \"seed\": 7, \"scheduler\": \"euler\", \"shift\": null}\n").unwrap();
         assert_eq!((items[0].line, items[0].id.as_str(), items[1].line), (3, "a-1", 4));
         let (r, d) = (&items[0].request, GenerateRequest::default());
         assert_eq!((r.prompt.as_str(), r.height, r.width, r.num_frames, r.steps), ("fox", d.height, d.width, 81, 50));
@@ -261,7 +280,7 @@ mod tests {
 
     #[test]
     fn a_preset_fills_steps_size_and_cache_and_the_line_overrides_it() {
-        let items = parse(concat!(
+        let items = parse_plain(concat!(
             r#"{"id": "a", "prompt": "x", "preset": "draft"}"#,
             "\n",
             r#"{"id": "b", "prompt": "x", "preset": "draft", "steps": 4, "height": 32, "step_cache": 0.3}"#,
@@ -291,6 +310,61 @@ mod tests {
 
     #[test]
     fn comments_and_blank_lines_are_not_items() {
-        assert!(parse("# nothing\n\n   \n  # indented\n").unwrap().is_empty());
+        assert!(parse_plain("# nothing\n\n   \n  # indented\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn what_a_line_leaves_out_is_the_models_default() {
+        let defaults = GenerateRequest {
+            height: 704,
+            width: 1280,
+            num_frames: 121,
+            fps: 24,
+            shift: Some(5.0),
+            ..GenerateRequest::default()
+        };
+        let text = concat!(
+            r#"{"id": "a", "prompt": "x"}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "preset": "draft", "num_frames": 9, "shift": null}"#,
+        );
+        let items = parse(text, Path::new("."), &defaults).unwrap();
+        let fields = |r: &GenerateRequest| (r.width, r.height, r.num_frames, r.fps, r.steps, r.shift);
+        assert_eq!(fields(&items[0].request), (1280, 704, 121, 24, 50, Some(5.0)));
+        // The preset's size and steps over the model's; a null field is left out.
+        assert_eq!(fields(&items[1].request), (416, 240, 9, 24, 20, Some(5.0)));
+    }
+
+    #[test]
+    fn an_image_is_found_beside_the_manifest_or_named_missing() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::create_dir(folder.path().join("stills")).unwrap();
+        std::fs::write(folder.path().join("stills/fox.png"), b"").unwrap();
+        let absolute = folder.path().join("stills/fox.png");
+        let text = format!(
+            "{}\n{}\n",
+            r#"{"id": "a", "prompt": "x", "image": "stills/fox.png"}"#,
+            serde_json::json!({ "id": "b", "prompt": "x", "image": absolute }),
+        );
+        let items = parse(&text, folder.path(), &GenerateRequest::default()).unwrap();
+        assert_eq!(items[0].image.as_deref(), Some(absolute.as_path()));
+        assert_eq!(items[1].image.as_deref(), Some(absolute.as_path()));
+
+        let text = concat!(
+            r#"{"id": "a", "prompt": "x", "image": "fox.png"}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "image": "stills"}"#,
+            "\n",
+            r#"{"id": "c", "prompt": "x", "image": 3}"#,
+        );
+        let errors: Vec<String> = parse(text, folder.path(), &GenerateRequest::default())
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let missing = format!("line 1: image: {} is not a file", folder.path().join("fox.png").display());
+        assert_eq!(errors[0], missing);
+        assert!(errors[1].starts_with("line 2: image: ") && errors[1].ends_with("stills is not a file"), "{errors:?}");
+        assert!(errors[2].starts_with("line 3: image: invalid type: integer `3`"), "{errors:?}");
     }
 }

@@ -24,6 +24,8 @@ pub struct Setup<'a> {
     pub dtype: DType,
     /// Seconds the process spent loading the model (shared by every video of a batch).
     pub load_s: f64,
+    /// Where the settings a request left out came from: `registry:<id>` or `built-in`.
+    pub defaults_from: String,
 }
 
 /// The sidecar of `mp4`: the same name with the extension `.json`.
@@ -241,6 +243,7 @@ fn write_sidecar(
         "request": request,
         "preset": job.preset,
         "resolved": {
+            "defaults_from": setup.defaults_from,
             "scheduler": request.scheduler.or(scheduler_config.kind()),
             "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
             "guidance": request.guidance_scale > 1.0,

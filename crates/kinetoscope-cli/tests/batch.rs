@@ -1,7 +1,8 @@
 //! `kinetoscope batch` end to end through the binary on the small test model: everything renders, a
 //! rerun skips what is done and redoes what is missing or stale, bad manifests fail before any rendering,
-//! a failing item doesn't stop the others, concurrent shards render every item exactly once, and a run
-//! killed midway leaves only complete outputs, resumed by rendering exactly the missing items.
+//! a failing item doesn't stop the others, concurrent shards render every item exactly once, a run
+//! killed midway leaves only complete outputs, resumed by rendering exactly the missing items, and an item
+//! with an image starts from it (Wan 2.2 TI2V) and renders again when the image changes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,15 +10,22 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
-fn tiny_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan21-tiny-a")
+fn tiny_model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny").join(name)
 }
 
-/// `kinetoscope batch manifest --out out`, with no scheduler variables from the test's environment.
+/// `kinetoscope batch manifest --out out` with the tiny Wan 2.1 model.
 fn batch_command(manifest: &Path, out: &Path) -> Command {
+    batch_command_with("wan21-tiny-a", manifest, out)
+}
+
+/// `kinetoscope batch manifest --out out --model models/tiny/<model>`, with no scheduler variables from the
+/// test's environment.
+fn batch_command_with(model: &str, manifest: &Path, out: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kinetoscope"));
-    command.arg("batch").arg(manifest).arg("--out").arg(out).arg("--model").arg(tiny_model());
+    command.arg("batch").arg(manifest).arg("--out").arg(out).arg("--model").arg(tiny_model(model));
     for var in [
         "JOB_COMPLETION_INDEX",
         "KINETOSCOPE_SHARDS",
@@ -395,4 +403,81 @@ fn a_rerun_removes_the_temporary_files_of_its_own_items_that_a_killed_run_left()
     let mut expected: Vec<String> = leftovers("right").into_iter().chain(others).collect();
     expected.sort();
     assert_eq!(kept, expected);
+}
+
+/// The still of the TI2V fixtures (96×64).
+fn fixture_image() -> PathBuf {
+    tiny_model("reference/wan22-ti2v-tiny-a/image.png")
+}
+
+/// A small, fast item for the TI2V model, whose sizes are multiples of 32: 32×32, 5 frames, 1 step.
+fn ti2v_item(id: &str, extra: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "prompt": "the fox wakes", "height": 32, "width": 32, "num_frames": 5, "steps": 1, "max_sequence_length": 16{extra}}}"#
+    )
+}
+
+/// A TI2V item starting from `image`.
+fn image_item(id: &str, image: &str) -> String {
+    ti2v_item(id, &format!(r#", "image": {}"#, serde_json::json!(image)))
+}
+
+#[test]
+fn an_image_item_starts_from_its_image_and_renders_again_only_when_the_image_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Beside the manifest, named relative to it; the binary runs in another folder.
+    let still = dir.path().join("still.png");
+    std::fs::copy(fixture_image(), &still).unwrap();
+    let manifest = write_manifest(dir.path(), &[image_item("woken", "still.png"), ti2v_item("plain", "")]);
+    let run = || {
+        let output = batch_command_with("wan22-ti2v-tiny-a", &manifest, &out).output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output)
+    };
+    let sha256 = |path: &Path| format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()));
+
+    let first = run();
+    assert!(first.contains("2 completed, 0 skipped, 0 failed"), "{first}");
+    let info = kinetoscope_video::probe(&out.join("woken.mp4")).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (32, 32, 5));
+    let woken = sidecar(&out, "woken");
+    assert_eq!(woken["edit"]["kind"], "image_to_video");
+    assert_eq!(woken["edit"]["source"], still.to_str().unwrap());
+    assert_eq!(woken["edit"]["source_sha256"], sha256(&still));
+    assert_eq!(woken["edit"]["source_image"], serde_json::json!({ "width": 96, "height": 64 }));
+    assert!(sidecar(&out, "plain").get("edit").is_none());
+    // The tiny model is no registry entry: the built-in defaults filled what the items left out.
+    assert_eq!(woken["resolved"]["defaults_from"], "built-in");
+    assert_eq!((woken["request"]["fps"].as_u64(), woken["request"]["guidance_scale"].as_f64()), (Some(16), Some(5.0)));
+
+    let second = run();
+    assert!(second.contains("0 completed, 2 skipped, 0 failed"), "{second}");
+
+    // Same path, other pixels: only that item renders again.
+    let image = kinetoscope_video::read_image(&still).unwrap();
+    let inverted: Vec<u8> = image.as_bytes().iter().map(|b| 255 - b).collect();
+    let inverted = kinetoscope_video::Frames::new(inverted, 1, image.height(), image.width()).unwrap();
+    kinetoscope_video::write_png(&still, &inverted, 0).unwrap();
+    let third = run();
+    assert!(third.contains("1 completed, 1 skipped, 0 failed"), "{third}");
+    assert_eq!(sidecar(&out, "woken")["edit"]["source_sha256"], sha256(&still));
+}
+
+#[test]
+fn an_image_that_is_missing_or_for_a_text_only_model_is_refused_before_rendering() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let image = fixture_image();
+    let manifest = write_manifest(
+        dir.path(),
+        &[image_item("missing", "stills/absent.png"), image_item("found", image.to_str().unwrap())],
+    );
+    let missing = format!("line 1: image: {} is not a file", dir.path().join("stills/absent.png").display());
+    assert_rejected(&manifest, &out, &["1 bad line(s)", &missing]);
+
+    let manifest = write_manifest(dir.path(), &[item("text", ""), image_item("found", image.to_str().unwrap())]);
+    let text_only =
+        format!("line 2: image: the model {} generates from text only", tiny_model("wan21-tiny-a").display());
+    assert_rejected(&manifest, &out, &["1 bad line(s)", &text_only, "Wan 2.2 TI2V"]);
 }

@@ -75,6 +75,8 @@ fn generates_an_mp4_with_a_sidecar_and_frames() {
     assert_eq!(request["guidance_scale"], 5.0);
     assert_eq!(sidecar["resolved"]["scheduler"], "unipc");
     assert_eq!(sidecar["resolved"]["shift"], 3.0);
+    // The tiny model is no registry entry: what wasn't given came from the built-in (Wan 2.1) defaults.
+    assert_eq!(sidecar["resolved"]["defaults_from"], "built-in");
     // Where the memory went: the text encoder offloaded by default, the VAE whole at this size, no GPU.
     assert_eq!(sidecar["resolved"]["text_encoder"], "offload");
     assert!(sidecar["resolved"]["vae_tiling"].is_null());
@@ -178,7 +180,40 @@ fn bad_input_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(!missing.status.success());
-    assert!(stderr(&missing).contains("/nonexistent/model"), "{}", stderr(&missing));
+    let err = stderr(&missing);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    assert!(err.contains("without network, see SECURITY.md, \"Air-gapped deployment\""), "{err}");
+}
+
+/// Settings left out come from the model: for the tiny TI2V model, no registry entry, the built-in (Wan 2.1)
+/// ones, with the scheduler config's shift. (A registry entry's, 1280×704×121, would be slow even on it; unit
+/// tests feed those through the same code.)
+#[test]
+fn what_is_not_given_takes_the_models_defaults_and_the_sidecar_says_whence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = dir.path().join("still.mp4");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/wan22-ti2v-tiny-a");
+    let out = Command::new(env!("CARGO_BIN_EXE_kinetoscope"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a kite", "--steps", "1"])
+        .args(["--height", "32", "--width", "32", "--max-sequence-length", "16", "-o", mp4.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("still.json"));
+    let request = &sidecar["request"];
+    assert_eq!((request["num_frames"].as_u64(), request["fps"].as_u64()), (Some(81), Some(16)));
+    assert_eq!((request["guidance_scale"].as_f64(), request["shift"].as_f64()), (Some(5.0), None));
+    assert_eq!(sidecar["resolved"]["defaults_from"], "built-in");
+    assert_eq!(sidecar["resolved"]["shift"], 5.0, "the TI2V fixture's scheduler config");
+    let info = kinetoscope_video::probe(&mp4).unwrap();
+    assert_eq!((info.frames, info.fps), (81, 16.0));
+}
+
+#[test]
+fn help_names_the_supported_model_families() {
+    let help = Command::new(env!("CARGO_BIN_EXE_kinetoscope")).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("Wan 2.1 T2V") && text.contains("Wan 2.2 TI2V"), "{text}");
 }
 
 fn read_sidecar(path: &Path) -> serde_json::Value {

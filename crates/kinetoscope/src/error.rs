@@ -9,8 +9,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No model folder at the path, and no snapshot of that repository id in the Hugging Face cache.
-    #[error("model not found: {model} (looked in {})", list_paths(searched))]
+    /// No model folder at the path, and no snapshot of that repository id in the Hugging Face cache. Nothing is
+    /// ever downloaded, so the message says where the steps to copy a model in are.
+    #[error(
+        "model not found: {model} (looked in {}); to bring a model onto a machine without network, see \
+         SECURITY.md, \"Air-gapped deployment\"",
+        list_paths(searched)
+    )]
     ModelNotFound { model: String, searched: Vec<PathBuf> },
 
     /// A file the diffusers layout requires is absent.

@@ -34,7 +34,7 @@ pub use kinetoscope_models::wan::vae::Tiling;
 pub use memory::{MemoryLimit, WorkingMemory};
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
-pub use pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress, Timings, VaeTiling, Video};
+pub use pipeline::{GenerateRequest, LoadOptions, ModelShape, Pipeline, Progress, Timings, VaeTiling, Video};
 pub use preset::Preset;
 pub use registry::{models, verify, ModelManifest, VerifyReport};
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};

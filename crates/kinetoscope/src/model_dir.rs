@@ -316,6 +316,7 @@ mod tests {
         assert!(err.contains("org/absent") && err.contains("models--org--absent"), "{err}");
         let err = ModelDir::open("./no/such/folder").unwrap_err().to_string();
         assert!(err.contains("no/such/folder"), "{err}");
+        assert!(err.contains("see SECURITY.md, \"Air-gapped deployment\""), "{err}");
     }
 
     #[test]

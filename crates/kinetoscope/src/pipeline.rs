@@ -171,8 +171,69 @@ pub struct Pipeline {
     vae_config: vae::Config,
     scheduler_config: SchedulerConfig,
     memory: MemoryBudget,
-    /// Whether the model takes one timestep per token and so can hold an image as its first frame.
-    expand_timesteps: bool,
+    shape: ModelShape,
+}
+
+/// What a model's configs say about the requests it can take, known before any weight is read, so that a
+/// server can check requests while the model is still loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Pixels per latent cell in height/width times the transformer's spatial patch: sizes must be
+    /// multiples of this (16 for Wan 2.1, 32 for Wan 2.2 TI2V).
+    pub size_multiple: usize,
+    /// Frames per latent frame after the first (4 for Wan 2.1): frame counts must be `k·this + 1`.
+    pub frame_multiple: usize,
+    /// The scheduler's training timesteps: the most steps a request may take.
+    pub max_steps: usize,
+    /// Whether the model takes one timestep per token (`expand_timesteps`) and so can hold an image as its
+    /// first frame.
+    pub takes_image: bool,
+}
+
+impl ModelShape {
+    /// Reads the configs of `dir` (no weights).
+    pub fn read(dir: &ModelDir) -> Result<Self> {
+        let transformer_config: transformer::Config = dir.config("transformer", "config.json")?;
+        let vae_config: vae::Config = dir.config("vae", "config.json")?;
+        let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
+        Ok(Self::of(&transformer_config, &vae_config, &scheduler_config, dir.model_index()?.expand_timesteps))
+    }
+
+    fn of(
+        transformer_config: &transformer::Config,
+        vae_config: &vae::Config,
+        scheduler_config: &SchedulerConfig,
+        expand_timesteps: bool,
+    ) -> Self {
+        ModelShape {
+            size_multiple: vae_config.spatial_compression()
+                * transformer_config.patch_size[1].max(transformer_config.patch_size[2]),
+            frame_multiple: 1 << vae_config.temperal_downsample.iter().filter(|d| **d).count(),
+            max_steps: scheduler_config.num_train_timesteps,
+            takes_image: expand_timesteps,
+        }
+    }
+
+    /// Checks a request's size, frame count and steps, naming the first field that is off.
+    pub fn validate(&self, request: &GenerateRequest) -> Result<()> {
+        let invalid = |field, reason: String| Err(Error::InvalidRequest { field, reason });
+        let multiple = self.size_multiple;
+        for (field, value) in [("height", request.height), ("width", request.width)] {
+            if value == 0 || !value.is_multiple_of(multiple) {
+                return invalid(field, format!("{value} is not a positive multiple of {multiple}"));
+            }
+        }
+        let fm = self.frame_multiple;
+        if request.num_frames == 0 || !(request.num_frames - 1).is_multiple_of(fm) {
+            let n = request.num_frames;
+            let (lower, upper) = (n.saturating_sub(1) / fm * fm + 1, n.saturating_sub(1).div_ceil(fm) * fm + 1);
+            return invalid("num_frames", format!("{n} is not of the form {fm}k+1 (nearest: {lower} or {upper})"));
+        }
+        if request.steps == 0 || request.steps > self.max_steps {
+            return invalid("steps", format!("{} is outside 1..={}", request.steps, self.max_steps));
+        }
+        Ok(())
+    }
 }
 
 impl Pipeline {
@@ -223,6 +284,7 @@ impl Pipeline {
             options.vae_tiling,
             text_weight_bytes,
         );
+        let shape = ModelShape::of(&transformer_config, &vae_config, &scheduler_config, index.expand_timesteps);
         Ok(Pipeline {
             identity,
             device,
@@ -234,7 +296,7 @@ impl Pipeline {
             vae_config,
             scheduler_config,
             memory,
-            expand_timesteps: index.expand_timesteps,
+            shape,
         })
     }
 
@@ -255,22 +317,25 @@ impl Pipeline {
         &self.scheduler_config
     }
 
+    /// What the model's configs allow a request (see [`ModelShape`]).
+    pub fn shape(&self) -> ModelShape {
+        self.shape
+    }
+
     /// Whether the model generates from an image as well as from text (Wan 2.2 TI2V): see
     /// [`Pipeline::image_to_video`].
     pub fn takes_image(&self) -> bool {
-        self.expand_timesteps
+        self.shape.takes_image
     }
 
-    /// Pixels per latent cell in height/width times the transformer's spatial patch: sizes must be
-    /// multiples of this (16 for Wan 2.1, 32 for Wan 2.2 TI2V).
+    /// See [`ModelShape::size_multiple`].
     pub fn size_multiple(&self) -> usize {
-        self.vae_config.spatial_compression()
-            * self.transformer_config.patch_size[1].max(self.transformer_config.patch_size[2])
+        self.shape.size_multiple
     }
 
-    /// Frames per latent frame after the first (4 for Wan 2.1): frame counts must be `k·this + 1`.
+    /// See [`ModelShape::frame_multiple`].
     pub fn frame_multiple(&self) -> usize {
-        1 << self.vae_config.temperal_downsample.iter().filter(|d| **d).count()
+        self.shape.frame_multiple
     }
 
     /// What `request`'s stages would need beyond the weights, as [`LoadOptions::memory_limit`] checks it.
@@ -289,22 +354,7 @@ impl Pipeline {
     /// Checks a request against the model's constraints, naming the first field that is off.
     pub fn validate(&self, request: &GenerateRequest) -> Result<()> {
         let invalid = |field, reason: String| Err(Error::InvalidRequest { field, reason });
-        let multiple = self.size_multiple();
-        for (field, value) in [("height", request.height), ("width", request.width)] {
-            if value == 0 || !value.is_multiple_of(multiple) {
-                return invalid(field, format!("{value} is not a positive multiple of {multiple}"));
-            }
-        }
-        let fm = self.frame_multiple();
-        if request.num_frames == 0 || !(request.num_frames - 1).is_multiple_of(fm) {
-            let n = request.num_frames;
-            let (lower, upper) = (n.saturating_sub(1) / fm * fm + 1, n.saturating_sub(1).div_ceil(fm) * fm + 1);
-            return invalid("num_frames", format!("{n} is not of the form {fm}k+1 (nearest: {lower} or {upper})"));
-        }
-        let max_steps = self.scheduler_config.num_train_timesteps;
-        if request.steps == 0 || request.steps > max_steps {
-            return invalid("steps", format!("{} is outside 1..={max_steps}", request.steps));
-        }
+        self.shape.validate(request)?;
         if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
             return invalid("guidance_scale", format!("{} must be a finite number ≥ 0", request.guidance_scale));
         }

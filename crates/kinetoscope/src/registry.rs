@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model_dir::{read_json, ModelDir};
+use crate::pipeline::GenerateRequest;
 use crate::scheduler::SchedulerConfig;
 
 const MANIFESTS: [&str; 3] = [
@@ -76,6 +77,16 @@ pub struct Defaults {
     pub steps: usize,
     pub guidance_scale: f64,
     pub shift: f64,
+}
+
+impl Defaults {
+    /// Sets the fields of `request` that these defaults cover: size, frames, frame rate, steps, guidance and
+    /// shift.
+    pub fn apply(&self, request: &mut GenerateRequest) {
+        (request.width, request.height, request.num_frames, request.fps) =
+            (self.width, self.height, self.num_frames, self.fps);
+        (request.steps, request.guidance_scale, request.shift) = (self.steps, self.guidance_scale, Some(self.shift));
+    }
 }
 
 /// The registry, parsed once.
@@ -139,43 +150,20 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: String,
-    /// Component folder → `[library, class]` (`[null, null]` for an unused slot).
-    #[serde(flatten)]
-    components: BTreeMap<String, serde_json::Value>,
-}
-
 /// Checks that `dir` holds everything the code needs to run it, reading configs and safetensors headers only:
 /// `model_index.json` and its pipeline class, each component's class and files, the configs, the shards an
 /// index lists, and every tensor the networks load (present, right shape, stored as f32, f16 or bf16).
 pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
     let index_path = dir.root().join("model_index.json");
-    let index: ModelIndex = read_json(&index_path)?;
-    let expand_timesteps = dir.model_index()?.expand_timesteps;
-    let family = models()
-        .iter()
-        .find(|m| m.pipeline_class == index.class_name && m.expand_timesteps == expand_timesteps)
-        .ok_or_else(|| Error::Config {
-            path: index_path.clone(),
-            reason: format!(
-                "pipeline class {} with expand_timesteps {expand_timesteps} is not supported (supported: {})",
-                index.class_name,
-                models()
-                    .iter()
-                    .map(|m| format!("{} with expand_timesteps {}", m.pipeline_class, m.expand_timesteps))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
+    let family = family_of(dir)?;
+    // Component folder → `[library, class]` (`[null, null]` for an unused slot), beside the pipeline's own keys.
+    let index: BTreeMap<String, serde_json::Value> = read_json(&index_path)?;
     for (name, component) in &family.components {
         let expected = serde_json::json!([component.library, component.class]);
-        if index.components.get(name) != Some(&expected) {
+        if index.get(name) != Some(&expected) {
             return Err(Error::Config {
                 path: index_path.clone(),
-                reason: format!("component {name} should be {expected}, found {}", show(index.components.get(name))),
+                reason: format!("component {name} should be {expected}, found {}", show(index.get(name))),
             });
         }
         for file in &component.files {
@@ -198,7 +186,7 @@ pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
         check_weights(dir, "transformer", |vb| WanTransformer3DModel::new(&transformer_cfg, vb).map(drop))?,
         check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?,
     ];
-    let model = identify(dir, family)?;
+    let model = entry_in(dir, family)?;
     Ok(VerifyReport { root: dir.root().to_path_buf(), family: family.family.clone(), model, weights })
 }
 
@@ -231,8 +219,35 @@ fn show(value: Option<&serde_json::Value>) -> String {
     value.map_or_else(|| "nothing".to_string(), |v| v.to_string())
 }
 
+/// The registry entry `dir` is, from its `model_index.json` and configs alone (no weights are read); `None`
+/// for a model of a supported family that is no entry (a fine-tune with another depth, the tiny test models).
+/// An unsupported pipeline is an error.
+pub fn identify(dir: &ModelDir) -> Result<Option<&'static ModelManifest>> {
+    entry_in(dir, family_of(dir)?)
+}
+
+/// The first registry entry of the family whose pipeline `dir`'s `model_index.json` configures.
+fn family_of(dir: &ModelDir) -> Result<&'static ModelManifest> {
+    let index = dir.model_index()?;
+    let expand_timesteps = index.expand_timesteps;
+    models().iter().find(|m| m.pipeline_class == index.class_name && m.expand_timesteps == expand_timesteps).ok_or_else(
+        || Error::Config {
+            path: dir.root().join("model_index.json"),
+            reason: format!(
+                "pipeline class {} with expand_timesteps {expand_timesteps} is not supported (supported: {})",
+                index.class_name,
+                models()
+                    .iter()
+                    .map(|m| format!("{} with expand_timesteps {}", m.pipeline_class, m.expand_timesteps))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    )
+}
+
 /// The registry entry of `family`'s pipeline whose every identifying config value the folder's configs have.
-fn identify(dir: &ModelDir, family: &ModelManifest) -> Result<Option<&'static ModelManifest>> {
+fn entry_in(dir: &ModelDir, family: &ModelManifest) -> Result<Option<&'static ModelManifest>> {
     let mut configs: HashMap<&str, serde_json::Value> = HashMap::new();
     let same_pipeline =
         |m: &&ModelManifest| m.pipeline_class == family.pipeline_class && m.expand_timesteps == family.expand_timesteps;
@@ -401,6 +416,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn defaults_set_what_the_registry_recommends() {
+        let ti2v = models().iter().find(|m| m.id == "wan2.2-ti2v-5b").unwrap();
+        let mut request = GenerateRequest { prompt: "fox".into(), seed: 9, ..Default::default() };
+        ti2v.defaults.apply(&mut request);
+        let set = |r: &GenerateRequest| (r.width, r.height, r.num_frames, r.fps, r.steps, r.guidance_scale, r.shift);
+        assert_eq!(set(&request), (1280, 704, 121, 24, 50, 5.0, Some(5.0)));
+        assert_eq!((request.prompt.as_str(), request.seed, request.max_sequence_length), ("fox", 9, 512));
+
+        // The request's own defaults, taken for a folder that is no entry, are Wan 2.1's but for the shift,
+        // which they leave to the scheduler config.
+        let mut wan21 = GenerateRequest::default();
+        models()[0].defaults.apply(&mut wan21);
+        assert_eq!(set(&wan21), set(&GenerateRequest { shift: Some(3.0), ..Default::default() }));
+    }
+
     /// A folder holding only the configs of `model`, with `transformer.num_layers` set to `layers`.
     fn configs_of(model: &ModelManifest, layers: usize) -> (tempfile::TempDir, ModelDir) {
         let tmp = tempfile::tempdir().unwrap();
@@ -424,9 +455,9 @@ mod tests {
         for m in models() {
             let layers = m.configs["transformer"]["num_layers"].as_u64().unwrap() as usize;
             let (_tmp, dir) = configs_of(m, layers);
-            assert_eq!(identify(&dir, m).unwrap().map(|found| &found.id), Some(&m.id));
+            assert_eq!(entry_in(&dir, m).unwrap().map(|found| &found.id), Some(&m.id));
             let (_tmp, dir) = configs_of(m, layers + 1);
-            assert!(identify(&dir, m).unwrap().is_none(), "{}", m.id);
+            assert!(entry_in(&dir, m).unwrap().is_none(), "{}", m.id);
         }
     }
 }
