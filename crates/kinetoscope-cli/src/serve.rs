@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kinetoscope::DType;
+use kinetoscope_server::config::ConnectionLimits;
 use kinetoscope_server::webhooks::WebhookConfig;
 use kinetoscope_server::{ApiKeys, Config, Defaults, Limits};
 
@@ -55,6 +56,18 @@ pub struct Args {
     /// Jobs queued or running at once; beyond it, creates get 429 with Retry-After.
     #[arg(long, default_value_t = Limits::default().max_queue)]
     max_queue: usize,
+    /// Pixels in one frame of an uploaded image or video, read from its header before it is decoded;
+    /// more is refused (media_too_large).
+    #[arg(long, default_value_t = Limits::default().max_input_pixels)]
+    max_input_pixels: u64,
+    /// Uploads decoded at once to check them; more wait their turn.
+    #[arg(long, default_value_t = Limits::default().max_concurrent_decodes as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_decodes: u64,
+    /// Free space the data folder's disk must keep (8GiB, 512MiB): below it new videos get 507
+    /// insufficient_storage, queued ones wait and /readyz says low_disk; 0 turns the check off.
+    #[arg(long, default_value = "1GiB", value_parser = parse_free_disk)]
+    min_free_disk: u64,
     /// Size of a request that gives none, WIDTHxHEIGHT.
     #[arg(long, default_value = "832x480", value_parser = parse_size)]
     default_size: (usize, usize),
@@ -78,6 +91,25 @@ pub struct Args {
     /// Tells polling clients how long to wait between polls (openai-poll-after-ms).
     #[arg(long, default_value_t = 1000)]
     poll_after_ms: u64,
+    /// Seconds a client may take to send a request's headers; then the connection is closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs(), value_parser = seconds())]
+    header_timeout_s: u64,
+    /// Seconds a client may take to send a request's whole body; then it gets 408 and is disconnected.
+    /// Raise it to accept large uploads over slow links.
+    #[arg(long, default_value_t = ConnectionLimits::default().body_timeout.as_secs(), value_parser = seconds())]
+    body_timeout_s: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().idle_timeout.as_secs(), value_parser = seconds())]
+    idle_timeout_s: u64,
+    /// Connections served at once; more wait to be accepted. Keep it well under the open-file limit
+    /// (ulimit -n): each may also hold a video file open.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// On SIGTERM, seconds requests in flight may take to finish before every connection is closed
+    /// (then the running job gets --shutdown-grace-s).
+    #[arg(long, default_value_t = ConnectionLimits::default().drain_timeout.as_secs())]
+    drain_timeout_s: u64,
     /// Receiver of video.completed / video.failed events; repeat for several.
     #[arg(long = "webhook-url")]
     webhook_urls: Vec<String>,
@@ -91,6 +123,19 @@ pub struct Args {
     /// Delivery attempts per event and target.
     #[arg(long, default_value_t = 5)]
     webhook_attempts: u32,
+}
+
+/// A whole number of seconds, at least one: a zero timeout would close every connection at once.
+fn seconds() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..)
+}
+
+/// A size in bytes as `--memory-limit` takes it (`1GiB`, `512MiB`), or 0.
+fn parse_free_disk(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    crate::generate::parse_memory_limit(text)
 }
 
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
@@ -135,7 +180,11 @@ pub fn run(args: Args) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_upload_bytes: args.max_upload_bytes,
         max_queue: args.max_queue,
+        max_input_pixels: args.max_input_pixels,
+        max_concurrent_decodes: args.max_concurrent_decodes as usize,
+        ..Limits::default()
     };
+    config.min_free_disk = args.min_free_disk;
     let (width, height) = args.default_size;
     config.defaults = Defaults {
         width,
@@ -149,6 +198,13 @@ pub fn run(args: Args) -> Result<()> {
     config.job_timeout = Duration::from_secs(args.job_timeout_s);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_s);
     config.poll_after = Duration::from_millis(args.poll_after_ms);
+    config.connections = ConnectionLimits {
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        body_timeout: Duration::from_secs(args.body_timeout_s),
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        max_connections: args.max_connections as usize,
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
     config.webhooks = WebhookConfig {
         urls: args.webhook_urls,
         secret,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,16 +20,22 @@ use futures_util::Stream;
 use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset, TimeRange};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
-use crate::error::ApiError;
-use crate::fields::{Fields, ImageReference, VideoReference};
+use crate::disk;
+use crate::error::{storage_error, ApiError};
+use crate::fields::{BodyLimits, Fields, ImageReference, Upload, VideoReference};
 use crate::store::{Job, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
 use crate::{unix_now, Shared, Update};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// The highest frame rate a request may ask for.
+const MAX_FPS: u64 = 120;
+/// The highest guidance scale a request may ask for: far past any useful one (1–10), and far from where the
+/// guided velocity overflows into NaN frames.
+const MAX_GUIDANCE: f64 = 100.0;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
@@ -47,12 +53,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(ready))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "unknown_route", "no such route") })
+        .method_not_allowed_fallback(|request: Request| async move {
+            let message = format!("{} is not a method of {}", request.method(), request.uri().path());
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+        })
         .with_state(shared)
 }
 
 async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match presented.and_then(|v| v.strip_prefix("Bearer ")) {
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer KEY` is as good as `Bearer KEY`.
+    let bearer = presented
+        .and_then(|v| v.trim_start().split_once(' '))
+        .and_then(|(scheme, key)| scheme.eq_ignore_ascii_case("bearer").then_some(key));
+    match bearer {
         Some(key) if shared.config.api_keys.allows(key.trim()) => next.run(request).await,
         Some(_) => {
             ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid").into_response()
@@ -66,6 +80,34 @@ async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next:
     }
 }
 
+/// axum's `Query`, refusing a bad query string as every other error is: OpenAI-shaped JSON with a code.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(ApiError::invalid("invalid_query", "query", e.body_text())),
+        }
+    }
+}
+
+/// axum's `Path` for the routes' one `{id}`, refusing an undecodable one (`%FF`) in JSON too.
+struct VideoId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for VideoId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(VideoId(id)),
+            Err(e) => Err(ApiError::invalid("invalid_video_id", "video_id", e.body_text())),
+        }
+    }
+}
+
 fn store_error(error: StoreError) -> ApiError {
     match error {
         StoreError::QueueFull { .. } => ApiError {
@@ -73,6 +115,9 @@ fn store_error(error: StoreError) -> ApiError {
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{error}; retry later"))
         },
         StoreError::UnknownCursor { .. } => ApiError::invalid("invalid_cursor", "after", error.to_string()),
+        ref full if full.is_disk_full() => {
+            ApiError::insufficient_storage("the server's disk is full: the job database can't be written; retry later")
+        }
         other => ApiError::internal(other),
     }
 }
@@ -95,11 +140,10 @@ fn check_available(shared: &Shared) -> ApiResult<()> {
 
 async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
-    let limits = &shared.config.limits;
+    disk::check(&shared)?;
     // A model that starts from images takes uploads here.
-    let takes_image = shared.pipeline.get().is_some_and(|p| p.takes_image());
-    let limit = if takes_image { limits.max_upload_bytes } else { limits.max_body_bytes };
-    let mut fields = Fields::from_request(request, limit).await?;
+    let takes_image = shared.shape.takes_image;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, takes_image)).await?;
     let image = fields.image_reference("input_reference")?;
     if image.is_some() && !takes_image {
         return Err(unsupported_reference(&shared));
@@ -114,21 +158,61 @@ async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResul
     enqueue_with_source(&shared, &id, Ok(job)).await
 }
 
-/// Keeps the image of an image-to-video job (`input_reference`) at the job's image path, once it decodes;
-/// answers its sha256. Only uploads and `data:` URLs are taken: the server fetches nothing.
+/// What a route reads of a body: uploads only where it takes a file, spooled beside the inputs they become.
+fn body_limits(shared: &Shared, uploads: bool) -> BodyLimits {
+    let limits = &shared.config.limits;
+    BodyLimits {
+        fields_bytes: limits.max_body_bytes,
+        uploads: uploads.then(|| (limits.max_upload_bytes as u64, shared.config.data_dir.join("inputs"))),
+    }
+}
+
+/// An upload that fails its check: refused for what it is (`unsupported_media`, `media_too_large`), or as
+/// unreadable (`code`), in a message that names the field and never the server's path for the file.
+fn media_error(
+    error: kinetoscope_video::VideoError,
+    path: &std::path::Path,
+    param: &str,
+    code: &'static str,
+) -> ApiError {
+    use kinetoscope_video::VideoError;
+    let message = format!("{param}: {}", redact_path(&error.to_string(), path, &format!("`{param}`")));
+    match error {
+        VideoError::UnsupportedMedia { .. } => ApiError::invalid("unsupported_media", param, message),
+        VideoError::TooLarge { .. } => ApiError::invalid("media_too_large", param, message),
+        VideoError::Io { source, .. } if crate::error::is_disk_full(&source) => {
+            ApiError::insufficient_storage(format!("the server's disk is full: cannot keep {param}; retry later"))
+        }
+        _ => ApiError::invalid(code, param, message),
+    }
+}
+
+/// `text` with every mention of the server's `path` replaced by `name`.
+fn redact_path(text: &str, path: &std::path::Path, name: &str) -> String {
+    text.replace(&path.display().to_string(), name)
+}
+
+/// Keeps the image of an image-to-video job (`input_reference`) at the job's image path, once its header and
+/// pixels check out; answers its sha256. Only uploads and `data:` URLs are taken: the server fetches nothing.
 async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -> ApiResult<String> {
     let invalid =
         |reason: String| ApiError::invalid("invalid_image", "input_reference", format!("input_reference: {reason}"));
     let unsupported = |reason: &str| {
         ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
     };
-    let bytes = match reference {
-        ImageReference::Upload(bytes) => bytes,
+    let upload = match reference {
+        ImageReference::Upload(upload) => upload,
         ImageReference::Url(url) => match url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")) {
-            Some((_, data)) => base64::engine::general_purpose::STANDARD
-                .decode(data.trim())
-                .map(Bytes::from)
-                .map_err(|e| invalid(format!("the data: URL is not valid base64: {e}")))?,
+            Some((_, data)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data.trim())
+                    .map_err(|e| invalid(format!("the data: URL is not valid base64: {e}")))?;
+                let dir = shared.config.data_dir.join("inputs");
+                tokio::task::spawn_blocking(move || Upload::from_bytes(&bytes, &dir))
+                    .await
+                    .map_err(ApiError::internal)?
+                    .map_err(|e| storage_error(e, "store the image"))?
+            }
             None => {
                 return Err(unsupported(
                     "only a base64 data: URL (data:image/png;base64,...) or an upload: this server fetches no URL",
@@ -139,28 +223,23 @@ async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -
             return Err(unsupported("file_id needs a Files API, which this server has not: upload the image instead"))
         }
     };
-    let target = worker::image_path(shared, id);
-    tokio::task::spawn_blocking(move || -> Result<String, String> {
-        let dir = target.parent().expect("inputs/<id>.image has a parent");
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("cannot store the image: {e}"))?;
-        std::io::Write::write_all(&mut file, &bytes).map_err(|e| format!("cannot store the image: {e}"))?;
-        kinetoscope_video::read_image(file.path()).map_err(|e| match e {
-            kinetoscope_video::VideoError::ImageRead { source, .. } => {
-                format!("not a readable image ({source}); expected a PNG, JPEG or WebP file")
-            }
-            other => other.to_string(),
-        })?;
-        file.persist(&target).map_err(|e| format!("cannot store the image: {e}"))?;
-        Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    let (target, limits) = (worker::image_path(shared, id), shared.config.limits.decode());
+    let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        let path = upload.file.path().to_path_buf();
+        kinetoscope_video::read_image_with_limits(&path, &limits)
+            .map_err(|e| media_error(e, &path, "input_reference", "invalid_image"))?;
+        upload.file.persist(&target).map_err(|e| storage_error(e.error, "store the image"))?;
+        Ok(upload.sha256)
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(invalid)
 }
 
-async fn remix(State(shared): State<Arc<Shared>>, Path(id): Path<String>, request: Request) -> ApiResult {
+async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request: Request) -> ApiResult {
     check_available(&shared)?;
-    let mut fields = Fields::from_request(request, shared.config.limits.max_body_bytes).await?;
+    disk::check(&shared)?;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, false)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let webhook_url = webhook_url(&shared, &mut fields)?;
     fields.finish()?;
@@ -179,7 +258,11 @@ async fn remix(State(shared): State<Arc<Shared>>, Path(id): Path<String>, reques
     // A remix of an edit edits the same source again.
     let edit = job.settings.edit.as_ref().expect("an edit");
     let (from, to) = (worker::source_path(&shared, &source.id, edit), worker::source_path(&shared, &job.id, edit));
-    if tokio::fs::copy(&from, &to).await.is_err() {
+    if let Err(e) = tokio::fs::copy(&from, &to).await {
+        let _ = tokio::fs::remove_file(&to).await;
+        if crate::error::is_disk_full(&e) {
+            return Err(storage_error(e, "copy the source"));
+        }
         let message = format!("the source video of {} is no longer kept", source.id);
         return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
     }
@@ -213,39 +296,43 @@ fn loaded(shared: &Shared) -> ApiResult<Arc<kinetoscope::Pipeline>> {
 /// Keeps the source a request names as the new job's input (`inputs/<id>.mp4`): a copy of a completed
 /// video's MP4, or the upload. Returns what it is; on any error nothing is left behind.
 async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) -> ApiResult<SourceVideo> {
-    let target = worker::input_path(shared, id);
-    let bytes = match reference {
-        VideoReference::Upload(bytes) => bytes,
+    let upload = match reference {
+        VideoReference::Upload(upload) => upload,
         VideoReference::Id(source) => {
             let job = lookup(shared, &source).await.map_err(|e| ApiError { param: Some("video".into()), ..e })?;
             if job.status != Status::Completed {
                 let message = format!("video {source} is {:?}; only a completed video can be edited", job.status);
                 return Err(ApiError::invalid("video_not_ready", "video", message));
             }
-            let path = worker::video_path(shared, &job.id);
-            tokio::fs::read(&path).await.map(Bytes::from).map_err(|_| {
-                ApiError::new(
-                    StatusCode::GONE,
-                    "video_expired",
-                    format!("video {source} has expired and its files are deleted"),
-                )
-            })?
+            let (path, dir) = (worker::video_path(shared, &job.id), shared.config.data_dir.join("inputs"));
+            let copied = tokio::task::spawn_blocking(move || Upload::copy_of(&path, &dir)).await;
+            match copied.map_err(ApiError::internal)? {
+                Ok(upload) => upload,
+                Err(e) if crate::error::is_disk_full(&e) => return Err(storage_error(e, "copy the source")),
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::GONE,
+                        "video_expired",
+                        format!("video {source} has expired and its files are deleted"),
+                    ))
+                }
+            }
         }
     };
-    let kept = target.clone();
-    let probed = tokio::task::spawn_blocking(move || -> Result<SourceVideo, String> {
-        let dir = kept.parent().expect("inputs/<id>.mp4 has a parent");
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("cannot store the video: {e}"))?;
-        std::io::Write::write_all(&mut file, &bytes).map_err(|e| format!("cannot store the video: {e}"))?;
-        let info = kinetoscope_video::probe(file.path()).map_err(|e| format!("not a readable video: {e}"))?;
+    let (target, limits) = (worker::input_path(shared, id), shared.config.limits.decode());
+    let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        let path = upload.file.path().to_path_buf();
+        let info = kinetoscope_video::probe_with_limits(&path, &limits)
+            .map_err(|e| media_error(e, &path, "video", "invalid_video"))?;
         let fps = info.fps.round();
         if !(1.0..=240.0).contains(&fps) || info.frames == 0 {
-            return Err(format!("a video of {} frames at {} fps can't be edited", info.frames, info.fps));
+            let reason = format!("video: a video of {} frames at {} fps can't be edited", info.frames, info.fps);
+            return Err(ApiError::invalid("invalid_video", "video", reason));
         }
-        file.persist(&kept).map_err(|e| format!("cannot store the video: {e}"))?;
-        let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        upload.file.persist(&target).map_err(|e| storage_error(e.error, "store the video"))?;
         Ok(SourceVideo {
-            sha256,
+            sha256: upload.sha256,
             frames: info.frames,
             width: info.width as usize,
             height: info.height as usize,
@@ -253,8 +340,7 @@ async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) 
         })
     })
     .await
-    .map_err(ApiError::internal)?;
-    probed.map_err(|reason| ApiError::invalid("invalid_video", "video", format!("video: {reason}")))
+    .map_err(ApiError::internal)?
 }
 
 /// A `redo` range of `source` as `kinetoscope generate --redo` takes it ([`TimeRange`]), as frames inside it.
@@ -279,8 +365,9 @@ fn seconds_of(frames: usize, fps: u32) -> String {
 /// as a whole (`strength`, video-to-video) or only a time range (`redo`).
 async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
+    disk::check(&shared)?;
     let pipeline = loaded(&shared)?;
-    let mut fields = Fields::from_request(request, shared.config.limits.max_upload_bytes).await?;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
     let (redo, strength) = (fields.text("redo")?, fields.number("strength")?);
@@ -319,8 +406,9 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
 /// to it; the result's `seconds` is the whole.
 async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
+    disk::check(&shared)?;
     let pipeline = loaded(&shared)?;
-    let mut fields = Fields::from_request(request, shared.config.limits.max_upload_bytes).await?;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
     let seconds_text = fields.text_or_number("seconds")?.ok_or_else(|| {
@@ -405,6 +493,10 @@ fn request_defaults(shared: &Shared) -> GenerateRequest {
 
 fn check_size(shared: &Shared, request: &GenerateRequest) -> ApiResult<()> {
     let limits = &shared.config.limits;
+    if request.width == 0 || request.height == 0 {
+        let (w, h) = (request.width, request.height);
+        return Err(ApiError::invalid("invalid_size", "size", format!("size {w}x{h}: both sides must be positive")));
+    }
     if request.width > limits.max_width || request.height > limits.max_height {
         let (w, h, mw, mh) = (request.width, request.height, limits.max_width, limits.max_height);
         return Err(ApiError::invalid("invalid_size", "size", format!("size {w}x{h} exceeds the limit {mw}x{mh}")));
@@ -468,6 +560,14 @@ fn check_length(shared: &Shared, name: &str, text: &str) -> ApiResult<()> {
 
 fn webhook_url(shared: &Shared, fields: &mut Fields) -> ApiResult<Option<String>> {
     let Some(url) = fields.text("webhook_url")? else { return Ok(None) };
+    let limit = shared.config.limits.max_webhook_url_bytes;
+    if url.len() > limit {
+        return Err(ApiError::invalid(
+            "invalid_webhook_url",
+            "webhook_url",
+            format!("webhook_url is {} bytes long; the limit is {limit}", url.len()),
+        ));
+    }
     shared
         .webhooks
         .check_target(&url)
@@ -506,8 +606,8 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
     }
     check_size(shared, &request)?;
     if let Some(fps) = fields.integer("fps")? {
-        if !(1..=120).contains(&fps) {
-            return Err(ApiError::invalid("invalid_fps", "fps", format!("fps {fps} is outside 1..=120")));
+        if !(1..=MAX_FPS).contains(&fps) {
+            return Err(ApiError::invalid("invalid_fps", "fps", format!("fps {fps} is outside 1..={MAX_FPS}")));
         }
         request.fps = fps as u32;
     }
@@ -520,24 +620,29 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
                 format!("seconds {seconds_text:?}: expected a positive number"),
             )
         })?;
-    request.num_frames = frames_for(seconds, request.fps, frame_multiple(shared));
-    if request.num_frames > limits.max_frames {
-        let most = (limits.max_frames - 1) as f64 / request.fps as f64;
-        return Err(ApiError::invalid(
-            "invalid_seconds",
-            "seconds",
-            format!(
-                "{seconds} s at {} fps is {} frames; the limit is {} frames ({most:.1} s)",
-                request.fps, request.num_frames, limits.max_frames
-            ),
-        ));
-    }
+    request.num_frames = frames_for(seconds, request.fps, shared.shape.frame_multiple)
+        .filter(|frames| *frames <= limits.max_frames)
+        .ok_or_else(|| {
+            let most = (limits.max_frames - 1) as f64 / request.fps as f64;
+            ApiError::invalid(
+                "invalid_seconds",
+                "seconds",
+                format!(
+                    "{seconds_text} s at {} fps is more than the limit of {} frames ({most:.1} s)",
+                    request.fps, limits.max_frames
+                ),
+            )
+        })?;
     sampling_fields(shared, fields, &mut request)?;
     let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
     let webhook_url = webhook_url(shared, fields)?;
     let settings = settings(prompt, &request, seed, preset, None);
+    // What the configs say is checked at once, loaded or not; the rest once the model is there (the
+    // worker checks again before it renders).
+    let request = worker::to_request(&settings);
+    shared.shape.validate(&request).map_err(request_error)?;
     if let Some(pipeline) = shared.pipeline.get() {
-        validate(pipeline, &worker::to_request(&settings))?;
+        validate(pipeline, &request)?;
     }
     Ok(NewJob {
         id: new_id(),
@@ -553,7 +658,7 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
 fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateRequest) -> ApiResult<()> {
     let limits = &shared.config.limits;
     if let Some(steps) = fields.integer("steps")? {
-        request.steps = steps as usize;
+        request.steps = usize::try_from(steps).unwrap_or(usize::MAX);
     }
     if request.steps == 0 || request.steps > limits.max_steps {
         return Err(ApiError::invalid(
@@ -563,6 +668,13 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
         ));
     }
     if let Some(guidance) = fields.number("guidance_scale")? {
+        if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+            return Err(ApiError::invalid(
+                "invalid_guidance_scale",
+                "guidance_scale",
+                format!("guidance_scale {guidance} is outside 0..={MAX_GUIDANCE} (1 turns guidance off; 5 is usual)"),
+            ));
+        }
         request.guidance_scale = guidance;
     }
     if let Some(negative) = fields.text("negative_prompt")? {
@@ -570,6 +682,13 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
         request.negative_prompt = negative;
     }
     if let Some(threshold) = fields.number("step_cache")? {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(ApiError::invalid(
+                "invalid_step_cache",
+                "step_cache",
+                format!("step_cache {threshold} is outside 0..=1 (0.05 is a mild cache)"),
+            ));
+        }
         request.step_cache = Some(threshold);
     }
     Ok(())
@@ -624,28 +743,22 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
 
 fn unsupported_reference(shared: &Shared) -> ApiError {
     let served = &shared.config.model_name;
-    let reason = match shared.pipeline.get() {
-        Some(_) => format!(
-            "the served model {served:?} generates from text only; starting from an image needs an image-to-video \
-             model (Wan 2.2 TI2V-5B)"
-        ),
-        None => "the model is still loading; retry shortly".to_string(),
-    };
+    let reason = format!(
+        "the served model {served:?} generates from text only; starting from an image needs an image-to-video \
+         model (Wan 2.2 TI2V-5B)"
+    );
     ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
 }
 
-/// The model's frame-count step (4 for Wan's VAE); before the model is loaded, Wan's.
-fn frame_multiple(shared: &Shared) -> usize {
-    shared.pipeline.get().map_or(4, |p| p.frame_multiple())
+/// Frames for a duration: the nearest count the model takes (`multiple·k + 1`), at least one step; `None`
+/// past what a `usize` counts (`seconds: "1152921504606846976"` once wrapped around to one frame).
+pub fn frames_for(seconds: f64, fps: u32, multiple: usize) -> Option<usize> {
+    let steps = (seconds * f64::from(fps) / multiple as f64).round().max(1.0);
+    // `as` saturates, so a step count past usize is usize::MAX here and fails the checked product.
+    (steps as usize).checked_mul(multiple)?.checked_add(1)
 }
 
-/// Frames for a duration: the nearest count the model takes (`multiple·k + 1`), at least one step.
-pub fn frames_for(seconds: f64, fps: u32, multiple: usize) -> usize {
-    let steps = (seconds * fps as f64 / multiple as f64).round().max(1.0);
-    steps as usize * multiple + 1
-}
-
-async fn retrieve(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+async fn retrieve(State(shared): State<Arc<Shared>>, VideoId(id): VideoId) -> ApiResult {
     let job = lookup(&shared, &id).await?;
     let mut response = Json(job.to_object()).into_response();
     // What the SDK's `poll` helper waits between requests.
@@ -661,7 +774,7 @@ struct ListQuery {
     order: Option<String>,
 }
 
-async fn list(State(shared): State<Arc<Shared>>, Query(query): Query<ListQuery>) -> ApiResult {
+async fn list(State(shared): State<Arc<Shared>>, ApiQuery(query): ApiQuery<ListQuery>) -> ApiResult {
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::invalid("invalid_limit", "limit", format!("limit {limit} is outside 1..=100")));
@@ -685,13 +798,16 @@ async fn list(State(shared): State<Arc<Shared>>, Query(query): Query<ListQuery>)
     .into_response())
 }
 
-async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
-    let store_shared = shared.clone();
-    let key = id.clone();
-    let job = blocking(move || store_shared.store.delete(&key)).await?.ok_or_else(|| ApiError::not_found(&id))?;
+async fn delete(State(shared): State<Arc<Shared>>, VideoId(id): VideoId) -> ApiResult {
+    let job = lookup(&shared, &id).await?;
     if let Some(stop) = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
         stop.set(Stop::Deleted);
     }
+    // Files first: on a full disk the database can't record the delete until they are gone.
+    worker::remove_files(&shared, &job.id);
+    let (store_shared, key) = (shared.clone(), id.clone());
+    blocking(move || store_shared.store.delete(&key)).await?.ok_or_else(|| ApiError::not_found(&id))?;
+    // A render that finished between the two wrote its files after they were removed.
     worker::remove_files(&shared, &job.id);
     shared.publish(&job.id);
     tracing::info!(id, status = ?job.status, "deleted");
@@ -705,8 +821,8 @@ struct ContentQuery {
 
 async fn content(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Query(query): Query<ContentQuery>,
+    VideoId(id): VideoId,
+    ApiQuery(query): ApiQuery<ContentQuery>,
     request: Request,
 ) -> ApiResult {
     let job = lookup(&shared, &id).await?;
@@ -745,7 +861,7 @@ async fn content(
 
 async fn events(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    VideoId(id): VideoId,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     // Subscribe before reading the current state, so no update falls between the two.
     let updates = shared.events.subscribe();
@@ -783,6 +899,15 @@ async fn events(
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    if let Some(free) = disk::short(&shared) {
+        let body = json!({
+            "status": "low_disk",
+            "error": "the data folder's disk is below --min-free-disk: new videos are refused",
+            "free_bytes": free,
+            "min_free_bytes": shared.config.min_free_disk,
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     if shared.metrics.workers_ready.get() > 0 {
         return Json(json!({"status": "ready", "model": shared.config.model_name})).into_response();
     }
@@ -806,9 +931,11 @@ mod tests {
 
     #[test]
     fn seconds_become_the_nearest_frame_count_the_model_takes() {
-        assert_eq!(frames_for(4.0, 16, 4), 65);
-        assert_eq!(frames_for(5.0, 16, 4), 81);
-        assert_eq!(frames_for(1.0, 8, 4), 9);
-        assert_eq!(frames_for(0.01, 16, 4), 5);
+        assert_eq!(frames_for(4.0, 16, 4), Some(65));
+        assert_eq!(frames_for(5.0, 16, 4), Some(81));
+        assert_eq!(frames_for(1.0, 8, 4), Some(9));
+        assert_eq!(frames_for(0.01, 16, 4), Some(5));
+        assert_eq!(frames_for(1152921504606846976.0, 16, 4), None);
+        assert_eq!(frames_for(f64::MAX, 120, 4), None);
     }
 }

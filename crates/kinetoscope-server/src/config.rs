@@ -42,7 +42,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often clients polling a video are told to come back (`openai-poll-after-ms`).
     pub poll_after: Duration,
+    /// The time each part of a request may take, and how many connections are served at once.
+    pub connections: ConnectionLimits,
     pub webhooks: WebhookConfig,
+    /// Free bytes the data folder's disk must keep: below it new jobs are refused with 507
+    /// `insufficient_storage`, queued jobs wait, and `/readyz` says so, before the disk is full.
+    pub min_free_disk: u64,
 }
 
 /// The most any request may ask for; requests beyond are refused with 400/413/429 and a code.
@@ -59,6 +64,13 @@ pub struct Limits {
     pub max_upload_bytes: usize,
     /// Jobs queued or running at once; beyond it creates are refused with 429.
     pub max_queue: usize,
+    /// Pixels in one frame of an uploaded image or video, read from its header before anything is
+    /// decoded (a 345 KB PNG can hold 11000×11000 pixels).
+    pub max_input_pixels: u64,
+    /// Uploads decoded at once to check them; more wait their turn.
+    pub max_concurrent_decodes: usize,
+    /// Bytes in a `webhook_url`; a longer URL is refused (no receiver takes one).
+    pub max_webhook_url_bytes: usize,
 }
 
 impl Default for Limits {
@@ -72,7 +84,54 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
             max_queue: 64,
+            // 4096×4096: past any size the models make (1280 wide), and 48 MiB as RGB.
+            max_input_pixels: 4096 * 4096,
+            max_concurrent_decodes: 2,
+            // What browsers and most HTTP servers take in a URL.
+            max_webhook_url_bytes: 2048,
         }
+    }
+}
+
+/// How long a client may take over each part of a request, and how many may be connected at once, so
+/// that slow or unfinished requests cannot hold the server (see `transport`).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// A request's headers must arrive within this, counted from the request's first byte (or, on a new
+    /// connection, from connecting); otherwise the connection is closed.
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this, counted from the end of its headers; otherwise it
+    /// is answered 408 `request_timeout` and the connection is closed.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// On shutdown, how long requests in flight may take to finish before every connection is closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    /// Headers are a few hundred bytes, so 10 s is ample on any working link; 60 s lets a 1 MiB JSON
+    /// body through a very slow link and an upload of tens of MiB through an ordinary one (raise it for
+    /// large uploads); 60 s idle keeps a polling client's connection (polls come every second) without
+    /// holding abandoned ones long. 256 connections, each with a video file open, stay under the usual
+    /// limit of 1024 open files; 10 s of drain lets ordinary requests finish.
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// How far an upload may decode, checked when it is accepted and again when it is rendered.
+    pub fn decode(&self) -> kinetoscope_video::DecodeLimits {
+        kinetoscope_video::DecodeLimits { max_pixels: self.max_input_pixels, ..Default::default() }
     }
 }
 
@@ -114,7 +173,9 @@ impl Config {
             job_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),
             poll_after: Duration::from_millis(1000),
+            connections: ConnectionLimits::default(),
             webhooks: WebhookConfig::default(),
+            min_free_disk: 1 << 30,
         }
     }
 }

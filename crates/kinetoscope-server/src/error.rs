@@ -38,6 +38,14 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error; see the server log")
     }
 
+    /// The disk the server keeps jobs on is too full for this request: worth retrying once space is freed.
+    pub fn insufficient_storage(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after_s: Some(60),
+            ..Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", message)
+        }
+    }
+
     /// OpenAI's error `type`, derived from the status as its API does.
     fn kind(&self) -> &'static str {
         match self.status {
@@ -69,6 +77,21 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// An I/O failure while keeping something a request sent: 507 when the disk is full (the client may retry),
+/// else an internal error. The message never names a server path.
+pub fn storage_error(error: std::io::Error, action: &str) -> ApiError {
+    if is_disk_full(&error) {
+        ApiError::insufficient_storage(format!("the server's disk is full: cannot {action}; retry later"))
+    } else {
+        ApiError::internal(format!("cannot {action}: {error}"))
+    }
+}
+
+/// ENOSPC, and EDQUOT (a quota is a full disk to this process).
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 /// The code a failed generation is reported with: the library's own, except that every way the

@@ -7,10 +7,12 @@
 
 pub mod api;
 pub mod config;
+mod disk;
 pub mod error;
 mod fields;
 pub mod metrics;
 pub mod store;
+mod transport;
 pub mod webhooks;
 pub mod worker;
 
@@ -21,7 +23,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use axum::serve::ListenerExt;
 use kinetoscope::Pipeline;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -45,6 +46,10 @@ pub struct Shared {
     pub running: Mutex<HashMap<String, Arc<StopFlag>>>,
     /// The first worker's model, for checking requests against it.
     pub pipeline: OnceLock<Arc<Pipeline>>,
+    /// The model's size, frame and step rules from its configs, for checking requests before it is loaded.
+    pub shape: kinetoscope::ModelShape,
+    /// Permits to decode an upload (bounds the memory that checking uploads can take at once).
+    pub decodes: tokio::sync::Semaphore,
     /// Workers whose model could not be loaded: (error code, message), for `/readyz` and for refusing
     /// work no worker can do.
     pub load_failures: Mutex<Vec<(&'static str, String)>>,
@@ -99,8 +104,9 @@ impl Server {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating the data folder {}", dir.display()))?;
             remove_temporary_files(&dir);
         }
-        // Fail now on a model that isn't there, not in a worker after the port is open.
-        kinetoscope::ModelDir::open(&config.model)?;
+        // Fail now on a model that isn't there, not in a worker after the port is open; its configs say what
+        // requests it takes before its weights are loaded.
+        let shape = kinetoscope::ModelShape::read(&kinetoscope::ModelDir::open(&config.model)?)?;
         let db = config.data_dir.join("jobs.sqlite");
         let store = Store::open(&db).with_context(|| format!("opening the job database {}", db.display()))?;
         let requeued = store.recover(unix_now())?;
@@ -108,6 +114,7 @@ impl Server {
             tracing::info!(requeued, "jobs that were running when the server stopped are queued again");
         }
         let webhooks = Webhooks::new(config.webhooks.clone())?;
+        let decodes = tokio::sync::Semaphore::new(config.limits.max_concurrent_decodes.max(1));
         let shared = Arc::new(Shared {
             config,
             store,
@@ -117,6 +124,8 @@ impl Server {
             wake: Wake::default(),
             running: Mutex::default(),
             pipeline: OnceLock::new(),
+            shape,
+            decodes,
             load_failures: Mutex::default(),
             stopping: AtomicBool::new(false),
         });
@@ -139,8 +148,9 @@ impl Server {
         &self.shared
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then stops: running jobs get the configured
-    /// grace to finish, after which they are stopped and queued again for the next start.
+    /// Serves on `listener` until `shutdown` resolves, then stops: requests in flight get the configured
+    /// drain timeout to finish, after which every connection is closed; then running jobs get the
+    /// configured grace to finish, after which they are stopped and queued again for the next start.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let address = listener.local_addr()?;
         tracing::info!(%address, model = self.shared.config.model_name, "listening");
@@ -150,16 +160,12 @@ impl Server {
             shutdown.await;
             tracing::info!("shutting down");
             shared.stopping.store(true, Ordering::SeqCst);
+            // Event streams end here, so they don't hold the drain.
             let _ = shared.events.send(Update::Shutdown);
             shared.wake.notify();
         };
-        // Without TCP_NODELAY a small download waits on the client's delayed ACK (~40 ms).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {e}");
-            }
-        });
-        axum::serve(listener, api::router(self.shared.clone())).with_graceful_shutdown(stop).await?;
+        let limits = self.shared.config.connections.clone();
+        transport::serve(listener, api::router(self.shared.clone()), limits, stop).await;
         housekeeping.abort();
         self.stop_workers().await;
         Ok(())

@@ -25,6 +25,13 @@ pub enum StoreError {
     QueueFull { limit: usize },
 }
 
+impl StoreError {
+    /// SQLite could not write for want of space (`SQLITE_FULL`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {

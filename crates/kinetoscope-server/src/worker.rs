@@ -8,13 +8,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kinetoscope::{EditKind, GenerateRequest, InputVideo, LoadOptions, ModelDir, Pipeline};
-use kinetoscope_video::Frames;
+use kinetoscope_video::{Frames, VideoError};
 
 use crate::error::job_error_code;
 use crate::metrics::{DeviceLabel, Outcome};
 use crate::store::{Job, Settings};
 use crate::webhooks::EventKind;
 use crate::{unix_now, Shared};
+
+/// How long a worker waits before it looks at a short or full disk again.
+const DISK_RETRY: Duration = Duration::from_secs(5);
 
 /// Why a running job was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +120,21 @@ pub fn run(shared: Arc<Shared>, device: String) {
     let _ = shared.pipeline.set(pipeline.clone());
     shared.metrics.workers_ready.inc();
     tracing::info!(device, "model loaded; taking jobs");
+    let mut disk_was_short = false;
     while !shared.is_stopping() {
+        // Queued jobs wait while the disk is short rather than fail for a condition that will pass.
+        let short = crate::disk::short(&shared);
+        if short.is_some() != disk_was_short {
+            match short {
+                Some(free) => tracing::warn!(free, min = shared.config.min_free_disk, "disk short: jobs wait"),
+                None => tracing::info!("disk space is back: taking jobs"),
+            }
+            disk_was_short = short.is_some();
+        }
+        if short.is_some() {
+            shared.wake.wait(DISK_RETRY);
+            continue;
+        }
         match shared.store.claim_next() {
             Ok(Some(job)) => render(&shared, &pipeline, &device, job),
             Ok(None) => shared.wake.wait(Duration::from_secs(1)),
@@ -207,16 +224,30 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
         Ok(video) => match write_files(shared, &id, &video) {
             Ok(()) => {
                 let expires = now + shared.config.retention.as_secs() as i64;
-                match shared.store.complete(&id, now, expires) {
+                match complete(shared, &id, now, expires) {
                     Ok(true) => Some("completed".to_string()),
                     // Deleted while it was being written: nothing may outlive the job.
-                    _ => {
+                    Ok(false) => {
                         remove_files(shared, &id);
+                        None
+                    }
+                    // Left as it is (running): queued again at the next start, its files rewritten then.
+                    Err(e) => {
+                        tracing::error!(id, "cannot record the completion: {e}");
                         None
                     }
                 }
             }
-            Err(message) => fail(shared, &id, now, "output_write_failed", &message),
+            // A full disk is transient: the job goes back to the queue, and waits there until space is freed.
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!(id, "the disk is full: queued again");
+                if let Err(e) = shared.store.requeue(&id) {
+                    tracing::error!(id, "cannot re-queue: {e}");
+                }
+                shared.wake.wait(DISK_RETRY);
+                None
+            }
+            Err(e) => fail(shared, &id, now, "output_write_failed", &e.to_string()),
         },
         Err(kinetoscope::Error::Cancelled { .. }) if !timed_out => match stop.get() {
             Stop::Shutdown => {
@@ -254,25 +285,51 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     shared.publish(&id);
 }
 
-/// The job's source video (or image, a clip of one frame) as frames.
+/// The job's source video (or image, a clip of one frame) as frames, within the limits it was accepted under.
 fn read_input(shared: &Shared, id: &str, edit: &EditKind) -> kinetoscope::Result<InputVideo> {
     let path = source_path(shared, id, edit);
+    let limits = shared.config.limits.decode();
     let frames = match edit {
-        EditKind::ImageToVideo => kinetoscope_video::read_image(&path).map_err(|e| {
+        EditKind::ImageToVideo => kinetoscope_video::read_image_with_limits(&path, &limits).map_err(|e| {
             kinetoscope::Error::InvalidRequest { field: "input_reference", reason: format!("unreadable image: {e}") }
         }),
-        _ => kinetoscope_video::read_frames(&path).map_err(|e| kinetoscope::Error::InvalidRequest {
-            field: "video",
-            reason: format!("unreadable source video: {e}"),
+        _ => kinetoscope_video::read_frames_with_limits(&path, &limits).map_err(|e| {
+            kinetoscope::Error::InvalidRequest { field: "video", reason: format!("unreadable source video: {e}") }
         }),
     }?;
     InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
 }
 
+/// `message` with the server's paths replaced by what they are: the job's own source, the model's folder,
+/// the data folder.
+pub fn redact(shared: &Shared, id: &str, message: &str) -> String {
+    let config = &shared.config;
+    let mut named = vec![
+        (input_path(shared, id), "the source video".to_string()),
+        (image_path(shared, id), "the image".to_string()),
+        (config.data_dir.clone(), "<data>".to_string()),
+        (std::path::PathBuf::from(&config.model), format!("<model {}>", config.model_name)),
+    ];
+    // The same places as the filesystem spells them, where a library reports a resolved path.
+    let canonical: Vec<_> =
+        named.iter().filter_map(|(path, name)| Some((std::fs::canonicalize(path).ok()?, name.clone()))).collect();
+    named.extend(canonical);
+    named.iter().fold(message.to_string(), |text, (path, name)| {
+        let shown = path.display().to_string();
+        if shown.is_empty() {
+            text
+        } else {
+            text.replace(&shown, name)
+        }
+    })
+}
+
 /// Records a failure; returns the outcome to count, or `None` if the job was deleted meanwhile.
 fn fail(shared: &Shared, id: &str, now: i64, code: &str, message: &str) -> Option<String> {
     tracing::warn!(id, code, "failed: {message}");
-    match shared.store.fail(id, now, code, message) {
+    // Clients see the message: the server's paths are not theirs to know.
+    let message = redact(shared, id, message);
+    match shared.store.fail(id, now, code, &message) {
         Ok(true) => Some(code.to_string()),
         Ok(false) => None,
         Err(e) => {
@@ -282,14 +339,29 @@ fn fail(shared: &Shared, id: &str, now: i64, code: &str, message: &str) -> Optio
     }
 }
 
-fn write_files(shared: &Shared, id: &str, video: &kinetoscope::Video) -> Result<(), String> {
-    let frames =
-        Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width).map_err(|e| e.to_string())?;
+fn write_files(shared: &Shared, id: &str, video: &kinetoscope::Video) -> Result<(), VideoError> {
+    let frames = Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width)?;
     let mp4 = video_path(shared, id);
     let written = kinetoscope_video::write_mp4(&mp4, &frames, video.fps)
         .and_then(|_| kinetoscope_video::write_png(&thumbnail_path(shared, id), &frames, video.num_frames / 2));
-    written.map_err(|e| {
-        remove_files(shared, id);
-        e.to_string()
+    written.inspect_err(|_| {
+        // Only the outputs: the job's source stays for its next attempt.
+        for path in [video_path(shared, id), thumbnail_path(shared, id)] {
+            let _ = std::fs::remove_file(path);
+        }
     })
+}
+
+/// Records a completion, waiting out a full disk (the files are written; only the row is missing) unless
+/// the server stops meanwhile.
+fn complete(shared: &Shared, id: &str, now: i64, expires: i64) -> Result<bool, crate::store::StoreError> {
+    loop {
+        match shared.store.complete(id, now, expires) {
+            Err(e) if e.is_disk_full() && !shared.is_stopping() => {
+                tracing::warn!(id, "the disk is full: cannot record the completion yet");
+                shared.wake.wait(DISK_RETRY);
+            }
+            other => return other,
+        }
+    }
 }
