@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use crate::memory::MemoryLimit;
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +65,8 @@ pub enum Error {
     #[error(
         "out of memory for {stage}: it needs about {} of working memory, over the limit of {}; try a smaller size \
          or fewer frames, or raise the memory limit",
-        MemoryLimit::new(*needed_bytes),
-        MemoryLimit::new(*limit_bytes)
+        show_bytes(*needed_bytes),
+        show_bytes(*limit_bytes)
     )]
     OutOfMemory { stage: &'static str, needed_bytes: u64, limit_bytes: u64 },
 
@@ -107,6 +105,16 @@ fn gpu_memory_hint(stage: &str) -> &'static str {
         "VAE decoding" => "try --vae-tiling on (the decoder in 256-pixel tiles), or a smaller size",
         _ => "try a smaller size or fewer frames, dtype bf16, --text-encoder offload, or a GPU with more memory",
     }
+}
+
+/// A number of bytes in binary units, as messages show sizes (`1.5 GiB`, `512 B`).
+pub(crate) fn show_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1 << 10 {
+        return format!("{bytes} B");
+    }
+    let power = ((63 - bytes.leading_zeros()) / 10).min(UNITS.len() as u32);
+    format!("{:.1} {}", bytes as f64 / (1u64 << (10 * power)) as f64, UNITS[power as usize - 1])
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {

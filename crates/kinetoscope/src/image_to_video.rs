@@ -8,9 +8,11 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use crate::edit::InputVideo;
+use crate::conditioning::Conditioning;
 use crate::error::{Error, Result, StageContext};
-use crate::pipeline::{Condition, GenerateRequest, Pipeline, Progress, Timings, Video};
+use crate::input_video::InputVideo;
+use crate::pipeline::Pipeline;
+use crate::request::{GenerateRequest, Progress, Timings, Video};
 
 /// Generate `base` (prompt, size, frames, seed, ...) starting from `image`: the first frame of a clip in
 /// [`InputVideo`]'s layout (an image is a clip of one frame; later frames are ignored). The image must already
@@ -55,7 +57,7 @@ impl Pipeline {
         self.validate(base)?;
         let image = self.image_latents(request.image, base)?;
         let latents = self.initial_latents(base)?;
-        self.denoise_request(latents, 0, base, Condition::FirstFrame(&image), on_step)
+        self.denoise_request(latents, 0, base, Conditioning::FirstFrame(&image), on_step)
     }
 
     /// The first latent frame an image-to-video generation holds: `image`'s first frame encoded alone, the

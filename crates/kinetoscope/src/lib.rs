@@ -9,32 +9,38 @@
 //! # Ok(()) }
 //! ```
 
+mod conditioning;
+mod denoise;
 mod device;
 mod edit;
 mod error;
 mod image_to_video;
+mod input_video;
 mod memory;
 mod model_dir;
 mod noise;
 mod pipeline;
 mod preset;
 pub mod registry;
+mod request;
 pub mod scheduler;
 mod text;
 
 pub use candle_core::{DType, Device};
 pub use device::{gpu_memory_used, open_device, parse_dtype, peak_gpu_memory, reset_peak_gpu_memory};
 pub use edit::{
-    edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, InputVideo, RedoRequest, TimeRange,
+    edit_steps, first_step, EditKind, EditRequest, ExtendLayout, ExtendRequest, RedoRequest, TimeRange,
     MAX_EXTEND_SECONDS,
 };
 pub use error::{Error, Result};
 pub use image_to_video::ImageRequest;
+pub use input_video::InputVideo;
 pub use kinetoscope_models::wan::vae::Tiling;
-pub use memory::{MemoryLimit, WorkingMemory};
+pub use memory::WorkingMemory;
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
-pub use pipeline::{GenerateRequest, LoadOptions, ModelShape, Pipeline, Progress, Timings, VaeTiling, Video};
+pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
 pub use registry::{models, verify, ModelManifest, VerifyReport};
+pub use request::{GenerateRequest, LoadOptions, MemoryLimit, Progress, Timings, VaeTiling, Video};
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};

@@ -40,15 +40,12 @@
 //! `cargo bench -p kinetoscope --bench memory` measures each stage's peak resident-set growth on the tiny
 //! models against these estimates; its figures are in `benches/RESULTS.md`.
 
-use std::fmt;
-use std::str::FromStr;
-
 use candle_core::Tensor;
 use kinetoscope_models::umt5;
 use kinetoscope_models::wan::{transformer, vae};
 
 use crate::error::{Error, Result, StageContext};
-use crate::pipeline::VaeTiling;
+use crate::request::VaeTiling;
 
 /// Headroom over the counted tensors, for the temporaries each count leaves out.
 const MARGIN: f64 = 1.25;
@@ -61,61 +58,6 @@ const CONV_COPIES: usize = 7;
 /// Score elements per (batch, head) that `layers::attention` materializes at most.
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 const F32: usize = 4;
-
-/// A number of bytes, parsed from `8GiB`, `512MiB`, `1.5GB`, `2000000` (binary units by 1024, decimal
-/// ones by 1000, case-insensitive, a space allowed before the unit) and shown in binary units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryLimit(u64);
-
-impl MemoryLimit {
-    pub fn new(bytes: u64) -> Self {
-        MemoryLimit(bytes)
-    }
-
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
-}
-
-impl FromStr for MemoryLimit {
-    type Err = String;
-
-    fn from_str(text: &str) -> std::result::Result<Self, String> {
-        let expected = "expected a size such as 8GiB, 512MiB, 1.5GB or a number of bytes";
-        let trimmed = text.trim();
-        let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
-        let (number, unit) = trimmed.split_at(split);
-        let number: f64 = number.parse().map_err(|_| format!("{text:?}: {expected}"))?;
-        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            "t" | "tb" => 1_000_000_000_000,
-            "tib" => 1 << 40,
-            _ => return Err(format!("{text:?}: unknown unit {:?}; {expected}", unit.trim())),
-        };
-        let bytes = (number * scale as f64).round();
-        if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
-            return Err(format!("{text:?}: must be at least one byte; {expected}"));
-        }
-        Ok(MemoryLimit(bytes as u64))
-    }
-}
-
-impl fmt::Display for MemoryLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-        if self.0 < 1 << 10 {
-            return write!(f, "{} B", self.0);
-        }
-        let power = ((63 - self.0.leading_zeros()) / 10).min(UNITS.len() as u32);
-        write!(f, "{:.1} {}", self.0 as f64 / (1u64 << (10 * power)) as f64, UNITS[power as usize - 1])
-    }
-}
 
 /// What each stage of a request needs beyond the weights, in bytes, as the memory limit checks it
 /// ([`crate::Pipeline::working_memory`]).
@@ -370,30 +312,6 @@ fn vae_encoding_bytes(cfg: &vae::Config, num_frames: usize, height: usize, width
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(text: &str) -> std::result::Result<u64, String> {
-        text.parse::<MemoryLimit>().map(MemoryLimit::bytes)
-    }
-
-    #[test]
-    fn sizes_parse_in_binary_and_decimal_units() {
-        assert_eq!(parse("8GiB"), Ok(8 << 30));
-        assert_eq!(parse("512 MiB"), Ok(512 << 20));
-        assert_eq!(parse("1.5gb"), Ok(1_500_000_000));
-        assert_eq!(parse("2000000"), Ok(2_000_000));
-        assert_eq!(parse("64k"), Ok(64_000));
-        for bad in ["", "GiB", "8 gigs", "0", "-1GiB", "1..5G"] {
-            let err = parse(bad).expect_err(bad);
-            assert!(err.contains("8GiB"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn sizes_display_in_binary_units() {
-        assert_eq!(MemoryLimit::new(512).to_string(), "512 B");
-        assert_eq!(MemoryLimit::new(1536 << 20).to_string(), "1.5 GiB");
-        assert_eq!(MemoryLimit::new(300 << 20).to_string(), "300.0 MiB");
-    }
 
     fn wan_1_3b() -> Networks {
         let transformer = serde_json::from_str(

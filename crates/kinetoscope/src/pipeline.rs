@@ -2,171 +2,28 @@
 //! classifier-free guidance → VAE decode → frames. The only place that knows the order of the stages.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
-use serde::Serialize;
 
-use crate::edit::Hold;
+use crate::conditioning::Conditioning;
+use crate::denoise::Denoiser;
 use crate::error::{Error, Result, StageContext};
 use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity};
 use crate::noise;
-use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::request::{GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
+use crate::scheduler::SchedulerConfig;
 use crate::text::{TextEncoder, TextEncoderPlacement};
-
-/// Where and in what precision the networks run.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub device: Device,
-    pub dtype: DType,
-    /// Bytes of working memory (beyond the weights) a request's stage may need; a request whose stage
-    /// would need more fails with `Error::OutOfMemory` before the stage starts. `None`: no limit. An offloaded
-    /// text encoder's weights are loaded for each request and count in text encoding's need.
-    pub memory_limit: Option<u64>,
-    /// Where the text encoder lives between requests (default: offloaded from the GPU between them).
-    pub text_encoder: TextEncoderPlacement,
-    /// When the VAE decodes in spatial tiles (default: when decoding whole would not fit).
-    pub vae_tiling: VaeTiling,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            memory_limit: None,
-            text_encoder: TextEncoderPlacement::default(),
-            vae_tiling: VaeTiling::default(),
-        }
-    }
-}
-
-/// When the VAE decodes tile by tile ([`vae::Tiling`]: less memory, and a video that differs from the whole
-/// decode by the blending at the tiles' overlaps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VaeTiling {
-    /// Tiles of diffusers' default size when decoding whole would need more working memory than there is:
-    /// the memory limit if one is set, and on a GPU what is free when decoding starts. The sidecar records
-    /// whether it tiled.
-    #[default]
-    Auto,
-    /// Always whole (diffusers' default).
-    Off,
-    /// Always these tiles (where the frame is larger than one).
-    On(vae::Tiling),
-}
-
-impl std::str::FromStr for VaeTiling {
-    type Err = String;
-
-    fn from_str(text: &str) -> std::result::Result<Self, String> {
-        match text {
-            "auto" => Ok(VaeTiling::Auto),
-            "off" => Ok(VaeTiling::Off),
-            "on" => Ok(VaeTiling::On(vae::Tiling::default())),
-            _ => Err(format!("{text:?}: expected auto, off or on")),
-        }
-    }
-}
-
-/// What to generate. `Default` gives Wan 2.1's pipeline defaults (832×480, 81 frames, 50 steps,
-/// guidance 5, 16 fps, 512 text tokens).
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerateRequest {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub steps: usize,
-    /// Classifier-free guidance scale; guidance runs (and the negative prompt is used) when above 1.
-    pub guidance_scale: f64,
-    /// Shift of the flow sigmas; `None` keeps the scheduler config's.
-    pub shift: Option<f64>,
-    /// Sampler; `None` keeps the model folder's.
-    pub scheduler: Option<SchedulerKind>,
-    /// Seed of the initial noise, when `latents` doesn't supply it.
-    pub seed: u64,
-    /// Initial noise from a safetensors file (tensor `latents`), instead of the seed's.
-    pub latents: Option<PathBuf>,
-    pub max_sequence_length: usize,
-    pub fps: u32,
-    /// Step caching: the largest relative L1 change of the first transformer block's residual, since the
-    /// last step computed in full, at which a step reuses what the other blocks added at that step instead
-    /// of running them (see `StepCache`). `None` computes every step; 0 too, while paying for the check.
-    /// Diffusers' first-block cache defaults to 0.05; larger is faster and less faithful.
-    pub step_cache: Option<f64>,
-}
-
-impl Default for GenerateRequest {
-    fn default() -> Self {
-        GenerateRequest {
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            height: 480,
-            width: 832,
-            num_frames: 81,
-            steps: 50,
-            guidance_scale: 5.0,
-            shift: None,
-            scheduler: None,
-            seed: 0,
-            latents: None,
-            max_sequence_length: 512,
-            fps: 16,
-            step_cache: None,
-        }
-    }
-}
-
-/// Seconds spent in each stage of one generation.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Timings {
-    pub text_encoding_s: f64,
-    pub denoising_s: f64,
-    /// Mean seconds per denoising step (guidance's two passes included).
-    pub step_s: f64,
-    pub vae_decode_s: f64,
-    /// Denoising steps that reused the step cache instead of running every transformer block.
-    pub cached_steps: usize,
-    /// The tiles the VAE decoded in, `None` if it decoded whole.
-    pub vae_tiling: Option<vae::Tiling>,
-    /// The most GPU memory the pipeline's tensors held at once during the generation, weights included
-    /// (`None` on the CPU, or where the driver can't say).
-    pub peak_gpu_memory_bytes: Option<u64>,
-}
-
-/// Reported after every denoising step; returning `ControlFlow::Break` cancels the generation.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    pub step: usize,
-    pub steps: usize,
-    /// Whether this step reused the step cache instead of running every transformer block.
-    pub cached: bool,
-}
-
-/// A generated clip: RGB frames in [0, 1], `[num_frames, height, width, 3]` row-major.
-#[derive(Debug, Clone)]
-pub struct Video {
-    pub frames: Vec<f32>,
-    pub num_frames: usize,
-    pub height: usize,
-    pub width: usize,
-    pub fps: u32,
-    pub timings: Timings,
-}
 
 pub struct Pipeline {
     identity: ModelIdentity,
     device: Device,
     dtype: DType,
     text_encoder: TextEncoder,
-    transformer: WanTransformer3DModel,
-    transformer_config: transformer::Config,
+    denoiser: Denoiser,
     vae: AutoencoderKLWan,
     vae_config: vae::Config,
     scheduler_config: SchedulerConfig,
@@ -285,13 +142,13 @@ impl Pipeline {
             text_weight_bytes,
         );
         let shape = ModelShape::of(&transformer_config, &vae_config, &scheduler_config, index.expand_timesteps);
+        let denoiser = Denoiser::new(transformer, &transformer_config, dtype, device.clone());
         Ok(Pipeline {
             identity,
             device,
             dtype,
             text_encoder,
-            transformer,
-            transformer_config,
+            denoiser,
             vae,
             vae_config,
             scheduler_config,
@@ -396,7 +253,7 @@ impl Pipeline {
     ) -> Result<Video> {
         self.validate(request)?;
         let latents = self.initial_latents(request)?;
-        self.generate_from(latents, 0, request, Condition::Text, on_step)
+        self.generate_from(latents, 0, request, Conditioning::Text, on_step)
     }
 
     /// Runs the request's schedule from step `first_step` (0-based) on `latents`, already at that step's noise
@@ -407,7 +264,7 @@ impl Pipeline {
         latents: Tensor,
         first_step: usize,
         request: &GenerateRequest,
-        condition: Condition,
+        condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Video> {
         let (latents, timings) = self.denoise_request(latents, first_step, request, condition, on_step)?;
@@ -421,7 +278,7 @@ impl Pipeline {
         latents: Tensor,
         first_step: usize,
         request: &GenerateRequest,
-        condition: Condition,
+        condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Tensor, Timings)> {
         let mut timings = Timings::default();
@@ -492,74 +349,21 @@ impl Pipeline {
         first_step: usize,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
-        self.denoise_held(latents, text, request, first_step, Condition::Text, on_step)
+        self.denoise_held(latents, text, request, first_step, Conditioning::Text, on_step)
     }
 
-    /// [`Pipeline::denoise_from`] under `condition`: held frames are put back after every step at the noise
-    /// level the step reached; an image's first latent frame before every prediction, at timestep 0.
+    /// [`Pipeline::denoise_from`] under `condition`, on the request's schedule.
     fn denoise_held(
         &self,
-        mut latents: Tensor,
+        latents: Tensor,
         text: &Tensor,
         request: &GenerateRequest,
         first_step: usize,
-        condition: Condition,
+        condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
-        const STAGE: &str = "denoising";
         let mut scheduler = self.scheduler_config.build(request.scheduler, request.steps, request.shift);
-        scheduler.set_begin_index(first_step);
-        let text = self.transformer.embed_text(text).stage(STAGE)?;
-        let batch = text.dim(0).stage(STAGE)?;
-        let guidance = batch == 2;
-        let timesteps = scheduler.timesteps()[first_step.min(request.steps)..].to_vec();
-        let sigmas = scheduler.sigmas()[first_step.min(request.steps)..].to_vec();
-        let mut cache = request.step_cache.map(StepCache::new);
-        for (i, &t) in timesteps.iter().enumerate() {
-            if let Condition::FirstFrame(image) = condition {
-                latents = with_first_frame(&latents, image).stage(STAGE)?;
-            }
-            let input = latents.to_dtype(self.dtype).stage(STAGE)?;
-            let input = if guidance { Tensor::cat(&[&input, &input], 0).stage(STAGE)? } else { input };
-            let timestep = match condition {
-                Condition::FirstFrame(_) => self.first_frame_timesteps(&latents, t, batch).stage(STAGE)?,
-                _ => Tensor::full(t, batch, &self.device).stage(STAGE)?,
-            };
-            let (velocity, cached) = match &mut cache {
-                Some(cache) => cache.forward(&self.transformer, &input, &timestep, &text, i, timesteps.len()),
-                None => self.transformer.forward_embedded(&input, &timestep, &text).map(|v| (v, false)),
-            }
-            .stage(STAGE)?;
-            let velocity = velocity.to_dtype(DType::F32).stage(STAGE)?;
-            let velocity = if guidance {
-                let (cond, uncond) = (velocity.i(0..1).stage(STAGE)?, velocity.i(1..2).stage(STAGE)?);
-                (&uncond + ((cond - &uncond).stage(STAGE)? * request.guidance_scale).stage(STAGE)?).stage(STAGE)?
-            } else {
-                velocity
-            };
-            latents = scheduler.step(&velocity, &latents).stage(STAGE)?;
-            if let Condition::Hold(hold) = condition {
-                latents = hold.apply(&latents, sigmas[i + 1]).stage(STAGE)?;
-            }
-            if on_step(Progress { step: i + 1, steps: timesteps.len(), cached }).is_break() {
-                return Err(Error::Cancelled { step: i + 1, steps: timesteps.len() });
-            }
-        }
-        match condition {
-            Condition::FirstFrame(image) => with_first_frame(&latents, image).stage(STAGE),
-            _ => Ok(latents),
-        }
-    }
-
-    /// Wan 2.2 TI2V's per-token timesteps `[batch, L]` for `latents` `[1, C, T, h, w]`: 0 for the tokens of the
-    /// first latent frame (the image, already clean), `t` for the others.
-    fn first_frame_timesteps(&self, latents: &Tensor, t: f32, batch: usize) -> candle_core::Result<Tensor> {
-        let (_, _, frames, h, w) = latents.dims5()?;
-        let [_, ph, pw] = self.transformer_config.patch_size;
-        let per_frame = (h / ph) * (w / pw);
-        let image = Tensor::zeros(per_frame, DType::F32, &self.device)?;
-        let rest = Tensor::full(t, (frames - 1) * per_frame, &self.device)?;
-        Tensor::cat(&[image, rest], 0)?.unsqueeze(0)?.repeat((batch, 1))
+        self.denoiser.run(latents, text, scheduler.as_mut(), first_step, request, condition, on_step)
     }
 
     /// The VAE's per-channel latent mean and the reciprocal of its std, `[1, z_dim, 1, 1, 1]` each: diffusers
@@ -620,100 +424,6 @@ impl Pipeline {
         let frames = video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)?;
         Ok((frames, tiling))
     }
-}
-
-/// What holds latents fixed during the loop, besides the prompt.
-#[derive(Clone, Copy)]
-pub(crate) enum Condition<'a> {
-    /// Nothing: text-to-video, video-to-video.
-    Text,
-    /// Latent frames held to a clip's after every step (a time-range redo, an extension).
-    Hold(&'a Hold),
-    /// Wan 2.2 TI2V: the first latent frame is an image's normalized encoding `[1, C, 1, h, w]`, put back before
-    /// every prediction and at the end, with its tokens at timestep 0. diffusers mixes it into the model's input
-    /// only and lets the scheduler carry its own first frame, which no other element depends on (every
-    /// scheduler update is elementwise): putting it into the latents gives the same video.
-    FirstFrame(&'a Tensor),
-}
-
-/// `latents` `[B, C, T, h, w]` with latent frame 0 replaced by `first` `[B, C, 1, h, w]`.
-fn with_first_frame(latents: &Tensor, first: &Tensor) -> candle_core::Result<Tensor> {
-    let frames = latents.dim(2)?;
-    Tensor::cat(&[first, &latents.narrow(2, 1, frames - 1)?], 2)
-}
-
-/// First-block cache, of the TeaCache family (as ParaAttention's and diffusers' `FirstBlockCache`): each step
-/// runs the transformer's first block; when what that block added to the tokens (its residual) changed by
-/// less than `threshold` in relative L1, `Σ|r − r_last| / Σ|r_last|`, from the last step computed in full,
-/// the remaining blocks don't run and what they added at that step is added again. The first block's
-/// residual stands in for how much the whole network's input has moved: it sees the new latents and the new
-/// timestep. Comparing with the last full step, not the previous step, keeps slow drift from going unnoticed
-/// across a run of reused steps.
-///
-/// Which steps may reuse: never the first two nor the last. The first has nothing to compare with; the
-/// second compares with the noisiest prediction, where the trajectory turns fastest and an error would
-/// carry through every later step; the last sets the fine detail the video shows, and nothing after it
-/// could correct a stale residual.
-struct StepCache {
-    threshold: f64,
-    last_full: Option<FullStep>,
-}
-
-/// What the last step computed in full leaves for the steps after it, in the transformer's dtype.
-struct FullStep {
-    /// What the first block added to the tokens.
-    first_residual: Tensor,
-    /// What the remaining blocks added.
-    rest_residual: Tensor,
-}
-
-impl StepCache {
-    fn new(threshold: f64) -> Self {
-        StepCache { threshold, last_full: None }
-    }
-
-    /// Whether step `step` (0-based) of `steps` may reuse the cache.
-    fn may_reuse(step: usize, steps: usize) -> bool {
-        step >= 2 && step + 1 < steps
-    }
-
-    /// The transformer's prediction for step `step` of `steps`, and whether it reused the cache. A step
-    /// computed in full runs exactly the operations of `forward_embedded`, so a cache that never hits
-    /// changes nothing.
-    fn forward(
-        &mut self,
-        transformer: &WanTransformer3DModel,
-        input: &Tensor,
-        timestep: &Tensor,
-        text: &Tensor,
-        step: usize,
-        steps: usize,
-    ) -> candle_core::Result<(Tensor, bool)> {
-        let embedded = transformer.embed(input, timestep, text)?;
-        let first = transformer.run_blocks(embedded.tokens(), 0..1, &embedded)?;
-        let first_residual = (&first - embedded.tokens())?;
-        let change = match &self.last_full {
-            Some(last) if Self::may_reuse(step, steps) => Some(relative_l1(&first_residual, &last.first_residual)?),
-            _ => None,
-        };
-        let reusable = change.is_some_and(|change| change < self.threshold);
-        tracing::debug!(step, ?change, reusable, "step cache");
-        let tokens = match &self.last_full {
-            Some(last) if reusable => (&first + &last.rest_residual)?,
-            _ => {
-                let tokens = transformer.run_blocks(&first, 1..transformer.num_blocks(), &embedded)?;
-                self.last_full = Some(FullStep { rest_residual: (&tokens - &first)?, first_residual });
-                tokens
-            }
-        };
-        Ok((transformer.project_out(&tokens, &embedded)?, reusable))
-    }
-}
-
-/// `Σ|a − b| / Σ|b|`, summed in f32; NaN or infinite when `b` is all zeros, which no threshold passes.
-fn relative_l1(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
-    let sum_abs = |t: &Tensor| t.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>();
-    Ok(f64::from(sum_abs(&(a - b)?)?) / f64::from(sum_abs(b)?))
 }
 
 fn ensure_finite(t: &Tensor, stage: &'static str) -> Result<()> {

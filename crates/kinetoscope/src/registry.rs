@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model_dir::{read_json, ModelDir};
-use crate::pipeline::GenerateRequest;
+use crate::request::GenerateRequest;
 use crate::scheduler::SchedulerConfig;
 
 const MANIFESTS: [&str; 3] = [
