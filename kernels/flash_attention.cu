@@ -140,9 +140,12 @@ __device__ void flash_attention(const __nv_bfloat16* __restrict__ q, const __nv_
             tile_lo = fmaxf(tile_lo, __shfl_xor_sync(0xffffffff, tile_lo, offset));
             tile_hi = fmaxf(tile_hi, __shfl_xor_sync(0xffffffff, tile_hi, offset));
         }
-        // Every tile has at least one valid key, so the new maxima are finite.
+        // A row with no valid key so far (a tile past k_len, or a mask that hides every key) keeps a maximum of
+        // -inf; measuring against 0 instead keeps exp2f(-inf - -inf) from making NaN: its scores and its
+        // rescale factor are then exp2f(-inf) = 0, and the row waits for a tile with a valid key.
         const float new_lo = fmaxf(m_lo, tile_lo), new_hi = fmaxf(m_hi, tile_hi);
-        const float alpha_lo = exp2f(m_lo - new_lo), alpha_hi = exp2f(m_hi - new_hi);
+        const float ref_lo = new_lo == -INFINITY ? 0.f : new_lo, ref_hi = new_hi == -INFINITY ? 0.f : new_hi;
+        const float alpha_lo = exp2f(m_lo - ref_lo), alpha_hi = exp2f(m_hi - ref_hi);
         m_lo = new_lo;
         m_hi = new_hi;
         l_lo *= alpha_lo;
@@ -154,10 +157,10 @@ __device__ void flash_attention(const __nv_bfloat16* __restrict__ q, const __nv_
             o[j][3] *= alpha_hi;
         }
         for (int j = 0; j < BLOCK_N / 8; ++j) {
-            s[j][0] = exp2f(s[j][0] - m_lo);
-            s[j][1] = exp2f(s[j][1] - m_lo);
-            s[j][2] = exp2f(s[j][2] - m_hi);
-            s[j][3] = exp2f(s[j][3] - m_hi);
+            s[j][0] = exp2f(s[j][0] - ref_lo);
+            s[j][1] = exp2f(s[j][1] - ref_lo);
+            s[j][2] = exp2f(s[j][2] - ref_hi);
+            s[j][3] = exp2f(s[j][3] - ref_hi);
             l_lo += s[j][0] + s[j][1];
             l_hi += s[j][2] + s[j][3];
         }

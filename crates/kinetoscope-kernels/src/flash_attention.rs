@@ -32,12 +32,14 @@ pub fn flash_attention_supports(q: &Tensor) -> bool {
 /// one CUDA device (see [`flash_attention_supports`]); the softmax and the products accumulate in f32. Any
 /// strides over batch, heads and rows are taken; the output is contiguous `[batch, heads, q_len, d]`.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (batch, heads, _, d) = q.dims4()?;
+    let (batch, heads, q_len, d) = q.dims4()?;
     let (k_batch, k_heads, k_len, k_d) = k.dims4()?;
-    if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() || k_len == 0 {
+    // An empty q would launch a grid with no blocks, which CUDA refuses.
+    let empty = batch == 0 || heads == 0 || q_len == 0 || k_len == 0;
+    if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() || empty {
         candle_core::bail!(
             "flash attention: q {:?}, k {:?} and v {:?} must share batch, heads and head dim, k and v their shape, \
-             with at least one key",
+             with at least one query and one key",
             q.dims(),
             k.dims(),
             v.dims()

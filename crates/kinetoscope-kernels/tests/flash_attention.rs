@@ -77,3 +77,16 @@ fn bad_inputs_are_refused_by_shape_and_dtype() -> Result<()> {
     assert!(flash_attention(&f32, &f32, &f32, 1.0).is_err());
     Ok(())
 }
+
+/// No query or no key is refused before anything is launched (a grid of no blocks is a CUDA error).
+#[test]
+fn empty_queries_or_keys_are_refused() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let (q, kv) = (random(&[1, 2, 8, 64], &dev)?, random(&[1, 2, 8, 64], &dev)?);
+    let (no_q, no_kv) = (random(&[1, 2, 0, 64], &dev)?, random(&[1, 2, 0, 64], &dev)?);
+    for (q, k) in [(&no_q, &kv), (&q, &no_kv)] {
+        let err = flash_attention(q, k, k, 0.125).unwrap_err().to_string();
+        assert!(err.contains("at least one query and one key"), "{err}");
+    }
+    Ok(())
+}
