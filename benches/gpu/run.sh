@@ -58,8 +58,21 @@ parts=${*:-kernels parity bench}
 for part in $parts; do
     case "$part" in
         kernels)
-            run kernel-tests-flash "$bundle/flash_attention"
-            run kernel-tests-norms "$bundle/norms"
+            run kernel-tests-flash "$bundle/flash_attention" --nocapture
+            run kernel-tests-norms "$bundle/norms" --nocapture
+            run kernel-tests-activations "$bundle/activations" --nocapture
+            # Out-of-bounds and shared-memory races, on the small cases (the sanitizer is ~100× slower), where
+            # the image has it.
+            if command -v compute-sanitizer >/dev/null; then
+                for tool in memcheck racecheck; do
+                    run "sanitizer-$tool-flash" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                        "$bundle/flash_attention" strided_misaligned_and_peaked_inputs empty_queries_or_keys_are_refused
+                    run "sanitizer-$tool-activations" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                        "$bundle/activations" bias_gelu_is_accurate_in_the_negative_tail
+                done
+            else
+                echo "== compute-sanitizer not found: memcheck and racecheck not run" | tee "$out/sanitizer.log" >&2
+            fi
             run kernel-bench "$bundle/kernels" --bench
             ;;
         parity)

@@ -20,6 +20,17 @@ fn random(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
 }
 
+/// The worst row's largest difference, relative to that row's largest reference value: one wrong row (of a
+/// partial tile, say) that the whole tensor's relative error would average away.
+fn worst_row_error(got: &Tensor, want: &Tensor) -> Result<f32> {
+    let d = want.dim(D::Minus1)?;
+    let rows = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous()?.reshape(((), d));
+    let (got, want) = (rows(got)?, rows(want)?);
+    let largest_difference = (got - &want)?.abs()?.max(D::Minus1)?;
+    let largest_value = want.abs()?.max(D::Minus1)?.clamp(1e-6f32, f32::MAX)?;
+    (largest_difference / largest_value)?.max(0)?.to_scalar::<f32>()
+}
+
 #[test]
 fn matches_the_plain_computation() -> Result<()> {
     let dev = Device::new_cuda(0)?;
@@ -36,9 +47,11 @@ fn matches_the_plain_computation() -> Result<()> {
         let (q, k, v) = (random(&[b, h, lq, d], &dev)?, random(&[b, h, lk, d], &dev)?, random(&[b, h, lk, d], &dev)?);
         assert!(flash_attention_supports(&q));
         let scale = 1.0 / (d as f64).sqrt();
-        let err = relative_error(&flash_attention(&q, &k, &v, scale)?, &reference(&q, &k, &v, scale)?)?;
-        println!("{b}x{h}x{lq}x{lk}x{d}: relative error {err:.2e}");
+        let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
+        let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
+        println!("{b}x{h}x{lq}x{lk}x{d}: relative error {err:.2e}, worst row {worst_row:.2e}");
         assert!(err < 1e-2, "{b}x{h}x{lq}x{lk}x{d}: relative error {err}");
+        assert!(worst_row < 3e-2, "{b}x{h}x{lq}x{lk}x{d}: worst row's error {worst_row}");
     }
     Ok(())
 }
@@ -61,6 +74,28 @@ fn strided_misaligned_and_peaked_inputs() -> Result<()> {
     let out = flash_attention(&peaked, &peaked, &peaked, 1.0)?;
     let err = relative_error(&out, &reference(&peaked, &peaked, &peaked, 1.0)?)?;
     assert!(err < 1e-2, "peaked: relative error {err}");
+    Ok(())
+}
+
+/// A peaked softmax over 1000 keys whose maximum is the last key, in the last and partial tile (1000 = 15·64 +
+/// 40): every row's running maximum jumps there, so every rescale of what was accumulated runs. Compared row by
+/// row as well as whole.
+#[test]
+fn a_maximum_in_the_last_partial_tile() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let (b, h, l, d) = (1, 2, 1000, 128);
+    let toward = Tensor::randn(0f32, 1.0, (1, 1, 1, d), &dev)?;
+    let q = (toward.broadcast_as((b, h, l, d))? + Tensor::randn(0f32, 0.1, (b, h, l, d), &dev)?)?;
+    let last_key = (toward.broadcast_as((b, h, 1, d))? * 4.0)?;
+    let k = Tensor::cat(&[Tensor::randn(0f32, 1.0, (b, h, l - 1, d), &dev)?, last_key], 2)?;
+    let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev)?;
+    let [q, k, v] = [q, k, v].map(|t| t.to_dtype(DType::BF16));
+    let (q, k, v) = (q?, k?, v?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
+    let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
+    println!("maximum in the last tile: relative error {err:.2e}, worst row {worst_row:.2e}");
+    assert!(err < 1e-2 && worst_row < 3e-2, "relative error {err}, worst row {worst_row}");
     Ok(())
 }
 
