@@ -163,7 +163,7 @@ fn body_limits(shared: &Shared, uploads: bool) -> BodyLimits {
     let limits = &shared.config.limits;
     BodyLimits {
         fields_bytes: limits.max_body_bytes,
-        uploads: uploads.then(|| (limits.max_upload_bytes as u64, shared.config.data_dir.join("inputs"))),
+        uploads: uploads.then(|| (limits.max_upload_bytes as u64, worker::inputs_dir(shared))),
     }
 }
 
@@ -180,7 +180,7 @@ fn media_error(
     match error {
         VideoError::UnsupportedMedia { .. } => ApiError::invalid("unsupported_media", param, message),
         VideoError::TooLarge { .. } => ApiError::invalid("media_too_large", param, message),
-        VideoError::Io { source, .. } if crate::error::is_disk_full(&source) => {
+        full if full.is_disk_full() => {
             ApiError::insufficient_storage(format!("the server's disk is full: cannot keep {param}; retry later"))
         }
         _ => ApiError::invalid(code, param, message),
@@ -207,7 +207,7 @@ async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(data.trim())
                     .map_err(|e| invalid(format!("the data: URL is not valid base64: {e}")))?;
-                let dir = shared.config.data_dir.join("inputs");
+                let dir = worker::inputs_dir(shared);
                 tokio::task::spawn_blocking(move || Upload::from_bytes(&bytes, &dir))
                     .await
                     .map_err(ApiError::internal)?
@@ -304,7 +304,7 @@ async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) 
                 let message = format!("video {source} is {:?}; only a completed video can be edited", job.status);
                 return Err(ApiError::invalid("video_not_ready", "video", message));
             }
-            let (path, dir) = (worker::video_path(shared, &job.id), shared.config.data_dir.join("inputs"));
+            let (path, dir) = (worker::video_path(shared, &job.id), worker::inputs_dir(shared));
             let copied = tokio::task::spawn_blocking(move || Upload::copy_of(&path, &dir)).await;
             match copied.map_err(ApiError::internal)? {
                 Ok(upload) => upload,

@@ -32,6 +32,13 @@ pub struct BodyLimits {
     pub uploads: Option<(u64, PathBuf)>,
 }
 
+impl BodyLimits {
+    /// The most a whole body may hold: a form with its files, or a JSON body with an image as a `data:` URL.
+    fn whole(&self) -> u64 {
+        self.uploads.as_ref().map_or(self.fields_bytes as u64, |(bytes, _)| *bytes)
+    }
+}
+
 /// A file part of a multipart form, spooled to a temporary file as it arrived.
 pub struct Upload {
     pub file: tempfile::NamedTempFile,
@@ -111,12 +118,12 @@ impl Fields {
             .and_then(|v| v.parse::<u64>().ok());
         match media_type.as_str() {
             "multipart/form-data" => {
-                let limit = limits.uploads.as_ref().map_or(limits.fields_bytes as u64, |(bytes, _)| *bytes);
+                let limit = limits.whole();
                 refuse_declared(declared, limit)?;
                 Self::from_multipart(request, &content_type, limits).await
             }
             "application/json" | "" => {
-                let limit = limits.uploads.as_ref().map_or(limits.fields_bytes as u64, |(bytes, _)| *bytes);
+                let limit = limits.whole();
                 refuse_declared(declared, limit)?;
                 let limit = usize::try_from(limit).unwrap_or(usize::MAX);
                 let bytes =
@@ -150,7 +157,7 @@ impl Fields {
             )
         };
         let boundary = multer::parse_boundary(content_type).map_err(|e| invalid(e.to_string()))?;
-        let whole = limits.uploads.as_ref().map_or(limits.fields_bytes as u64, |(bytes, _)| *bytes);
+        let whole = limits.whole();
         let constraints = multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(whole));
         let stream = request.into_body().into_data_stream();
         let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);

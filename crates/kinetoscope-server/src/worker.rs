@@ -78,14 +78,19 @@ pub fn thumbnail_path(shared: &Shared, id: &str) -> PathBuf {
     shared.config.data_dir.join("videos").join(format!("{id}.png"))
 }
 
+/// Where jobs' sources are kept, and uploads spooled until they are (the same filesystem: keeping is a rename).
+pub fn inputs_dir(shared: &Shared) -> PathBuf {
+    shared.config.data_dir.join("inputs")
+}
+
 /// The source video of an edit, copied or uploaded when the job was accepted.
 pub fn input_path(shared: &Shared, id: &str) -> PathBuf {
-    shared.config.data_dir.join("inputs").join(format!("{id}.mp4"))
+    inputs_dir(shared).join(format!("{id}.mp4"))
 }
 
 /// The image an image-to-video job starts from, as uploaded (PNG, JPEG or WebP, told by its bytes).
 pub fn image_path(shared: &Shared, id: &str) -> PathBuf {
-    shared.config.data_dir.join("inputs").join(format!("{id}.image"))
+    inputs_dir(shared).join(format!("{id}.image"))
 }
 
 /// Where the source of a job with `edit` is kept.
