@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let latent_frames = (FRAMES - 1) / 4 + 1;
     let latents = Tensor::randn(0f32, 1.0, (1, v_cfg.z_dim, latent_frames, HEIGHT / 8, WIDTH / 8), &dev)?;
-    let text = model.embed_text(&Tensor::randn(0f32, 1.0, (1, 512, t_cfg.text_dim), &dev)?)?;
+    let text = model.embed_context(&Tensor::randn(0f32, 1.0, (1, 512, t_cfg.text_dim), &dev)?, None)?;
     let timestep = Tensor::new(&[500f32], &dev)?;
     let tokens = latent_frames * HEIGHT / 16 * WIDTH / 16;
 

@@ -14,4 +14,4 @@ fi
 cargo build --locked -p kinetoscope-cli
 binary="${CARGO_TARGET_DIR:-target}/debug/kinetoscope"
 "$venv/bin/python" crates/kinetoscope-server/tests/sdk/test_openai_sdk.py --binary "$binary" --model models/tiny/wan21-tiny-a \
-    --ti2v-model models/tiny/wan22-ti2v-tiny-a
+    --ti2v-model models/tiny/wan22-ti2v-tiny-a --i2v-model models/tiny/wan22-i2v-a14b-tiny

@@ -305,6 +305,20 @@ def ids_of(pipe, text, max_len):
     return out.input_ids[0, :n].to(torch.int64)
 
 
+def pipeline_kwargs(run, msl):
+    """The prompt and settings of a reference run, as a Wan pipeline's call takes them."""
+    return dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        height=run["height"],
+        width=run["width"],
+        num_frames=run["num_frames"],
+        num_inference_steps=run["num_inference_steps"],
+        guidance_scale=run["guidance_scale"],
+        max_sequence_length=msl,
+    )
+
+
 def save(path, tensors):
     """Floats as f32, ids as i64; refuses NaN/inf so a broken reference never gets committed."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -428,16 +442,7 @@ def references(name, cfg, pipe):
 
     # full pipeline
     noise = torch.randn(latent_shape, generator=gen)
-    common = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE_PROMPT,
-        height=run["height"],
-        width=run["width"],
-        num_frames=run["num_frames"],
-        num_inference_steps=run["num_inference_steps"],
-        guidance_scale=run["guidance_scale"],
-        max_sequence_length=msl,
-    )
+    common = pipeline_kwargs(run, msl)
     frames = pipe(**common, latents=noise.clone(), output_type="np").frames[0]
     final_latents = pipe(**common, latents=noise.clone(), output_type="latent").frames
     frames = torch.from_numpy(np.ascontiguousarray(frames))

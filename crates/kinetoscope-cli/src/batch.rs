@@ -33,8 +33,9 @@ pub struct Args {
     /// JSON Lines: one object per line with an `id` ([A-Za-z0-9._-], naming the outputs) and the fields of
     /// a request (prompt, negative_prompt, height, width, num_frames, steps, guidance_scale, shift,
     /// scheduler, seed, max_sequence_length, fps, step_cache; defaults the model's, as `generate`'s),
-    /// optionally a `preset` (draft, balanced, quality) that the line's fields override, and an `image` to
-    /// start from as `generate --image` (a path relative to the manifest's folder). `#` lines are comments.
+    /// optionally a `preset` (draft, balanced, quality) that the line's fields override, an `image` to start
+    /// from as `generate --image` and a `last_image` to end on as `--last-image` (paths relative to the
+    /// manifest's folder), and `guidance_scale_2` as `--guidance-2`. `#` lines are comments.
     manifest: PathBuf,
     /// Folder for `<id>.mp4`, `<id>.json` and `results-<I>-of-<N>.jsonl` (created if missing).
     #[arg(long)]
@@ -100,7 +101,8 @@ pub fn run(args: Args) -> Result<()> {
     for item in to_render {
         let started = Instant::now();
         let status = results.status();
-        let rendered = match item.image.as_deref().map(Edit::read_image).transpose() {
+        let image = item.image.as_deref().map(|image| Edit::read_image(image, item.last_image.as_deref()));
+        let rendered = match image.transpose() {
             Ok(image) => render(&setup, item, image, &mp4_path(&args.out, item), args.candidates, &bar, &status)
                 .map_err(|e| (failure_code(&e), e)),
             // Changed or unreadable since the check.
@@ -177,7 +179,8 @@ fn leftover_of(name: &str) -> Option<&str> {
 }
 
 /// What keeps `item` from rendering with this model, if anything: the pipeline's checks of its request, room
-/// for its candidates' seeds, and an image only for a model that takes one.
+/// for its candidates' seeds, an image only for a model that takes one and always for one that needs one, and
+/// a last image only for a model that can end on one.
 fn check(item: &Item, model: &Model, pipeline: &Pipeline, candidates: Candidates) -> Option<LineError> {
     let on = |field: &str, reason: String| Some(LineError { line: item.line, field: Some(field.into()), reason });
     if let Err(e) = pipeline.validate(&item.request) {
@@ -186,9 +189,18 @@ fn check(item: &Item, model: &Model, pipeline: &Pipeline, candidates: Candidates
     if let Err(e) = candidates.seeds(item.request.seed) {
         return on("seed", e.to_string());
     }
-    if item.image.is_some() && !pipeline.takes_image() {
-        let reason = "generates from text only; an image needs a model that starts from one (Wan 2.2 TI2V)";
+    let shape = pipeline.shape();
+    if item.image.is_some() && !shape.takes_image {
+        let reason = "generates from text only; an image needs a model that starts from one (Wan 2.2 TI2V, Wan 2.1 \
+                      I2V or FLF2V, Wan 2.2 I2V-A14B)";
         return on("image", format!("{} {reason}", model.name()));
+    }
+    if item.image.is_none() && shape.needs_image {
+        return on("image", format!("missing: {} generates video from an image (image-to-video)", model.name()));
+    }
+    if item.last_image.is_some() && !shape.takes_last_image {
+        let reason = "can't end on a given frame; a last_image needs Wan 2.1 FLF2V or Wan 2.2 I2V-A14B";
+        return on("last_image", format!("{} {reason}", model.name()));
     }
     None
 }
@@ -223,7 +235,7 @@ fn render(
 }
 
 /// Whether `mp4` and its sidecar are a finished rendering of `item` with these candidates: the kept one
-/// is any of the candidates' seeds, and its image (if any) had the same content as the item's now.
+/// is any of the candidates' seeds, and its images (if any) had the same content as the item's now.
 fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
     let request = &item.request;
     let Some(sidecar) = std::fs::read_to_string(output::sidecar_path(mp4))
@@ -236,7 +248,13 @@ fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
         Some(path) => edit::file_sha256(path).is_ok_and(|sha256| sidecar["edit"]["source_sha256"] == sha256),
         None => sidecar.get("edit").is_none(),
     };
-    if !same_image {
+    let same_last_image = match &item.last_image {
+        Some(path) => {
+            edit::file_sha256(path).is_ok_and(|sha256| sidecar["edit"]["last_image"]["source_sha256"] == sha256)
+        }
+        None => sidecar["edit"].get("last_image").is_none(),
+    };
+    if !(same_image && same_last_image) {
         return false;
     }
     let Some(kept) = sidecar["request"]["seed"]

@@ -1,18 +1,20 @@
 //! `generate --input-video`: video-to-video (`--strength`) or regenerating a time range (`--redo`); `generate
-//! --extend-from`: extending a clip (`--seconds`); `generate --image`: image-to-video. Reads the source clip or
-//! image, fits it to a size and frame count the model takes, runs the library's edit, and says what the sidecar
-//! records of it (the source's hash, the edit).
+//! --extend-from`: extending a clip (`--seconds`); `generate --image` (and `--last-image`): image-to-video. Reads
+//! the source clip or image(s), fits it to a size and frame count the model takes, runs the library's edit, and
+//! says what the sidecar records of it (the source's hash, the edit).
 
 use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use kinetoscope::{
     EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, Pipeline, Progress, TimeRange, Video,
     MAX_EXTEND_SECONDS,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use crate::generate::Model;
 
 /// The flags of an edit.
 #[derive(clap::Args)]
@@ -43,11 +45,16 @@ pub struct EditArgs {
     /// How long a part --extend-from adds, in (0, 10] seconds; rounded up to a multiple of 4 frames.
     #[arg(long, requires = "extend_from", value_parser = parse_seconds)]
     seconds: Option<f64>,
-    /// Start the video from this image (PNG, JPEG or WebP), held as its first frame (models that take an image:
-    /// Wan 2.2 TI2V). The image is center-cropped to the aspect ratio of --width x --height and resized to that
-    /// size (bilinear, averaging when shrinking); the video has --frames frames.
+    /// Start the video from this image (PNG, JPEG or WebP) as its first frame: with Wan 2.2 TI2V (optional), and
+    /// with the image-to-video models, which need it (Wan 2.1 I2V and FLF2V, Wan 2.2 I2V-A14B). The image is
+    /// center-cropped to the aspect ratio of --width x --height and resized to that size (bilinear, averaging
+    /// when shrinking); the video has --frames frames.
     #[arg(long, value_name = "IMAGE", conflicts_with_all = ["input_video", "extend_from"])]
     image: Option<PathBuf>,
+    /// End the video on this image (first-and-last-frame generation: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B); read,
+    /// cropped and resized as --image, on its own.
+    #[arg(long, value_name = "IMAGE", requires = "image")]
+    last_image: Option<PathBuf>,
 }
 
 /// What to do with the source.
@@ -55,7 +62,36 @@ enum Mode {
     VideoToVideo { strength: f64 },
     Redo { range: TimeRange, frames: Range<usize> },
     Extend { seconds: Option<f64>, fps: u32, extension: Option<Extension> },
-    ImageToVideo,
+    ImageToVideo { last: Option<LastImage> },
+}
+
+/// The image a first-and-last-frame generation ends on.
+struct LastImage {
+    /// Its pixels as read, then as [`Edit::fit`] fits them (and puts them after the first image's in the edit's
+    /// input).
+    input: InputVideo,
+    source: PathBuf,
+    sha256: String,
+    /// Width and height as read.
+    source_shape: (usize, usize),
+}
+
+/// An image as read from its file, not yet fitted to a request.
+struct ImageFile {
+    input: InputVideo,
+    sha256: String,
+}
+
+impl ImageFile {
+    /// Reads and hashes the image at `path` (`--image`, `--last-image`, a batch item's `image` and `last_image`).
+    fn read(path: &Path) -> Result<Self> {
+        let cannot_read = || format!("cannot read the image {}", path.display());
+        let sha256 = file_sha256(path).with_context(cannot_read)?;
+        // A refusal for what the file holds names no path (a server shows it to clients); the context does.
+        let image = kinetoscope_video::read_image(path).with_context(cannot_read)?;
+        let input = InputVideo::from_rgb8(image.as_bytes(), 1, image.height(), image.width())?;
+        Ok(ImageFile { input, sha256 })
+    }
 }
 
 /// An extension's length and where its frames come from: known once [`Edit::fit`] has run.
@@ -65,7 +101,8 @@ struct Extension {
     layout: ExtendLayout,
 }
 
-/// The source of an edit: as read, then [`Edit::fit`] to the request.
+/// The source of an edit: as read, then [`Edit::fit`] to the request (for a first and a last image, both
+/// images as its two frames).
 pub struct Edit {
     pub input: InputVideo,
     mode: Mode,
@@ -76,11 +113,32 @@ pub struct Edit {
 }
 
 impl EditArgs {
-    /// Reads and hashes `--input-video`, `--extend-from` or `--image`, if given: before the model loads, so a
-    /// bad file fails fast.
+    /// Refuses what `model` can't do with these flags, before any file is read or weights loaded: an
+    /// image-to-video model without `--image`, or `--last-image` for a model that can't end on one.
+    pub fn check(&self, model: &Model) -> Result<()> {
+        let shape = model.shape()?;
+        if shape.needs_image && self.image.is_none() {
+            bail!(
+                "{} generates video from an image (image-to-video): give the first frame with --image; it doesn't \
+                 generate from text alone or edit a video",
+                model.name()
+            );
+        }
+        if self.last_image.is_some() && !shape.takes_last_image {
+            bail!(
+                "--last-image: {} can't end on a given frame (last_image); first-and-last-frame generation needs \
+                 Wan 2.1 FLF2V or Wan 2.2 I2V-A14B",
+                model.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads and hashes `--input-video`, `--extend-from` or `--image` (and `--last-image`), if given: before the
+    /// model loads, so a bad file fails fast.
     pub fn read(&self) -> Result<Option<Edit>> {
         if let Some(path) = &self.image {
-            return Edit::read_image(path).map(Some);
+            return Edit::read_image(path, self.last_image.as_deref()).map(Some);
         }
         let (path, extend) = match (&self.input_video, &self.extend_from) {
             (Some(path), _) => (path, false),
@@ -115,23 +173,40 @@ impl EditArgs {
 }
 
 impl Edit {
-    /// Reads and hashes an image to start a video from (`--image`, a batch item's `image`).
-    pub fn read_image(path: &Path) -> Result<Self> {
-        let cannot_read = || format!("cannot read the image {}", path.display());
-        let sha256 = file_sha256(path).with_context(cannot_read)?;
-        // A refusal for what the file holds names no path (a server shows it to clients); the context does.
-        let image = kinetoscope_video::read_image(path).with_context(cannot_read)?;
-        let (height, width) = (image.height(), image.width());
-        let input = InputVideo::from_rgb8(image.as_bytes(), 1, height, width)?;
-        let (mode, source, source_shape) = (Mode::ImageToVideo, path.to_path_buf(), (1, width, height));
-        Ok(Edit { input, mode, source, sha256, source_shape })
+    /// Reads and hashes an image to start a video from (`--image`, a batch item's `image`) and, optionally, one
+    /// to end it on (`--last-image`, `last_image`).
+    pub fn read_image(path: &Path, last_image: Option<&Path>) -> Result<Self> {
+        let ImageFile { input, sha256 } = ImageFile::read(path)?;
+        let last = last_image
+            .map(|path| {
+                let image = ImageFile::read(path)?;
+                let source_shape = (image.input.width, image.input.height);
+                Ok::<_, anyhow::Error>(LastImage {
+                    input: image.input,
+                    source: path.to_path_buf(),
+                    sha256: image.sha256,
+                    source_shape,
+                })
+            })
+            .transpose()?;
+        let source_shape = (1, input.width, input.height);
+        Ok(Edit { input, mode: Mode::ImageToVideo { last }, source: path.to_path_buf(), sha256, source_shape })
     }
 
     /// The clip at a size and frame count the model takes. To edit: at `request`'s size, cut to at most its
     /// frame count and down to the form `k·frame_multiple + 1`. To extend: at its own size rounded down to
     /// multiples of the model's, every frame kept; `request.num_frames` is the frames to add unless
-    /// `--seconds` says.
-    pub fn fit(self, request: &GenerateRequest, pipeline: &Pipeline) -> Result<Self> {
+    /// `--seconds` says. Images: each at `request`'s size on its own (they may differ in size), the last
+    /// after the first.
+    pub fn fit(mut self, request: &GenerateRequest, pipeline: &Pipeline) -> Result<Self> {
+        if let Mode::ImageToVideo { last: Some(last) } = &mut self.mode {
+            let one = EditKind::ImageToVideo { last_image: false };
+            let first = pipeline.fit_input(self.input, &one, request)?;
+            let read = InputVideo { frames: std::mem::take(&mut last.input.frames), ..last.input };
+            last.input = pipeline.fit_input(read, &one, request)?;
+            let input = first.then(&last.input)?;
+            return Ok(Edit { input, ..self });
+        }
         let Mode::Extend { seconds, fps, .. } = self.mode else {
             let kind = self.kind();
             let input = pipeline.fit_input(self.input, &kind, request)?;
@@ -158,7 +233,7 @@ impl Edit {
             Mode::VideoToVideo { strength } => EditKind::VideoToVideo { strength: *strength },
             Mode::Redo { frames, .. } => EditKind::Redo { start: frames.start, end: frames.end },
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
-            Mode::ImageToVideo => EditKind::ImageToVideo,
+            Mode::ImageToVideo { last } => EditKind::ImageToVideo { last_image: last.is_some() },
         }
     }
 
@@ -170,7 +245,7 @@ impl Edit {
                 request.num_frames = extension.layout.generated;
                 (request.height, request.width, request.fps) = (self.input.height, self.input.width, *fps);
             }
-            Mode::ImageToVideo => {}
+            Mode::ImageToVideo { .. } => {}
             _ => request.num_frames = self.input.num_frames,
         }
     }
@@ -194,7 +269,7 @@ impl Edit {
     pub fn record(&self) -> Value {
         let (frames, width, height) = self.source_shape;
         let mut record = json!({ "source": self.source, "source_sha256": self.sha256 });
-        if !matches!(self.mode, Mode::ImageToVideo) {
+        if !matches!(self.mode, Mode::ImageToVideo { .. }) {
             record["source_video"] = json!({ "frames": frames, "width": width, "height": height });
             record["frames_used"] = json!(self.input.num_frames);
         }
@@ -222,9 +297,17 @@ impl Edit {
                     record["generated_frames"] = json!([layout.kept, end]);
                 }
             }
-            Mode::ImageToVideo => {
+            Mode::ImageToVideo { last } => {
                 record["kind"] = json!("image_to_video");
                 record["source_image"] = json!({ "width": width, "height": height });
+                if let Some(last) = last {
+                    let (width, height) = last.source_shape;
+                    record["last_image"] = json!({
+                        "source": last.source,
+                        "source_sha256": last.sha256,
+                        "source_image": { "width": width, "height": height },
+                    });
+                }
             }
         }
         record

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::SchedulerKind;
 use kinetoscope::{
-    DType, Device, GenerateRequest, LoadOptions, ModelDir, ModelManifest, Pipeline, Preset, TextEncoderPlacement,
-    VaeTiling,
+    DType, Device, ExpertPlacement, GenerateRequest, LoadOptions, ModelDir, ModelManifest, ModelShape, Pipeline,
+    Preset, TextEncoderPlacement, VaeTiling,
 };
 
 use crate::edit::EditArgs;
@@ -49,9 +49,14 @@ pub struct Args {
     /// 0.05 is mild, 0.1 strong [default: off, or the preset's].
     #[arg(long, value_name = "THRESHOLD")]
     step_cache: Option<f64>,
-    /// Classifier-free guidance scale (1 or less turns guidance off) [default: the model's (Wan 2.1: 5)].
+    /// Classifier-free guidance scale (1 or less turns guidance off) [default: the model's (Wan 2.1: 5)]; with a
+    /// two-expert model (Wan 2.2 A14B), the high-noise expert's.
     #[arg(long)]
     guidance: Option<f64>,
+    /// The low-noise expert's guidance scale, for a two-expert model (Wan 2.2 A14B); whether guidance runs at all
+    /// is --guidance's to say [default: the model's (Wan 2.2 T2V-A14B: 3), else --guidance].
+    #[arg(long = "guidance-2", value_name = "GUIDANCE")]
+    guidance_2: Option<f64>,
     /// Shift of the flow sigmas [default: the model's (Wan 2.1: 3), or for a folder that is no registry entry
     /// its scheduler config's].
     #[arg(long)]
@@ -112,6 +117,12 @@ pub struct MemoryArgs {
     /// the GPU's free memory), on (256-pixel tiles every 192 pixels, as diffusers' enable_tiling) or off.
     #[arg(long, value_name = "WHEN", default_value = "auto")]
     pub vae_tiling: VaeTiling,
+    /// Where a two-expert model's (Wan 2.2 A14B) experts live: resident (both on the device: no load at the
+    /// switch, twice the weights' memory), swap (one on the device at a time, the other loaded in its place at
+    /// the step where the low-noise expert takes over: runs where one expert fits) or auto (resident where both
+    /// fit in the memory limit, or on a GPU in its free memory; else swap).
+    #[arg(long, value_name = "WHERE", default_value = "auto")]
+    pub experts: ExpertPlacement,
 }
 
 impl MemoryArgs {
@@ -122,6 +133,7 @@ impl MemoryArgs {
             memory_limit: self.memory_limit,
             text_encoder: self.text_encoder,
             vae_tiling: self.vae_tiling,
+            experts: self.experts,
         }
     }
 }
@@ -138,6 +150,14 @@ pub fn run(args: Args) -> Result<()> {
     let model = args.model.open()?;
     let mut request = args.request(model.defaults());
     args.candidates.seeds(request.seed)?;
+    args.edit.check(&model)?;
+    if args.guidance_2.is_some() && !model.shape()?.two_experts {
+        bail!(
+            "--guidance-2: {} has one transformer; a second guidance scale is for the low-noise expert of a \
+             two-expert model (Wan 2.2 A14B)",
+            model.name()
+        );
+    }
     let edit = args.edit.read()?;
 
     let (pipeline, load_s) = args.model.load(&model)?;
@@ -204,6 +224,7 @@ impl Args {
         request.num_frames = self.frames.unwrap_or(request.num_frames);
         request.steps = self.steps.unwrap_or(request.steps);
         request.guidance_scale = self.guidance.unwrap_or(request.guidance_scale);
+        request.guidance_scale_2 = self.guidance_2.or(request.guidance_scale_2);
         request.shift = self.shift.or(request.shift);
         request.fps = self.fps.unwrap_or(request.fps);
         request.step_cache = self.step_cache.or(request.step_cache);
@@ -233,6 +254,11 @@ impl Model {
     /// the shift left to the scheduler config).
     pub fn defaults_from(&self) -> String {
         self.entry.map_or_else(|| "built-in".to_string(), |entry| format!("registry:{}", entry.id))
+    }
+
+    /// What the model's configs allow a request (read again on each call; cheap).
+    pub fn shape(&self) -> Result<ModelShape> {
+        Ok(ModelShape::read(&self.dir)?)
     }
 
     /// The model as messages name it: its registry name, else its folder.
@@ -313,6 +339,18 @@ mod tests {
         let draft = args(&["--preset", "draft", "--height", "256"]);
         assert_eq!(settings(&draft.request(defaults)), (416, 256, 121, 24, 20, 5.0, Some(5.0)));
         assert_eq!(settings(&args(&[]).request(GenerateRequest::default())), (832, 480, 81, 16, 50, 5.0, None));
+    }
+
+    #[test]
+    fn guidance_2_overrides_a_two_expert_models_default() {
+        let a14b = kinetoscope::models().iter().find(|m| m.id == "wan2.2-t2v-a14b").expect("in the registry");
+        let mut defaults = GenerateRequest::default();
+        a14b.defaults.apply(&mut defaults);
+        let scales = |r: GenerateRequest| (r.guidance_scale, r.guidance_scale_2);
+        assert_eq!(scales(args(&[]).request(defaults.clone())), (4.0, Some(3.0)));
+        assert_eq!(scales(args(&["--guidance", "5"]).request(defaults.clone())), (5.0, Some(3.0)));
+        assert_eq!(scales(args(&["--guidance-2", "2.5"]).request(defaults)), (4.0, Some(2.5)));
+        assert_eq!(scales(args(&[]).request(GenerateRequest::default())), (5.0, None));
     }
 
     /// A folder with `entry`'s `model_index.json` and identifying config values, and no weights.

@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "kinetoscope",
     version,
-    about = "Self-hosted text- and image-to-video (Wan 2.1 T2V, Wan 2.2 TI2V), offline"
+    about = "Self-hosted text- and image-to-video (Wan 2.1 T2V, I2V and FLF2V; Wan 2.2 TI2V, T2V-A14B and I2V-A14B), \
+             offline"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate one video from a prompt and write it as MP4, with a JSON sidecar of every setting.
+    /// Generate one video from a prompt (and an image, for image-to-video) and write it as MP4, with a JSON sidecar
+    /// of every setting.
     Generate(generate::Args),
     /// Render every item of a JSON Lines manifest into a folder: resumable, and sharded across
     /// processes (--shard I/N, or a Kubernetes Indexed Job's or Slurm array's index).

@@ -1,6 +1,7 @@
 //! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files), the fields
 //! of a generate request, optionally a `preset` that the line's own fields override, and optionally an `image`
-//! to start the video from. Blank lines and lines starting with `#` are skipped.
+//! to start the video from (and a `last_image` to end it on). Blank lines and lines starting with `#` are
+//! skipped.
 //!
 //! Each field is read on its own, so that every problem names its line and its field (serde's own
 //! errors for a mistyped value don't say which field), and a field this reader doesn't know is an
@@ -15,12 +16,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-/// The fields a line may have. No `latents`: the noise is the seed's, and the one file a line names is its
-/// `image`.
-const FIELDS: [&str; 16] = [
+/// The fields a line may have. No `latents`: the noise is the seed's, and the only files a line names are its
+/// images.
+const FIELDS: [&str; 18] = [
     "id",
     "preset",
     "image",
+    "last_image",
     "prompt",
     "negative_prompt",
     "height",
@@ -28,6 +30,7 @@ const FIELDS: [&str; 16] = [
     "num_frames",
     "steps",
     "guidance_scale",
+    "guidance_scale_2",
     "shift",
     "scheduler",
     "seed",
@@ -52,6 +55,8 @@ pub struct Item {
     /// The image the video starts from, as `generate --image`: the line's path, resolved against the
     /// manifest's folder; checked to exist.
     pub image: Option<PathBuf>,
+    /// The image the video ends on, as `generate --last-image`; found and checked as `image`, which it needs.
+    pub last_image: Option<PathBuf>,
 }
 
 /// What is wrong with a manifest line.
@@ -140,6 +145,7 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
         num_frames: take(&mut fields, "num_frames")?.unwrap_or(d.num_frames),
         steps: take(&mut fields, "steps")?.unwrap_or(d.steps),
         guidance_scale: take(&mut fields, "guidance_scale")?.unwrap_or(d.guidance_scale),
+        guidance_scale_2: take(&mut fields, "guidance_scale_2")?.or(d.guidance_scale_2),
         shift: take(&mut fields, "shift")?.or(d.shift),
         scheduler: take(&mut fields, "scheduler")?,
         // Without a seed, one from the id: a rerun renders the same video.
@@ -156,11 +162,21 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
     }
     // Relative to the manifest, so that a manifest and its images move together; checked now rather than when
     // the item's turn comes.
-    let image = take::<PathBuf>(&mut fields, "image")?.map(|path| folder.join(path));
-    if let Some(path) = image.as_ref().filter(|path| !path.is_file()) {
-        return Err((Some("image".into()), format!("{} is not a file", path.display())));
+    let image = image_field(&mut fields, "image", folder)?;
+    let last_image = image_field(&mut fields, "last_image", folder)?;
+    if last_image.is_some() && image.is_none() {
+        return Err((Some("last_image".into()), "needs an image to start from (the field image)".into()));
     }
-    Ok(Item { line, id, preset, request, image })
+    Ok(Item { line, id, preset, request, image, last_image })
+}
+
+/// The image file `name` names, resolved against the manifest's `folder` and checked to be a file.
+fn image_field(fields: &mut Map<String, Value>, name: &str, folder: &Path) -> Result<Option<PathBuf>, FieldError> {
+    let image = take::<PathBuf>(fields, name)?.map(|path| folder.join(path));
+    if let Some(path) = image.as_ref().filter(|path| !path.is_file()) {
+        return Err((Some(name.into()), format!("{} is not a file", path.display())));
+    }
+    Ok(image)
 }
 
 /// Removes `name` from the line and reads it as a `T`; absent and `null` are `None`.
@@ -366,5 +382,44 @@ mod tests {
         assert_eq!(errors[0], missing);
         assert!(errors[1].starts_with("line 2: image: ") && errors[1].ends_with("stills is not a file"), "{errors:?}");
         assert!(errors[2].starts_with("line 3: image: invalid type: integer `3`"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_last_image_is_found_as_the_image_is_and_needs_one() {
+        let folder = tempfile::tempdir().unwrap();
+        for name in ["first.png", "last.png"] {
+            std::fs::write(folder.path().join(name), b"").unwrap();
+        }
+        let text = concat!(
+            r#"{"id": "a", "prompt": "x", "image": "first.png", "last_image": "last.png", "guidance_scale_2": 2}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "image": "first.png"}"#,
+        );
+        let items = parse(text, folder.path(), &GenerateRequest::default()).unwrap();
+        assert_eq!(items[0].last_image.as_deref(), Some(folder.path().join("last.png").as_path()));
+        assert_eq!((items[0].request.guidance_scale_2, items[1].request.guidance_scale_2), (Some(2.0), None));
+        assert_eq!(items[1].last_image, None);
+        // A model's default second scale fills a line that gives none.
+        let defaults = GenerateRequest { guidance_scale_2: Some(3.0), ..GenerateRequest::default() };
+        assert_eq!(parse(text, folder.path(), &defaults).unwrap()[1].request.guidance_scale_2, Some(3.0));
+
+        let text = concat!(
+            r#"{"id": "a", "prompt": "x", "image": "first.png", "last_image": "absent.png"}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "last_image": "last.png"}"#,
+            "\n",
+            r#"{"id": "c", "prompt": "x", "guidance_scale_2": "high"}"#,
+        );
+        let errors: Vec<String> = parse(text, folder.path(), &GenerateRequest::default())
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            errors[0],
+            format!("line 1: last_image: {} is not a file", folder.path().join("absent.png").display())
+        );
+        assert_eq!(errors[1], "line 2: last_image: needs an image to start from (the field image)");
+        assert!(errors[2].starts_with("line 3: guidance_scale_2: invalid type"), "{errors:?}");
     }
 }

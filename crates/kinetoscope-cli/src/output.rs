@@ -236,6 +236,7 @@ fn write_sidecar(
 ) -> Result<()> {
     let (request, timings) = (&candidate.request, &candidate.timings);
     let scheduler_config = setup.pipeline.scheduler_config();
+    let two_experts = setup.pipeline.shape().two_experts;
     let mut record = json!({
         "kinetoscope_version": env!("CARGO_PKG_VERSION"),
         "created_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -247,6 +248,9 @@ fn write_sidecar(
             "scheduler": request.scheduler.or(scheduler_config.kind()),
             "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
             "guidance": request.guidance_scale > 1.0,
+            // A two-expert model's low-noise guidance scale and where its experts lived; null for one network.
+            "guidance_scale_2": two_experts.then(|| request.guidance_scale_2.unwrap_or(request.guidance_scale)),
+            "experts": setup.pipeline.expert_placement(),
             "device": setup.device,
             "dtype": setup.dtype.as_str(),
             "text_encoder": setup.pipeline.text_encoder_placement(),
@@ -274,6 +278,8 @@ fn write_sidecar(
             "denoising_s": timings.denoising_s,
             "step_s": timings.step_s,
             "cached_steps": timings.cached_steps,
+            // The expert of each step (two-expert models; empty for one network).
+            "experts": timings.experts,
             "vae_decode_s": timings.vae_decode_s,
             "encode_s": encode_s,
             // Every candidate's work included.

@@ -170,6 +170,7 @@ pub fn run(args: Args) -> Result<()> {
     config.memory_limit = args.memory.memory_limit;
     config.text_encoder = args.memory.text_encoder;
     config.vae_tiling = args.memory.vae_tiling;
+    config.experts = args.memory.experts;
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

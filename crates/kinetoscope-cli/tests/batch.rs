@@ -2,7 +2,8 @@
 //! rerun skips what is done and redoes what is missing or stale, bad manifests fail before any rendering,
 //! a failing item doesn't stop the others, concurrent shards render every item exactly once, a run
 //! killed midway leaves only complete outputs, resumed by rendering exactly the missing items, and an item
-//! with an image starts from it (Wan 2.2 TI2V) and renders again when the image changes.
+//! with an image starts from it (Wan 2.2 TI2V) and renders again when the image changes, as an item with a
+//! first and a last image does (Wan 2.2 I2V-A14B) when either changes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -480,4 +481,111 @@ fn an_image_that_is_missing_or_for_a_text_only_model_is_refused_before_rendering
     let text_only =
         format!("line 2: image: the model {} generates from text only", tiny_model("wan21-tiny-a").display());
     assert_rejected(&manifest, &out, &["1 bad line(s)", &text_only, "Wan 2.2 TI2V"]);
+}
+
+/// `manifest` refused by `model` before anything renders, its problems naming `expected`.
+fn assert_rejected_by(model: &str, manifest: &Path, out: &Path, expected: &[&str]) {
+    let run = batch_command_with(model, manifest, out).output().unwrap();
+    let err = stderr(&run);
+    assert!(!run.status.success(), "should fail: {err}");
+    for part in expected {
+        assert!(err.contains(part), "expected {part:?} in: {err}");
+    }
+    assert!(err.contains("nothing was rendered") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists() || std::fs::read_dir(out).unwrap().count() == 0, "a rejected manifest renders nothing");
+}
+
+/// An item for the tiny image-to-video models at their run size (32×48, 9 frames), 2 steps.
+fn i2v_item(id: &str, extra: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "prompt": "the fox wakes", "height": 32, "width": 48, "num_frames": 9, "steps": 2, "max_sequence_length": 16{extra}}}"#
+    )
+}
+
+#[test]
+fn an_item_with_a_first_and_a_last_image_renders_on_a_two_expert_image_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(dir.path().join("stills")).unwrap();
+    let (first, last) = (dir.path().join("first.png"), dir.path().join("stills/last.png"));
+    std::fs::copy(tiny_model("reference/wan22-i2v-a14b-tiny/image.png"), &first).unwrap();
+    std::fs::copy(tiny_model("reference/wan22-i2v-a14b-tiny/last_image.png"), &last).unwrap();
+    let both =
+        r#", "image": "first.png", "last_image": "stills/last.png", "guidance_scale": 3.5, "guidance_scale_2": 2.0"#;
+    let manifest =
+        write_manifest(dir.path(), &[i2v_item("both", both), i2v_item("first", r#", "image": "first.png""#)]);
+    let run = || {
+        let output = batch_command_with("wan22-i2v-a14b-tiny", &manifest, &out).output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output)
+    };
+    let sha256 = |path: &Path| format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()));
+
+    let first_run = run();
+    assert!(first_run.contains("2 completed, 0 skipped, 0 failed"), "{first_run}");
+    for id in ["both", "first"] {
+        let info = kinetoscope_video::probe(&out.join(format!("{id}.mp4"))).unwrap();
+        assert_eq!((info.width, info.height, info.frames), (48, 32, 9), "{id}");
+    }
+    let record = sidecar(&out, "both");
+    assert_eq!(record["edit"]["kind"], "image_to_video");
+    assert_eq!(record["edit"]["source_sha256"], sha256(&first));
+    assert_eq!(record["edit"]["last_image"]["source"], last.to_str().unwrap());
+    assert_eq!(record["edit"]["last_image"]["source_sha256"], sha256(&last));
+    assert_eq!(
+        (record["request"]["guidance_scale"].as_f64(), record["request"]["guidance_scale_2"].as_f64()),
+        (Some(3.5), Some(2.0))
+    );
+    assert_eq!(record["resolved"]["guidance_scale_2"], 2.0);
+    // 2 steps at shift 3: timesteps 999 (≥ the boundary 900: high noise) and 749.
+    assert_eq!(record["timings"]["experts"], serde_json::json!(["transformer", "transformer_2"]));
+    let plain = sidecar(&out, "first");
+    assert!(plain["edit"].get("last_image").is_none() && plain["request"]["guidance_scale_2"].is_null(), "{plain}");
+
+    let second = run();
+    assert!(second.contains("0 completed, 2 skipped, 0 failed"), "{second}");
+    // Other pixels at the last image's path: only the item that ends on it renders again.
+    let image = kinetoscope_video::read_image(&last).unwrap();
+    let inverted: Vec<u8> = image.as_bytes().iter().map(|b| 255 - b).collect();
+    kinetoscope_video::write_png(&last, &kinetoscope_video::Frames::new(inverted, 1, 32, 48).unwrap(), 0).unwrap();
+    let third = run();
+    assert!(third.contains("1 completed, 1 skipped, 0 failed"), "{third}");
+    assert_eq!(sidecar(&out, "both")["edit"]["last_image"]["source_sha256"], sha256(&last));
+}
+
+#[test]
+fn image_items_an_image_model_cannot_take_are_refused_before_rendering() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let image = tiny_model("reference/wan21-i2v-tiny/image.png");
+    let image = serde_json::json!(image.to_str().unwrap());
+    let with_image = format!(r#", "image": {image}"#);
+
+    // No image for a model that generates only from one; a last image with no first.
+    let manifest = write_manifest(
+        dir.path(),
+        &[i2v_item("text", ""), i2v_item("ok", &with_image), i2v_item("end", &format!(r#", "last_image": {image}"#))],
+    );
+    assert_rejected_by("wan21-i2v-tiny", &manifest, &out, &["line 3: last_image: needs an image"]);
+    let manifest = write_manifest(dir.path(), &[i2v_item("text", ""), i2v_item("ok", &with_image)]);
+    let missing = format!(
+        "line 1: image: missing: the model {} generates video from an image",
+        tiny_model("wan21-i2v-tiny").display()
+    );
+    assert_rejected_by("wan21-i2v-tiny", &manifest, &out, &["1 bad line(s)", &missing]);
+
+    // A last image for Wan 2.1 I2V, which can't end on one; a second guidance scale for its one network.
+    let manifest = write_manifest(
+        dir.path(),
+        &[
+            i2v_item("end", &format!(r#"{with_image}, "last_image": {image}"#)),
+            i2v_item("guided", &format!(r#"{with_image}, "guidance_scale_2": 3.0"#)),
+        ],
+    );
+    assert_rejected_by(
+        "wan21-i2v-tiny",
+        &manifest,
+        &out,
+        &["2 bad line(s)", "line 1: last_image: the model", "can't end on a given frame", "line 2: guidance_scale_2:"],
+    );
 }

@@ -3,15 +3,16 @@
 
 mod common;
 
-use anyhow::Result;
-use common::{load, reference, relative_error};
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+use common::{load, max_relative_error, reference, relative_error};
 use kinetoscope_models::wan::transformer::{Config, WanTransformer3DModel};
 
 fn check(model: &str) -> Result<()> {
     let (cfg, vb): (Config, _) = load(model, "transformer")?;
     let transformer = WanTransformer3DModel::new(&cfg, vb)?;
     let r = reference(model, "transformer.safetensors")?;
-    let out = transformer.forward(&r["hidden_states"], &r["timestep"], &r["encoder_hidden_states"])?;
+    let out = transformer.forward(&r["hidden_states"], &r["timestep"], &r["encoder_hidden_states"], None)?;
     let want = &r["output"];
     assert_eq!(out.dims(), want.dims());
     let err = relative_error(&out, want)?;
@@ -35,4 +36,59 @@ fn tiny_b_sharded_bf16_matches_diffusers() -> Result<()> {
 fn ti2v_per_token_timesteps_match_diffusers() -> Result<()> {
     check("wan22-ti2v-tiny-a")?;
     check("wan22-ti2v-tiny-b")
+}
+
+/// Wan 2.1 I2V / FLF2V: 36 input channels and CLIP image states (`[1, 17, 24]`, or FLF2V's first and last frame
+/// `[2, 17, 24]`), the text padded to 512 tokens (diffusers splits the image tokens off by that length; this
+/// model keeps them apart). Also as classifier-free guidance runs it: the prompt twice in one batch of two, the
+/// image's states given once, each row as the single forward.
+fn check_with_image(model: &str) -> Result<()> {
+    let (cfg, vb): (Config, _) = load(model, "transformer")?;
+    let transformer = WanTransformer3DModel::new(&cfg, vb)?;
+    ensure!(transformer.has_image_embedder(), "{model}: no image embedder");
+    let r = reference(model, "transformer.safetensors")?;
+    let (latents, t, text, image) =
+        (&r["hidden_states"], &r["timestep"], &r["encoder_hidden_states"], &r["encoder_hidden_states_image"]);
+    let want = &r["out"];
+    let out = transformer.forward(latents, t, text, Some(image))?;
+    assert_eq!(out.dims(), want.dims());
+    let err = max_relative_error(&out, want)?;
+    println!("{model}: max relative error {err:e}");
+    ensure!(err < 1e-4, "{model}: max relative error {err}");
+
+    let pair = |x: &Tensor| Tensor::cat(&[x, x], 0);
+    let out = transformer.forward(&pair(latents)?, &pair(t)?, &pair(text)?, Some(image))?;
+    for row in 0..2 {
+        let err = max_relative_error(&out.narrow(0, row, 1)?, want)?;
+        ensure!(err < 1e-4, "{model}: batch of two, row {row}: max relative error {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn wan21_i2v_matches_diffusers() -> Result<()> {
+    check_with_image("wan21-i2v-tiny")
+}
+
+#[test]
+fn wan21_flf2v_matches_diffusers() -> Result<()> {
+    check_with_image("wan21-flf2v-tiny")
+}
+
+/// Wan 2.2 A14B: each expert (`transformer`, `transformer_2`, of different widths) on its own inputs; the
+/// image-to-video experts read 36 channels and no image tokens.
+#[test]
+fn a14b_experts_match_diffusers() -> Result<()> {
+    for model in ["wan22-t2v-a14b-tiny", "wan22-i2v-a14b-tiny"] {
+        for expert in ["transformer", "transformer_2"] {
+            let (cfg, vb): (Config, _) = load(model, expert)?;
+            let transformer = WanTransformer3DModel::new(&cfg, vb)?;
+            let r = reference(model, &format!("{expert}.safetensors"))?;
+            let out = transformer.forward(&r["hidden_states"], &r["timestep"], &r["encoder_hidden_states"], None)?;
+            let err = relative_error(&out, &r["out"])?;
+            println!("{model} {expert}: relative error {err:e}");
+            ensure!(err < 1e-4, "{model} {expert}: relative error {err}");
+        }
+    }
+    Ok(())
 }

@@ -142,20 +142,35 @@ async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResul
     check_available(&shared)?;
     disk::check(&shared)?;
     // A model that starts from images takes uploads here.
-    let takes_image = shared.shape.takes_image;
-    let mut fields = Fields::from_request(request, &body_limits(&shared, takes_image)).await?;
+    let shape = shared.shape;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, shape.takes_image)).await?;
     let image = fields.image_reference("input_reference")?;
-    if image.is_some() && !takes_image {
+    let last_image = fields.image_reference("last_image")?;
+    if image.is_some() && !shape.takes_image {
         return Err(unsupported_reference(&shared));
+    }
+    if last_image.is_some() && !shape.takes_last_image {
+        return Err(unsupported_last_image(&shared));
+    }
+    if image.is_none() && shape.needs_image {
+        return Err(missing_reference(&shared));
     }
     let mut job = resolve(&shared, &mut fields)?;
     fields.finish()?;
     let Some(image) = image else { return enqueue(&shared, job).await };
     let id = job.id.clone();
-    let sha256 = keep_image(&shared, image, &id).await?;
-    job.settings.edit = Some(EditKind::ImageToVideo);
-    job.settings.source_sha256 = Some(sha256);
-    enqueue_with_source(&shared, &id, Ok(job)).await
+    let kept = async {
+        job.settings.source_sha256 =
+            Some(keep_image(&shared, image, "input_reference", worker::image_path(&shared, &id)).await?);
+        if let Some(last) = last_image {
+            let sha256 = keep_image(&shared, last, "last_image", worker::last_image_path(&shared, &id)).await?;
+            job.settings.last_image_sha256 = Some(sha256);
+        }
+        job.settings.edit = Some(EditKind::ImageToVideo { last_image: job.settings.last_image_sha256.is_some() });
+        Ok(job)
+    }
+    .await;
+    enqueue_with_source(&shared, &id, kept).await
 }
 
 /// What a route reads of a body: uploads only where it takes a file, spooled beside the inputs they become.
@@ -192,14 +207,17 @@ fn redact_path(text: &str, path: &std::path::Path, name: &str) -> String {
     text.replace(&path.display().to_string(), name)
 }
 
-/// Keeps the image of an image-to-video job (`input_reference`) at the job's image path, once its header and
-/// pixels check out; answers its sha256. Only uploads and `data:` URLs are taken: the server fetches nothing.
-async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -> ApiResult<String> {
-    let invalid =
-        |reason: String| ApiError::invalid("invalid_image", "input_reference", format!("input_reference: {reason}"));
-    let unsupported = |reason: &str| {
-        ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
-    };
+/// Keeps an image of an image-to-video job (the request's field `param`: `input_reference`, `last_image`) at
+/// `target`, once its header and pixels check out; answers its sha256. Only uploads and `data:` URLs are taken:
+/// the server fetches nothing.
+async fn keep_image(
+    shared: &Arc<Shared>,
+    reference: ImageReference,
+    param: &'static str,
+    target: std::path::PathBuf,
+) -> ApiResult<String> {
+    let invalid = |reason: String| ApiError::invalid("invalid_image", param, format!("{param}: {reason}"));
+    let unsupported = |reason: &str| ApiError::invalid("unsupported_parameter", param, format!("{param}: {reason}"));
     let upload = match reference {
         ImageReference::Upload(upload) => upload,
         ImageReference::Url(url) => match url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")) {
@@ -223,12 +241,12 @@ async fn keep_image(shared: &Arc<Shared>, reference: ImageReference, id: &str) -
             return Err(unsupported("file_id needs a Files API, which this server has not: upload the image instead"))
         }
     };
-    let (target, limits) = (worker::image_path(shared, id), shared.config.limits.decode());
+    let limits = shared.config.limits.decode();
     let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
     tokio::task::spawn_blocking(move || {
         let path = upload.file.path().to_path_buf();
         kinetoscope_video::read_image_with_limits(&path, &limits)
-            .map_err(|e| media_error(e, &path, "input_reference", "invalid_image"))?;
+            .map_err(|e| media_error(e, &path, param, "invalid_image"))?;
         upload.file.persist(&target).map_err(|e| storage_error(e.error, "store the image"))?;
         Ok(upload.sha256)
     })
@@ -255,18 +273,20 @@ async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request:
     if job.settings.edit.is_none() {
         return enqueue(&shared, job).await;
     }
-    // A remix of an edit edits the same source again.
+    // A remix of an edit edits the same source (video, or image and last image) again.
     let edit = job.settings.edit.as_ref().expect("an edit");
-    let (from, to) = (worker::source_path(&shared, &source.id, edit), worker::source_path(&shared, &job.id, edit));
-    if let Err(e) = tokio::fs::copy(&from, &to).await {
-        let _ = tokio::fs::remove_file(&to).await;
-        if crate::error::is_disk_full(&e) {
-            return Err(storage_error(e, "copy the source"));
-        }
-        let message = format!("the source video of {} is no longer kept", source.id);
-        return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
-    }
+    let sources = worker::source_paths(&shared, &source.id, edit).into_iter();
     let id = job.id.clone();
+    for (from, to) in sources.zip(worker::source_paths(&shared, &id, edit)) {
+        if let Err(e) = tokio::fs::copy(&from, &to).await {
+            worker::remove_files(&shared, &id);
+            if crate::error::is_disk_full(&e) {
+                return Err(storage_error(e, "copy the source"));
+            }
+            let message = format!("the source of {} is no longer kept", source.id);
+            return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
+        }
+    }
     enqueue_with_source(&shared, &id, Ok(job)).await
 }
 
@@ -366,6 +386,7 @@ fn seconds_of(frames: usize, fps: u32) -> String {
 async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
     disk::check(&shared)?;
+    check_edits(&shared)?;
     let pipeline = loaded(&shared)?;
     let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
@@ -407,6 +428,7 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
 async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
     disk::check(&shared)?;
+    check_edits(&shared)?;
     let pipeline = loaded(&shared)?;
     let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
@@ -677,6 +699,27 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
         }
         request.guidance_scale = guidance;
     }
+    if let Some(guidance) = fields.number("guidance_scale_2")? {
+        if !shared.shape.two_experts {
+            let served = &shared.config.model_name;
+            return Err(ApiError::invalid(
+                "unsupported_parameter",
+                "guidance_scale_2",
+                format!(
+                    "guidance_scale_2: the served model {served:?} has one transformer; a second guidance scale is \
+                     for the low-noise expert of a two-expert model (Wan 2.2 A14B)"
+                ),
+            ));
+        }
+        if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+            return Err(ApiError::invalid(
+                "invalid_guidance_scale",
+                "guidance_scale_2",
+                format!("guidance_scale_2 {guidance} is outside 0..={MAX_GUIDANCE}"),
+            ));
+        }
+        request.guidance_scale_2 = Some(guidance);
+    }
     if let Some(negative) = fields.text("negative_prompt")? {
         check_length(shared, "negative_prompt", &negative)?;
         request.negative_prompt = negative;
@@ -711,11 +754,13 @@ fn settings(
         fps: request.fps,
         steps: request.steps,
         guidance_scale: request.guidance_scale,
+        guidance_scale_2: request.guidance_scale_2,
         seed,
         step_cache: request.step_cache,
         preset,
         edit,
         source_sha256,
+        last_image_sha256: None,
     }
 }
 
@@ -733,6 +778,9 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
                 "steps" => ("invalid_steps", "steps"),
                 "strength" => ("invalid_strength", "strength"),
                 "input" | "frames" => ("invalid_video", "video"),
+                "guidance_scale" | "guidance_scale_2" => ("invalid_guidance_scale", field),
+                "image" => ("invalid_image", "input_reference"),
+                "last_image" => ("invalid_image", "last_image"),
                 other => ("invalid_request", other),
             };
             ApiError::invalid(code, param, format!("{param}: {reason}"))
@@ -744,10 +792,49 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
 fn unsupported_reference(shared: &Shared) -> ApiError {
     let served = &shared.config.model_name;
     let reason = format!(
-        "the served model {served:?} generates from text only; starting from an image needs an image-to-video \
-         model (Wan 2.2 TI2V-5B)"
+        "the served model {served:?} generates from text only; starting from an image needs a model that takes one \
+         (Wan 2.2 TI2V-5B, Wan 2.1 I2V or FLF2V, Wan 2.2 I2V-A14B)"
     );
     ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
+}
+
+fn unsupported_last_image(shared: &Shared) -> ApiError {
+    let served = &shared.config.model_name;
+    let reason = format!(
+        "the served model {served:?} can't end on a given frame; first-and-last-frame generation needs Wan 2.1 \
+         FLF2V or Wan 2.2 I2V-A14B"
+    );
+    ApiError::invalid("unsupported_parameter", "last_image", format!("last_image: {reason}"))
+}
+
+/// A job without the image to start from, for a model that generates only from one (a model that can end on a
+/// `last_image` is one of them).
+fn missing_reference(shared: &Shared) -> ApiError {
+    let served = &shared.config.model_name;
+    ApiError::invalid(
+        "missing_required_parameter",
+        "input_reference",
+        format!(
+            "input_reference is required: the served model {served:?} generates video from an image \
+             (image-to-video); send the first frame as an upload or {{\"image_url\": \"data:image/png;base64,...\"}}"
+        ),
+    )
+}
+
+/// Refuses edits and extensions of a video on a model that only generates from an image.
+fn check_edits(shared: &Shared) -> ApiResult<()> {
+    if !shared.shape.needs_image {
+        return Ok(());
+    }
+    let served = &shared.config.model_name;
+    Err(ApiError::invalid(
+        "unsupported_parameter",
+        "video",
+        format!(
+            "video: the served model {served:?} generates video from an image (POST /v1/videos with \
+             input_reference); editing or extending a video needs a text-to-video model"
+        ),
+    ))
 }
 
 /// Frames for a duration: the nearest count the model takes (`multiple·k + 1`), at least one step; `None`

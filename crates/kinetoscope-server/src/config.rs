@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kinetoscope::{DType, TextEncoderPlacement, VaeTiling};
+use kinetoscope::{DType, ExpertPlacement, TextEncoderPlacement, VaeTiling};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -28,6 +28,8 @@ pub struct Config {
     pub text_encoder: TextEncoderPlacement,
     /// When each worker's VAE decodes in tiles.
     pub vae_tiling: VaeTiling,
+    /// Where each worker keeps a two-expert model's (Wan 2.2 A14B) experts.
+    pub experts: ExpertPlacement,
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -164,6 +166,7 @@ impl Config {
             memory_limit: None,
             text_encoder: TextEncoderPlacement::default(),
             vae_tiling: VaeTiling::default(),
+            experts: ExpertPlacement::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

@@ -72,6 +72,9 @@ pub struct Settings {
     pub fps: u32,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// A two-expert model's guidance scale for its low-noise expert; `None` keeps `guidance_scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale_2: Option<f64>,
     pub seed: u64,
     pub step_cache: Option<f64>,
     pub preset: Option<String>,
@@ -80,6 +83,9 @@ pub struct Settings {
     pub edit: Option<kinetoscope::EditKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_sha256: Option<String>,
+    /// An image-to-video job's last image (`inputs/<id>.last_image`), when it ends on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_image_sha256: Option<String>,
 }
 
 /// A job as accepted, before it has a row.
@@ -412,11 +418,13 @@ mod tests {
                 fps: 8,
                 steps: 2,
                 guidance_scale: 5.0,
+                guidance_scale_2: None,
                 seed: 7,
                 step_cache: None,
                 preset: None,
                 edit: None,
                 source_sha256: None,
+                last_image_sha256: None,
             },
             remixed_from: None,
             webhook_url: None,

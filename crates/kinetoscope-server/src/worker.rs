@@ -93,16 +93,23 @@ pub fn image_path(shared: &Shared, id: &str) -> PathBuf {
     inputs_dir(shared).join(format!("{id}.image"))
 }
 
-/// Where the source of a job with `edit` is kept.
-pub fn source_path(shared: &Shared, id: &str, edit: &EditKind) -> PathBuf {
+/// The image a first-and-last-frame job ends on, as uploaded.
+pub fn last_image_path(shared: &Shared, id: &str) -> PathBuf {
+    inputs_dir(shared).join(format!("{id}.last_image"))
+}
+
+/// Where the sources of a job with `edit` are kept: its video, or its image(s).
+pub fn source_paths(shared: &Shared, id: &str, edit: &EditKind) -> Vec<PathBuf> {
     match edit {
-        EditKind::ImageToVideo => image_path(shared, id),
-        _ => input_path(shared, id),
+        EditKind::ImageToVideo { last_image: false } => vec![image_path(shared, id)],
+        EditKind::ImageToVideo { last_image: true } => vec![image_path(shared, id), last_image_path(shared, id)],
+        _ => vec![input_path(shared, id)],
     }
 }
 
 pub fn remove_files(shared: &Shared, id: &str) {
-    for path in [video_path(shared, id), thumbnail_path(shared, id), input_path(shared, id), image_path(shared, id)] {
+    let inputs = [input_path(shared, id), image_path(shared, id), last_image_path(shared, id)];
+    for path in [video_path(shared, id), thumbnail_path(shared, id)].into_iter().chain(inputs) {
         if let Err(e) = std::fs::remove_file(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), "cannot remove: {e}");
@@ -160,6 +167,7 @@ fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
         memory_limit: shared.config.memory_limit,
         text_encoder: shared.config.text_encoder,
         vae_tiling: shared.config.vae_tiling,
+        experts: shared.config.experts,
     };
     Pipeline::load(&dir, &options)
 }
@@ -173,6 +181,7 @@ pub fn to_request(settings: &Settings) -> GenerateRequest {
         num_frames: settings.num_frames,
         steps: settings.steps,
         guidance_scale: settings.guidance_scale,
+        guidance_scale_2: settings.guidance_scale_2,
         seed: settings.seed,
         fps: settings.fps,
         step_cache: settings.step_cache,
@@ -218,8 +227,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     };
     let result = match &job.settings.edit {
         None => pipeline.generate_with_progress(&request, &mut on_step),
-        Some(edit) => read_input(shared, &id, edit)
-            .and_then(|input| pipeline.fit_input(input, edit, &request))
+        Some(edit) => fitted_input(shared, pipeline, &id, edit, &request)
             .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step)),
     };
     shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -290,19 +298,38 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     shared.publish(&id);
 }
 
-/// The job's source video (or image, a clip of one frame) as frames, within the limits it was accepted under.
-fn read_input(shared: &Shared, id: &str, edit: &EditKind) -> kinetoscope::Result<InputVideo> {
-    let path = source_path(shared, id, edit);
+/// The job's source as `pipeline.run_edit` takes it for `edit`: its video, or its image, fitted to `request`; a
+/// first and a last image are fitted each on its own (they may differ in size), the last after the first.
+fn fitted_input(
+    shared: &Shared,
+    pipeline: &Pipeline,
+    id: &str,
+    edit: &EditKind,
+    request: &GenerateRequest,
+) -> kinetoscope::Result<InputVideo> {
     let limits = shared.config.limits.decode();
-    let frames = match edit {
-        EditKind::ImageToVideo => kinetoscope_video::read_image_with_limits(&path, &limits).map_err(|e| {
-            kinetoscope::Error::InvalidRequest { field: "input_reference", reason: format!("unreadable image: {e}") }
-        }),
-        _ => kinetoscope_video::read_frames_with_limits(&path, &limits).map_err(|e| {
-            kinetoscope::Error::InvalidRequest { field: "video", reason: format!("unreadable source video: {e}") }
-        }),
-    }?;
-    InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
+    let image = |path: PathBuf, field: &'static str| {
+        let frames = kinetoscope_video::read_image_with_limits(&path, &limits)
+            .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable image: {e}") })?;
+        let image = InputVideo::from_rgb8(frames.as_bytes(), 1, frames.height(), frames.width())?;
+        pipeline.fit_input(image, &EditKind::ImageToVideo { last_image: false }, request)
+    };
+    match edit {
+        EditKind::ImageToVideo { last_image } => {
+            let first = image(image_path(shared, id), "input_reference")?;
+            match last_image {
+                true => first.then(&image(last_image_path(shared, id), "last_image")?),
+                false => Ok(first),
+            }
+        }
+        _ => {
+            let frames = kinetoscope_video::read_frames_with_limits(&input_path(shared, id), &limits).map_err(|e| {
+                kinetoscope::Error::InvalidRequest { field: "video", reason: format!("unreadable source video: {e}") }
+            })?;
+            let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
+            pipeline.fit_input(input, edit, request)
+        }
+    }
 }
 
 /// `message` with the server's paths replaced by what they are: the job's own source, the model's folder,
@@ -312,6 +339,7 @@ pub fn redact(shared: &Shared, id: &str, message: &str) -> String {
     let mut named = vec![
         (input_path(shared, id), "the source video".to_string()),
         (image_path(shared, id), "the image".to_string()),
+        (last_image_path(shared, id), "the last image".to_string()),
         (config.data_dir.clone(), "<data>".to_string()),
         (std::path::PathBuf::from(&config.model), format!("<model {}>", config.model_name)),
     ];

@@ -1,5 +1,6 @@
 //! What a generation is conditioned on besides its prompt, as data the loop reads: latent frames held to a
-//! clip's (with a mask over latent time), or an image's latents held as the first frame. The loop (in
+//! clip's (with a mask over latent time), an image's latents held as the first frame, or latents and a mask
+//! concatenated to the model's input channels with an image encoder's tokens. The loop (in
 //! `denoise.rs`) applies them at fixed points of every step; the recipes (text-to-video, edits, image-to-video)
 //! only build them.
 
@@ -17,6 +18,20 @@ pub(crate) enum Conditioning<'a> {
     /// only and lets the scheduler carry its own first frame, which no other element depends on (every
     /// scheduler update is elementwise): putting it into the latents gives the same video.
     FirstFrame(&'a Tensor),
+    /// Wan 2.1 I2V/FLF2V and Wan 2.2 I2V-A14B: latents concatenated to the noise's channels before every
+    /// prediction, and (Wan 2.1) an image encoder's tokens beside the prompt's in cross-attention.
+    Channels(&'a Channels),
+}
+
+/// What an image-conditioned model of diffusers' `WanImageToVideoPipeline` (without `expand_timesteps`) reads
+/// besides the noise.
+pub(crate) struct Channels {
+    /// `[1, 4 + z_dim, T, h, w]`: which pixel frames are given (the mask, four frames per latent frame), then
+    /// the normalized latents of the given frames with gray between them.
+    pub(crate) latents: Tensor,
+    /// The image encoder's penultimate hidden states `[images, tokens, width]` (CLIP), for a transformer with an
+    /// image embedder; `None` for one without (Wan 2.2 I2V-A14B).
+    pub(crate) image_states: Option<Tensor>,
 }
 
 /// `latents` `[B, C, T, h, w]` with latent frame 0 replaced by `first` `[B, C, 1, h, w]`.

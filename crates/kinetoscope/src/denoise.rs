@@ -4,32 +4,106 @@
 //! the [`Conditioning`]; it never writes a loop of its own.
 
 use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
+use kinetoscope_models::wan::transformer::{self, Context, WanTransformer3DModel};
 
 use crate::conditioning::{with_first_frame, Conditioning};
 use crate::error::{Error, Result, StageContext};
 use crate::request::{GenerateRequest, Progress};
 use crate::scheduler::Scheduler;
 
-/// The network that predicts the flow velocity, in the precision it runs in.
+/// Builds an expert's network on the device from its memory-mapped weights.
+pub(crate) type LoadNetwork = Box<dyn Fn() -> Result<WanTransformer3DModel> + Send + Sync>;
+
+/// One network that predicts the flow velocity: the only one, or one of a two-expert model's.
+pub(crate) struct Expert {
+    /// Its folder in the model: `transformer`, or `transformer_2` (a two-expert model's low-noise network).
+    name: &'static str,
+    config: transformer::Config,
+    weights: Weights,
+}
+
+enum Weights {
+    /// On the device for the pipeline's life.
+    Resident(Arc<WanTransformer3DModel>),
+    /// On the device only while its steps run: `load` builds it again from the memory-mapped files.
+    Swapped { load: LoadNetwork, loaded: Mutex<Option<Arc<WanTransformer3DModel>>> },
+}
+
+impl Expert {
+    pub(crate) fn resident(name: &'static str, config: transformer::Config, network: WanTransformer3DModel) -> Self {
+        Expert { name, config, weights: Weights::Resident(Arc::new(network)) }
+    }
+
+    /// An expert loaded when its first step comes and released when another expert's does; `loaded` is the
+    /// network if it is on the device already.
+    pub(crate) fn swapped(
+        name: &'static str,
+        config: transformer::Config,
+        load: LoadNetwork,
+        loaded: Option<WanTransformer3DModel>,
+    ) -> Self {
+        Expert { name, config, weights: Weights::Swapped { load, loaded: Mutex::new(loaded.map(Arc::new)) } }
+    }
+
+    pub(crate) fn is_swapped(&self) -> bool {
+        matches!(self.weights, Weights::Swapped { .. })
+    }
+
+    /// The network on the device, loading it if it is swapped out; whether it had to be loaded.
+    fn acquire(&self) -> Result<(Arc<WanTransformer3DModel>, bool)> {
+        match &self.weights {
+            Weights::Resident(network) => Ok((network.clone(), false)),
+            Weights::Swapped { load, loaded } => {
+                let mut loaded = loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some(network) = loaded.as_ref() {
+                    return Ok((network.clone(), false));
+                }
+                let network = Arc::new(load()?);
+                *loaded = Some(network.clone());
+                Ok((network, true))
+            }
+        }
+    }
+
+    /// Lets a swapped expert's device memory go once no running step holds it.
+    fn release(&self) {
+        if let Weights::Swapped { loaded, .. } = &self.weights {
+            *loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        }
+    }
+}
+
+/// The network that predicts the flow velocity, in the precision it runs in: one transformer, or Wan 2.2
+/// A14B's two experts, the first for the high-noise steps and the second for the rest.
 pub(crate) struct Denoiser {
-    transformer: WanTransformer3DModel,
-    /// The transformer's patch `[t, h, w]`: per-token timesteps are laid out on its grid.
-    patch_size: [usize; 3],
+    experts: Vec<Expert>,
+    /// Two experts: the timestep from which down the second one runs, `boundary_ratio × num_train_timesteps`.
+    boundary: Option<f64>,
     dtype: DType,
     device: Device,
 }
 
 impl Denoiser {
-    pub(crate) fn new(
-        transformer: WanTransformer3DModel,
-        config: &transformer::Config,
-        dtype: DType,
-        device: Device,
-    ) -> Self {
-        Denoiser { transformer, patch_size: config.patch_size, dtype, device }
+    /// `experts` holds one network, or two with `boundary` set.
+    pub(crate) fn new(experts: Vec<Expert>, boundary: Option<f64>, dtype: DType, device: Device) -> Self {
+        debug_assert_eq!(experts.len(), if boundary.is_some() { 2 } else { 1 });
+        Denoiser { experts, boundary, dtype, device }
+    }
+
+    pub(crate) fn experts(&self) -> &[Expert] {
+        &self.experts
+    }
+
+    /// The expert of timestep `t`, as diffusers chooses it: the first while `t ≥ boundary`.
+    fn expert_at(&self, t: f32) -> usize {
+        match self.boundary {
+            Some(boundary) if f64::from(t) < boundary => 1,
+            _ => 0,
+        }
     }
 
     /// Runs `scheduler`'s steps from `first_step` (0-based) on `latents`, already at that step's noise level,
@@ -37,7 +111,9 @@ impl Denoiser {
     /// on, both branches run as one batch of two, and the step cache (when `request` asks for it) decides for
     /// the batch as a whole. `condition` is applied at fixed points of every step: held frames are put back
     /// after it at the noise level it reached; an image's first latent frame before every prediction, at
-    /// timestep 0. Progress counts the steps run.
+    /// timestep 0; channel-concatenated latents to every prediction's input. Each step runs the expert of its
+    /// timestep, with that expert's guidance scale; a swapped expert is loaded when its first step comes,
+    /// after the other is released. Progress counts the steps run and names their expert.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
         &self,
@@ -51,31 +127,63 @@ impl Denoiser {
     ) -> Result<Tensor> {
         const STAGE: &str = "denoising";
         scheduler.set_begin_index(first_step);
-        let text = self.transformer.embed_text(text).stage(STAGE)?;
         let batch = text.dim(0).stage(STAGE)?;
         let guidance = batch == 2;
         let timesteps = scheduler.timesteps()[first_step.min(request.steps)..].to_vec();
         let sigmas = scheduler.sigmas()[first_step.min(request.steps)..].to_vec();
-        let mut cache = request.step_cache.map(StepCache::new);
+        let image_states = match condition {
+            Conditioning::Channels(channels) => channels.image_states.as_ref(),
+            _ => None,
+        };
+        // The expert on the device, its embedded prompt (each expert has its own text projection) and its
+        // step cache (residuals of one network say nothing about another's).
+        let mut current: Option<(usize, Arc<WanTransformer3DModel>, Context)> = None;
+        let mut cache = None;
         for (i, &t) in timesteps.iter().enumerate() {
+            let index = self.expert_at(t);
+            let expert = &self.experts[index];
+            if current.as_ref().is_none_or(|(running, ..)| *running != index) {
+                if let Some((previous, ..)) = current.take() {
+                    self.experts[previous].release();
+                }
+                let start = Instant::now();
+                let (network, loaded) = expert.acquire()?;
+                if loaded {
+                    tracing::info!(expert = expert.name, seconds = start.elapsed().as_secs_f64(), "expert loaded");
+                }
+                let context = network.embed_context(text, image_states).stage(STAGE)?;
+                current = Some((index, network, context));
+                cache = request.step_cache.map(StepCache::new);
+            }
+            let Some((_, network, context)) = &current else { unreachable!("an expert was chosen above") };
             if let Conditioning::FirstFrame(image) = condition {
                 latents = with_first_frame(&latents, image).stage(STAGE)?;
             }
-            let input = latents.to_dtype(self.dtype).stage(STAGE)?;
+            let input = match condition {
+                Conditioning::Channels(channels) => Tensor::cat(&[&latents, &channels.latents], 1).stage(STAGE)?,
+                _ => latents.clone(),
+            };
+            let input = input.to_dtype(self.dtype).stage(STAGE)?;
             let input = if guidance { Tensor::cat(&[&input, &input], 0).stage(STAGE)? } else { input };
             let timestep = match condition {
-                Conditioning::FirstFrame(_) => self.first_frame_timesteps(&latents, t, batch).stage(STAGE)?,
+                Conditioning::FirstFrame(_) => {
+                    self.first_frame_timesteps(&latents, t, batch, expert.config.patch_size).stage(STAGE)?
+                }
                 _ => Tensor::full(t, batch, &self.device).stage(STAGE)?,
             };
             let (velocity, cached) = match &mut cache {
-                Some(cache) => cache.forward(&self.transformer, &input, &timestep, &text, i, timesteps.len()),
-                None => self.transformer.forward_embedded(&input, &timestep, &text).map(|v| (v, false)),
+                Some(cache) => cache.forward(network, &input, &timestep, context, i, timesteps.len()),
+                None => network.forward_embedded(&input, &timestep, context).map(|v| (v, false)),
             }
             .stage(STAGE)?;
             let velocity = velocity.to_dtype(DType::F32).stage(STAGE)?;
             let velocity = if guidance {
+                let scale = match index {
+                    0 => request.guidance_scale,
+                    _ => request.guidance_scale_2.unwrap_or(request.guidance_scale),
+                };
                 let (cond, uncond) = (velocity.i(0..1).stage(STAGE)?, velocity.i(1..2).stage(STAGE)?);
-                (&uncond + ((cond - &uncond).stage(STAGE)? * request.guidance_scale).stage(STAGE)?).stage(STAGE)?
+                (&uncond + ((cond - &uncond).stage(STAGE)? * scale).stage(STAGE)?).stage(STAGE)?
             } else {
                 velocity
             };
@@ -83,7 +191,8 @@ impl Denoiser {
             if let Conditioning::Hold(hold) = condition {
                 latents = hold.apply(&latents, sigmas[i + 1]).stage(STAGE)?;
             }
-            if on_step(Progress { step: i + 1, steps: timesteps.len(), cached }).is_break() {
+            let progress = Progress { step: i + 1, steps: timesteps.len(), cached, expert: expert.name };
+            if on_step(progress).is_break() {
                 return Err(Error::Cancelled { step: i + 1, steps: timesteps.len() });
             }
         }
@@ -95,9 +204,15 @@ impl Denoiser {
 
     /// Wan 2.2 TI2V's per-token timesteps `[batch, L]` for `latents` `[1, C, T, h, w]`: 0 for the tokens of the
     /// first latent frame (the image, already clean), `t` for the others.
-    fn first_frame_timesteps(&self, latents: &Tensor, t: f32, batch: usize) -> candle_core::Result<Tensor> {
+    fn first_frame_timesteps(
+        &self,
+        latents: &Tensor,
+        t: f32,
+        batch: usize,
+        patch_size: [usize; 3],
+    ) -> candle_core::Result<Tensor> {
         let (_, _, frames, h, w) = latents.dims5()?;
-        let [_, ph, pw] = self.patch_size;
+        let [_, ph, pw] = patch_size;
         let per_frame = (h / ph) * (w / pw);
         let image = Tensor::zeros(per_frame, DType::F32, &self.device)?;
         let rest = Tensor::full(t, (frames - 1) * per_frame, &self.device)?;
@@ -148,11 +263,11 @@ impl StepCache {
         transformer: &WanTransformer3DModel,
         input: &Tensor,
         timestep: &Tensor,
-        text: &Tensor,
+        context: &Context,
         step: usize,
         steps: usize,
     ) -> candle_core::Result<(Tensor, bool)> {
-        let embedded = transformer.embed(input, timestep, text)?;
+        let embedded = transformer.embed(input, timestep, context)?;
         let first = transformer.run_blocks(embedded.tokens(), 0..1, &embedded)?;
         let first_residual = (&first - embedded.tokens())?;
         let change = match &self.last_full {

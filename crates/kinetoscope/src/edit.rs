@@ -237,8 +237,12 @@ pub enum EditKind {
     Redo { start: usize, end: usize },
     /// `frames` added after the clip; see [`ExtendRequest`].
     Extend { frames: usize },
-    /// The source's first frame held as the video's first frame; see [`ImageRequest`].
-    ImageToVideo,
+    /// The source's first frame held as the video's first frame; see [`ImageRequest`]. With `last_image`,
+    /// the source's second frame is the video's last (a model whose `ModelShape::takes_last_image`).
+    ImageToVideo {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        last_image: bool,
+    },
 }
 
 impl Pipeline {
@@ -248,8 +252,8 @@ impl Pipeline {
     /// clip's own size rounded down to multiples of [`Pipeline::size_multiple`], every frame kept. To start from
     /// an image: its first frame, center cropped and resized to `request`'s size.
     pub fn fit_input(&self, input: InputVideo, edit: &EditKind, request: &GenerateRequest) -> Result<InputVideo> {
-        if let EditKind::ImageToVideo = edit {
-            return Ok(input.take_frames(1).fit(request.height, request.width));
+        if let EditKind::ImageToVideo { last_image } = *edit {
+            return Ok(input.take_frames(1 + usize::from(last_image)).fit(request.height, request.width));
         }
         if let EditKind::Extend { .. } = edit {
             let multiple = self.size_multiple();
@@ -287,7 +291,22 @@ impl Pipeline {
                 self.redo_with_progress(&RedoRequest { base, input, frames: start..end }, on_step)
             }
             EditKind::Extend { frames } => self.extend_with_progress(&ExtendRequest { base, input, frames }, on_step),
-            EditKind::ImageToVideo => self.image_to_video_with_progress(&ImageRequest { base, image: input }, on_step),
+            EditKind::ImageToVideo { last_image: false } => {
+                self.image_to_video_with_progress(&ImageRequest { base, image: input, last_image: None }, on_step)
+            }
+            EditKind::ImageToVideo { last_image: true } => {
+                if input.num_frames < 2 {
+                    return Err(Error::InvalidRequest {
+                        field: "last_image",
+                        reason: "a first-and-last-frame edit's source holds the two images as its two frames".into(),
+                    });
+                }
+                let (image, last) = (input.take_frame(0), input.take_frame(1));
+                self.image_to_video_with_progress(
+                    &ImageRequest { base, image: &image, last_image: Some(&last) },
+                    on_step,
+                )
+            }
         }
     }
 }
@@ -296,7 +315,7 @@ impl Pipeline {
 pub fn edit_steps(edit: &EditKind, steps: usize) -> Result<usize> {
     match *edit {
         EditKind::VideoToVideo { strength } => Ok(steps - first_step(steps, strength)?),
-        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo => Ok(steps),
+        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo { .. } => Ok(steps),
     }
 }
 

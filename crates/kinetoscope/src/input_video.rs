@@ -36,6 +36,30 @@ impl InputVideo {
         self
     }
 
+    /// Frame `index` alone, copied (the last frame when there are fewer).
+    pub fn take_frame(&self, index: usize) -> Self {
+        let index = index.min(self.num_frames.saturating_sub(1));
+        let pixels = self.height * self.width * 3;
+        InputVideo { frames: self.frames[index * pixels..(index + 1) * pixels].to_vec(), num_frames: 1, ..*self }
+    }
+
+    /// This clip followed by `next`'s frames, which must be of the same size (two images fitted to one video's
+    /// size, for a first-and-last-frame generation).
+    pub fn then(mut self, next: &InputVideo) -> Result<Self> {
+        if (next.height, next.width) != (self.height, self.width) {
+            return Err(Error::InvalidRequest {
+                field: "last_image",
+                reason: format!(
+                    "frames of {}x{} can't follow frames of {}x{}: fit both to the video's size first",
+                    next.width, next.height, self.width, self.height
+                ),
+            });
+        }
+        self.frames.extend_from_slice(&next.frames);
+        self.num_frames += next.num_frames;
+        Ok(self)
+    }
+
     /// The last `num_frames` frames (all of them when there are fewer), copied.
     pub fn last_frames(&self, num_frames: usize) -> Self {
         let num_frames = self.num_frames.min(num_frames);

@@ -1,5 +1,5 @@
-//! Kinetoscope: text- and image-to-video with open-weight spacetime latent diffusion models (Wan 2.1 T2V, Wan 2.2
-//! TI2V), offline.
+//! Kinetoscope: text- and image-to-video with open-weight spacetime latent diffusion models (Wan 2.1 T2V, I2V and
+//! FLF2V, Wan 2.2 TI2V and the two-expert A14B models), offline.
 //!
 //! ```no_run
 //! use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
@@ -14,6 +14,7 @@ mod denoise;
 mod device;
 mod edit;
 mod error;
+mod image_encoder;
 mod image_to_video;
 mod input_video;
 mod memory;
@@ -42,5 +43,5 @@ pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
 pub use registry::{models, verify, ModelManifest, VerifyReport};
-pub use request::{GenerateRequest, LoadOptions, MemoryLimit, Progress, Timings, VaeTiling, Video};
+pub use request::{ExpertPlacement, GenerateRequest, LoadOptions, MemoryLimit, Progress, Timings, VaeTiling, Video};
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};

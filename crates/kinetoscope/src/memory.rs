@@ -73,7 +73,8 @@ pub struct WorkingMemory {
 #[derive(Debug, Clone)]
 struct Networks {
     text: umt5::Config,
-    transformer: transformer::Config,
+    /// One transformer, or a two-expert model's two: a step needs the larger one's memory.
+    transformers: Vec<transformer::Config>,
     vae: vae::Config,
 }
 
@@ -92,12 +93,13 @@ impl MemoryBudget {
     pub(crate) fn new(
         limit: Option<u64>,
         text: &umt5::Config,
-        transformer: &transformer::Config,
+        transformers: &[&transformer::Config],
         vae: &vae::Config,
         vae_tiling: VaeTiling,
         text_weight_bytes: u64,
     ) -> Self {
-        let networks = Networks { text: text.clone(), transformer: transformer.clone(), vae: vae.clone() };
+        let transformers = transformers.iter().map(|&cfg| cfg.clone()).collect();
+        let networks = Networks { text: text.clone(), transformers, vae: vae.clone() };
         MemoryBudget { limit, networks, vae_tiling, text_weight_bytes }
     }
 
@@ -135,7 +137,12 @@ impl MemoryBudget {
         let batch = if guidance { 2 } else { 1 };
         WorkingMemory {
             text_encoding: text_encoding_bytes(&net.text, max_sequence_length) + self.text_weight_bytes,
-            denoising_step: denoising_step_bytes(&net.transformer, latent, batch, max_sequence_length),
+            denoising_step: net
+                .transformers
+                .iter()
+                .map(|cfg| denoising_step_bytes(cfg, latent, batch, max_sequence_length))
+                .max()
+                .unwrap_or(0),
             vae_decoding: vae_decoding_bytes(&net.vae, latent, self.decode_tiling(latent, None)),
         }
     }
@@ -152,6 +159,19 @@ impl MemoryBudget {
         let (f, h, w, _) = frames.dims4().stage("VAE encoding")?;
         check(limit, "VAE encoding", vae_encoding_bytes(&self.networks.vae, f, h, w))
     }
+}
+
+/// Working memory assumed for a request when deciding, at load and without a memory limit, whether a
+/// two-expert model's second expert may stay on the GPU beside the first.
+const EXPERT_HEADROOM_BYTES: u64 = 8 << 30;
+
+/// Whether a two-expert model keeps its second expert (`weight_bytes` on the device) beside the first, for
+/// `ExpertPlacement::Auto`: on the CPU always (the weights are in host memory either way); on a GPU when the
+/// memory free now holds them and, beside them, the memory limit's worth of working memory (without a limit,
+/// [`EXPERT_HEADROOM_BYTES`]). Otherwise the experts swap at the boundary and only one is ever resident.
+pub(crate) fn second_expert_fits(weight_bytes: u64, limit: Option<u64>, device: &candle_core::Device) -> bool {
+    crate::device::gpu_memory_free(device)
+        .is_none_or(|free| weight_bytes.saturating_add(limit.unwrap_or(EXPERT_HEADROOM_BYTES)) <= free)
 }
 
 fn check(limit: u64, stage: &'static str, needed_bytes: u64) -> Result<()> {
@@ -208,7 +228,8 @@ fn denoising_step_bytes(cfg: &transformer::Config, latent: LatentShape, batch: u
     let feed_forward = 2 * batch * tokens * cfg.ffn_dim * F32;
     let heads = batch * cfg.num_attention_heads;
     let scores = score_bytes(heads, tokens, tokens).max(score_bytes(heads, tokens, text_tokens));
-    let latents = 8 * batch * channels * t * h * w * F32;
+    // An image-conditioned model's input carries the mask and the image's latents beside the noise.
+    let latents = 8 * batch * channels.max(cfg.in_channels) * t * h * w * F32;
     let text = 2 * batch * text_tokens * dim * F32;
     with_headroom(stream + feed_forward.max(scores) + latents + text)
 }
@@ -321,7 +342,7 @@ mod tests {
         .unwrap();
         let text =
             umt5::Config { d_model: 4096, d_kv: 64, d_ff: 10240, num_layers: 24, num_heads: 64, ..Default::default() };
-        Networks { text, transformer, vae: vae::Config::default() }
+        Networks { text, transformers: vec![transformer], vae: vae::Config::default() }
     }
 
     const MIB: f64 = (1 << 20) as f64;
@@ -352,7 +373,7 @@ mod tests {
     fn denoising_step_counts_the_stream_and_the_blocked_scores() {
         let net = wan_1_3b();
         let l: usize = 21 * 30 * 52;
-        let bytes = denoising_step_bytes(&net.transformer, [1, 16, 21, 60, 104], 2, 512);
+        let bytes = denoising_step_bytes(&net.transformers[0], [1, 16, 21, 60, 104], 2, 512);
         let stream = 12 * 2 * l * 1536 * 4;
         let feed_forward = 2 * 2 * l * 8960 * 4;
         let scores = 2 * 4 * 24 * 512 * l;
@@ -360,7 +381,7 @@ mod tests {
         let want = (stream + feed_forward + 8 * 2 * 16 * 21 * 60 * 104 * 4 + 2 * 2 * 512 * 1536 * 4) as f64 / MIB;
         assert!((counted_mib(bytes) - want).abs() < 1e-6, "{} vs {want}", counted_mib(bytes));
         // A short clip: every query row at once, L² scores.
-        let small = denoising_step_bytes(&net.transformer, [1, 16, 1, 4, 4], 1, 8);
+        let small = denoising_step_bytes(&net.transformers[0], [1, 16, 1, 4, 4], 1, 8);
         let want = (12 * 4 * 1536 * 4 + 2 * 4 * 8960 * 4 + 8 * 16 * 16 * 4 + 2 * 8 * 1536 * 4) as f64 / MIB;
         assert!((counted_mib(small) - want).abs() < 1e-6);
     }

@@ -54,9 +54,23 @@ pub(crate) struct ModelIndex {
     /// Wan 2.2 TI2V: one timestep per latent token, so that an image's first frame can sit at timestep 0.
     #[serde(default)]
     pub(crate) expand_timesteps: bool,
-    /// Wan 2.2 A14B: the timestep where a second transformer (`transformer_2`) takes over.
+    /// Wan 2.2 A14B: the fraction of the training timesteps below which the second transformer
+    /// (`transformer_2`, the low-noise expert) takes over.
     #[serde(default)]
-    boundary_ratio: Option<f64>,
+    pub(crate) boundary_ratio: Option<f64>,
+    /// Everything else: component folders as `[library, class]` (`[null, null]` for an empty slot), and
+    /// settings this code doesn't read.
+    #[serde(flatten)]
+    entries: BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Whether the pipeline has a component in folder `name` (`transformer_2`, `image_encoder`): an entry
+    /// naming a library and a class.
+    pub(crate) fn has_component(&self, name: &str) -> bool {
+        matches!(self.entries.get(name), Some(serde_json::Value::Array(pair))
+            if pair.len() == 2 && pair.iter().all(serde_json::Value::is_string))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +115,11 @@ impl ModelDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// `org/name`, for a folder found in the Hugging Face cache.
+    pub fn repo_id(&self) -> Option<&str> {
+        self.repo_id.as_deref()
     }
 
     pub fn component(&self, name: &str) -> PathBuf {
@@ -187,16 +206,22 @@ impl ModelDir {
     pub(crate) fn model_index(&self) -> Result<ModelIndex> {
         let path = self.require_file("model_index.json", "model_index.json")?;
         let index: ModelIndex = read_json(&path)?;
-        if let Some(ratio) = index.boundary_ratio {
-            return Err(Error::Config {
-                path,
-                reason: format!(
-                    "boundary_ratio {ratio}: two-expert pipelines (Wan 2.2 A14B, a second transformer for the \
-                     low-noise steps) are not supported; Wan 2.1 T2V and Wan 2.2 TI2V-5B are"
-                ),
-            });
+        let invalid = |reason: String| Err(Error::Config { path: path.clone(), reason });
+        match (index.boundary_ratio, index.has_component("transformer_2")) {
+            (Some(ratio), true) if !(ratio > 0.0 && ratio < 1.0) => {
+                invalid(format!("boundary_ratio {ratio} must lie strictly between 0 and 1"))
+            }
+            (Some(ratio), false) => invalid(format!(
+                "boundary_ratio {ratio} hands the low-noise steps to a second transformer, but transformer_2 is \
+                 not one of the components"
+            )),
+            (None, true) => invalid(
+                "transformer_2 (a low-noise expert) is a component but boundary_ratio, the timestep where it takes \
+                 over, is not set"
+                    .into(),
+            ),
+            _ => Ok(index),
         }
-        Ok(index)
     }
 
     pub fn identity(&self) -> Result<ModelIdentity> {
@@ -206,6 +231,9 @@ impl ModelDir {
             ("scheduler", "scheduler_config.json"),
             ("text_encoder", "config.json"),
             ("transformer", "config.json"),
+            ("transformer_2", "config.json"),
+            ("image_encoder", "config.json"),
+            ("image_processor", "preprocessor_config.json"),
             ("vae", "config.json"),
         ] {
             let path = self.component(component).join(file);

@@ -9,12 +9,13 @@ use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
 
 use crate::conditioning::Conditioning;
-use crate::denoise::Denoiser;
+use crate::denoise::{Denoiser, Expert, LoadNetwork};
 use crate::error::{Error, Result, StageContext};
+use crate::image_encoder::ImageEncoder;
 use crate::memory::{MemoryBudget, WorkingMemory};
-use crate::model_dir::{ModelDir, ModelIdentity};
+use crate::model_dir::{ModelDir, ModelIdentity, ModelIndex};
 use crate::noise;
-use crate::request::{GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
+use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::SchedulerConfig;
 use crate::text::{TextEncoder, TextEncoderPlacement};
 
@@ -24,6 +25,8 @@ pub struct Pipeline {
     dtype: DType,
     text_encoder: TextEncoder,
     denoiser: Denoiser,
+    /// Wan 2.1 I2V/FLF2V's CLIP image encoder.
+    image_encoder: Option<ImageEncoder>,
     vae: AutoencoderKLWan,
     vae_config: vae::Config,
     scheduler_config: SchedulerConfig,
@@ -42,9 +45,18 @@ pub struct ModelShape {
     pub frame_multiple: usize,
     /// The scheduler's training timesteps: the most steps a request may take.
     pub max_steps: usize,
-    /// Whether the model takes one timestep per token (`expand_timesteps`) and so can hold an image as its
-    /// first frame.
+    /// Whether the model can start from an image: Wan 2.2 TI2V (one timestep per token, `expand_timesteps`,
+    /// holds it as the first frame), and the image-to-video models (Wan 2.1 I2V/FLF2V, Wan 2.2 I2V-A14B).
     pub takes_image: bool,
+    /// Whether the model generates only from an image (its transformer reads the image's latents as input
+    /// channels): text-to-video is refused.
+    pub needs_image: bool,
+    /// Whether the model can end on a given last frame too (diffusers' `last_image`): an image-to-video model
+    /// without an image encoder (Wan 2.2 I2V-A14B), or one whose image embedder has the two images' position
+    /// embedding (Wan 2.1 FLF2V).
+    pub takes_last_image: bool,
+    /// Wan 2.2 A14B: a high-noise and a low-noise expert, each with its guidance scale.
+    pub two_experts: bool,
 }
 
 impl ModelShape {
@@ -53,21 +65,26 @@ impl ModelShape {
         let transformer_config: transformer::Config = dir.config("transformer", "config.json")?;
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
-        Ok(Self::of(&transformer_config, &vae_config, &scheduler_config, dir.model_index()?.expand_timesteps))
+        Ok(Self::of(&transformer_config, &vae_config, &scheduler_config, &dir.model_index()?))
     }
 
     fn of(
         transformer_config: &transformer::Config,
         vae_config: &vae::Config,
         scheduler_config: &SchedulerConfig,
-        expand_timesteps: bool,
+        index: &ModelIndex,
     ) -> Self {
+        let channels = transformer_config.in_channels != transformer_config.out_channels();
+        let image_embedder = transformer_config.image_dim.is_some();
         ModelShape {
             size_multiple: vae_config.spatial_compression()
                 * transformer_config.patch_size[1].max(transformer_config.patch_size[2]),
             frame_multiple: 1 << vae_config.temperal_downsample.iter().filter(|d| **d).count(),
             max_steps: scheduler_config.num_train_timesteps,
-            takes_image: expand_timesteps,
+            takes_image: index.expand_timesteps || channels,
+            needs_image: channels,
+            takes_last_image: channels && (!image_embedder || transformer_config.pos_embed_seq_len.is_some()),
+            two_experts: index.has_component("transformer_2"),
         }
     }
 
@@ -89,6 +106,19 @@ impl ModelShape {
         if request.steps == 0 || request.steps > self.max_steps {
             return invalid("steps", format!("{} is outside 1..={}", request.steps, self.max_steps));
         }
+        if let Some(scale) = request.guidance_scale_2 {
+            if !self.two_experts {
+                return invalid(
+                    "guidance_scale_2",
+                    "the model has one transformer; a second guidance scale is for the low-noise expert of a \
+                     two-expert model (Wan 2.2 A14B)"
+                        .into(),
+                );
+            }
+            if !scale.is_finite() || scale < 0.0 {
+                return invalid("guidance_scale_2", format!("{scale} must be a finite number ≥ 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -106,23 +136,28 @@ impl Pipeline {
 
         let text_encoder = TextEncoder::load(dir, dtype, &device, options.text_encoder)?;
 
-        let transformer_config: transformer::Config = dir.config("transformer", "config.json")?;
-        let weights_error = |component: &'static str| {
-            let path = dir.component(component);
-            move |e: candle_core::Error| Error::Weights { component, path, reason: e.to_string() }
-        };
-        let transformer =
-            WanTransformer3DModel::new(&transformer_config, dir.var_builder("transformer", dtype, &device)?)
-                .map_err(weights_error("transformer"))?;
-
         // The VAE runs in f32 whatever `dtype` is: its output is the video itself (half-precision decodes
         // are where black and NaN frames come from), and it runs once per video, not once per step. With
         // half-precision networks on a GPU its products use TF32, as diffusers' do under PyTorch (`with_tf32`).
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
         let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
-            .map_err(weights_error("vae"))?;
+            .map_err(|e| Error::Weights { component: "vae", path: dir.component("vae"), reason: e.to_string() })?;
 
-        crate::registry::check_configs_agree(dir, &transformer_config, text_encoder.dim(), &vae_config)?;
+        let names: &[&'static str] =
+            if index.has_component("transformer_2") { &["transformer", "transformer_2"] } else { &["transformer"] };
+        let configs = names
+            .iter()
+            .map(|name| {
+                let config: transformer::Config = dir.config(name, "config.json")?;
+                crate::registry::check_configs_agree(dir, name, &config, text_encoder.dim(), &vae_config)?;
+                Ok(config)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let image_encoder = match index.has_component("image_encoder") {
+            true => Some(ImageEncoder::load(dir, dtype, &device)?),
+            false => None,
+        };
+        crate::registry::check_image_conditioning(dir, &configs[0], image_encoder.as_ref().map(ImageEncoder::width))?;
         if let VaeTiling::On(tiling) = options.vae_tiling {
             let reason = |e: candle_core::Error| Error::InvalidRequest { field: "vae_tiling", reason: e.to_string() };
             tiling.check(vae_config.spatial_compression()).map_err(reason)?;
@@ -136,19 +171,22 @@ impl Pipeline {
         let memory = MemoryBudget::new(
             options.memory_limit,
             text_encoder.config(),
-            &transformer_config,
+            &configs.iter().collect::<Vec<_>>(),
             &vae_config,
             options.vae_tiling,
             text_weight_bytes,
         );
-        let shape = ModelShape::of(&transformer_config, &vae_config, &scheduler_config, index.expand_timesteps);
-        let denoiser = Denoiser::new(transformer, &transformer_config, dtype, device.clone());
+        let shape = ModelShape::of(&configs[0], &vae_config, &scheduler_config, &index);
+        let boundary = index.boundary_ratio.map(|ratio| ratio * scheduler_config.num_train_timesteps as f64);
+        let experts = load_experts(dir, names, configs, options)?;
+        let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());
         Ok(Pipeline {
             identity,
             device,
             dtype,
             text_encoder,
             denoiser,
+            image_encoder,
             vae,
             vae_config,
             scheduler_config,
@@ -183,6 +221,20 @@ impl Pipeline {
     /// [`Pipeline::image_to_video`].
     pub fn takes_image(&self) -> bool {
         self.shape.takes_image
+    }
+
+    /// Where a two-expert model's experts live (`Resident` or `Swap`, as `ExpertPlacement::Auto` resolved);
+    /// `None` for a model with one network.
+    pub fn expert_placement(&self) -> Option<ExpertPlacement> {
+        match self.denoiser.experts() {
+            [_, second] if second.is_swapped() => Some(ExpertPlacement::Swap),
+            [_, _] => Some(ExpertPlacement::Resident),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn image_encoder(&self) -> Option<&ImageEncoder> {
+        self.image_encoder.as_ref()
     }
 
     /// See [`ModelShape::size_multiple`].
@@ -281,6 +333,16 @@ impl Pipeline {
         condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Tensor, Timings)> {
+        if self.shape.needs_image && !matches!(condition, Conditioning::Channels(_)) {
+            return Err(Error::InvalidRequest {
+                field: "image",
+                reason: format!(
+                    "the model {} generates from an image (image-to-video): give one (Pipeline::image_to_video, \
+                     --image)",
+                    self.identity.path.display()
+                ),
+            });
+        }
         let mut timings = Timings::default();
         crate::device::reset_peak_gpu_memory(&self.device);
 
@@ -298,8 +360,12 @@ impl Pipeline {
         tracing::debug!(seconds = timings.text_encoding_s, "text encoded");
 
         let start = Instant::now();
+        let two_experts = self.shape.two_experts;
         let latents = self.denoise_held(latents, &text, request, first_step, condition, &mut |progress| {
             timings.cached_steps += usize::from(progress.cached);
+            if two_experts {
+                timings.experts.push(progress.expert);
+            }
             on_step(progress)
         })?;
         timings.denoising_s = start.elapsed().as_secs_f64();
@@ -423,6 +489,52 @@ impl Pipeline {
         let video = ((video * 0.5).and_then(|v| v + 0.5)).and_then(|v| v.clamp(0f32, 1f32));
         let frames = video.and_then(|v| v.permute((0, 2, 3, 4, 1))).and_then(|v| v.contiguous()).stage(STAGE)?;
         Ok((frames, tiling))
+    }
+}
+
+/// The model's networks on the device: one, or a two-expert model's two, both resident or swapped as
+/// [`ExpertPlacement`] says. The first is loaded now either way, so that bad weights fail the load; a swapped
+/// second expert has its tensors checked against its files' headers without reading them.
+fn load_experts(
+    dir: &ModelDir,
+    names: &[&'static str],
+    configs: Vec<transformer::Config>,
+    options: &LoadOptions,
+) -> Result<Vec<Expert>> {
+    let loader =
+        |name: &'static str, config: &transformer::Config| -> LoadNetwork {
+            let (dir, config, dtype, device) = (dir.clone(), config.clone(), options.dtype, options.device.clone());
+            Box::new(move || {
+                WanTransformer3DModel::new(&config, dir.var_builder(name, dtype, &device)?)
+                    .map_err(|e| Error::Weights { component: name, path: dir.component(name), reason: e.to_string() })
+            })
+        };
+    let mut configs = configs.into_iter();
+    let first_config = configs.next().expect("a model has a transformer");
+    let first = loader(names[0], &first_config)()?;
+    let Some(second_config) = configs.next() else {
+        return Ok(vec![Expert::resident(names[0], first_config, first)]);
+    };
+    let second = names[1];
+    let swap = match options.experts {
+        ExpertPlacement::Resident => false,
+        ExpertPlacement::Swap => true,
+        ExpertPlacement::Auto => {
+            let parameters = crate::registry::check_transformer_weights(dir, second, &second_config)?.parameters;
+            let weight_bytes = parameters * options.dtype.size_in_bytes() as u64;
+            !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
+        }
+    };
+    if swap {
+        crate::registry::check_transformer_weights(dir, second, &second_config)?;
+        let (load_first, load_second) = (loader(names[0], &first_config), loader(second, &second_config));
+        Ok(vec![
+            Expert::swapped(names[0], first_config, load_first, Some(first)),
+            Expert::swapped(second, second_config, load_second, None),
+        ])
+    } else {
+        let network = loader(second, &second_config)()?;
+        Ok(vec![Expert::resident(names[0], first_config, first), Expert::resident(second, second_config, network)])
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use kinetoscope_models::clip::{self, ClipVisionModel};
 use kinetoscope_models::umt5::{self, UMT5Encoder};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
@@ -26,10 +27,18 @@ use crate::model_dir::{read_json, ModelDir};
 use crate::request::GenerateRequest;
 use crate::scheduler::SchedulerConfig;
 
-const MANIFESTS: [&str; 3] = [
+/// In the order a folder is matched against them: within a family, an entry whose configs are a superset of
+/// another's comes first (FLF2V's position embedding before I2V), and where configs can't tell entries apart
+/// (Wan 2.1 I2V 480P and 720P) a folder from the Hugging Face cache is the entry of its repository.
+const MANIFESTS: [&str; 8] = [
     include_str!("../../../models/registry/wan2.1-t2v-1.3b.json"),
     include_str!("../../../models/registry/wan2.1-t2v-14b.json"),
     include_str!("../../../models/registry/wan2.2-ti2v-5b.json"),
+    include_str!("../../../models/registry/wan2.2-t2v-a14b.json"),
+    include_str!("../../../models/registry/wan2.2-i2v-a14b.json"),
+    include_str!("../../../models/registry/wan2.1-flf2v-14b-720p.json"),
+    include_str!("../../../models/registry/wan2.1-i2v-14b-480p.json"),
+    include_str!("../../../models/registry/wan2.1-i2v-14b-720p.json"),
 ];
 
 /// The precision the networks are built in while verifying. A few constructors re-lay-out their weights (the
@@ -76,16 +85,20 @@ pub struct Defaults {
     pub fps: u32,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// A two-expert model's guidance for its low-noise expert.
+    #[serde(default)]
+    pub guidance_scale_2: Option<f64>,
     pub shift: f64,
 }
 
 impl Defaults {
-    /// Sets the fields of `request` that these defaults cover: size, frames, frame rate, steps, guidance and
+    /// Sets the fields of `request` that these defaults cover: size, frames, frame rate, steps, guidance(s) and
     /// shift.
     pub fn apply(&self, request: &mut GenerateRequest) {
         (request.width, request.height, request.num_frames, request.fps) =
             (self.width, self.height, self.num_frames, self.fps);
         (request.steps, request.guidance_scale, request.shift) = (self.steps, self.guidance_scale, Some(self.shift));
+        request.guidance_scale_2 = self.guidance_scale_2;
     }
 }
 
@@ -177,42 +190,81 @@ pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
     let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
     scheduler.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
     let text_cfg: umt5::Config = dir.config("text_encoder", "config.json")?;
-    let transformer_cfg: transformer::Config = dir.config("transformer", "config.json")?;
     let vae_cfg: vae::Config = dir.config("vae", "config.json")?;
-    check_configs_agree(dir, &transformer_cfg, text_cfg.d_model, &vae_cfg)?;
-
-    let weights = vec![
-        check_weights(dir, "text_encoder", |vb| UMT5Encoder::new(&text_cfg, vb).map(drop))?,
-        check_weights(dir, "transformer", |vb| WanTransformer3DModel::new(&transformer_cfg, vb).map(drop))?,
-        check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?,
-    ];
+    let mut weights = vec![check_weights(dir, "text_encoder", |vb| UMT5Encoder::new(&text_cfg, vb).map(drop))?];
+    let model_index = dir.model_index()?;
+    let image_encoder = match model_index.has_component("image_encoder") {
+        true => Some(dir.config::<clip::Config>("image_encoder", "config.json")?),
+        false => None,
+    };
+    for component in ["transformer", "transformer_2"] {
+        if component == "transformer" || model_index.has_component(component) {
+            let cfg: transformer::Config = dir.config(component, "config.json")?;
+            check_configs_agree(dir, component, &cfg, text_cfg.d_model, &vae_cfg)?;
+            check_image_conditioning(dir, &cfg, image_encoder.as_ref().map(|c| c.hidden_size))?;
+            weights.push(check_transformer_weights(dir, component, &cfg)?);
+        }
+    }
+    if let Some(cfg) = &image_encoder {
+        weights.push(check_weights(dir, "image_encoder", |vb| ClipVisionModel::new(cfg, vb).map(drop))?);
+    }
+    weights.push(check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?);
     let model = entry_in(dir, family)?;
     Ok(VerifyReport { root: dir.root().to_path_buf(), family: family.family.clone(), model, weights })
 }
 
-/// The transformer's inputs must be as wide as what feeds them: the text encoder's states and the VAE's
-/// latents.
+/// The transformer in folder `component` must be as wide as what feeds it: the text encoder's states and the
+/// VAE's latents (with an image-to-video model's mask and image latents concatenated to them).
 pub(crate) fn check_configs_agree(
     dir: &ModelDir,
+    component: &str,
     transformer: &transformer::Config,
     text_dim: usize,
     vae: &vae::Config,
 ) -> Result<()> {
-    let mismatch =
-        |reason: String| Err(Error::Config { path: dir.component("transformer").join("config.json"), reason });
+    let mismatch = |reason: String| Err(Error::Config { path: dir.component(component).join("config.json"), reason });
     if transformer.text_dim != text_dim {
         return mismatch(format!(
             "text_dim {} doesn't match the text encoder's d_model {text_dim}",
             transformer.text_dim
         ));
     }
-    if transformer.in_channels != vae.z_dim {
+    let z = vae.z_dim;
+    if transformer.out_channels() != z {
+        return mismatch(format!("out_channels {} doesn't match the VAE's z_dim {z}", transformer.out_channels()));
+    }
+    // Image-to-video: the noise, then a mask of one channel per frame of a latent frame's time, then the image
+    // latents.
+    let mask_channels = 1 << vae.temperal_downsample.iter().filter(|d| **d).count();
+    let (in_channels, image_to_video) = (transformer.in_channels, 2 * z + mask_channels);
+    if in_channels != z && in_channels != image_to_video {
         return mismatch(format!(
-            "in_channels {} doesn't match the VAE's z_dim {}",
-            transformer.in_channels, vae.z_dim
+            "in_channels {in_channels} is neither the VAE's z_dim {z} (text-to-video) nor {image_to_video} (image-to-video: \
+             noise, a {mask_channels}-channel mask and the image's latents)"
         ));
     }
     Ok(())
+}
+
+/// An image encoder and the transformer's image embedder come together, as wide as each other.
+pub(crate) fn check_image_conditioning(
+    dir: &ModelDir,
+    transformer: &transformer::Config,
+    image_encoder_width: Option<usize>,
+) -> Result<()> {
+    let reason = match (transformer.image_dim, image_encoder_width) {
+        (Some(dim), Some(width)) if dim != width => {
+            format!("image_dim {dim} doesn't match the image encoder's hidden_size {width}")
+        }
+        (Some(dim), None) => format!(
+            "image_dim {dim}: the transformer embeds image-encoder tokens, but model_index.json lists no image_encoder"
+        ),
+        (None, Some(_)) => "model_index.json lists an image_encoder, but the transformer has no image_dim to embed \
+                            its tokens with"
+            .to_string(),
+        _ => return Ok(()),
+    };
+    Err(Error::Config { path: dir.component("transformer").join("config.json"), reason })
 }
 
 fn show(value: Option<&serde_json::Value>) -> String {
@@ -226,32 +278,69 @@ pub fn identify(dir: &ModelDir) -> Result<Option<&'static ModelManifest>> {
     entry_in(dir, family_of(dir)?)
 }
 
-/// The first registry entry of the family whose pipeline `dir`'s `model_index.json` configures.
+/// The first registry entry of the family whose pipeline `dir`'s `model_index.json` configures: its class,
+/// `expand_timesteps`, and which optional networks it has (a low-noise expert, an image encoder).
 fn family_of(dir: &ModelDir) -> Result<&'static ModelManifest> {
     let index = dir.model_index()?;
-    let expand_timesteps = index.expand_timesteps;
-    models().iter().find(|m| m.pipeline_class == index.class_name && m.expand_timesteps == expand_timesteps).ok_or_else(
-        || Error::Config {
-            path: dir.root().join("model_index.json"),
-            reason: format!(
-                "pipeline class {} with expand_timesteps {expand_timesteps} is not supported (supported: {})",
-                index.class_name,
-                models()
-                    .iter()
-                    .map(|m| format!("{} with expand_timesteps {}", m.pipeline_class, m.expand_timesteps))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    )
+    let layout = Layout::of(|name| index.has_component(name), index.class_name.clone(), index.expand_timesteps);
+    models().iter().find(|m| m.layout() == layout).ok_or_else(|| Error::Config {
+        path: dir.root().join("model_index.json"),
+        reason: format!(
+            "{layout} is not supported (supported: {})",
+            models().iter().map(|m| m.layout().to_string()).collect::<Vec<_>>().join("; ")
+        ),
+    })
 }
 
-/// The registry entry of `family`'s pipeline whose every identifying config value the folder's configs have.
+/// What tells the families apart: the pipeline class, `expand_timesteps`, and the optional networks.
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    pipeline_class: String,
+    expand_timesteps: bool,
+    two_experts: bool,
+    image_encoder: bool,
+}
+
+impl Layout {
+    fn of(has: impl Fn(&str) -> bool, pipeline_class: String, expand_timesteps: bool) -> Self {
+        Layout {
+            pipeline_class,
+            expand_timesteps,
+            two_experts: has("transformer_2"),
+            image_encoder: has("image_encoder"),
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pipeline class {}", self.pipeline_class)?;
+        if self.expand_timesteps {
+            f.write_str(" with expand_timesteps")?;
+        }
+        if self.two_experts {
+            f.write_str(" with transformer_2")?;
+        }
+        if self.image_encoder {
+            f.write_str(" with an image_encoder")?;
+        }
+        Ok(())
+    }
+}
+
+impl ModelManifest {
+    fn layout(&self) -> Layout {
+        let has = |name: &str| self.components.contains_key(name);
+        Layout::of(has, self.pipeline_class.clone(), self.expand_timesteps)
+    }
+}
+
+/// The registry entry of `family`'s pipeline whose every identifying config value the folder's configs have;
+/// of several, the one of the folder's Hugging Face repository, else the first.
 fn entry_in(dir: &ModelDir, family: &ModelManifest) -> Result<Option<&'static ModelManifest>> {
     let mut configs: HashMap<&str, serde_json::Value> = HashMap::new();
-    let same_pipeline =
-        |m: &&ModelManifest| m.pipeline_class == family.pipeline_class && m.expand_timesteps == family.expand_timesteps;
-    for model in models().iter().filter(same_pipeline) {
+    let mut matching = Vec::new();
+    for model in models().iter().filter(|m| m.layout() == family.layout()) {
         let mut matches = true;
         for (component, expected) in &model.configs {
             if !configs.contains_key(component.as_str()) {
@@ -262,10 +351,20 @@ fn entry_in(dir: &ModelDir, family: &ModelManifest) -> Result<Option<&'static Mo
             matches &= expected.iter().all(|(key, value)| config.get(key) == Some(value));
         }
         if matches {
-            return Ok(Some(model));
+            matching.push(model);
         }
     }
-    Ok(None)
+    let of_repo = matching.iter().find(|m| dir.repo_id() == Some(m.repo_id.as_str()));
+    Ok(of_repo.or(matching.first()).copied())
+}
+
+/// Checks the tensors a transformer in folder `component` needs against its files' headers (no data read).
+pub(crate) fn check_transformer_weights(
+    dir: &ModelDir,
+    component: &'static str,
+    config: &transformer::Config,
+) -> Result<WeightsReport> {
+    check_weights(dir, component, |vb| WanTransformer3DModel::new(config, vb).map(drop))
 }
 
 /// Builds a network over `component`'s safetensors headers, so that every tensor it asks for is checked.
@@ -435,29 +534,50 @@ mod tests {
     /// A folder holding only the configs of `model`, with `transformer.num_layers` set to `layers`.
     fn configs_of(model: &ModelManifest, layers: usize) -> (tempfile::TempDir, ModelDir) {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("model_index.json"), "{}").unwrap();
+        write_configs(model, layers, tmp.path());
+        let dir = ModelDir::from_path(tmp.path()).unwrap();
+        (tmp, dir)
+    }
+
+    fn write_configs(model: &ModelManifest, layers: usize, root: &Path) {
+        std::fs::create_dir_all(root).unwrap();
+        std::fs::write(root.join("model_index.json"), "{}").unwrap();
         for (component, values) in &model.configs {
             let mut values = values.clone();
             if component == "transformer" {
                 values.insert("num_layers".into(), layers.into());
             }
-            let dir = tmp.path().join(component);
+            let dir = root.join(component);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(&model.components[component].files[0]), serde_json::to_string(&values).unwrap())
                 .unwrap();
         }
-        let dir = ModelDir::from_path(tmp.path()).unwrap();
-        (tmp, dir)
     }
 
+    /// Each entry is identified by its configs, or, where an earlier entry has the very same configs (Wan 2.1
+    /// I2V 480P and 720P), as that one; one more layer is no entry.
     #[test]
     fn a_model_is_identified_by_all_its_config_values() {
         for m in models() {
             let layers = m.configs["transformer"]["num_layers"].as_u64().unwrap() as usize;
             let (_tmp, dir) = configs_of(m, layers);
-            assert_eq!(entry_in(&dir, m).unwrap().map(|found| &found.id), Some(&m.id));
+            let found = entry_in(&dir, m).unwrap().expect("an entry");
+            assert!(found.id == m.id || found.configs == m.configs, "{} identified as {}", m.id, found.id);
             let (_tmp, dir) = configs_of(m, layers + 1);
             assert!(entry_in(&dir, m).unwrap().is_none(), "{}", m.id);
+        }
+    }
+
+    /// Entries with the same configs are told apart by the Hugging Face repository a cached folder is from.
+    #[test]
+    fn a_cached_folder_is_the_entry_of_its_repository() {
+        let cache = tempfile::tempdir().unwrap();
+        for id in ["wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"] {
+            let m = models().iter().find(|m| m.id == id).unwrap();
+            let repo = cache.path().join(format!("models--{}", m.repo_id.replace('/', "--")));
+            write_configs(m, 40, &repo.join("snapshots").join("0123abc"));
+            let dir = ModelDir::from_hf_cache(&m.repo_id, cache.path()).unwrap();
+            assert_eq!(entry_in(&dir, m).unwrap().map(|found| found.id.as_str()), Some(id));
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub text_encoder: TextEncoderPlacement,
     /// When the VAE decodes in spatial tiles (default: when decoding whole would not fit).
     pub vae_tiling: VaeTiling,
+    /// Whether a two-expert model (Wan 2.2 A14B) keeps both experts on the device (default: only where both
+    /// fit).
+    pub experts: ExpertPlacement,
 }
 
 impl Default for LoadOptions {
@@ -36,6 +39,7 @@ impl Default for LoadOptions {
             memory_limit: None,
             text_encoder: TextEncoderPlacement::default(),
             vae_tiling: VaeTiling::default(),
+            experts: ExpertPlacement::default(),
         }
     }
 }
@@ -68,6 +72,34 @@ impl std::str::FromStr for VaeTiling {
     }
 }
 
+/// Where the two experts of a Wan 2.2 A14B model live between the steps that use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertPlacement {
+    /// Both on the device when their weights and the largest stage's working memory fit in the memory limit
+    /// (or, on a GPU without one, in the memory free at load); else swapped. The CPU keeps both.
+    #[default]
+    Auto,
+    /// Both on the device: no load at the boundary, twice the weights' memory.
+    Resident,
+    /// One on the device at a time: the other stays memory-mapped on the host and is loaded at the boundary
+    /// step, so a two-expert model runs where one expert fits.
+    Swap,
+}
+
+impl std::str::FromStr for ExpertPlacement {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "auto" => Ok(ExpertPlacement::Auto),
+            "resident" => Ok(ExpertPlacement::Resident),
+            "swap" => Ok(ExpertPlacement::Swap),
+            _ => Err(format!("{text:?}: expected auto, resident or swap")),
+        }
+    }
+}
+
 /// What to generate. `Default` gives Wan 2.1's pipeline defaults (832×480, 81 frames, 50 steps,
 /// guidance 5, 16 fps, 512 text tokens).
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +112,10 @@ pub struct GenerateRequest {
     pub steps: usize,
     /// Classifier-free guidance scale; guidance runs (and the negative prompt is used) when above 1.
     pub guidance_scale: f64,
+    /// A two-expert model's guidance scale for the low-noise expert's steps (diffusers' `guidance_scale_2`);
+    /// `None` keeps `guidance_scale`. Whether guidance runs at all is `guidance_scale`'s to say, as in
+    /// diffusers. Refused on a model with one network.
+    pub guidance_scale_2: Option<f64>,
     /// Shift of the flow sigmas; `None` keeps the scheduler config's.
     pub shift: Option<f64>,
     /// Sampler; `None` keeps the model folder's.
@@ -107,6 +143,7 @@ impl Default for GenerateRequest {
             num_frames: 81,
             steps: 50,
             guidance_scale: 5.0,
+            guidance_scale_2: None,
             shift: None,
             scheduler: None,
             seed: 0,
@@ -133,6 +170,9 @@ pub struct Timings {
     /// The most GPU memory the pipeline's tensors held at once during the generation, weights included
     /// (`None` on the CPU, or where the driver can't say).
     pub peak_gpu_memory_bytes: Option<u64>,
+    /// A two-expert model's network at each step run, by its folder (`transformer`: high noise,
+    /// `transformer_2`: low noise); empty for a model with one network.
+    pub experts: Vec<&'static str>,
 }
 
 /// Reported after every denoising step; returning `ControlFlow::Break` cancels the generation.
@@ -142,6 +182,8 @@ pub struct Progress {
     pub steps: usize,
     /// Whether this step reused the step cache instead of running every transformer block.
     pub cached: bool,
+    /// The network that ran the step: `transformer`, or a two-expert model's `transformer_2`.
+    pub expert: &'static str,
 }
 
 /// A generated clip: RGB frames in [0, 1], `[num_frames, height, width, 3]` row-major.

@@ -31,7 +31,7 @@ fn image_to_video_matches_diffusers() {
         let base = GenerateRequest { latents: Some(noise_file(&r["noise"], dir.path())), ..reference_request(model) };
         let image = r["image"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let image = InputVideo { frames: image, num_frames: 1, height: base.height, width: base.width };
-        let request = ImageRequest { base: base.clone(), image: &image };
+        let request = ImageRequest { base: base.clone(), image: &image, last_image: None };
 
         let condition = pipeline.image_latents(&image, &base).unwrap();
         assert_relative(model, "image latents", &condition, &r["condition"]);
@@ -54,12 +54,12 @@ fn images_are_refused_where_they_cannot_apply() {
         height: base.height,
         width: base.width,
     };
-    let err = wan21.image_to_video(&ImageRequest { base, image: &image }).unwrap_err();
+    let err = wan21.image_to_video(&ImageRequest { base, image: &image, last_image: None }).unwrap_err();
     assert_eq!(err.code(), "invalid_request");
     assert!(err.to_string().contains("image") && err.to_string().contains("text only"), "{err}");
 
     let ti2v = Pipeline::load(&model_dir("wan22-ti2v-tiny-a"), &LoadOptions::default()).unwrap();
     let base = reference_request("wan22-ti2v-tiny-a");
-    let err = ti2v.image_to_video(&ImageRequest { base, image: &image }).unwrap_err();
+    let err = ti2v.image_to_video(&ImageRequest { base, image: &image, last_image: None }).unwrap_err();
     assert!(err.to_string().contains("fit it first"), "{err}");
 }

@@ -1,14 +1,21 @@
-//! The Wan spacetime transformer (the text-to-video DiT of Wan 2.1 and Wan 2.2 TI2V), in diffusers' layout.
+//! The Wan spacetime transformer (the DiT of Wan 2.1 text-to-video, image-to-video and first-last-frame-to-video,
+//! and of Wan 2.2 TI2V), in diffusers' layout.
 //!
 //! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models", <https://arxiv.org/abs/2503.20314>.
 //! Reference: diffusers' `WanTransformer3DModel`,
-//! <https://github.com/huggingface/diffusers/blob/v0.35.2/src/diffusers/models/transformers/transformer_wan.py>.
+//! <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_wan.py>.
 //!
 //! Latents `[B, C, T, H, W]` are cut into `patch_size` patches, one token each. Every block applies
 //! self-attention with a 3D rotary embedding (time, height, width), cross-attention to the embedded prompt, and a
 //! GELU feed-forward; the timestep modulates (shift, scale, gate) the self-attention and the feed-forward.
 //! The timestep is one per batch item (Wan 2.1), or one per token (Wan 2.2 TI2V, whose image-conditioned
 //! first frame is at timestep 0 while the rest is noisy): the modulation is then per token too.
+//!
+//! Wan 2.1 I2V and FLF2V (`image_dim` set) also condition on a CLIP image encoder's penultimate states
+//! ([`crate::clip`]): an image embedder turns them into image tokens of the model's width, and each block's
+//! cross-attention attends to them with its own key/value projections, adding the result to what it read from the
+//! prompt. Their latents carry the conditioning frames in extra input channels (36 = noise 16 + mask 4 + image
+//! latents 16), which the patch embedding takes like any others.
 //!
 //! Precision follows diffusers: the time embedder, the modulation tables and the layer norms stay in f32 whatever
 //! the weights' dtype (diffusers' `_keep_in_fp32_modules`), and normalization and modulation are computed in f32.
@@ -53,16 +60,19 @@ pub struct Config {
     pub qk_norm: Option<String>,
     #[serde(default = "default_eps")]
     pub eps: f64,
-    /// Image-conditioning width (I2V only): unsupported, rejected at load.
+    /// Width of the image encoder's states (Wan 2.1 I2V / FLF2V: 1280); set, the model has an image embedder
+    /// and needs image states. Set together with `added_kv_proj_dim`.
     #[serde(default)]
     pub image_dim: Option<usize>,
-    /// Extra key/value projections for image tokens (I2V only): unsupported, rejected at load.
+    /// Input width of each cross-attention's key/value projections for the image tokens (`add_k_proj`,
+    /// `add_v_proj`); the image tokens are embedded to the model's width, so it must equal `inner_dim()`.
     #[serde(default)]
     pub added_kv_proj_dim: Option<usize>,
     /// Number of positions the rotary tables cover along each axis.
     #[serde(default = "default_rope_max_seq_len")]
     pub rope_max_seq_len: usize,
-    /// Position embedding of the image embedder (I2V only).
+    /// Length of the image embedder's position embedding (FLF2V only: the first and the last frame's states
+    /// joined into one sequence, 2 × 257). Ignored without `image_dim`.
     #[serde(default)]
     pub pos_embed_seq_len: Option<usize>,
 }
@@ -115,6 +125,21 @@ impl Config {
 
     pub fn out_channels(&self) -> usize {
         self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Whether the model conditions on image states (Wan 2.1 I2V and FLF2V): `image_dim` is set.
+    pub fn has_image_embedder(&self) -> bool {
+        self.image_dim.is_some()
+    }
+
+    /// How many images' states [`WanTransformer3DModel::embed_context`] takes per sequence: 0 without an image
+    /// embedder, 2 when its position embedding joins two (FLF2V: the first and the last frame), 1 otherwise (I2V).
+    pub fn image_count(&self) -> usize {
+        match (self.image_dim, self.pos_embed_seq_len) {
+            (None, _) => 0,
+            (Some(_), Some(_)) => 2,
+            (Some(_), None) => 1,
+        }
     }
 
     fn patch_volume(&self) -> usize {
@@ -189,19 +214,12 @@ struct RotaryEmbedding {
 impl RotaryEmbedding {
     const THETA: f64 = 10000.0;
 
-    /// Channels per axis in the frequency tables (`WanRotaryPosEmbed.__init__`): `2·(d/6)` for height and
-    /// width, the rest for time; each axis's frequencies use that axis's own width.
+    /// Channels per axis (`WanRotaryPosEmbed`): `2·(d/6)` for height and width, the rest for time; each axis's
+    /// frequencies use that axis's own width. diffusers up to 0.35 indexed the tables by position with a split of
+    /// `d/3` for height and width, which differs when `d ≡ 4 (mod 6)`; 0.42 uses these widths for both, and so
+    /// does this model (every released Wan has d = 128, where the two agree).
     fn table_dims(head_dim: usize) -> [usize; 3] {
         let hw = 2 * (head_dim / 6);
-        [head_dim - 2 * hw, hw, hw]
-    }
-
-    /// Channels per axis when the tables are indexed by position (`WanRotaryPosEmbed.forward`): `d/3` for height
-    /// and width. This equals `table_dims` unless `d ≡ 4 (mod 6)` (every released Wan uses d = 128); then
-    /// diffusers indexes some channels by another axis's position than the one whose frequencies they hold,
-    /// and so does this model, to match it.
-    fn position_split(head_dim: usize) -> [usize; 3] {
-        let hw = head_dim / 3;
         [head_dim - 2 * hw, hw, hw]
     }
 
@@ -216,7 +234,7 @@ impl RotaryEmbedding {
                 freqs.extend([f, f]);
             }
         }
-        let axes = Self::position_split(head_dim)
+        let axes = Self::table_dims(head_dim)
             .into_iter()
             .enumerate()
             .flat_map(|(axis, n)| std::iter::repeat_n(axis, n))
@@ -227,8 +245,7 @@ impl RotaryEmbedding {
     /// `(cos, sin)`, each `[T·H·W, head_dim/2]` f32, for a grid of `[T, H, W]` patches in row-major token order.
     ///
     /// Angles are computed in f64 and rounded to f32 as diffusers' tables are. Pair `i` takes its cosine from
-    /// channel `2i` and its sine from channel `2i+1` (diffusers' `apply_rotary_emb`), which matters only when the
-    /// two channels are indexed by different axes (see `position_split`).
+    /// channel `2i` and its sine from channel `2i+1` (diffusers' `apply_rotary_emb`); both hold the same angle.
     fn tables(&self, grid: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
         if let Some(n) = grid.iter().find(|&&n| n > self.max_seq_len) {
             bail!(
@@ -301,13 +318,31 @@ struct Attention {
     to_out: Linear,
     norm_q: Tensor,
     norm_k: Tensor,
+    /// The image tokens' keys and values (the cross-attention of an image-conditioned model).
+    image: Option<ImageKeyValues>,
     heads: usize,
     eps: f32,
 }
 
+/// `add_k_proj`, `add_v_proj` and `norm_added_k` (RMSNorm across heads, like `norm_k`).
+struct ImageKeyValues {
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_k: Tensor,
+}
+
 impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// With `image_kv`, also the image tokens' key/value projections (`added_kv_proj_dim` wide).
+    fn new(cfg: &Config, image_kv: bool, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
+        let image = match cfg.added_kv_proj_dim {
+            Some(kv_dim) if image_kv => Some(ImageKeyValues {
+                add_k_proj: linear(kv_dim, dim, vb.pp("add_k_proj"))?,
+                add_v_proj: linear(kv_dim, dim, vb.pp("add_v_proj"))?,
+                norm_added_k: vb.pp("norm_added_k").get(dim, "weight")?,
+            }),
+            _ => None,
+        };
         Ok(Self {
             to_q: linear(dim, dim, vb.pp("to_q"))?,
             to_k: linear(dim, dim, vb.pp("to_k"))?,
@@ -315,6 +350,7 @@ impl Attention {
             to_out: linear(dim, dim, vb.pp("to_out").pp(0))?,
             norm_q: vb.pp("norm_q").get(dim, "weight")?,
             norm_k: vb.pp("norm_k").get(dim, "weight")?,
+            image,
             heads: cfg.num_attention_heads,
             eps: cfg.eps as f32,
         })
@@ -343,15 +379,28 @@ impl Attention {
         x.reshape((b, l, self.heads, ()))?.transpose(1, 2)
     }
 
-    /// Queries from `x`, keys and values from `context`; the rotary embedding, when given, turns q and k.
-    fn forward(&self, x: &Tensor, context: &Tensor, rope: Option<&Rope>) -> Result<Tensor> {
+    /// Queries from `x`, keys and values from `context`; the rotary embedding, when given, turns q and k. With
+    /// `image` tokens (and the projections for them), the same queries also attend to the image's keys and values
+    /// on their own, and the two results are summed before the output projection.
+    fn forward(&self, x: &Tensor, context: &Tensor, image: Option<&Tensor>, rope: Option<&Rope>) -> Result<Tensor> {
         let q = self.normed_heads(&self.to_q.forward(x)?, &self.norm_q, rope)?;
         let k = self.normed_heads(&self.to_k.forward(context)?, &self.norm_k, rope)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let mut out = Self::attend(&q, &k, &v)?;
+        if let (Some(kv), Some(image)) = (&self.image, image) {
+            let k = self.normed_heads(&kv.add_k_proj.forward(image)?, &kv.norm_added_k, None)?;
+            let v = self.split_heads(&kv.add_v_proj.forward(image)?)?;
+            out = (out + Self::attend(&q, &k, &v)?)?;
+        }
+        self.to_out.forward(&out)
+    }
+
+    /// Attention over `[B, heads, L, head_dim]`, with the heads merged back: `[B, L_q, dim]`.
+    fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        let out = attention(&q, &k, &v, None, scale)?;
+        let out = attention(q, k, v, None, scale)?;
         let (b, _, l, _) = out.dims4()?;
-        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, l, ()))?)
+        out.transpose(1, 2)?.reshape((b, l, ()))
     }
 }
 
@@ -421,8 +470,8 @@ impl TransformerBlock {
         let dim = cfg.inner_dim();
         let norm2 = if cfg.cross_attn_norm { Some(AffineLayerNorm::new(dim, cfg.eps, vb.pp("norm2"))?) } else { None };
         Ok(Self {
-            attn1: Attention::new(cfg, vb.pp("attn1"))?,
-            attn2: Attention::new(cfg, vb.pp("attn2"))?,
+            attn1: Attention::new(cfg, false, vb.pp("attn1"))?,
+            attn2: Attention::new(cfg, true, vb.pp("attn2"))?,
             norm2,
             ffn: FeedForward::new(cfg, vb.pp("ffn"))?,
             scale_shift_table: vb.to_dtype(DType::F32).get((1, 6, dim), "scale_shift_table")?.unsqueeze(0)?,
@@ -430,20 +479,20 @@ impl TransformerBlock {
         })
     }
 
-    /// `x` `[B, L, dim]`, `text` `[B, L_text, dim]`, `timestep_proj` `[B, 1 or L, 6, dim]`.
-    fn forward(&self, x: &Tensor, text: &Tensor, timestep_proj: &Tensor, rope: &Rope) -> Result<Tensor> {
+    /// `x` `[B, L, dim]`, `context` `[B, L_text (+ L_image), dim]`, `timestep_proj` `[B, 1 or L, 6, dim]`.
+    fn forward(&self, x: &Tensor, context: &Context, timestep_proj: &Tensor, rope: &Rope) -> Result<Tensor> {
         let dtype = x.dtype();
         let [shift, scale, gate, ff_shift, ff_scale, ff_gate] = modulation(&self.scale_shift_table, timestep_proj)?;
 
         let h = modulated_layer_norm(x, &shift, &scale, self.eps)?;
-        let attn = self.attn1.forward(&h, &h, Some(rope))?;
+        let attn = self.attn1.forward(&h, &h, None, Some(rope))?;
         let x = gated_residual(x, &attn, &gate)?;
 
         let h = match &self.norm2 {
             Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, text, None)?)?;
+        let x = (&x + self.attn2.forward(&h, &context.text, context.image.as_ref(), None)?)?;
 
         let h = modulated_layer_norm(&x, &ff_shift, &ff_scale, self.eps)?;
         let ff = self.ffn.forward(&h)?;
@@ -459,7 +508,7 @@ fn modulation<const N: usize>(table: &Tensor, projection: &Tensor) -> Result<[Te
     Ok(parts.try_into().expect("N chunks of a dimension of size N"))
 }
 
-/// diffusers' `WanTimeTextImageEmbedding` without the image branch.
+/// diffusers' `WanTimeTextImageEmbedding`.
 struct ConditionEmbedder {
     freq_dim: usize,
     /// `time_embedder.linear_1` / `linear_2`, kept in f32.
@@ -468,6 +517,8 @@ struct ConditionEmbedder {
     time_proj: Linear,
     text_linear_1: Linear,
     text_linear_2: Linear,
+    /// Present when `image_dim` is set.
+    image_embedder: Option<ImageEmbedder>,
 }
 
 impl ConditionEmbedder {
@@ -475,6 +526,12 @@ impl ConditionEmbedder {
         let dim = cfg.inner_dim();
         let time = vb.pp("time_embedder").to_dtype(DType::F32);
         let text = vb.pp("text_embedder");
+        let image_embedder = match cfg.image_dim {
+            Some(image_dim) => {
+                Some(ImageEmbedder::new(image_dim, dim, cfg.pos_embed_seq_len, vb.pp("image_embedder"))?)
+            }
+            None => None,
+        };
         Ok(Self {
             freq_dim: cfg.freq_dim,
             time_linear_1: linear(cfg.freq_dim, dim, time.pp("linear_1"))?,
@@ -482,6 +539,7 @@ impl ConditionEmbedder {
             time_proj: linear(dim, 6 * dim, vb.pp("time_proj"))?,
             text_linear_1: linear(cfg.text_dim, dim, text.pp("linear_1"))?,
             text_linear_2: linear(dim, dim, text.pp("linear_2"))?,
+            image_embedder,
         })
     }
 
@@ -501,11 +559,94 @@ impl ConditionEmbedder {
     }
 }
 
+/// diffusers' `WanImageEmbedding`: image-encoder states `[N, L, image_dim]` → image tokens of the model's width,
+/// through an affine LayerNorm, a GELU (erf) feed-forward as wide as its input, and another affine LayerNorm (both
+/// norms diffusers' `FP32LayerNorm` with PyTorch's default eps 1e-5).
+struct ImageEmbedder {
+    norm1: AffineLayerNorm,
+    /// `ff.net.0.proj`: `image_dim` → `image_dim`.
+    ff_proj: Linear,
+    /// `ff.net.2`: `image_dim` → `dim`.
+    ff_out: Linear,
+    norm2: AffineLayerNorm,
+    /// `[1, pos_embed_seq_len, image_dim]` (FLF2V), added to two images' states joined into one sequence.
+    pos_embed: Option<Tensor>,
+    image_dim: usize,
+}
+
+impl ImageEmbedder {
+    const EPS: f64 = 1e-5;
+
+    fn new(image_dim: usize, dim: usize, pos_embed_seq_len: Option<usize>, vb: VarBuilder) -> Result<Self> {
+        let pos_embed = match pos_embed_seq_len {
+            Some(len) => Some(vb.get((1, len, image_dim), "pos_embed")?),
+            None => None,
+        };
+        Ok(Self {
+            norm1: AffineLayerNorm::new(image_dim, Self::EPS, vb.pp("norm1"))?,
+            ff_proj: linear(image_dim, image_dim, vb.pp("ff").pp("net").pp(0).pp("proj"))?,
+            ff_out: linear(image_dim, dim, vb.pp("ff").pp("net").pp(2))?,
+            norm2: AffineLayerNorm::new(dim, Self::EPS, vb.pp("norm2"))?,
+            pos_embed,
+            image_dim,
+        })
+    }
+
+    /// `[N, L, image_dim]` in the weights' dtype → `[N, L, dim]`; with a position embedding, each two consecutive
+    /// images' states are one sequence: `[N/2, 2·L, dim]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let (n, l, d) = x.dims3()?;
+        if d != self.image_dim {
+            bail!("Wan transformer: image states of shape {:?} are not `image_dim` = {} wide", x.dims(), self.image_dim)
+        }
+        let x = match &self.pos_embed {
+            Some(pos_embed) => {
+                let len = pos_embed.dim(1)?;
+                if n % 2 == 1 || 2 * l != len {
+                    bail!(
+                        "Wan transformer: the image embedder joins the first and last images' states into one \
+                         sequence of `pos_embed_seq_len` = {len} tokens; got states of shape {:?} (expected [2, {}, {d}])",
+                        x.dims(),
+                        len / 2
+                    )
+                }
+                x.reshape((n / 2, len, d))?.broadcast_add(pos_embed)?
+            }
+            None => x.clone(),
+        };
+        let h = self.norm1.forward(&x)?.to_dtype(dtype)?;
+        let h = self.ff_out.forward(&self.ff_proj.forward(&h)?.gelu_erf()?)?;
+        self.norm2.forward(&h)?.to_dtype(dtype)
+    }
+}
+
+/// What every block's cross-attention reads, embedded once per generation by
+/// [`WanTransformer3DModel::embed_context`]: the prompt's tokens and, for an image-conditioned model, the image's.
+#[derive(Debug, Clone)]
+pub struct Context {
+    text: Tensor,
+    image: Option<Tensor>,
+}
+
+impl Context {
+    /// `[B, L_text, dim]`, in the weights' dtype.
+    pub fn text(&self) -> &Tensor {
+        &self.text
+    }
+
+    /// `[B, L_image, dim]` (the same batch as the text), in the weights' dtype; `None` for a model without an image
+    /// embedder.
+    pub fn image(&self) -> Option<&Tensor> {
+        self.image.as_ref()
+    }
+}
+
 /// One forward pass between its stages (made by [`WanTransformer3DModel::embed`]): the patch tokens, and the
-/// prompt, timestep and rotary tables every block and the output projection use.
+/// context, timestep and rotary tables every block and the output projection use.
 pub struct Embedded {
     tokens: Tensor,
-    text: Tensor,
+    context: Context,
     temb: Tensor,
     timestep_proj: Tensor,
     rope: Rope,
@@ -522,7 +663,8 @@ impl Embedded {
     }
 }
 
-/// The Wan 2.1 text-to-video transformer.
+/// The Wan transformer: text-to-video, or (with an image embedder) Wan 2.1 image-to-video and
+/// first-last-frame-to-video.
 pub struct WanTransformer3DModel {
     /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap.
     patch_embedding: Linear,
@@ -543,13 +685,18 @@ impl WanTransformer3DModel {
     /// Loads the weights under `vb` (keys as in diffusers' checkpoint); they compute in `vb`'s dtype, except the
     /// parts diffusers keeps in f32.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        if let Some(d) = cfg.image_dim {
-            bail!("Wan transformer config sets `image_dim` = {d}: image conditioning (I2V) is not supported")
-        }
-        if let Some(d) = cfg.added_kv_proj_dim {
-            bail!("Wan transformer config sets `added_kv_proj_dim` = {d}: image conditioning (I2V) is not supported")
-        }
         let dim = cfg.inner_dim();
+        match (cfg.image_dim, cfg.added_kv_proj_dim) {
+            (Some(_), Some(kv)) if kv != dim => bail!(
+                "Wan transformer config: `added_kv_proj_dim` = {kv} must equal the model's width (heads × head dim = \
+                 {dim}), which the image tokens are embedded to"
+            ),
+            (Some(_), Some(_)) | (None, None) => {}
+            (image_dim, added_kv_proj_dim) => bail!(
+                "Wan transformer config: `image_dim` ({image_dim:?}) and `added_kv_proj_dim` ({added_kv_proj_dim:?}) \
+                 must be set together (image conditioning) or both be null"
+            ),
+        }
         let [pt, ph, pw] = cfg.patch_size;
         let patch_in = cfg.in_channels * cfg.patch_volume();
         let patch_weight = vb.pp("patch_embedding").get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
@@ -573,17 +720,58 @@ impl WanTransformer3DModel {
         })
     }
 
-    /// Projects text-encoder states `[B, L, text_dim]` to `[B, L, dim]`. The same at every denoising step, so
-    /// a pipeline computes it once and calls [`Self::forward_embedded`].
-    pub fn embed_text(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?)
+    /// Whether the model conditions on image states (an image embedder, and image key/value projections in every
+    /// cross-attention): [`Self::embed_context`] then requires them.
+    pub fn has_image_embedder(&self) -> bool {
+        self.condition_embedder.image_embedder.is_some()
+    }
+
+    /// Embeds what cross-attention reads: text-encoder states `[B, L, text_dim]` to `[B, L, dim]`, and, for a
+    /// model with an image embedder (and only then), the image encoder's penultimate states `image`
+    /// `[N, L_clip, image_dim]` to image tokens. The same at every denoising step, so a pipeline computes it once
+    /// and calls [`Self::forward_embedded`].
+    ///
+    /// `image` holds N = 1 image (I2V), or N = 2 (FLF2V: the first and the last frame, which the embedder's
+    /// position embedding joins into one sequence of 2·L_clip tokens), shared by every row of the batch (as
+    /// classifier-free guidance's conditional and unconditional rows share them): the image tokens are repeated
+    /// to the text's batch B. Image states for each row (B images, or 2·B for FLF2V) are taken as they are.
+    pub fn embed_context(&self, encoder_hidden_states: &Tensor, image: Option<&Tensor>) -> Result<Context> {
+        let text = self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?)?;
+        let image = match (&self.condition_embedder.image_embedder, image) {
+            (Some(embedder), Some(image)) => {
+                let tokens = embedder.forward(&image.to_dtype(self.dtype)?)?;
+                let (b, m) = (text.dim(0)?, tokens.dim(0)?);
+                if m == b {
+                    Some(tokens)
+                } else if m == 1 {
+                    Some(tokens.repeat((b, 1, 1))?)
+                } else {
+                    bail!(
+                        "Wan transformer: image states of shape {:?} make {m} image sequences, which fit neither one \
+                         shared by the batch nor one per row of the text's batch of {b}",
+                        image.dims()
+                    )
+                }
+            }
+            (None, None) => None,
+            (None, Some(_)) => bail!(
+                "Wan transformer: image states were given to a model without an image embedder (its config has no \
+                 `image_dim`)"
+            ),
+            (Some(embedder), None) => bail!(
+                "Wan transformer: this model conditions on an image (`image_dim` = {}) and needs the image encoder's \
+                 states",
+                embedder.image_dim
+            ),
+        };
+        Ok(Context { text, image })
     }
 
     /// Predicts from latents `[B, C, T, H, W]`, timesteps (`[B]`, or `[B, L]` with one per token in token order:
-    /// time, then height, then width of the patch grid) and the prompt embedded by [`Self::embed_text`]; returns
-    /// `[B, C_out, T, H, W]` in the weights' dtype.
-    pub fn forward_embedded(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
-        let embedded = self.embed(hidden_states, timestep, text)?;
+    /// time, then height, then width of the patch grid) and the context embedded by [`Self::embed_context`];
+    /// returns `[B, C_out, T, H, W]` in the weights' dtype.
+    pub fn forward_embedded(&self, hidden_states: &Tensor, timestep: &Tensor, context: &Context) -> Result<Tensor> {
+        let embedded = self.embed(hidden_states, timestep, context)?;
         let x = self.run_blocks(embedded.tokens(), 0..self.num_blocks(), &embedded)?;
         self.project_out(&x, &embedded)
     }
@@ -596,7 +784,10 @@ impl WanTransformer3DModel {
     /// The first stage of [`Self::forward_embedded`]: latents cut into patch tokens, the timestep and rotary
     /// tables that every block uses. Callers that run the blocks in parts (step caching) go on with
     /// [`Self::run_blocks`] and [`Self::project_out`].
-    pub fn embed(&self, hidden_states: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Embedded> {
+    pub fn embed(&self, hidden_states: &Tensor, timestep: &Tensor, context: &Context) -> Result<Embedded> {
+        if context.image.is_some() != self.has_image_embedder() {
+            bail!("Wan transformer: the context was embedded by a model with a different image conditioning")
+        }
         let (b, c, t, h, w) = hidden_states.dims5()?;
         let [pt, ph, pw] = self.patch_size;
         if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
@@ -630,7 +821,7 @@ impl WanTransformer3DModel {
         let (temb, timestep_proj) = self.condition_embedder.time(&timestep, self.dtype)?;
         Ok(Embedded {
             tokens,
-            text: text.clone(),
+            context: context.clone(),
             temb,
             timestep_proj,
             rope: Rope::new(cos, sin, self.dtype)?,
@@ -647,7 +838,7 @@ impl WanTransformer3DModel {
         };
         let mut x = x.clone();
         for block in selected {
-            x = block.forward(&x, &embedded.text, &embedded.timestep_proj, &embedded.rope)?;
+            x = block.forward(&x, &embedded.context, &embedded.timestep_proj, &embedded.rope)?;
         }
         Ok(x)
     }
@@ -667,9 +858,15 @@ impl WanTransformer3DModel {
             .reshape((b, self.out_channels, t, h, w))
     }
 
-    /// [`Self::forward_embedded`] with the text embedded on the way.
-    pub fn forward(&self, hidden_states: &Tensor, timestep: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        self.forward_embedded(hidden_states, timestep, &self.embed_text(encoder_hidden_states)?)
+    /// [`Self::forward_embedded`] with the context embedded on the way (see [`Self::embed_context`]).
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        image: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_embedded(hidden_states, timestep, &self.embed_context(encoder_hidden_states, image)?)
     }
 }
 
@@ -680,14 +877,13 @@ mod tests {
     #[test]
     fn rope_split_for_head_dim_128() {
         assert_eq!(RotaryEmbedding::table_dims(128), [44, 42, 42]);
-        assert_eq!(RotaryEmbedding::position_split(128), [44, 42, 42]);
     }
 
-    /// diffusers' tables and position split disagree when head_dim ≡ 4 (mod 6).
+    /// Where diffusers 0.35's position split (d/3 = 5 for height and width) differed from its tables; the
+    /// fixture `wan22-t2v-a14b-tiny`'s low-noise expert (d = 16, diffusers 0.42) checks these widths.
     #[test]
     fn rope_split_for_head_dim_16() {
         assert_eq!(RotaryEmbedding::table_dims(16), [8, 4, 4]);
-        assert_eq!(RotaryEmbedding::position_split(16), [6, 5, 5]);
     }
 
     /// The first token sits at position 0 on every axis: no rotation.
@@ -710,14 +906,154 @@ mod tests {
         serde_json::from_str(&json).unwrap()
     }
 
-    #[test]
-    fn image_conditioning_is_rejected_by_name() {
-        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-        for field in ["image_dim", "added_kv_proj_dim"] {
-            let cfg = tiny_config(&format!(r#", "{field}": 16"#));
-            let err = WanTransformer3DModel::new(&cfg, vb.clone()).err().unwrap();
-            assert!(err.to_string().contains(field), "{err}");
+    /// The tiny model with an image branch: CLIP states 10 wide, image tokens embedded to the model's 24.
+    fn tiny_image_config(extra: &str) -> Config {
+        tiny_config(&format!(r#", "image_dim": 10, "added_kv_proj_dim": 24{extra}"#))
+    }
+
+    /// A model from `cfg` with random weights, and the variables they live in.
+    fn random_model(cfg: &Config) -> Result<(WanTransformer3DModel, candle_nn::VarMap)> {
+        let varmap = candle_nn::VarMap::new();
+        let model = WanTransformer3DModel::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        for var in varmap.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu)?)?;
         }
+        Ok((model, varmap))
+    }
+
+    #[test]
+    fn image_conditioning_configs_are_checked() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        for (extra, needle) in [
+            (r#", "image_dim": 16"#, "set together"),
+            (r#", "added_kv_proj_dim": 24"#, "set together"),
+            (r#", "image_dim": 16, "added_kv_proj_dim": 16"#, "must equal the model's width"),
+        ] {
+            let err = WanTransformer3DModel::new(&tiny_config(extra), vb.clone()).err().unwrap();
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
+        }
+        let t2v = tiny_config("");
+        let i2v = tiny_image_config("");
+        let flf2v = tiny_image_config(r#", "pos_embed_seq_len": 10"#);
+        assert_eq!([t2v.image_count(), i2v.image_count(), flf2v.image_count()], [0, 1, 2]);
+        assert!(!t2v.has_image_embedder() && i2v.has_image_embedder());
+    }
+
+    /// The image branch's weights, by diffusers' names, and the self-attention without them.
+    #[test]
+    fn image_branch_loads_diffusers_keys() -> Result<()> {
+        let (model, varmap) = random_model(&tiny_image_config(r#", "pos_embed_seq_len": 10"#))?;
+        assert!(model.has_image_embedder());
+        let names: std::collections::BTreeSet<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for name in [
+            "condition_embedder.image_embedder.norm1.weight",
+            "condition_embedder.image_embedder.norm1.bias",
+            "condition_embedder.image_embedder.ff.net.0.proj.weight",
+            "condition_embedder.image_embedder.ff.net.2.bias",
+            "condition_embedder.image_embedder.norm2.weight",
+            "condition_embedder.image_embedder.pos_embed",
+            "blocks.0.attn2.add_k_proj.weight",
+            "blocks.0.attn2.add_v_proj.bias",
+            "blocks.0.attn2.norm_added_k.weight",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("blocks.0.attn1.add")), "{names:?}");
+        Ok(())
+    }
+
+    /// I2V's 36 input channels (noise, mask, image latents) in, 16 out; one image's tokens repeated to the batch.
+    #[test]
+    fn i2v_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = Config { in_channels: 36, out_channels: Some(16), ..tiny_image_config("") };
+        let (model, _) = random_model(&cfg)?;
+        let text = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let image = Tensor::randn(0f32, 1.0, (1, 5, 10), &dev)?;
+        let context = model.embed_context(&text, Some(&image))?;
+        let tokens = context.image().unwrap();
+        assert_eq!(tokens.dims(), [2, 5, 24]);
+        assert_eq!(tokens.get(0)?.to_vec2::<f32>()?, tokens.get(1)?.to_vec2::<f32>()?);
+        let latents = Tensor::randn(0f32, 1.0, (2, 36, 2, 4, 4), &dev)?;
+        let out = model.forward_embedded(&latents, &Tensor::new(&[500f32, 500.0], &dev)?, &context)?;
+        assert_eq!(out.dims(), [2, 16, 2, 4, 4]);
+        Ok(())
+    }
+
+    /// FLF2V: the first and last images' states are one sequence of twice their length, the position embedding
+    /// added; it needs exactly that many.
+    #[test]
+    fn flf2v_joins_two_images() -> Result<()> {
+        let dev = Device::Cpu;
+        let (model, varmap) = random_model(&tiny_image_config(r#", "pos_embed_seq_len": 10"#))?;
+        let text = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let images = Tensor::randn(0f32, 1.0, (2, 5, 10), &dev)?;
+        let context = model.embed_context(&text, Some(&images))?;
+        let tokens = context.image().unwrap();
+        assert_eq!(tokens.dims(), [2, 10, 24]);
+        // The same as the I2V embedder (same weights, no position embedding) on the first image's states followed
+        // by the last's, plus the position embedding.
+        let i2v =
+            WanTransformer3DModel::new(&tiny_image_config(""), VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+        let pos_embed =
+            varmap.data().lock().unwrap()["condition_embedder.image_embedder.pos_embed"].as_tensor().clone();
+        let joined = Tensor::cat(&[images.get(0)?, images.get(1)?], 0)?.unsqueeze(0)?.broadcast_add(&pos_embed)?;
+        let want = i2v.embed_context(&text, Some(&joined))?;
+        assert_eq!(tokens.flatten_all()?.to_vec1::<f32>()?, want.image().unwrap().flatten_all()?.to_vec1::<f32>()?);
+        for shape in [(1, 5, 10), (2, 4, 10)] {
+            let err = model.embed_context(&text, Some(&Tensor::zeros(shape, DType::F32, &dev)?)).err().unwrap();
+            assert!(err.to_string().contains("pos_embed_seq_len"), "{err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn image_states_are_required_exactly_when_the_model_has_an_image_embedder() -> Result<()> {
+        let dev = Device::Cpu;
+        let text = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
+        let image = Tensor::zeros((1, 5, 10), DType::F32, &dev)?;
+        let t2v = WanTransformer3DModel::new(&tiny_config(""), VarBuilder::zeros(DType::F32, &dev))?;
+        let i2v = WanTransformer3DModel::new(&tiny_image_config(""), VarBuilder::zeros(DType::F32, &dev))?;
+        assert!(!t2v.has_image_embedder());
+        let err = t2v.embed_context(&text, Some(&image)).err().unwrap();
+        assert!(err.to_string().contains("without an image embedder"), "{err}");
+        let err = i2v.embed_context(&text, None).err().unwrap();
+        assert!(err.to_string().contains("needs the image encoder's states"), "{err}");
+        let err = i2v.embed_context(&text, Some(&Tensor::zeros((1, 5, 12), DType::F32, &dev)?)).err().unwrap();
+        assert!(err.to_string().contains("image_dim"), "{err}");
+        let err = i2v.embed_context(&text, Some(&Tensor::zeros((3, 5, 10), DType::F32, &dev)?)).err().unwrap();
+        assert!(err.to_string().contains("batch of 1"), "{err}");
+        // A context from one model does not go into the other.
+        let latents = Tensor::zeros((1, 4, 1, 2, 2), DType::F32, &dev)?;
+        let t = Tensor::new(&[1f32], &dev)?;
+        let err = t2v.forward_embedded(&latents, &t, &i2v.embed_context(&text, Some(&image))?).err().unwrap();
+        assert!(err.to_string().contains("different image conditioning"), "{err}");
+        Ok(())
+    }
+
+    /// With its value projection zeroed, the image branch adds nothing: the I2V model then equals the
+    /// text-to-video model with the same other weights; with it, the image changes the prediction.
+    #[test]
+    fn zero_image_values_reduce_to_text_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let (i2v, varmap) = random_model(&tiny_image_config(""))?;
+        let t2v = WanTransformer3DModel::new(&tiny_config(""), VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+        let latents = Tensor::randn(0f32, 1.0, (1, 4, 2, 4, 4), &dev)?;
+        let t = Tensor::new(&[700f32], &dev)?;
+        let text = Tensor::randn(0f32, 1.0, (1, 3, 8), &dev)?;
+        let image = Tensor::randn(0f32, 1.0, (1, 5, 10), &dev)?;
+        let text_only = t2v.forward(&latents, &t, &text, None)?.flatten_all()?.to_vec1::<f32>()?;
+        let with_image = i2v.forward(&latents, &t, &text, Some(&image))?.flatten_all()?.to_vec1::<f32>()?;
+        assert_ne!(with_image, text_only);
+
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("add_v_proj") {
+                var.set(&var.zeros_like()?)?;
+            }
+        }
+        let with_image = i2v.forward(&latents, &t, &text, Some(&image))?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(with_image, text_only);
+        Ok(())
     }
 
     #[test]
@@ -726,37 +1062,37 @@ mod tests {
         let model = WanTransformer3DModel::new(&tiny_config(""), VarBuilder::zeros(DType::F32, &dev))?;
         let text = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
-        let ok = model.forward(&Tensor::zeros((1, 4, 3, 4, 6), DType::F32, &dev)?, &t, &text)?;
+        let ok = model.forward(&Tensor::zeros((1, 4, 3, 4, 6), DType::F32, &dev)?, &t, &text, None)?;
         assert_eq!(ok.dims(), [1, 4, 3, 4, 6]);
-        let err = model.forward(&Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?, &t, &text).err().unwrap();
+        let err = model.forward(&Tensor::zeros((1, 4, 3, 5, 6), DType::F32, &dev)?, &t, &text, None).err().unwrap();
         assert!(err.to_string().contains("[1, 4, 3, 5, 6]"), "{err}");
         Ok(())
     }
 
-    /// The stages one at a time, the blocks split in two, give exactly what one forward pass gives.
+    /// The stages one at a time, the blocks split in two, give exactly what one forward pass gives, with and
+    /// without image tokens.
     #[test]
     fn blocks_run_in_parts_equal_one_forward() -> Result<()> {
         let dev = Device::Cpu;
-        let varmap = candle_nn::VarMap::new();
-        let cfg = Config { num_layers: 3, ..tiny_config("") };
-        let model = WanTransformer3DModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
-        for var in varmap.all_vars() {
-            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &dev)?)?;
+        for (cfg, image) in
+            [(tiny_config(""), None), (tiny_image_config(""), Some(Tensor::randn(0f32, 1.0, (1, 5, 10), &dev)?))]
+        {
+            let (model, _) = random_model(&Config { num_layers: 3, ..cfg })?;
+            let latents = Tensor::randn(0f32, 1.0, (2, 4, 3, 4, 6), &dev)?;
+            let t = Tensor::new(&[500f32, 500.0], &dev)?;
+            let context = model.embed_context(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?, image.as_ref())?;
+
+            let whole = model.forward_embedded(&latents, &t, &context)?;
+            let embedded = model.embed(&latents, &t, &context)?;
+            let first = model.run_blocks(embedded.tokens(), 0..1, &embedded)?;
+            let rest = model.run_blocks(&first, 1..model.num_blocks(), &embedded)?;
+            let parts = model.project_out(&rest, &embedded)?;
+            assert_eq!(parts.dims(), [2, 4, 3, 4, 6]);
+            assert_eq!(parts.flatten_all()?.to_vec1::<f32>()?, whole.flatten_all()?.to_vec1::<f32>()?);
+
+            let err = model.run_blocks(&first, 1..4, &embedded).err().unwrap();
+            assert!(err.to_string().contains("outside the model's 0..3"), "{err}");
         }
-        let latents = Tensor::randn(0f32, 1.0, (2, 4, 3, 4, 6), &dev)?;
-        let t = Tensor::new(&[500f32, 500.0], &dev)?;
-        let text = model.embed_text(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?)?;
-
-        let whole = model.forward_embedded(&latents, &t, &text)?;
-        let embedded = model.embed(&latents, &t, &text)?;
-        let first = model.run_blocks(embedded.tokens(), 0..1, &embedded)?;
-        let rest = model.run_blocks(&first, 1..model.num_blocks(), &embedded)?;
-        let parts = model.project_out(&rest, &embedded)?;
-        assert_eq!(parts.dims(), [2, 4, 3, 4, 6]);
-        assert_eq!(parts.flatten_all()?.to_vec1::<f32>()?, whole.flatten_all()?.to_vec1::<f32>()?);
-
-        let err = model.run_blocks(&first, 1..4, &embedded).err().unwrap();
-        assert!(err.to_string().contains("outside the model's 0..3"), "{err}");
         Ok(())
     }
 

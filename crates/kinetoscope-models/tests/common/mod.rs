@@ -53,3 +53,10 @@ pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
     let norm = want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
     Ok(diff / norm)
 }
+
+/// max |got − want| / max |want|: the worst element's error against the reference's scale.
+pub fn max_relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
+    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(diff / scale)
+}

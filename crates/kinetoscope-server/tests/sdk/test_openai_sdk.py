@@ -1,11 +1,12 @@
 """`kinetoscope serve` driven by the official `openai` Python SDK, as a client of OpenAI's Videos API
 would drive it after changing only its base URL; webhooks checked with the `standardwebhooks`
-reference verifier and the SDK's own `webhooks.unwrap`; a `kill -9` mid-queue that loses no job; and
-`input_reference` (an upload and a data: URL) on a Wan 2.2 TI2V model.
+reference verifier and the SDK's own `webhooks.unwrap`; a `kill -9` mid-queue that loses no job;
+`input_reference` (an upload and a data: URL) on a Wan 2.2 TI2V model; and on an image-to-video model with two
+experts (Wan 2.2 I2V-A14B) `input_reference` uploaded with `last_image` and `guidance_scale_2` in `extra_body`.
 
 Run by scripts/test-server-sdk.sh (which makes the virtual environment); by hand:
     python test_openai_sdk.py --binary target/debug/kinetoscope --model models/tiny/wan21-tiny-a \
-        --ti2v-model models/tiny/wan22-ti2v-tiny-a
+        --ti2v-model models/tiny/wan22-ti2v-tiny-a --i2v-model models/tiny/wan22-i2v-a14b-tiny
 """
 
 import argparse
@@ -112,6 +113,7 @@ def main():
     parser.add_argument("--binary", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--ti2v-model", required=True)
+    parser.add_argument("--i2v-model", required=True)
     args = parser.parse_args()
 
     hook_port = free_port()
@@ -249,6 +251,47 @@ def main():
             check(False, "an image URL to fetch was accepted")
         except openai.BadRequestError as e:
             check(e.code == "unsupported_parameter" and e.param == "input_reference", f"error {e.code} {e.param}")
+        try:
+            # TI2V holds a first frame only.
+            client.videos.create(prompt="x", input_reference=("still.png", png, "image/png"),
+                                 extra_body={"last_image": {"image_url": data_url}})
+            check(False, "a last image was accepted by a model that can't end on one")
+        except openai.BadRequestError as e:
+            check(e.code == "unsupported_parameter" and e.param == "last_image", f"error {e.code} {e.param}")
+        server.stop()
+
+    # Image-to-video on a model that generates only from an image, with two experts (Wan 2.2 I2V-A14B): the first
+    # frame uploaded as `input_reference`, the last as a data: URL and the low-noise expert's guidance in extra_body
+    # (the SDK has no parameters of its own for them; it sends `last_image[image_url]` and `guidance_scale_2`).
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = Server(args, data_dir, hook_port, model=args.i2v_model, size="48x32")
+        client = server.client
+        model_dir = args.i2v_model.rstrip("/")
+        reference = os.path.join(os.path.dirname(model_dir), "reference", os.path.basename(model_dir))
+        with open(os.path.join(reference, "image.png"), "rb") as f:
+            first = f.read()
+        with open(os.path.join(reference, "last_image.png"), "rb") as f:
+            last_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        video = client.videos.create(prompt="a fox wakes and runs off", input_reference=("first.png", first, "image/png"),
+                                     seconds="1", extra_body={"seed": 5, "guidance_scale_2": 2.0,
+                                                              "last_image": {"image_url": last_url}})
+        done = poll(client, video.id)
+        check(done.size == "48x32" and done.seconds == "1", f"first-and-last-frame video: {done}")
+        check(client.videos.download_content(video.id).read()[4:8] == b"ftyp", "the first-and-last-frame video is an MP4")
+        # A remix ends on the same last image.
+        remix = client.videos.remix(video.id, prompt="a fox wakes and sits")
+        poll(client, remix.id)
+        try:
+            client.videos.create(prompt="a fox")
+            check(False, "text alone was accepted by an image-to-video model")
+        except openai.BadRequestError as e:
+            check(e.code == "missing_required_parameter" and e.param == "input_reference", f"error {e.code} {e.param}")
+        try:
+            client.videos.create(prompt="x", input_reference=("first.png", first, "image/png"),
+                                 extra_body={"last_image": {"image_url": "https://example.com/last.png"}})
+            check(False, "a last image URL to fetch was accepted")
+        except openai.BadRequestError as e:
+            check(e.code == "unsupported_parameter" and e.param == "last_image", f"error {e.code} {e.param}")
         server.stop()
 
     receiver.shutdown()

@@ -58,6 +58,7 @@ pub fn reference_request(model: &str) -> kinetoscope::GenerateRequest {
         num_frames: int("num_frames"),
         steps: int("num_inference_steps"),
         guidance_scale: s["guidance_scale"].as_f64().unwrap(),
+        guidance_scale_2: s["guidance_scale_2"].as_f64(),
         max_sequence_length: int("max_sequence_length"),
         ..Default::default()
     }
