@@ -210,6 +210,47 @@ fn redact_path(text: &str, path: &std::path::Path, name: &str) -> String {
 /// Keeps an image of an image-to-video job (the request's field `param`: `input_reference`, `last_image`) at
 /// `target`, once its header and pixels check out; answers its sha256. Only uploads and `data:` URLs are taken:
 /// the server fetches nothing.
+/// Keeps frame `frame` (`None`: the last) of the finished video `video_id` as the PNG image at `target`, to
+/// start a new video where that one left off; returns the PNG's sha256.
+async fn keep_frame(
+    shared: &Arc<Shared>,
+    video_id: &str,
+    frame: Option<u64>,
+    param: &'static str,
+    target: std::path::PathBuf,
+) -> ApiResult<String> {
+    let job = lookup(shared, video_id).await.map_err(|e| ApiError { param: Some(param.into()), ..e })?;
+    if job.status != Status::Completed {
+        let message = format!("video {video_id} is {:?}; only a completed video's frame can start another", job.status);
+        return Err(ApiError::invalid("video_not_ready", param, message));
+    }
+    let source = worker::video_path(shared, &job.id);
+    if !source.is_file() {
+        let message = format!("video {video_id} has expired and its files are deleted");
+        return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
+    }
+    let limits = shared.config.limits.decode();
+    let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        let frames = kinetoscope_video::read_frames_with_limits(&source, &limits)
+            .map_err(|e| media_error(e, &source, param, "invalid_image"))?;
+        let count = frames.num_frames() as u64;
+        let index = frame.unwrap_or(count.saturating_sub(1));
+        if index >= count {
+            let reason = format!("{param}: frame {index} is past the video's {count} frames (0 to {})", count - 1);
+            return Err(ApiError::invalid("invalid_image", param, reason));
+        }
+        kinetoscope_video::write_png(&target, &frames, index as usize).map_err(|e| match e {
+            kinetoscope_video::VideoError::Io { source, .. } => storage_error(source, "store the frame"),
+            other => ApiError::internal(other),
+        })?;
+        let png = std::fs::read(&target).map_err(|e| storage_error(e, "store the frame"))?;
+        Ok(crate::fields::hex(&<sha2::Sha256 as sha2::Digest>::digest(&png)))
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
 async fn keep_image(
     shared: &Arc<Shared>,
     reference: ImageReference,
@@ -239,6 +280,9 @@ async fn keep_image(
         },
         ImageReference::FileId => {
             return Err(unsupported("file_id needs a Files API, which this server has not: upload the image instead"))
+        }
+        ImageReference::VideoFrame { video_id, frame } => {
+            return keep_frame(shared, &video_id, frame, param, target).await
         }
     };
     let limits = shared.config.limits.decode();

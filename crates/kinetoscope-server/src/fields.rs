@@ -95,10 +95,16 @@ pub enum VideoReference {
 }
 
 /// An image a request starts from (OpenAI's `input_reference`): an uploaded file, or `{"image_url": ...}` /
-/// `{"file_id": ...}` (JSON, or `name[image_url]` in multipart as the `openai` SDK flattens it).
+/// `{"file_id": ...}` / `{"video_id": ..., "frame": n}` (JSON, or `name[image_url]` ... in multipart as the
+/// `openai` SDK flattens it).
 pub enum ImageReference {
     Upload(Upload),
     Url(String),
+    /// A frame of a finished video of this server (`frame` 0-based; `None`: its last), to go on from it.
+    VideoFrame {
+        video_id: String,
+        frame: Option<u64>,
+    },
     /// A file of OpenAI's Files API, which this server has not: named only to be refused clearly.
     FileId,
 }
@@ -263,18 +269,33 @@ impl Fields {
         if self.text(&format!("{name}[file_id]"))?.is_some() {
             return Ok(Some(ImageReference::FileId));
         }
-        let expected =
-            format!("{name} must be an uploaded image, {{\"image_url\": \"data:...\"}} or {{\"file_id\": ...}}");
+        if let Some(video_id) = self.text(&format!("{name}[video_id]"))? {
+            let frame = self.integer(&format!("{name}[frame]"))?;
+            return Ok(Some(ImageReference::VideoFrame { video_id, frame }));
+        }
+        let expected = format!(
+            "{name} must be an uploaded image, {{\"image_url\": \"data:...\"}}, {{\"video_id\": ..., \"frame\": n}} or \
+             {{\"file_id\": ...}}"
+        );
+        let invalid = |got: String| ApiError::invalid("invalid_image", name, format!("{expected}, got {got}"));
         match self.values.remove(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Object(mut reference)) if reference.len() == 1 => {
-                match (reference.remove("image_url"), reference.remove("file_id")) {
-                    (Some(Value::String(url)), _) => Ok(Some(ImageReference::Url(url))),
-                    (_, Some(Value::String(_))) => Ok(Some(ImageReference::FileId)),
-                    _ => Err(ApiError::invalid("invalid_image", name, expected)),
+            Some(Value::Object(reference)) => {
+                let keys: Vec<&str> = reference.keys().map(String::as_str).collect();
+                match (keys.as_slice(), reference.get("image_url"), reference.get("video_id")) {
+                    (["image_url"], Some(Value::String(url)), _) => Ok(Some(ImageReference::Url(url.clone()))),
+                    (["file_id"], ..) if reference["file_id"].is_string() => Ok(Some(ImageReference::FileId)),
+                    (["video_id"] | ["frame", "video_id"], _, Some(Value::String(video_id))) => {
+                        let frame = match reference.get("frame") {
+                            None | Some(Value::Null) => None,
+                            Some(frame) => Some(frame.as_u64().ok_or_else(|| invalid(format!("frame {frame}")))?),
+                        };
+                        Ok(Some(ImageReference::VideoFrame { video_id: video_id.clone(), frame }))
+                    }
+                    _ => Err(invalid(Value::Object(reference.clone()).to_string())),
                 }
             }
-            Some(other) => Err(ApiError::invalid("invalid_image", name, format!("{expected}, got {other}"))),
+            Some(other) => Err(invalid(other.to_string())),
         }
     }
 

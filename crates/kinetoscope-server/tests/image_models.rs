@@ -244,3 +244,46 @@ async fn a_text_model_refuses_a_last_image_and_a_second_guidance_scale() {
     assert_refused(status, &error, "unsupported_parameter", "last_image");
     server.stop().await;
 }
+
+/// `input_reference` as a frame of a finished video (`{"video_id", "frame"}`, the last frame by default): a shot
+/// goes on from where the last one ended; a frame past the end, an unknown video or an unfinished one are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_videos_frame_starts_the_next() {
+    let data = tempfile::tempdir().unwrap();
+    let server = serve("wan21-i2v-tiny", data.path()).await;
+    let image = png("reference/wan21-i2v-tiny/image.png");
+    let first = json!({"prompt": "a fox wakes", "seed": 3, "input_reference": {"image_url": data_url(&image)}});
+    let (status, created) = server.post("/v1/videos", first).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    server.wait_for(&id, "completed").await;
+
+    for reference in [json!({"video_id": id}), json!({"video_id": id, "frame": 0})] {
+        let next = json!({"prompt": "the fox runs", "seed": 4, "input_reference": reference});
+        let (status, created) = server.post("/v1/videos", next).await;
+        assert_eq!(status, StatusCode::OK, "{created}");
+        let next_id = created["id"].as_str().unwrap();
+        server.wait_for(next_id, "completed").await;
+        let kept = std::fs::read(data.path().join("inputs").join(format!("{next_id}.image"))).unwrap();
+        assert!(kept.starts_with(b"\x89PNG"), "the frame is kept as a PNG");
+    }
+    // As the SDK flattens an object in multipart.
+    let form = Form::new()
+        .text("prompt", "the fox rests")
+        .text("input_reference[video_id]", id.clone())
+        .text("input_reference[frame]", "8");
+    let (status, created) = post_form(&server, form).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+
+    let past = json!({"prompt": "x", "input_reference": {"video_id": id, "frame": 9}});
+    let (status, error) = server.post("/v1/videos", past).await;
+    assert_refused(status, &error, "invalid_image", "input_reference");
+    assert!(error["error"]["message"].as_str().unwrap().contains("9 frames"), "{error}");
+    let unknown = json!({"prompt": "x", "input_reference": {"video_id": "video_0123456789abcdef"}});
+    let (status, error) = server.post("/v1/videos", unknown).await;
+    assert_eq!((status, error["error"]["param"].as_str()), (StatusCode::NOT_FOUND, Some("input_reference")), "{error}");
+    let extra = json!({"prompt": "x", "input_reference": {"video_id": id, "seconds": 1}});
+    let (status, error) = server.post("/v1/videos", extra).await;
+    assert_refused(status, &error, "invalid_image", "input_reference");
+    server.stop().await;
+}
