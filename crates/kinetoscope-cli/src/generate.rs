@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kinetoscope::scheduler::SchedulerKind;
+use kinetoscope::scheduler::{Schedule, SchedulerKind};
 use kinetoscope::{
     DType, Device, ExpertPlacement, GenerateRequest, LoadOptions, ModelDir, ModelManifest, ModelShape, Pipeline,
     Preset, TextEncoderPlacement, VaeTiling,
@@ -64,6 +64,15 @@ pub struct Args {
     /// Sampler: unipc or euler [default: the model's scheduler config].
     #[arg(long)]
     scheduler: Option<SchedulerKind>,
+    /// An explicit schedule of training timesteps, decreasing, run with flow-match Euler and --shift, as
+    /// diffusers' `timesteps=`: the few-step recipe of distilled models (lightx2v: 1000,750,500,250 at shift
+    /// 5, --guidance 1). Sets --steps to its length.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with_all = ["sigmas", "scheduler"])]
+    timesteps: Option<Vec<f64>>,
+    /// An explicit schedule of sigmas in (0, 1], decreasing, shifted by --shift and run with flow-match Euler,
+    /// as diffusers' `sigmas=`. Sets --steps to its length.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "scheduler")]
+    sigmas: Option<Vec<f64>>,
     /// Seed of the initial noise [default: random, recorded in the sidecar].
     #[arg(long)]
     seed: Option<u64>,
@@ -222,7 +231,12 @@ impl Args {
         request.height = self.height.unwrap_or(request.height);
         request.width = self.width.unwrap_or(request.width);
         request.num_frames = self.frames.unwrap_or(request.num_frames);
-        request.steps = self.steps.unwrap_or(request.steps);
+        request.schedule = match (&self.timesteps, &self.sigmas) {
+            (Some(timesteps), _) => Some(Schedule::Timesteps(timesteps.clone())),
+            (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas.clone())),
+            (None, None) => request.schedule,
+        };
+        request.steps = self.steps.or(request.schedule.as_ref().map(Schedule::len)).unwrap_or(request.steps);
         request.guidance_scale = self.guidance.unwrap_or(request.guidance_scale);
         request.guidance_scale_2 = self.guidance_2.or(request.guidance_scale_2);
         request.shift = self.shift.or(request.shift);

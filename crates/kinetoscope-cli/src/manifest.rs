@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use kinetoscope::scheduler::Schedule;
 use kinetoscope::{GenerateRequest, Preset};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -18,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 /// The fields a line may have. No `latents`: the noise is the seed's, and the only files a line names are its
 /// images.
-const FIELDS: [&str; 18] = [
+const FIELDS: [&str; 20] = [
     "id",
     "preset",
     "image",
@@ -33,6 +34,8 @@ const FIELDS: [&str; 18] = [
     "guidance_scale_2",
     "shift",
     "scheduler",
+    "timesteps",
+    "sigmas",
     "seed",
     "max_sequence_length",
     "fps",
@@ -137,17 +140,27 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
     if let Some(preset) = preset {
         preset.apply(&mut d);
     }
+    let schedule = match (take::<Vec<f64>>(&mut fields, "timesteps")?, take::<Vec<f64>>(&mut fields, "sigmas")?) {
+        (Some(_), Some(_)) => {
+            return Err((Some("sigmas".into()), "give timesteps or sigmas, not both".into()));
+        }
+        (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
+        (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
+        (None, None) => None,
+    };
     let request = GenerateRequest {
         prompt,
         negative_prompt: take(&mut fields, "negative_prompt")?.unwrap_or(d.negative_prompt),
         height: take(&mut fields, "height")?.unwrap_or(d.height),
         width: take(&mut fields, "width")?.unwrap_or(d.width),
         num_frames: take(&mut fields, "num_frames")?.unwrap_or(d.num_frames),
-        steps: take(&mut fields, "steps")?.unwrap_or(d.steps),
+        // An explicit schedule's length is the steps, unless the line says otherwise (and the model refuses it).
+        steps: take(&mut fields, "steps")?.or(schedule.as_ref().map(Schedule::len)).unwrap_or(d.steps),
         guidance_scale: take(&mut fields, "guidance_scale")?.unwrap_or(d.guidance_scale),
         guidance_scale_2: take(&mut fields, "guidance_scale_2")?.or(d.guidance_scale_2),
         shift: take(&mut fields, "shift")?.or(d.shift),
         scheduler: take(&mut fields, "scheduler")?,
+        schedule,
         // Without a seed, one from the id: a rerun renders the same video.
         seed: take(&mut fields, "seed")?.unwrap_or_else(|| seed_for(&id)),
         latents: None,

@@ -245,8 +245,13 @@ fn write_sidecar(
         "preset": job.preset,
         "resolved": {
             "defaults_from": setup.defaults_from,
-            "scheduler": request.scheduler.or(scheduler_config.kind()),
+            // An explicit schedule (`request.schedule`) runs with flow-match Euler.
+            "scheduler": match request.schedule {
+                Some(_) => Some(kinetoscope::scheduler::SchedulerKind::Euler),
+                None => request.scheduler.or(scheduler_config.kind()),
+            },
             "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
+            // Whether the unconditional pass ran: at guidance 1 or less it is skipped, half the work a step.
             "guidance": request.guidance_scale > 1.0,
             // A two-expert model's low-noise guidance scale and where its experts lived; null for one network.
             "guidance_scale_2": two_experts.then(|| request.guidance_scale_2.unwrap_or(request.guidance_scale)),

@@ -279,6 +279,29 @@ fn a_preset_sets_steps_and_step_cache_and_explicit_flags_win() {
     assert!(sidecar["quality"]["score"].as_f64().is_some());
 }
 
+/// The few-step recipe of distilled models: explicit timesteps with flow-match Euler, and guidance 1, which
+/// skips the unconditional pass; the sidecar records both. A schedule that doesn't decrease, or beside
+/// `--scheduler unipc`, is refused by name.
+#[test]
+fn explicit_timesteps_run_few_steps_without_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = dir.path().join("fast.mp4");
+    let out = small(&mp4, &["--timesteps", "1000,750,500,250", "--shift", "5", "--guidance", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sidecar = read_sidecar(&dir.path().join("fast.json"));
+    assert_eq!(sidecar["request"]["schedule"], serde_json::json!({"timesteps": [1000.0, 750.0, 500.0, 250.0]}));
+    assert_eq!(sidecar["request"]["steps"], 4);
+    assert_eq!(
+        (sidecar["resolved"]["scheduler"].as_str(), sidecar["resolved"]["guidance"].as_bool()),
+        (Some("euler"), Some(false))
+    );
+
+    let refused = small(&dir.path().join("no.mp4"), &["--timesteps", "250,500"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("timesteps"), "{}", stderr(&refused));
+    let refused = small(&dir.path().join("no.mp4"), &["--sigmas", "1,0.5", "--scheduler", "unipc"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("--scheduler"), "{}", stderr(&refused));
+}
+
 /// The sidecar's candidate list: seeds in rank order, scores non-increasing, the best first and kept.
 fn ranked_seeds(sidecar: &serde_json::Value) -> Vec<u64> {
     let record = &sidecar["candidates"];

@@ -484,7 +484,8 @@ impl Pipeline {
 
     /// Noise level σ of step `step` of the request's schedule.
     fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
-        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift).sigmas()[step]
+        let schedule = generate.schedule.as_ref();
+        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule).sigmas()[step]
     }
 }
 

@@ -16,7 +16,7 @@ use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity, ModelIndex};
 use crate::noise;
 use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
 
 pub struct Pipeline {
@@ -273,6 +273,18 @@ impl Pipeline {
         if request.max_sequence_length == 0 {
             return invalid("max_sequence_length", "must be at least 1".into());
         }
+        if let Some(schedule) = &request.schedule {
+            schedule.validate(self.scheduler_config.num_train_timesteps)?;
+            if schedule.len() != request.steps {
+                return invalid(
+                    "steps",
+                    format!("{} differs from the explicit schedule's {} values", request.steps, schedule.len()),
+                );
+            }
+            if request.scheduler == Some(SchedulerKind::Unipc) {
+                return invalid("scheduler", "an explicit schedule runs with flow-match Euler, not unipc".into());
+            }
+        }
         if let Some(threshold) = request.step_cache.filter(|t| !t.is_finite() || *t < 0.0) {
             return invalid("step_cache", format!("{threshold} must be a finite number ≥ 0 (0.05 is a mild cache)"));
         }
@@ -428,7 +440,8 @@ impl Pipeline {
         condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
-        let mut scheduler = self.scheduler_config.build(request.scheduler, request.steps, request.shift);
+        let mut scheduler =
+            self.scheduler_config.build(request.scheduler, request.steps, request.shift, request.schedule.as_ref());
         self.denoiser.run(latents, text, scheduler.as_mut(), first_step, request, condition, on_step)
     }
 

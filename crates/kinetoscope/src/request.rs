@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use kinetoscope_models::wan::vae;
 use serde::Serialize;
 
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::{Schedule, SchedulerKind};
 use crate::text::TextEncoderPlacement;
 
 /// Where and in what precision the networks run.
@@ -120,6 +120,9 @@ pub struct GenerateRequest {
     pub shift: Option<f64>,
     /// Sampler; `None` keeps the model folder's.
     pub scheduler: Option<SchedulerKind>,
+    /// An explicit schedule (few-step distilled models), run with flow-match Euler; `steps` must be its
+    /// length. `None`: the sampler's own schedule of `steps`.
+    pub schedule: Option<Schedule>,
     /// Seed of the initial noise, when `latents` doesn't supply it.
     pub seed: u64,
     /// Initial noise from a safetensors file (tensor `latents`), instead of the seed's.
@@ -146,6 +149,7 @@ impl Default for GenerateRequest {
             guidance_scale_2: None,
             shift: None,
             scheduler: None,
+            schedule: None,
             seed: 0,
             latents: None,
             max_sequence_length: 512,

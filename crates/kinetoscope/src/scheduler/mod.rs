@@ -17,6 +17,49 @@ pub use unipc::UniPc;
 
 use crate::error::{Error, Result};
 
+/// An explicit schedule, as diffusers' flow-matching schedulers take `timesteps=` or `sigmas=`: what few-step
+/// distilled models are run with (lightx2v's 1000, 750, 500, 250 at shift 5). Flow-match Euler runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Training timesteps, decreasing, in (0, num_train_timesteps]: the network sees them as given, and the
+    /// sigmas are `t / num_train_timesteps` shifted.
+    Timesteps(Vec<f64>),
+    /// Sigmas, decreasing, in (0, 1]: shifted, and the network sees `σ · num_train_timesteps`.
+    Sigmas(Vec<f64>),
+}
+
+impl Schedule {
+    pub fn len(&self) -> usize {
+        match self {
+            Schedule::Timesteps(values) | Schedule::Sigmas(values) => values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks the values against `num_train_timesteps`, naming the field (`timesteps` or `sigmas`).
+    pub fn validate(&self, num_train_timesteps: usize) -> Result<()> {
+        let (field, values, max) = match self {
+            Schedule::Timesteps(values) => ("timesteps", values, num_train_timesteps as f64),
+            Schedule::Sigmas(values) => ("sigmas", values, 1.0),
+        };
+        let invalid = |reason: String| Err(Error::InvalidRequest { field, reason });
+        if values.is_empty() {
+            return invalid("an explicit schedule needs at least one value".into());
+        }
+        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v > 0.0 && **v <= max)) {
+            return invalid(format!("{v} is outside (0, {max}]"));
+        }
+        if values.windows(2).any(|pair| pair[1] >= pair[0]) {
+            return invalid(format!("{values:?} must decrease strictly"));
+        }
+        Ok(())
+    }
+}
+
 pub trait Scheduler: Send {
     /// The timestep the model is evaluated at for each step, as diffusers passes it to the transformer.
     fn timesteps(&self) -> &[f32];
@@ -184,9 +227,18 @@ impl SchedulerConfig {
     }
 
     /// A scheduler for `steps` steps: of `kind` (default: the config's own) with `shift` (default: the
-    /// config's own).
-    pub fn build(&self, kind: Option<SchedulerKind>, steps: usize, shift: Option<f64>) -> Box<dyn Scheduler> {
+    /// config's own); with an explicit `schedule`, flow-match Euler over it (its length is the steps).
+    pub fn build(
+        &self,
+        kind: Option<SchedulerKind>,
+        steps: usize,
+        shift: Option<f64>,
+        schedule: Option<&Schedule>,
+    ) -> Box<dyn Scheduler> {
         let shift = shift.unwrap_or_else(|| self.configured_shift());
+        if let Some(schedule) = schedule {
+            return Box::new(FlowMatchEuler::explicit(schedule, self.num_train_timesteps, shift));
+        }
         match kind.or(self.kind()).unwrap_or(SchedulerKind::Unipc) {
             SchedulerKind::Unipc => Box::new(UniPc::new(self, steps, shift)),
             SchedulerKind::Euler => Box::new(FlowMatchEuler::new(self.num_train_timesteps, steps, shift)),
