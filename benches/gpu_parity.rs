@@ -206,7 +206,7 @@ fn transformer_forward(fixtures: &Fixtures, model: &str, precision: Precision) -
         WanTransformer3DModel::new(&cfg, dir.var_builder("transformer", precision.dtype(), &fixtures.device)?)?;
     let r = fixtures.reference(model, "transformer.safetensors")?;
     let input = |name: &str| fixtures.on_device(&r, name);
-    let out = network.forward(&input("hidden_states")?, &input("timestep")?, &input("encoder_hidden_states")?)?;
+    let out = network.forward(&input("hidden_states")?, &input("timestep")?, &input("encoder_hidden_states")?, None)?;
     Ok(vec![("transformer".into(), relative(&out, tensor(&r, "output")?, precision.stage_limit())?)])
 }
 

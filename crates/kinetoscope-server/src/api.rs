@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::Stream;
+use kinetoscope::scheduler::Schedule;
 use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset, TimeRange};
 use serde::Deserialize;
 use serde_json::json;
@@ -720,11 +721,35 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
     })
 }
 
-/// The fields every kind of job takes that shape the sampling: steps, guidance, negative prompt, step cache.
+/// The fields every kind of job takes that shape the sampling: steps or an explicit schedule, shift, guidance,
+/// negative prompt, step cache.
 fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateRequest) -> ApiResult<()> {
     let limits = &shared.config.limits;
+    // An explicit schedule (few-step distilled models: flow-match Euler over it); its length is the steps.
+    request.schedule =
+        match (fields.numbers("timesteps", limits.max_steps)?, fields.numbers("sigmas", limits.max_steps)?) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "invalid_request",
+                    "sigmas",
+                    "sigmas: give timesteps or sigmas, not both",
+                ))
+            }
+            (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
+            (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
+            (None, None) => None,
+        };
+    if let Some(schedule) = &request.schedule {
+        request.steps = schedule.len();
+    }
     if let Some(steps) = fields.integer("steps")? {
         request.steps = usize::try_from(steps).unwrap_or(usize::MAX);
+    }
+    if let Some(shift) = fields.number("shift")? {
+        if !(shift > 0.0 && shift <= 100.0) {
+            return Err(ApiError::invalid("invalid_request", "shift", format!("shift {shift} is outside (0, 100]")));
+        }
+        request.shift = Some(shift);
     }
     if request.steps == 0 || request.steps > limits.max_steps {
         return Err(ApiError::invalid(
@@ -799,6 +824,8 @@ fn settings(
         steps: request.steps,
         guidance_scale: request.guidance_scale,
         guidance_scale_2: request.guidance_scale_2,
+        shift: request.shift,
+        schedule: request.schedule.clone(),
         seed,
         step_cache: request.step_cache,
         preset,

@@ -330,6 +330,33 @@ impl Fields {
         }
     }
 
+    /// A list of at most `max` finite numbers: a JSON array, or text with commas between them (multipart).
+    pub fn numbers(&mut self, name: &str, max: usize) -> Result<Option<Vec<f64>>, ApiError> {
+        let bad = |shown: String| {
+            let message = format!("{name} must be a list of at most {max} finite numbers, got {shown}");
+            ApiError::invalid("invalid_type", name, message)
+        };
+        let values: Vec<f64> =
+            match self.values.remove(name) {
+                None | Some(Value::Null) => return Ok(None),
+                Some(Value::Array(items)) if items.len() <= max => items
+                    .iter()
+                    .map(Value::as_f64)
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(Value::Array(items.clone()).to_string()))?,
+                Some(Value::String(text)) if text.split(',').count() <= max => text
+                    .split(',')
+                    .map(|part| part.trim().parse::<f64>().ok())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(format!("{text:?}")))?,
+                Some(other) => return Err(bad(other.to_string())),
+            };
+        match values.iter().find(|v| !v.is_finite()) {
+            Some(v) => Err(bad(v.to_string())),
+            None => Ok(Some(values)),
+        }
+    }
+
     /// A whole number from 0 to `u64::MAX`, exact: it never passes through f64, whose 53-bit mantissa would
     /// round a seed like 9007199254740993. `7.0` and `1e3` are taken where f64 holds them exactly.
     pub fn integer(&mut self, name: &str) -> Result<Option<u64>, ApiError> {

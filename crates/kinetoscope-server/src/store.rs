@@ -75,6 +75,12 @@ pub struct Settings {
     /// A two-expert model's guidance scale for its low-noise expert; `None` keeps `guidance_scale`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_scale_2: Option<f64>,
+    /// Shift of the flow sigmas; `None` keeps the model's scheduler config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f64>,
+    /// An explicit schedule (few-step distilled models), run with flow-match Euler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<kinetoscope::scheduler::Schedule>,
     pub seed: u64,
     pub step_cache: Option<f64>,
     pub preset: Option<String>,
@@ -419,6 +425,8 @@ mod tests {
                 steps: 2,
                 guidance_scale: 5.0,
                 guidance_scale_2: None,
+                shift: None,
+                schedule: None,
                 seed: 7,
                 step_cache: None,
                 preset: None,

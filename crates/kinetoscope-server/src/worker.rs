@@ -182,6 +182,8 @@ pub fn to_request(settings: &Settings) -> GenerateRequest {
         steps: settings.steps,
         guidance_scale: settings.guidance_scale,
         guidance_scale_2: settings.guidance_scale_2,
+        shift: settings.shift,
+        schedule: settings.schedule.clone(),
         seed: settings.seed,
         fps: settings.fps,
         step_cache: settings.step_cache,

@@ -479,3 +479,30 @@ async fn a_job_over_the_memory_limit_fails_and_the_next_completes() {
     server.wait_for(small["id"].as_str().unwrap(), "completed").await;
     server.stop().await;
 }
+
+/// The few-step recipe of distilled models over the API: an explicit schedule (JSON array or, in multipart,
+/// text with commas), a shift and guidance 1; the steps are the schedule's length. A schedule that doesn't
+/// decrease, or both kinds at once, is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_schedule_runs_a_few_step_job() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Running::start(config(data.path())).await;
+    let fast = json!({"prompt": "a fox", "timesteps": [1000, 750, 500, 250], "shift": 5, "guidance_scale": 1});
+    let (code, created) = server.post("/v1/videos", fast).await;
+    assert_eq!(code, StatusCode::OK, "{created}");
+    server.wait_for(created["id"].as_str().unwrap(), "completed").await;
+    let form = reqwest::multipart::Form::new().text("prompt", "a fox").text("sigmas", "1, 0.75, 0.5, 0.25");
+    let response = server.client.post(server.url("/v1/videos")).bearer_auth(KEY).multipart(form).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    for (body, param) in [
+        (json!({"prompt": "x", "timesteps": [250, 500]}), "timesteps"),
+        (json!({"prompt": "x", "timesteps": [1000], "sigmas": [1]}), "sigmas"),
+        (json!({"prompt": "x", "sigmas": "1,a"}), "sigmas"),
+        (json!({"prompt": "x", "shift": 0}), "shift"),
+    ] {
+        let (code, error) = server.post("/v1/videos", body).await;
+        assert_eq!((code, error["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{error}");
+    }
+    server.stop().await;
+}

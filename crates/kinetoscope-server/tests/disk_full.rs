@@ -66,6 +66,8 @@ fn queued_job(id: &str) -> NewJob {
             steps: 2,
             guidance_scale: 5.0,
             guidance_scale_2: None,
+            shift: None,
+            schedule: None,
             seed: 7,
             step_cache: None,
             preset: None,
