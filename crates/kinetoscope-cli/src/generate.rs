@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::{Schedule, SchedulerKind};
 use kinetoscope::{
-    DType, Device, ExpertPlacement, GenerateRequest, LoadOptions, ModelDir, ModelManifest, ModelShape, Pipeline,
-    Preset, TextEncoderPlacement, VaeTiling,
+    DType, Device, ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, ModelDir, ModelManifest, ModelShape,
+    Pipeline, Preset, TextEncoderPlacement, VaeTiling,
 };
 
 use crate::edit::EditArgs;
@@ -111,7 +111,7 @@ pub struct ModelArgs {
 }
 
 /// How the pipeline uses memory: the flags `generate`, `batch` and `serve` share.
-#[derive(clap::Args, Clone, Copy, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct MemoryArgs {
     /// Working memory (beyond the weights) a stage may need, e.g. 8GiB or 512MiB; a request that would need
     /// more fails with out_of_memory before the stage starts; an offloaded text encoder's weights count in
@@ -132,6 +132,31 @@ pub struct MemoryArgs {
     /// fit in the memory limit, or on a GPU in its free memory; else swap).
     #[arg(long, value_name = "WHERE", default_value = "auto")]
     pub experts: ExpertPlacement,
+    #[command(flatten)]
+    pub loras: LoraArgs,
+}
+
+/// LoRA adapters, merged into the weights as the model loads.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// A LoRA adapter (safetensors in the diffusers/PEFT, official Wan/ComfyUI/lightx2v or kohya/musubi layout)
+    /// and its scale, merged into the transformer's weights at load (a two-expert model's high-noise one);
+    /// repeat for several. A key that matches no tensor of the model is an error.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = |s: &str| LoraSpec::parse(s, "transformer"))]
+    pub transformer: Vec<LoraSpec>,
+    /// A LoRA adapter for a two-expert model's low-noise expert (transformer_2): the low-noise file of a Wan 2.2
+    /// LoRA pair.
+    #[arg(long = "lora-2", value_name = "FILE[:SCALE]", value_parser = |s: &str| LoraSpec::parse(s, "transformer_2"))]
+    pub transformer_2: Vec<LoraSpec>,
+    /// Leave out (and list in the sidecar) adapter keys that match no tensor of the model, instead of failing.
+    #[arg(long)]
+    pub lora_allow_unmatched: bool,
+}
+
+impl LoraArgs {
+    pub fn specs(&self) -> Vec<LoraSpec> {
+        self.transformer.iter().chain(&self.transformer_2).cloned().collect()
+    }
 }
 
 impl MemoryArgs {
@@ -143,6 +168,8 @@ impl MemoryArgs {
             text_encoder: self.text_encoder,
             vae_tiling: self.vae_tiling,
             experts: self.experts,
+            loras: self.loras.specs(),
+            lora_allow_unmatched: self.loras.lora_allow_unmatched,
         }
     }
 }

@@ -256,6 +256,8 @@ fn write_sidecar(
             // A two-expert model's low-noise guidance scale and where its experts lived; null for one network.
             "guidance_scale_2": two_experts.then(|| request.guidance_scale_2.unwrap_or(request.guidance_scale)),
             "experts": setup.pipeline.expert_placement(),
+            // The LoRA adapters merged into the weights: file, sha256, scale, transformer, key layout.
+            "loras": setup.pipeline.loras(),
             "device": setup.device,
             "dtype": setup.dtype.as_str(),
             "text_encoder": setup.pipeline.text_encoder_placement(),

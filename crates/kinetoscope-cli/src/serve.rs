@@ -171,6 +171,8 @@ pub fn run(args: Args) -> Result<()> {
     config.text_encoder = args.memory.text_encoder;
     config.vae_tiling = args.memory.vae_tiling;
     config.experts = args.memory.experts;
+    config.loras = args.memory.loras.specs();
+    config.lora_allow_unmatched = args.memory.loras.lora_allow_unmatched;
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

@@ -302,6 +302,37 @@ fn explicit_timesteps_run_few_steps_without_guidance() {
     assert!(!refused.status.success() && stderr(&refused).contains("--scheduler"), "{}", stderr(&refused));
 }
 
+/// LoRA adapters merged at load: two at once, each recorded in the sidecar with its sha256, scale and layout;
+/// an adapter with a key the model lacks fails before any work, naming the key, unless unmatched keys are
+/// allowed; a low-noise adapter needs a two-expert model.
+#[test]
+fn lora_adapters_are_merged_recorded_and_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = |name: &str| tiny_model().join("../loras").join(name).display().to_string();
+    let (peft, official) = (format!("{}:0.7", lora("wan21-peft.safetensors")), lora("wan21-official.safetensors"));
+    let out = small(&dir.path().join("styled.mp4"), &["--steps", "1", "--lora", &peft, "--lora", &official]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let loras = read_sidecar(&dir.path().join("styled.json"))["resolved"]["loras"].clone();
+    assert_eq!(loras.as_array().map(Vec::len), Some(2), "{loras}");
+    assert_eq!((loras[0]["scale"].as_f64(), loras[1]["scale"].as_f64()), (Some(0.7), Some(1.0)));
+    assert_eq!(
+        (loras[0]["component"].as_str(), loras[0]["sha256"].as_str().map(str::len)),
+        (Some("transformer"), Some(64))
+    );
+
+    let unmatched = lora("wan21-unmatched.safetensors");
+    let out = small(&dir.path().join("no.mp4"), &["--steps", "1", "--lora", &unmatched]);
+    assert!(!out.status.success() && stderr(&out).contains("to_qkv"), "{}", stderr(&out));
+    let out = small(&dir.path().join("yes.mp4"), &["--steps", "1", "--lora", &unmatched, "--lora-allow-unmatched"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_sidecar(&dir.path().join("yes.json"))["resolved"]["loras"][0]["unmatched"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let out = small(&dir.path().join("no.mp4"), &["--steps", "1", "--lora-2", &lora("wan21-peft.safetensors")]);
+    assert!(!out.status.success() && stderr(&out).contains("two-expert"), "{}", stderr(&out));
+}
+
 /// The sidecar's candidate list: seeds in rank order, scores non-increasing, the best first and kept.
 fn ranked_seeds(sidecar: &serde_json::Value) -> Vec<u64> {
     let record = &sidecar["candidates"];

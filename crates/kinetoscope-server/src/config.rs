@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kinetoscope::{DType, ExpertPlacement, TextEncoderPlacement, VaeTiling};
+use kinetoscope::{DType, ExpertPlacement, LoraSpec, TextEncoderPlacement, VaeTiling};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -30,6 +30,10 @@ pub struct Config {
     pub vae_tiling: VaeTiling,
     /// Where each worker keeps a two-expert model's (Wan 2.2 A14B) experts.
     pub experts: ExpertPlacement,
+    /// LoRA adapters every worker merges into the model's weights as it loads (the operator's files, for every
+    /// job; clients name no path).
+    pub loras: Vec<LoraSpec>,
+    pub lora_allow_unmatched: bool,
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -167,6 +171,8 @@ impl Config {
             text_encoder: TextEncoderPlacement::default(),
             vae_tiling: VaeTiling::default(),
             experts: ExpertPlacement::default(),
+            loras: Vec::new(),
+            lora_allow_unmatched: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

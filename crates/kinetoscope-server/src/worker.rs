@@ -168,6 +168,8 @@ fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
         text_encoder: shared.config.text_encoder,
         vae_tiling: shared.config.vae_tiling,
         experts: shared.config.experts,
+        loras: shared.config.loras.clone(),
+        lora_allow_unmatched: shared.config.lora_allow_unmatched,
     };
     Pipeline::load(&dir, &options)
 }

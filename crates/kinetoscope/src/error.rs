@@ -33,6 +33,11 @@ pub enum Error {
     #[error("weights of {component} in {path} don't match its config: {reason}")]
     Weights { component: &'static str, path: PathBuf, reason: String },
 
+    /// A LoRA adapter that can't be applied to the model: unreadable, too large, a key that matches no tensor,
+    /// a shape that doesn't fit.
+    #[error("LoRA adapter {path}: {reason}")]
+    Adapter { path: PathBuf, reason: String },
+
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 
@@ -85,6 +90,7 @@ impl Error {
             Error::Io { .. } => "io_error",
             Error::Config { .. } => "config_invalid",
             Error::Weights { .. } => "weights_invalid",
+            Error::Adapter { .. } => "lora_invalid",
             Error::Tokenizer { .. } => "tokenizer_invalid",
             Error::InvalidRequest { .. } => "invalid_request",
             Error::Latents { .. } => "latents_invalid",

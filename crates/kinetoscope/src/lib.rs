@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+mod adapters;
 mod conditioning;
 mod denoise;
 mod device;
@@ -27,6 +28,7 @@ mod request;
 pub mod scheduler;
 mod text;
 
+pub use adapters::AppliedLora;
 pub use candle_core::{DType, Device};
 pub use device::{gpu_memory_used, open_device, parse_dtype, peak_gpu_memory, reset_peak_gpu_memory};
 pub use edit::{
@@ -43,5 +45,7 @@ pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
 pub use registry::{models, verify, ModelManifest, VerifyReport};
-pub use request::{ExpertPlacement, GenerateRequest, LoadOptions, MemoryLimit, Progress, Timings, VaeTiling, Video};
+pub use request::{
+    ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, MemoryLimit, Progress, Timings, VaeTiling, Video,
+};
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
 
+use crate::adapters::AppliedLora;
 use crate::conditioning::Conditioning;
 use crate::denoise::{Denoiser, Expert, LoadNetwork};
 use crate::error::{Error, Result, StageContext};
@@ -32,6 +33,7 @@ pub struct Pipeline {
     scheduler_config: SchedulerConfig,
     memory: MemoryBudget,
     shape: ModelShape,
+    loras: Vec<AppliedLora>,
 }
 
 /// What a model's configs say about the requests it can take, known before any weight is read, so that a
@@ -178,7 +180,7 @@ impl Pipeline {
         );
         let shape = ModelShape::of(&configs[0], &vae_config, &scheduler_config, &index);
         let boundary = index.boundary_ratio.map(|ratio| ratio * scheduler_config.num_train_timesteps as f64);
-        let experts = load_experts(dir, names, configs, options)?;
+        let (experts, loras) = load_experts(dir, names, configs, options)?;
         let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());
         Ok(Pipeline {
             identity,
@@ -192,6 +194,7 @@ impl Pipeline {
             scheduler_config,
             memory,
             shape,
+            loras,
         })
     }
 
@@ -231,6 +234,11 @@ impl Pipeline {
             [_, _] => Some(ExpertPlacement::Resident),
             _ => None,
         }
+    }
+
+    /// The LoRA adapters merged into the transformers' weights ([`LoadOptions::loras`]).
+    pub fn loras(&self) -> &[AppliedLora] {
+        &self.loras
     }
 
     pub(crate) fn image_encoder(&self) -> Option<&ImageEncoder> {
@@ -505,30 +513,49 @@ impl Pipeline {
     }
 }
 
-/// The model's networks on the device: one, or a two-expert model's two, both resident or swapped as
-/// [`ExpertPlacement`] says. The first is loaded now either way, so that bad weights fail the load; a swapped
-/// second expert has its tensors checked against its files' headers without reading them.
+/// The model's networks on the device, with their LoRA adapters merged in: one, or a two-expert model's two, both
+/// resident or swapped as [`ExpertPlacement`] says. The first is loaded now either way, so that bad weights fail
+/// the load; a swapped second expert has its tensors checked against its files' headers without reading them.
+/// Adapters are read (and checked against the tensors) once, here.
 fn load_experts(
     dir: &ModelDir,
     names: &[&'static str],
     configs: Vec<transformer::Config>,
     options: &LoadOptions,
-) -> Result<Vec<Expert>> {
-    let loader =
-        |name: &'static str, config: &transformer::Config| -> LoadNetwork {
-            let (dir, config, dtype, device) = (dir.clone(), config.clone(), options.dtype, options.device.clone());
-            Box::new(move || {
-                WanTransformer3DModel::new(&config, dir.var_builder(name, dtype, &device)?)
-                    .map_err(|e| Error::Weights { component: name, path: dir.component(name), reason: e.to_string() })
+) -> Result<(Vec<Expert>, Vec<AppliedLora>)> {
+    if let Some(spec) = options.loras.iter().find(|spec| !names.contains(&spec.component)) {
+        return Err(Error::Adapter {
+            path: spec.path.clone(),
+            reason: format!(
+                "meant for {}, which the model doesn't have (a low-noise adapter needs a two-expert model, Wan 2.2 \
+                 A14B)",
+                spec.component
+            ),
+        });
+    }
+    let mut applied = Vec::new();
+    let mut loader = |name: &'static str, config: &transformer::Config| -> Result<LoadNetwork> {
+        let (adapters, read) = crate::adapters::read(dir, name, &options.loras, options.lora_allow_unmatched)?;
+        applied.extend(read);
+        let (dir, config, dtype, device) = (dir.clone(), config.clone(), options.dtype, options.device.clone());
+        Ok(Box::new(move || {
+            let vb = crate::adapters::var_builder(&dir, name, dtype, &device, &adapters)?;
+            WanTransformer3DModel::new(&config, vb).map_err(|e| Error::Weights {
+                component: name,
+                path: dir.component(name),
+                reason: e.to_string(),
             })
-        };
+        }))
+    };
     let mut configs = configs.into_iter();
     let first_config = configs.next().expect("a model has a transformer");
-    let first = loader(names[0], &first_config)()?;
+    let load_first = loader(names[0], &first_config)?;
+    let first = load_first()?;
     let Some(second_config) = configs.next() else {
-        return Ok(vec![Expert::resident(names[0], first_config, first)]);
+        return Ok((vec![Expert::resident(names[0], first_config, first)], applied));
     };
     let second = names[1];
+    let load_second = loader(second, &second_config)?;
     let swap = match options.experts {
         ExpertPlacement::Resident => false,
         ExpertPlacement::Swap => true,
@@ -538,17 +565,17 @@ fn load_experts(
             !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
         }
     };
-    if swap {
+    let experts = if swap {
         crate::registry::check_transformer_weights(dir, second, &second_config)?;
-        let (load_first, load_second) = (loader(names[0], &first_config), loader(second, &second_config));
-        Ok(vec![
+        vec![
             Expert::swapped(names[0], first_config, load_first, Some(first)),
             Expert::swapped(second, second_config, load_second, None),
-        ])
+        ]
     } else {
-        let network = loader(second, &second_config)()?;
-        Ok(vec![Expert::resident(names[0], first_config, first), Expert::resident(second, second_config, network)])
-    }
+        let network = load_second()?;
+        vec![Expert::resident(names[0], first_config, first), Expert::resident(second, second_config, network)]
+    };
+    Ok((experts, applied))
 }
 
 fn ensure_finite(t: &Tensor, stage: &'static str) -> Result<()> {

@@ -29,6 +29,41 @@ pub struct LoadOptions {
     /// Whether a two-expert model (Wan 2.2 A14B) keeps both experts on the device (default: only where both
     /// fit).
     pub experts: ExpertPlacement,
+    /// LoRA adapters merged into the transformer's weights as they load (no per-step cost), in every format
+    /// diffusers reads for Wan.
+    pub loras: Vec<LoraSpec>,
+    /// Whether an adapter key that matches no tensor of the model is a warning (listed) instead of an error.
+    pub lora_allow_unmatched: bool,
+}
+
+/// A LoRA adapter file and its scale, for one of the model's transformers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub scale: f64,
+    /// `transformer`, or a two-expert model's low-noise `transformer_2` (Wan 2.2's high/low-noise LoRA pairs,
+    /// as diffusers' `load_into_transformer_2`).
+    pub component: &'static str,
+}
+
+impl LoraSpec {
+    /// `FILE` or `FILE:SCALE` (scale 1 when absent; a path may itself hold colons: only a suffix that reads as a
+    /// number is a scale), for `component`.
+    pub fn parse(text: &str, component: &'static str) -> std::result::Result<Self, String> {
+        let (path, scale) = match text.rsplit_once(':') {
+            Some((path, scale)) if !path.is_empty() && scale.trim().parse::<f64>().is_ok() => {
+                (path, scale.trim().parse::<f64>().expect("checked above"))
+            }
+            _ => (text, 1.0),
+        };
+        if path.is_empty() {
+            return Err(format!("{text:?}: expected FILE or FILE:SCALE"));
+        }
+        if !scale.is_finite() {
+            return Err(format!("{text:?}: the scale must be a finite number"));
+        }
+        Ok(LoraSpec { path: PathBuf::from(path), scale, component })
+    }
 }
 
 impl Default for LoadOptions {
@@ -40,6 +75,8 @@ impl Default for LoadOptions {
             text_encoder: TextEncoderPlacement::default(),
             vae_tiling: VaeTiling::default(),
             experts: ExpertPlacement::default(),
+            loras: Vec::new(),
+            lora_allow_unmatched: false,
         }
     }
 }
@@ -270,6 +307,16 @@ mod tests {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains("8GiB"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn lora_specs_take_an_optional_scale_after_the_last_colon() {
+        let spec = |text| LoraSpec::parse(text, "transformer").map(|s| (s.path.display().to_string(), s.scale));
+        assert_eq!(spec("style.safetensors"), Ok(("style.safetensors".into(), 1.0)));
+        assert_eq!(spec("style.safetensors:0.7"), Ok(("style.safetensors".into(), 0.7)));
+        assert_eq!(spec("C:/loras/a:b.safetensors"), Ok(("C:/loras/a:b.safetensors".into(), 1.0)));
+        assert_eq!(spec("a:b.safetensors:-0.5"), Ok(("a:b.safetensors".into(), -0.5)));
+        assert!(spec(":0.5").is_err() && spec("").is_err() && spec("x:inf").is_err());
     }
 
     #[test]

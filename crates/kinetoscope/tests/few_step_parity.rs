@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_frames, assert_relative, model_dir, noise_file, reference, reference_request};
+use common::{assert_frames, assert_relative, denoised, model_dir, noise_file, reference, reference_request};
 use kinetoscope::scheduler::Schedule;
 use kinetoscope::{GenerateRequest, LoadOptions, Pipeline};
 
@@ -29,9 +29,7 @@ fn explicit_schedules_without_guidance_match_diffusers() {
         ("warped_", Schedule::Sigmas(vec![1.0, 0.75, 0.5, 0.25])),
     ] {
         let request = GenerateRequest { schedule: Some(schedule), ..base.clone() };
-        let latents = pipeline.initial_latents(&request).unwrap();
-        let text = pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap();
-        let latents = pipeline.denoise(latents, &text, &request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+        let latents = denoised(&pipeline, &request, &mut |_| {});
         assert_relative(
             model,
             &format!("{variant}few-step final latents"),

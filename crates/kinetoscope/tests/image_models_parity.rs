@@ -9,8 +9,9 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use candle_core::Tensor;
-use common::{assert_frames, assert_relative, model_dir, noise_file, reference, reference_request, settings, tiny};
+use common::{
+    assert_frames, assert_relative, denoised, model_dir, noise_file, reference, reference_request, settings, tiny,
+};
 use kinetoscope::{
     ExpertPlacement, GenerateRequest, ImageRequest, InputVideo, LoadOptions, ModelShape, Pipeline, Progress,
 };
@@ -60,16 +61,8 @@ fn two_experts_generate_as_diffusers_does() {
     assert_eq!(video.timings.experts, reference_experts(model));
     assert_frames(model, "two-expert text-to-video", video.frames, &r["frames"]);
 
-    let text = Tensor::cat(
-        &[
-            pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap(),
-            pipeline.encode_prompt(&request.negative_prompt, request.max_sequence_length).unwrap(),
-        ],
-        0,
-    )
-    .unwrap();
-    let latents = pipeline.initial_latents(&request).unwrap();
-    let (latents, experts) = with_experts(|on_step| pipeline.denoise(latents, &text, &request, on_step).unwrap());
+    let mut experts = Vec::new();
+    let latents = denoised(&pipeline, &request, &mut |progress| experts.push(progress.expert.to_string()));
     assert_eq!(experts, reference_experts(model));
     assert_relative(model, "final latents", &latents, &r["final_latents"]);
 }

@@ -89,6 +89,26 @@ pub fn request_with_reference_noise(model: &str, dir: &Path) -> GenerateRequest 
     GenerateRequest { latents: Some(noise), ..reference_request(model) }
 }
 
+/// The denoised latents of `request` (text-to-video) through the stages' own entry points: the prompts encoded
+/// (the negative one below when guidance is on), the initial noise, the loop; `on_step` sees each step.
+pub fn denoised(
+    pipeline: &Pipeline,
+    request: &GenerateRequest,
+    on_step: &mut dyn FnMut(kinetoscope::Progress),
+) -> Tensor {
+    let mut prompts = vec![pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap()];
+    if request.guidance_scale > 1.0 {
+        prompts.push(pipeline.encode_prompt(&request.negative_prompt, request.max_sequence_length).unwrap());
+    }
+    let text = Tensor::cat(&prompts, 0).unwrap();
+    let latents = pipeline.initial_latents(request).unwrap();
+    let mut on_step = |progress| {
+        on_step(progress);
+        ControlFlow::Continue(())
+    };
+    pipeline.denoise(latents, &text, request, &mut on_step).unwrap()
+}
+
 /// Text-to-video on `pipeline` (loaded from `model`) against the reference pipeline's run from the same noise:
 /// the denoised latents within 1e-4 relative error, the frames within 2e-3 absolute.
 pub fn assert_text_to_video_matches(pipeline: &Pipeline, model: &str) {
@@ -97,17 +117,7 @@ pub fn assert_text_to_video_matches(pipeline: &Pipeline, model: &str) {
     let request = request_with_reference_noise(model, dir.path());
 
     // Stage by stage: the denoised latents.
-    let text = Tensor::cat(
-        &[
-            pipeline.encode_prompt(&request.prompt, request.max_sequence_length).unwrap(),
-            pipeline.encode_prompt(&request.negative_prompt, request.max_sequence_length).unwrap(),
-        ],
-        0,
-    )
-    .unwrap();
-    let latents = pipeline.initial_latents(&request).unwrap();
-    let latents = pipeline.denoise(latents, &text, &request, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_relative(model, "final latents", &latents, &r["final_latents"]);
+    assert_relative(model, "final latents", &denoised(pipeline, &request, &mut |_| {}), &r["final_latents"]);
 
     // End to end: the frames.
     assert_frames(model, "text-to-video", pipeline.generate(&request).unwrap().frames, &r["frames"]);

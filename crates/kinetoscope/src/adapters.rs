@@ -1,0 +1,103 @@
+//! LoRA adapters merged into a transformer's weights as it loads: read once per file against the component's
+//! tensors (every format diffusers reads for Wan, see `kinetoscope_models::wan::lora`), then summed into each
+//! weight they change as the network is built, so a step costs what it costs without them. A swapped expert is
+//! rebuilt from the same adapters, never re-read.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use kinetoscope_models::lora::{merged_var_builder, ReadOptions, ScaledAdapter, Targets};
+use kinetoscope_models::wan::lora::read_adapter;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model_dir::ModelDir;
+use crate::request::LoraSpec;
+
+/// An adapter as it was applied, for the sidecar.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedLora {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub scale: f64,
+    /// The transformer it was merged into: `transformer`, or a two-expert model's `transformer_2`.
+    pub component: &'static str,
+    /// The key layout it was read in: diffusers/PEFT, official Wan (ComfyUI, lightx2v) or kohya/musubi.
+    pub format: &'static str,
+    /// Weights and biases it changes.
+    pub tensors: usize,
+    /// Keys that match no tensor of the model, when those are allowed (`--lora-allow-unmatched`).
+    pub unmatched: Vec<String>,
+    /// Keys left out as diffusers leaves them out (norm deltas, ...).
+    pub ignored: usize,
+}
+
+/// The adapters of `specs` meant for `component`, read against its weight files.
+pub(crate) fn read(
+    dir: &ModelDir,
+    component: &'static str,
+    specs: &[LoraSpec],
+    allow_unmatched: bool,
+) -> Result<(Vec<ScaledAdapter>, Vec<AppliedLora>)> {
+    let specs: Vec<&LoraSpec> = specs.iter().filter(|spec| spec.component == component).collect();
+    if specs.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let files = dir.weight_files(component)?;
+    let targets = Targets::from_safetensors(&files).map_err(|e| Error::Weights {
+        component,
+        path: dir.component(component),
+        reason: e.to_string(),
+    })?;
+    let options = ReadOptions { allow_unmatched, ..ReadOptions::default() };
+    let (mut adapters, mut applied) = (Vec::new(), Vec::new());
+    for spec in specs {
+        let invalid = |reason: String| Error::Adapter { path: spec.path.clone(), reason };
+        let adapter = read_adapter(&spec.path, &targets, &options).map_err(|e| invalid(e.to_string()))?;
+        for key in adapter.unmatched() {
+            tracing::warn!(lora = %spec.path.display(), key, "LoRA key matches no tensor of the model; left out");
+        }
+        applied.push(AppliedLora {
+            path: spec.path.clone(),
+            sha256: sha256_of(&spec.path)?,
+            scale: spec.scale,
+            component,
+            format: adapter.format(),
+            tensors: adapter.tensor_names().count(),
+            unmatched: adapter.unmatched().to_vec(),
+            ignored: adapter.ignored().len(),
+        });
+        adapters.push(ScaledAdapter { adapter: Arc::new(adapter), scale: spec.scale });
+    }
+    Ok((adapters, applied))
+}
+
+/// A `VarBuilder` over `component`'s weights with `adapters` merged in (the weights alone without any).
+pub(crate) fn var_builder(
+    dir: &ModelDir,
+    component: &'static str,
+    dtype: DType,
+    device: &Device,
+    adapters: &[ScaledAdapter],
+) -> Result<VarBuilder<'static>> {
+    let base = dir.var_builder(component, dtype, device)?;
+    Ok(if adapters.is_empty() { base } else { merged_var_builder(base, adapters.to_vec()) })
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let (mut hasher, mut buffer) = (Sha256::new(), vec![0u8; 1 << 20]);
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(crate::model_dir::hex(&hasher.finalize()))
+}
