@@ -4,6 +4,7 @@
 //! the [`Conditioning`]; it never writes a loop of its own.
 
 use std::ops::ControlFlow;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -29,8 +30,8 @@ pub(crate) struct Expert {
 enum Weights {
     /// On the device for the pipeline's life.
     Resident(Arc<WanTransformer3DModel>),
-    /// On the device only while its steps run: `load` builds it again from the memory-mapped files.
-    Swapped { load: LoadNetwork, loaded: Mutex<Option<Arc<WanTransformer3DModel>>> },
+    /// On the device only while its steps run: `load` builds it again from the memory-mapped `files`.
+    Swapped { load: LoadNetwork, files: Vec<PathBuf>, loaded: Mutex<Option<Arc<WanTransformer3DModel>>> },
 }
 
 impl Expert {
@@ -38,15 +39,36 @@ impl Expert {
         Expert { name, config, weights: Weights::Resident(Arc::new(network)) }
     }
 
-    /// An expert loaded when its first step comes and released when another expert's does; `loaded` is the
-    /// network if it is on the device already.
+    /// An expert loaded (from its weight `files`) when its first step comes and released when another expert's
+    /// does; `loaded` is the network if it is on the device already.
     pub(crate) fn swapped(
         name: &'static str,
         config: transformer::Config,
         load: LoadNetwork,
+        files: Vec<PathBuf>,
         loaded: Option<WanTransformer3DModel>,
     ) -> Self {
-        Expert { name, config, weights: Weights::Swapped { load, loaded: Mutex::new(loaded.map(Arc::new)) } }
+        let loaded = Mutex::new(loaded.map(Arc::new));
+        Expert { name, config, weights: Weights::Swapped { load, files, loaded } }
+    }
+
+    /// Reads a swapped-out expert's weight files into the operating system's page cache on another thread,
+    /// while the other expert's last steps run, so that loading it at the boundary reads memory, not the disk.
+    /// The pages stay the kernel's to reclaim: nothing is held on the device or in the process.
+    fn prefetch(&self) {
+        let Weights::Swapped { files, loaded, .. } = &self.weights else { return };
+        if loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_some() {
+            return;
+        }
+        let (files, name) = (files.clone(), self.name);
+        std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 8 << 20];
+            for path in files {
+                let Ok(mut file) = std::fs::File::open(&path) else { continue };
+                while matches!(std::io::Read::read(&mut file, &mut buffer), Ok(n) if n > 0) {}
+            }
+            tracing::debug!(expert = name, "expert's weights prefetched into the page cache");
+        });
     }
 
     pub(crate) fn is_swapped(&self) -> bool {
@@ -57,7 +79,7 @@ impl Expert {
     fn acquire(&self) -> Result<(Arc<WanTransformer3DModel>, bool)> {
         match &self.weights {
             Weights::Resident(network) => Ok((network.clone(), false)),
-            Weights::Swapped { load, loaded } => {
+            Weights::Swapped { load, loaded, .. } => {
                 let mut loaded = loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 if let Some(network) = loaded.as_ref() {
                     return Ok((network.clone(), false));
@@ -139,8 +161,16 @@ impl Denoiser {
         // step cache (residuals of one network say nothing about another's).
         let mut current: Option<(usize, Arc<WanTransformer3DModel>, Context)> = None;
         let mut cache = None;
+        let mut prefetched = false;
         for (i, &t) in timesteps.iter().enumerate() {
             let index = self.expert_at(t);
+            // The step before the boundary: the next expert's files start coming into memory while it runs.
+            if let Some(&next) = timesteps.get(i + 1).filter(|_| !prefetched) {
+                if self.expert_at(next) != index {
+                    self.experts[self.expert_at(next)].prefetch();
+                    prefetched = true;
+                }
+            }
             let expert = &self.experts[index];
             if current.as_ref().is_none_or(|(running, ..)| *running != index) {
                 if let Some((previous, ..)) = current.take() {

@@ -568,8 +568,8 @@ fn load_experts(
     let experts = if swap {
         crate::registry::check_transformer_weights(dir, second, &second_config)?;
         vec![
-            Expert::swapped(names[0], first_config, load_first, Some(first)),
-            Expert::swapped(second, second_config, load_second, None),
+            Expert::swapped(names[0], first_config, load_first, dir.weight_files(names[0])?, Some(first)),
+            Expert::swapped(second, second_config, load_second, dir.weight_files(second)?, None),
         ]
     } else {
         let network = load_second()?;
