@@ -50,10 +50,8 @@ impl LoraSpec {
     /// `FILE` or `FILE:SCALE` (scale 1 when absent; a path may itself hold colons: only a suffix that reads as a
     /// number is a scale), for `component`.
     pub fn parse(text: &str, component: &'static str) -> std::result::Result<Self, String> {
-        let (path, scale) = match text.rsplit_once(':') {
-            Some((path, scale)) if !path.is_empty() && scale.trim().parse::<f64>().is_ok() => {
-                (path, scale.trim().parse::<f64>().expect("checked above"))
-            }
+        let (path, scale) = match text.rsplit_once(':').map(|(path, scale)| (path, scale.trim().parse::<f64>())) {
+            Some((path, Ok(scale))) => (path, scale),
             _ => (text, 1.0),
         };
         if path.is_empty() {
