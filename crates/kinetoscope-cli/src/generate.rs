@@ -134,6 +134,21 @@ pub struct MemoryArgs {
     pub experts: ExpertPlacement,
     #[command(flatten)]
     pub loras: LoraArgs,
+    #[command(flatten)]
+    pub files: ComponentFiles,
+}
+
+/// Single-file checkpoints standing in for a model folder's networks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComponentFiles {
+    /// A single-file transformer checkpoint (the official Wan layout, or ComfyUI's with model.diffusion_model.)
+    /// used instead of the model folder's transformer/; its config is a config.json beside it, else the released
+    /// model its tensors' shapes are, else the folder's.
+    #[arg(long = "transformer", value_name = "FILE")]
+    pub transformer: Option<PathBuf>,
+    /// The same for a two-expert model's low-noise expert (transformer_2/).
+    #[arg(long = "transformer-2", value_name = "FILE")]
+    pub transformer_2: Option<PathBuf>,
 }
 
 /// LoRA adapters, merged into the weights as the model loads.
@@ -143,11 +158,11 @@ pub struct LoraArgs {
     /// and its scale, merged into the transformer's weights at load (a two-expert model's high-noise one);
     /// repeat for several. A key that matches no tensor of the model is an error.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = |s: &str| LoraSpec::parse(s, "transformer"))]
-    pub transformer: Vec<LoraSpec>,
+    pub lora: Vec<LoraSpec>,
     /// A LoRA adapter for a two-expert model's low-noise expert (transformer_2): the low-noise file of a Wan 2.2
     /// LoRA pair.
     #[arg(long = "lora-2", value_name = "FILE[:SCALE]", value_parser = |s: &str| LoraSpec::parse(s, "transformer_2"))]
-    pub transformer_2: Vec<LoraSpec>,
+    pub lora_2: Vec<LoraSpec>,
     /// Leave out (and list in the sidecar) adapter keys that match no tensor of the model, instead of failing.
     #[arg(long)]
     pub lora_allow_unmatched: bool,
@@ -155,7 +170,7 @@ pub struct LoraArgs {
 
 impl LoraArgs {
     pub fn specs(&self) -> Vec<LoraSpec> {
-        self.transformer.iter().chain(&self.transformer_2).cloned().collect()
+        self.lora.iter().chain(&self.lora_2).cloned().collect()
     }
 }
 
@@ -170,6 +185,8 @@ impl MemoryArgs {
             experts: self.experts,
             loras: self.loras.specs(),
             lora_allow_unmatched: self.loras.lora_allow_unmatched,
+            transformer: self.files.transformer.clone(),
+            transformer_2: self.files.transformer_2.clone(),
         }
     }
 }

@@ -173,6 +173,7 @@ pub fn run(args: Args) -> Result<()> {
     config.experts = args.memory.experts;
     config.loras = args.memory.loras.specs();
     config.lora_allow_unmatched = args.memory.loras.lora_allow_unmatched;
+    config.transformer_files = [args.memory.files.transformer.clone(), args.memory.files.transformer_2.clone()];
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

@@ -1,4 +1,5 @@
-//! LoRA adapters, merged into a network's weights as they load.
+//! LoRA adapters: read and checked against a network, then merged into its weights as they load, or applied at run
+//! time by its [`crate::layers::Linear`] layers (see [`crate::layers`]), which leaves the weights alone.
 //!
 //! Paper: "LoRA: Low-Rank Adaptation of Large Language Models", <https://arxiv.org/abs/2106.09685>.
 //! Reference: PEFT's `LoraLayer` (`scaling`, `get_delta_weight`, `lora_bias`),
@@ -21,6 +22,8 @@
 //! - a full delta of a weight or a bias (Wan's `diff` / `diff_b`) is added as it is: `Δ = D`.
 //!
 //! [`merged_var_builder`] puts this under a `VarBuilder`, so a network builds merged weights with its usual `new`.
+//! The run-time path takes the parts apart instead ([`Adapter::low_rank`], [`Adapter::full_delta`]) and computes
+//! `x·(W + Σ s_i · Δ_i)ᵀ` as `x·Wᵀ + Σ s_i·(α / r)·(x·Aᵀ)·Bᵀ + Σ s_i·x·Dᵀ`, the bias deltas summed onto the bias.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -391,10 +394,32 @@ impl Adapter {
 
     /// The adapter's delta of tensor `name` at scale 1, in f32 on `device` (`None` for a tensor it leaves alone).
     pub fn delta(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        self.sum_terms(name, device, |_| true)
+    }
+
+    /// The low-rank pair that changes weight `name`, as read (on the CPU, in the file's dtype); `None` when the
+    /// adapter changes `name` without one, or not at all. Its delta is `scale · up·down`, reshaped to the weight's
+    /// shape: the run-time path ([`crate::layers::Linear`]) applies it as two thin products, `scale · (x·downᵀ)·upᵀ`.
+    pub fn low_rank(&self, name: &str) -> Option<LowRank<'_>> {
+        self.deltas.get(name)?.terms.iter().find_map(|term| match term {
+            Term::LowRank { down, up, scale } => Some(LowRank { down, up, scale: *scale }),
+            Term::Full { .. } => None,
+        })
+    }
+
+    /// The rest of the adapter's delta of tensor `name` at scale 1, in f32 on `device`: its full deltas (`diff`,
+    /// `diff_b`) and its up projection's bias times the pair's scale, summed; `None` when it has none of them.
+    /// [`Self::delta`] is this plus the [`Self::low_rank`] product.
+    pub fn full_delta(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        self.sum_terms(name, device, |term| matches!(term, Term::Full { .. }))
+    }
+
+    /// The sum of the terms of `name` that `keep` keeps, in f32 on `device`, in the order they were read.
+    fn sum_terms(&self, name: &str, device: &Device, keep: impl Fn(&Term) -> bool) -> Result<Option<Tensor>> {
         let Some(entry) = self.deltas.get(name) else { return Ok(None) };
         let f32_on = |t: &Tensor| t.to_device(device)?.to_dtype(DType::F32);
         let mut sum: Option<Tensor> = None;
-        for term in &entry.terms {
+        for term in entry.terms.iter().filter(|term| keep(term)) {
             let delta = match term {
                 Term::LowRank { down, up, scale } => {
                     (f32_on(up)?.matmul(&f32_on(down)?)? * *scale)?.reshape(entry.shape.as_slice())?
@@ -408,6 +433,17 @@ impl Adapter {
         }
         Ok(sum)
     }
+}
+
+/// A low-rank pair as an adapter holds it (see [`Adapter::low_rank`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `A`, `[r, in]` (a convolution's flattened: `[r, in·k…]`).
+    pub down: &'a Tensor,
+    /// `B`, `[out, r]`.
+    pub up: &'a Tensor,
+    /// The product's scale: α / r where the file's `alpha` was not folded into the factors, else 1.
+    pub scale: f64,
 }
 
 /// One layer's parts, checked against the tensors they change: ready to load.
@@ -616,12 +652,12 @@ impl SimpleBackend for Merged {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Module;
 
     /// Keys `{module}.{part}`, parts named plainly; `.skip` is ignored, anything else unmatched.
-    struct Plain;
+    pub(crate) struct Plain;
 
     impl AdapterNaming for Plain {
         fn resolve(&self, keys: &[&str]) -> Resolved {

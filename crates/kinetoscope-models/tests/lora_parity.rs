@@ -1,6 +1,7 @@
-//! Parity of LoRA merging with diffusers: the tiny Wan 2.1 transformer with adapters in each format
+//! Parity of LoRA adapters with diffusers: the tiny Wan 2.1 transformer with adapters in each format
 //! (`models/tiny/loras/`, made by `models/tiny/make_lora_fixtures.py`) against diffusers' forward with the same
-//! adapters loaded (`models/tiny/reference/lora/forward.safetensors`, settings in its `ref.json`).
+//! adapters loaded (`models/tiny/reference/lora/forward.safetensors`, settings in its `ref.json`), both merged into
+//! the weights at load and applied at run time on one loaded model.
 
 mod common;
 
@@ -11,6 +12,7 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use common::{load, max_relative_error, reference, relative_error, tiny};
+use kinetoscope_models::layers::Adapters;
 use kinetoscope_models::lora::{merged_var_builder, Adapter, ReadOptions, ScaledAdapter, Targets};
 use kinetoscope_models::wan::lora::read_adapter;
 use kinetoscope_models::wan::transformer::{Config, WanTransformer3DModel};
@@ -40,6 +42,26 @@ fn forward(model: &str, component: &str, adapters: Vec<ScaledAdapter>, inputs: &
 
 fn scaled(adapter: Adapter, scale: f64) -> ScaledAdapter {
     ScaledAdapter { adapter: Arc::new(adapter), scale }
+}
+
+/// `model`'s `component` on `inputs` with `adapters` at run time (prepared for `transformer`, loaded without any).
+fn forward_at_run_time(
+    transformer: &WanTransformer3DModel,
+    adapters: &Adapters,
+    model: &str,
+    inputs: &str,
+) -> Result<Tensor> {
+    let r = reference(model, inputs)?;
+    let context = transformer.embed_context_with_adapters(&r["encoder_hidden_states"], None, adapters)?;
+    Ok(transformer.forward_embedded(&r["hidden_states"], &r["timestep"], &context)?)
+}
+
+/// Fails unless `got` is within `tolerance` of `want`, by the relative error and the worst element's.
+fn ensure_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) -> Result<()> {
+    let (err, max_err) = (relative_error(got, want)?, max_relative_error(got, want)?);
+    println!("{what}: relative error {err:e}, max relative error {max_err:e}");
+    ensure!(err < tolerance && max_err < tolerance, "{what}: relative error {err}, max relative error {max_err}");
+    Ok(())
 }
 
 fn check(case: &str, adapters: &[(&str, f64)]) -> Result<()> {
@@ -134,6 +156,116 @@ fn a14b_experts_take_their_own_adapters() -> Result<()> {
         let (err, max_err) = (relative_error(&out, want)?, max_relative_error(&out, want)?);
         println!("{expert}: relative error {err:e}, max relative error {max_err:e}");
         ensure!(err < 1e-4 && max_err < 1e-4, "{expert}: relative error {err}, max relative error {max_err}");
+    }
+    Ok(())
+}
+
+/// The run-time path: one transformer loaded without adapters, each reference case's adapters set in turn (and
+/// none in between, and the first case again, its factors from the cache): each matches diffusers within 1e-4 and
+/// the merged path within 1e-5, and none gives the base model's output exactly.
+#[test]
+fn adapters_switch_at_run_time() -> Result<()> {
+    let targets = targets(MODEL, "transformer")?;
+    let inputs = "transformer.safetensors";
+    let want = candle_core::safetensors::load(tiny().join("reference/lora/forward.safetensors"), &Device::Cpu)?;
+    let files = [
+        ("peft", "wan21-peft.safetensors"),
+        ("official", "wan21-official.safetensors"),
+        ("musubi", "wan21-musubi.safetensors"),
+    ];
+    let adapters: Vec<(&str, Arc<Adapter>)> =
+        files.iter().map(|&(name, file)| Ok((name, Arc::new(read(file, &targets)?)))).collect::<Result<_>>()?;
+    let adapter = |name: &str, scale: f64| {
+        let adapter = adapters.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        ScaledAdapter { adapter, scale }
+    };
+    let cases: Vec<(&str, Vec<ScaledAdapter>)> = vec![
+        ("peft", vec![adapter("peft", 0.8)]),
+        ("base", vec![]),
+        ("official", vec![adapter("official", 0.8)]),
+        ("musubi", vec![adapter("musubi", 0.8)]),
+        ("peft_official", vec![adapter("peft", 0.7), adapter("official", 0.5)]),
+        ("peft", vec![adapter("peft", 0.8)]),
+        ("base", vec![]),
+    ];
+
+    let (cfg, base): (Config, VarBuilder) = load(MODEL, "transformer")?;
+    let transformer = WanTransformer3DModel::new(&cfg, base)?;
+    let base_out = forward_at_run_time(&transformer, &Adapters::none(), MODEL, inputs)?;
+    let mut first_peft: Option<Tensor> = None;
+    for (case, set) in cases {
+        let prepared = transformer.prepare_adapters(&set)?;
+        let out = forward_at_run_time(&transformer, &prepared, MODEL, inputs)?;
+        ensure_close(&format!("{case} at run time against diffusers"), &out, &want[case], 1e-4)?;
+        if set.is_empty() {
+            assert!(prepared.is_empty());
+            assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, base_out.flatten_all()?.to_vec1::<f32>()?);
+            continue;
+        }
+        let merged = forward(MODEL, "transformer", set, inputs)?;
+        ensure_close(&format!("{case} at run time against merged"), &out, &merged, 1e-5)?;
+        if case == "peft" {
+            match &first_peft {
+                None => first_peft = Some(out),
+                Some(first) => assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, first.flatten_all()?.to_vec1::<f32>()?),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Two generations on one model at the same time, each with its own adapters: the adapters go with each one's
+/// context, not with the model; a context from one expert's adapters is refused by the other's.
+#[test]
+fn contexts_carry_their_own_adapters() -> Result<()> {
+    let targets = targets(MODEL, "transformer")?;
+    let (cfg, base): (Config, VarBuilder) = load(MODEL, "transformer")?;
+    let transformer = WanTransformer3DModel::new(&cfg, base)?;
+    let peft = transformer.prepare_adapters(&[scaled(read("wan21-peft.safetensors", &targets)?, 0.8)])?;
+    let official = transformer.prepare_adapters(&[scaled(read("wan21-official.safetensors", &targets)?, 0.8)])?;
+    let r = reference(MODEL, "transformer.safetensors")?;
+    let want = candle_core::safetensors::load(tiny().join("reference/lora/forward.safetensors"), &Device::Cpu)?;
+    let text = &r["encoder_hidden_states"];
+    let contexts = [
+        ("peft", transformer.embed_context_with_adapters(text, None, &peft)?),
+        ("official", transformer.embed_context_with_adapters(text, None, &official)?),
+        ("base", transformer.embed_context(text, None)?),
+    ];
+    for (case, context) in contexts.iter().chain(contexts.iter().rev()) {
+        // In stages, as the step cache runs it.
+        let embedded = transformer.embed(&r["hidden_states"], &r["timestep"], context)?;
+        let half = transformer.run_blocks(embedded.tokens(), 0..1, &embedded)?;
+        let x = transformer.run_blocks(&half, 1..transformer.num_blocks(), &embedded)?;
+        let out = transformer.project_out(&x, &embedded)?;
+        ensure_close(&format!("{case} in stages"), &out, &want[*case], 1e-4)?;
+    }
+
+    let other = WanTransformer3DModel::new(&cfg, load::<Config>(MODEL, "transformer")?.1)?;
+    let err = other.embed_context_with_adapters(text, None, &peft).err().unwrap().to_string();
+    ensure!(err.contains("another network"), "{err}");
+    let err = other.embed(&r["hidden_states"], &r["timestep"], &contexts[0].1).err().unwrap().to_string();
+    ensure!(err.contains("another network"), "{err}");
+    Ok(())
+}
+
+/// Wan 2.2 A14B at run time: each expert with its own adapter (bf16 files; the low-noise one's `head.head.diff` on a
+/// non-square head, a full weight delta), as the merged path and diffusers give it.
+#[test]
+fn a14b_experts_take_their_own_adapters_at_run_time() -> Result<()> {
+    let model = "wan22-t2v-a14b-tiny";
+    let want = candle_core::safetensors::load(tiny().join("reference/lora/a14b.safetensors"), &Device::Cpu)?;
+    for (expert, file) in
+        [("transformer", "wan22-a14b-high.safetensors"), ("transformer_2", "wan22-a14b-low.safetensors")]
+    {
+        let adapter = Arc::new(read(file, &targets(model, expert)?)?);
+        let (cfg, base): (Config, VarBuilder) = load(model, expert)?;
+        let transformer = WanTransformer3DModel::new(&cfg, base)?;
+        let set = [ScaledAdapter { adapter, scale: 1.0 }];
+        let inputs = format!("{expert}.safetensors");
+        let out = forward_at_run_time(&transformer, &transformer.prepare_adapters(&set)?, model, &inputs)?;
+        ensure_close(&format!("{expert} at run time against diffusers"), &out, &want[&format!("{expert}_out")], 1e-4)?;
+        let merged = forward(model, expert, set.to_vec(), &inputs)?;
+        ensure_close(&format!("{expert} at run time against merged"), &out, &merged, 1e-5)?;
     }
     Ok(())
 }

@@ -34,6 +34,8 @@ pub struct Config {
     /// job; clients name no path).
     pub loras: Vec<LoraSpec>,
     pub lora_allow_unmatched: bool,
+    /// Single-file checkpoints standing in for the model folder's `transformer/` and `transformer_2/`.
+    pub transformer_files: [Option<PathBuf>; 2],
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -173,6 +175,7 @@ impl Config {
             experts: ExpertPlacement::default(),
             loras: Vec::new(),
             lora_allow_unmatched: false,
+            transformer_files: [None, None],
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

@@ -170,6 +170,8 @@ fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
         experts: shared.config.experts,
         loras: shared.config.loras.clone(),
         lora_allow_unmatched: shared.config.lora_allow_unmatched,
+        transformer: shared.config.transformer_files[0].clone(),
+        transformer_2: shared.config.transformer_files[1].clone(),
     };
     Pipeline::load(&dir, &options)
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use kinetoscope_models::lora::{merged_var_builder, ReadOptions, ScaledAdapter, Targets};
+use kinetoscope_models::lora::{merged_var_builder, ReadOptions, ScaledAdapter};
 use kinetoscope_models::wan::lora::read_adapter;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
 use crate::request::LoraSpec;
+use crate::weights::TransformerSource;
 
 /// An adapter as it was applied, for the sidecar.
 #[derive(Debug, Clone, Serialize)]
@@ -36,23 +37,19 @@ pub struct AppliedLora {
     pub ignored: usize,
 }
 
-/// The adapters of `specs` meant for `component`, read against its weight files.
+/// The adapters of `specs` meant for `source`'s transformer, read against its tensors.
 pub(crate) fn read(
     dir: &ModelDir,
-    component: &'static str,
+    source: &TransformerSource,
     specs: &[LoraSpec],
     allow_unmatched: bool,
 ) -> Result<(Vec<ScaledAdapter>, Vec<AppliedLora>)> {
+    let component = source.component;
     let specs: Vec<&LoraSpec> = specs.iter().filter(|spec| spec.component == component).collect();
     if specs.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let files = dir.weight_files(component)?;
-    let targets = Targets::from_safetensors(&files).map_err(|e| Error::Weights {
-        component,
-        path: dir.component(component),
-        reason: e.to_string(),
-    })?;
+    let targets = source.targets(dir)?;
     let options = ReadOptions { allow_unmatched, ..ReadOptions::default() };
     let (mut adapters, mut applied) = (Vec::new(), Vec::new());
     for spec in specs {
@@ -76,15 +73,15 @@ pub(crate) fn read(
     Ok((adapters, applied))
 }
 
-/// A `VarBuilder` over `component`'s weights with `adapters` merged in (the weights alone without any).
+/// A `VarBuilder` over `source`'s weights with `adapters` merged in (the weights alone without any).
 pub(crate) fn var_builder(
     dir: &ModelDir,
-    component: &'static str,
+    source: &TransformerSource,
     dtype: DType,
     device: &Device,
     adapters: &[ScaledAdapter],
 ) -> Result<VarBuilder<'static>> {
-    let base = dir.var_builder(component, dtype, device)?;
+    let base = source.var_builder(dir, dtype, device)?;
     Ok(if adapters.is_empty() { base } else { merged_var_builder(base, adapters.to_vec()) })
 }
 

@@ -27,6 +27,7 @@ pub mod registry;
 mod request;
 pub mod scheduler;
 mod text;
+mod weights;
 
 pub use adapters::AppliedLora;
 pub use candle_core::{DType, Device};

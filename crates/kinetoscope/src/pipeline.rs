@@ -19,6 +19,7 @@ use crate::noise;
 use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
+use crate::weights::TransformerSource;
 
 pub struct Pipeline {
     identity: ModelIdentity,
@@ -147,11 +148,22 @@ impl Pipeline {
 
         let names: &[&'static str] =
             if index.has_component("transformer_2") { &["transformer", "transformer_2"] } else { &["transformer"] };
-        let configs = names
+        if options.transformer_2.is_some() && names.len() == 1 {
+            return Err(Error::InvalidRequest {
+                field: "transformer_2",
+                reason: "the model has one transformer; a low-noise expert's file needs a two-expert model".into(),
+            });
+        }
+        let sources: Vec<TransformerSource> = names
             .iter()
-            .map(|name| {
-                let config: transformer::Config = dir.config(name, "config.json")?;
-                crate::registry::check_configs_agree(dir, name, &config, text_encoder.dim(), &vae_config)?;
+            .zip([&options.transformer, &options.transformer_2])
+            .map(|(&component, file)| TransformerSource { component, file: file.clone() })
+            .collect();
+        let configs = sources
+            .iter()
+            .map(|source| {
+                let config = source.config(dir)?;
+                crate::registry::check_configs_agree(dir, source.component, &config, text_encoder.dim(), &vae_config)?;
                 Ok(config)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -180,7 +192,7 @@ impl Pipeline {
         );
         let shape = ModelShape::of(&configs[0], &vae_config, &scheduler_config, &index);
         let boundary = index.boundary_ratio.map(|ratio| ratio * scheduler_config.num_train_timesteps as f64);
-        let (experts, loras) = load_experts(dir, names, configs, options)?;
+        let (experts, loras) = load_experts(dir, &sources, configs, options)?;
         let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());
         Ok(Pipeline {
             identity,
@@ -519,11 +531,11 @@ impl Pipeline {
 /// Adapters are read (and checked against the tensors) once, here.
 fn load_experts(
     dir: &ModelDir,
-    names: &[&'static str],
+    sources: &[TransformerSource],
     configs: Vec<transformer::Config>,
     options: &LoadOptions,
 ) -> Result<(Vec<Expert>, Vec<AppliedLora>)> {
-    if let Some(spec) = options.loras.iter().find(|spec| !names.contains(&spec.component)) {
+    if let Some(spec) = options.loras.iter().find(|spec| sources.iter().all(|s| s.component != spec.component)) {
         return Err(Error::Adapter {
             path: spec.path.clone(),
             reason: format!(
@@ -534,46 +546,47 @@ fn load_experts(
         });
     }
     let mut applied = Vec::new();
-    let mut loader = |name: &'static str, config: &transformer::Config| -> Result<LoadNetwork> {
-        let (adapters, read) = crate::adapters::read(dir, name, &options.loras, options.lora_allow_unmatched)?;
+    let mut loader = |source: &TransformerSource, config: &transformer::Config| -> Result<LoadNetwork> {
+        let (adapters, read) = crate::adapters::read(dir, source, &options.loras, options.lora_allow_unmatched)?;
         applied.extend(read);
-        let (dir, config, dtype, device) = (dir.clone(), config.clone(), options.dtype, options.device.clone());
+        let (dir, source, config) = (dir.clone(), source.clone(), config.clone());
+        let (dtype, device) = (options.dtype, options.device.clone());
         Ok(Box::new(move || {
-            let vb = crate::adapters::var_builder(&dir, name, dtype, &device, &adapters)?;
+            let vb = crate::adapters::var_builder(&dir, &source, dtype, &device, &adapters)?;
             WanTransformer3DModel::new(&config, vb).map_err(|e| Error::Weights {
-                component: name,
-                path: dir.component(name),
+                component: source.component,
+                path: source.file.clone().unwrap_or_else(|| dir.component(source.component)),
                 reason: e.to_string(),
             })
         }))
     };
     let mut configs = configs.into_iter();
     let first_config = configs.next().expect("a model has a transformer");
-    let load_first = loader(names[0], &first_config)?;
+    let load_first = loader(&sources[0], &first_config)?;
     let first = load_first()?;
+    let name = sources[0].component;
     let Some(second_config) = configs.next() else {
-        return Ok((vec![Expert::resident(names[0], first_config, first)], applied));
+        return Ok((vec![Expert::resident(name, first_config, first)], applied));
     };
-    let second = names[1];
+    let second = &sources[1];
     let load_second = loader(second, &second_config)?;
     let swap = match options.experts {
         ExpertPlacement::Resident => false,
         ExpertPlacement::Swap => true,
         ExpertPlacement::Auto => {
-            let parameters = crate::registry::check_transformer_weights(dir, second, &second_config)?.parameters;
-            let weight_bytes = parameters * options.dtype.size_in_bytes() as u64;
+            let weight_bytes = second.parameters(dir, &second_config)? * options.dtype.size_in_bytes() as u64;
             !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
         }
     };
     let experts = if swap {
-        crate::registry::check_transformer_weights(dir, second, &second_config)?;
+        second.parameters(dir, &second_config)?;
         vec![
-            Expert::swapped(names[0], first_config, load_first, dir.weight_files(names[0])?, Some(first)),
-            Expert::swapped(second, second_config, load_second, dir.weight_files(second)?, None),
+            Expert::swapped(name, first_config, load_first, sources[0].files(dir)?, Some(first)),
+            Expert::swapped(second.component, second_config, load_second, second.files(dir)?, None),
         ]
     } else {
         let network = load_second()?;
-        vec![Expert::resident(names[0], first_config, first), Expert::resident(second, second_config, network)]
+        vec![Expert::resident(name, first_config, first), Expert::resident(second.component, second_config, network)]
     };
     Ok((experts, applied))
 }

@@ -34,6 +34,12 @@ pub struct LoadOptions {
     pub loras: Vec<LoraSpec>,
     /// Whether an adapter key that matches no tensor of the model is a warning (listed) instead of an error.
     pub lora_allow_unmatched: bool,
+    /// A single-file checkpoint (official Wan or ComfyUI layout) to use for the transformer instead of the
+    /// folder's `transformer/`; its config is a `config.json` beside it, else the released variant its shapes
+    /// are, else the folder's.
+    pub transformer: Option<PathBuf>,
+    /// The same for a two-expert model's low-noise expert (`transformer_2/`).
+    pub transformer_2: Option<PathBuf>,
 }
 
 /// A LoRA adapter file and its scale, for one of the model's transformers.
@@ -75,6 +81,8 @@ impl Default for LoadOptions {
             experts: ExpertPlacement::default(),
             loras: Vec::new(),
             lora_allow_unmatched: false,
+            transformer: None,
+            transformer_2: None,
         }
     }
 }

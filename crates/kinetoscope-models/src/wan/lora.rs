@@ -16,17 +16,10 @@
 //!   the transformer's own names (also `.lora.down`/`.lora.up.weight`, diffusers' older names, and keys without the
 //!   `transformer.` prefix, which diffusers skips).
 //!
-//! | original layer | transformer's layer |
-//! | --- | --- |
-//! | `blocks.N.self_attn.{q,k,v,o}` | `blocks.N.attn1.{to_q,to_k,to_v,to_out.0}` |
-//! | `blocks.N.cross_attn.{q,k,v,o}` | `blocks.N.attn2.{to_q,to_k,to_v,to_out.0}` |
-//! | `blocks.N.cross_attn.{k_img,v_img}` | `blocks.N.attn2.{add_k_proj,add_v_proj}` |
-//! | `blocks.N.ffn.0`, `blocks.N.ffn.2` | `blocks.N.ffn.net.0.proj`, `blocks.N.ffn.net.2` |
-//! | `text_embedding.0`, `text_embedding.2` | `condition_embedder.text_embedder.linear_1`, `linear_2` |
-//! | `time_embedding.0`, `time_embedding.2` | `condition_embedder.time_embedder.linear_1`, `linear_2` |
-//! | `time_projection.1` | `condition_embedder.time_proj` |
-//! | `head.head` | `proj_out` |
-//! | `img_emb.proj.1`, `img_emb.proj.3` | `condition_embedder.image_embedder.ff.net.0.proj`, `ff.net.2` |
+//! Layers are named by [`super::original_names`]' table, the one the single-file loader reads checkpoints by
+//! (`blocks.N.self_attn.q` → `blocks.N.attn1.to_q`, `head.head` → `proj_out`, …): its linear layers take low-rank
+//! pairs; its other parts (norms, modulation tables, the patch embedding, the image embedder's norms and position
+//! embedding) only full deltas, which are sorted out below.
 //!
 //! Full deltas are applied exactly where diffusers' converter applies them, and the rest reported by
 //! [`crate::lora::Adapter::ignored`]:
@@ -35,7 +28,7 @@
 //!   `img_emb.proj.{1,3}`'s only with that layer's up projection;
 //! - `diff` of `head.head` only (a full weight delta, as diffusers' identity up projection makes it); diffusers
 //!   leaves every other `diff` out ("not handled yet"): those of the other layers, `patch_embedding`, the
-//!   `modulation` tables and `img_emb.proj.{0,4}`;
+//!   `modulation` tables, `img_emb.proj.{0,4}` and `img_emb.emb_pos`;
 //! - no delta of a norm (`self_attn.norm_q`/`norm_k`, `cross_attn.norm_q`/`norm_k`/`norm_k_img` →
 //!   `attn2.norm_added_k`, `norm3` → `norm2`): diffusers drops them ("just zeroed values").
 //!
@@ -49,48 +42,8 @@ use std::path::Path;
 
 use candle_core::Result;
 
+use super::original_names::{self, Kind, BLOCK_PARTS, TOP_PARTS};
 use crate::lora::{Adapter, AdapterNaming, KeyTarget, Part, ReadOptions, Resolved, Targets};
-
-/// A block's linear layers: (original name, the transformer's name).
-const BLOCK_LINEARS: [(&str, &str); 12] = [
-    ("self_attn.q", "attn1.to_q"),
-    ("self_attn.k", "attn1.to_k"),
-    ("self_attn.v", "attn1.to_v"),
-    ("self_attn.o", "attn1.to_out.0"),
-    ("cross_attn.q", "attn2.to_q"),
-    ("cross_attn.k", "attn2.to_k"),
-    ("cross_attn.v", "attn2.to_v"),
-    ("cross_attn.o", "attn2.to_out.0"),
-    ("cross_attn.k_img", "attn2.add_k_proj"),
-    ("cross_attn.v_img", "attn2.add_v_proj"),
-    ("ffn.0", "ffn.net.0.proj"),
-    ("ffn.2", "ffn.net.2"),
-];
-
-/// The linear layers outside the blocks: (original name, the transformer's name).
-const TOP_LINEARS: [(&str, &str); 8] = [
-    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-    ("time_projection.1", "condition_embedder.time_proj"),
-    ("head.head", "proj_out"),
-    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
-    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
-];
-
-/// The original model's other parts that files carry full deltas for, none of which diffusers applies: norms, the
-/// modulation tables, the patch embedding and the image embedder's norms (`img_emb.proj.0`, `.4`).
-const BLOCK_OTHERS: [&str; 7] = [
-    "self_attn.norm_q",
-    "self_attn.norm_k",
-    "cross_attn.norm_q",
-    "cross_attn.norm_k",
-    "cross_attn.norm_k_img",
-    "norm3",
-    "modulation",
-];
-const TOP_OTHERS: [&str; 4] = ["patch_embedding", "head.modulation", "img_emb.proj.0", "img_emb.proj.4"];
 
 const ORIGINAL: &str = "original Wan (diffusion_model.)";
 const KOHYA: &str = "kohya / musubi-tuner (lora_unet_)";
@@ -151,18 +104,11 @@ enum OriginalLayer {
 }
 
 fn original_layer(name: &str) -> Option<OriginalLayer> {
-    if let Some(rest) = name.strip_prefix("blocks.") {
-        let (index, layer) = rest.split_once('.')?;
-        let index: usize = index.parse().ok().filter(|_| index.bytes().all(|b| b.is_ascii_digit()))?;
-        if let Some(&(_, ours)) = BLOCK_LINEARS.iter().find(|(theirs, _)| *theirs == layer) {
-            return Some(OriginalLayer::Linear(format!("blocks.{index}.{ours}")));
-        }
-        return BLOCK_OTHERS.contains(&layer).then_some(OriginalLayer::Other);
-    }
-    if let Some(&(_, ours)) = TOP_LINEARS.iter().find(|(theirs, _)| *theirs == name) {
-        return Some(OriginalLayer::Linear(ours.to_string()));
-    }
-    TOP_OTHERS.contains(&name).then_some(OriginalLayer::Other)
+    let located = original_names::original_part(name)?;
+    Some(match located.part.kind {
+        Kind::Linear => OriginalLayer::Linear(located.diffusers()),
+        Kind::Layer | Kind::Parameter => OriginalLayer::Other,
+    })
 }
 
 /// The original name of a kohya name (`blocks_0_self_attn_q` → `blocks.0.self_attn.q`).
@@ -170,19 +116,10 @@ fn kohya_to_original(name: &str) -> Option<String> {
     let underscored = |original: &str| original.replace('.', "_");
     if let Some(rest) = name.strip_prefix("blocks_") {
         let (index, layer) = rest.split_once('_')?;
-        let original = BLOCK_LINEARS
-            .iter()
-            .map(|(theirs, _)| *theirs)
-            .chain(BLOCK_OTHERS)
-            .find(|theirs| underscored(theirs) == layer)?;
-        return Some(format!("blocks.{index}.{original}"));
+        let part = BLOCK_PARTS.iter().find(|part| underscored(part.original) == layer)?;
+        return Some(format!("blocks.{index}.{}", part.original));
     }
-    TOP_LINEARS
-        .iter()
-        .map(|(theirs, _)| *theirs)
-        .chain(TOP_OTHERS)
-        .find(|theirs| underscored(theirs) == name)
-        .map(String::from)
+    TOP_PARTS.iter().find(|part| underscored(part.original) == name).map(|part| part.original.to_string())
 }
 
 /// What diffusers' converter decides from the whole file.

@@ -17,19 +17,25 @@
 //! prompt. Their latents carry the conditioning frames in extra input channels (36 = noise 16 + mask 4 + image
 //! latents 16), which the patch embedding takes like any others.
 //!
+//! LoRA adapters come in two ways: merged into the weights as they load ([`crate::lora::merged_var_builder`]), or
+//! per generation at run time, the weights left alone: [`WanTransformer3DModel::prepare_adapters`], then
+//! [`WanTransformer3DModel::embed_context_with_adapters`], whose [`Context`] carries them to every step (see
+//! [`crate::layers`]).
+//!
 //! Precision follows diffusers: the time embedder, the modulation tables and the layer norms stay in f32 whatever
 //! the weights' dtype (diffusers' `_keep_in_fp32_modules`), and normalization and modulation are computed in f32.
 
 use std::ops::Range;
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::layers::attention;
+use crate::layers::{attention, AdapterCache, Adapters, Linear};
+use crate::lora::ScaledAdapter;
 
 /// `transformer/config.json`, with diffusers' defaults for absent fields.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Config {
     /// (time, height, width) extent of one patch; a Conv3d with kernel = stride = this embeds each patch.
     #[serde(default = "default_patch_size")]
@@ -337,17 +343,17 @@ impl Attention {
         let dim = cfg.inner_dim();
         let image = match cfg.added_kv_proj_dim {
             Some(kv_dim) if image_kv => Some(ImageKeyValues {
-                add_k_proj: linear(kv_dim, dim, vb.pp("add_k_proj"))?,
-                add_v_proj: linear(kv_dim, dim, vb.pp("add_v_proj"))?,
+                add_k_proj: Linear::load(kv_dim, dim, vb.pp("add_k_proj"))?,
+                add_v_proj: Linear::load(kv_dim, dim, vb.pp("add_v_proj"))?,
                 norm_added_k: vb.pp("norm_added_k").get(dim, "weight")?,
             }),
             _ => None,
         };
         Ok(Self {
-            to_q: linear(dim, dim, vb.pp("to_q"))?,
-            to_k: linear(dim, dim, vb.pp("to_k"))?,
-            to_v: linear(dim, dim, vb.pp("to_v"))?,
-            to_out: linear(dim, dim, vb.pp("to_out").pp(0))?,
+            to_q: Linear::load(dim, dim, vb.pp("to_q"))?,
+            to_k: Linear::load(dim, dim, vb.pp("to_k"))?,
+            to_v: Linear::load(dim, dim, vb.pp("to_v"))?,
+            to_out: Linear::load(dim, dim, vb.pp("to_out").pp(0))?,
             norm_q: vb.pp("norm_q").get(dim, "weight")?,
             norm_k: vb.pp("norm_k").get(dim, "weight")?,
             image,
@@ -382,17 +388,30 @@ impl Attention {
     /// Queries from `x`, keys and values from `context`; the rotary embedding, when given, turns q and k. With
     /// `image` tokens (and the projections for them), the same queries also attend to the image's keys and values
     /// on their own, and the two results are summed before the output projection.
-    fn forward(&self, x: &Tensor, context: &Tensor, image: Option<&Tensor>, rope: Option<&Rope>) -> Result<Tensor> {
-        let q = self.normed_heads(&self.to_q.forward(x)?, &self.norm_q, rope)?;
-        let k = self.normed_heads(&self.to_k.forward(context)?, &self.norm_k, rope)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        image: Option<&Tensor>,
+        rope: Option<&Rope>,
+        adapters: &Adapters,
+    ) -> Result<Tensor> {
+        let q = self.normed_heads(&self.to_q.forward(x, adapters)?, &self.norm_q, rope)?;
+        let k = self.normed_heads(&self.to_k.forward(context, adapters)?, &self.norm_k, rope)?;
+        let v = self.split_heads(&self.to_v.forward(context, adapters)?)?;
         let mut out = Self::attend(&q, &k, &v)?;
         if let (Some(kv), Some(image)) = (&self.image, image) {
-            let k = self.normed_heads(&kv.add_k_proj.forward(image)?, &kv.norm_added_k, None)?;
-            let v = self.split_heads(&kv.add_v_proj.forward(image)?)?;
+            let k = self.normed_heads(&kv.add_k_proj.forward(image, adapters)?, &kv.norm_added_k, None)?;
+            let v = self.split_heads(&kv.add_v_proj.forward(image, adapters)?)?;
             out = (out + Self::attend(&q, &k, &v)?)?;
         }
-        self.to_out.forward(&out)
+        self.to_out.forward(&out, adapters)
+    }
+
+    /// Its linear layers, for adapters.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let image = self.image.iter().flat_map(|kv| [&kv.add_k_proj, &kv.add_v_proj]);
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out].into_iter().chain(image)
     }
 
     /// Attention over `[B, heads, L, head_dim]`, with the heads merged back: `[B, L_q, dim]`.
@@ -414,23 +433,22 @@ impl FeedForward {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            proj: linear(dim, cfg.ffn_dim, vb.pp("net").pp(0).pp("proj"))?,
-            out: linear(cfg.ffn_dim, dim, vb.pp("net").pp(2))?,
+            proj: Linear::load(dim, cfg.ffn_dim, vb.pp("net").pp(0).pp("proj"))?,
+            out: Linear::load(cfg.ffn_dim, dim, vb.pp("net").pp(2))?,
         })
     }
-}
 
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
         // On the GPU in bf16: the product without its bias, then the bias add and GELU in one kernel.
         #[cfg(feature = "cuda")]
-        if let (true, Some(bias)) = (kinetoscope_kernels::kernels_enabled(), self.proj.bias()) {
-            if kinetoscope_kernels::bias_gelu_support(x) {
-                let product = Linear::new(self.proj.weight().clone(), None).forward(x)?;
-                return self.out.forward(&kinetoscope_kernels::bias_gelu(&product, bias)?);
-            }
+        if kinetoscope_kernels::kernels_enabled() && kinetoscope_kernels::bias_gelu_support(x) {
+            let h = match self.proj.forward_unbiased(x, adapters)? {
+                (product, Some(bias)) => kinetoscope_kernels::bias_gelu(&product, bias)?,
+                (product, None) => product.gelu()?,
+            };
+            return self.out.forward(&h, adapters);
         }
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
+        self.out.forward(&self.proj.forward(x, adapters)?.gelu()?, adapters)
     }
 }
 
@@ -485,18 +503,24 @@ impl TransformerBlock {
         let [shift, scale, gate, ff_shift, ff_scale, ff_gate] = modulation(&self.scale_shift_table, timestep_proj)?;
 
         let h = modulated_layer_norm(x, &shift, &scale, self.eps)?;
-        let attn = self.attn1.forward(&h, &h, None, Some(rope))?;
+        let adapters = &context.adapters;
+        let attn = self.attn1.forward(&h, &h, None, Some(rope), adapters)?;
         let x = gated_residual(x, &attn, &gate)?;
 
         let h = match &self.norm2 {
             Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, &context.text, context.image.as_ref(), None)?)?;
+        let x = (&x + self.attn2.forward(&h, &context.text, context.image.as_ref(), None, adapters)?)?;
 
         let h = modulated_layer_norm(&x, &ff_shift, &ff_scale, self.eps)?;
-        let ff = self.ffn.forward(&h)?;
+        let ff = self.ffn.forward(&h, adapters)?;
         gated_residual(&x, &ff, &ff_gate)
+    }
+
+    /// Its linear layers, for adapters.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.attn1.linears().chain(self.attn2.linears()).chain([&self.ffn.proj, &self.ffn.out])
     }
 }
 
@@ -534,28 +558,37 @@ impl ConditionEmbedder {
         };
         Ok(Self {
             freq_dim: cfg.freq_dim,
-            time_linear_1: linear(cfg.freq_dim, dim, time.pp("linear_1"))?,
-            time_linear_2: linear(dim, dim, time.pp("linear_2"))?,
-            time_proj: linear(dim, 6 * dim, vb.pp("time_proj"))?,
-            text_linear_1: linear(cfg.text_dim, dim, text.pp("linear_1"))?,
-            text_linear_2: linear(dim, dim, text.pp("linear_2"))?,
+            time_linear_1: Linear::load(cfg.freq_dim, dim, time.pp("linear_1"))?,
+            time_linear_2: Linear::load(dim, dim, time.pp("linear_2"))?,
+            time_proj: Linear::load(dim, 6 * dim, vb.pp("time_proj"))?,
+            text_linear_1: Linear::load(cfg.text_dim, dim, text.pp("linear_1"))?,
+            text_linear_2: Linear::load(dim, dim, text.pp("linear_2"))?,
             image_embedder,
         })
     }
 
     /// Timesteps `[B, N]` (N = 1, or one per token) → (`temb` `[B, N, dim]`, `timestep_proj` `[B, N, 6, dim]`),
     /// both in `dtype`.
-    fn time(&self, timestep: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn time(&self, timestep: &Tensor, dtype: DType, adapters: &Adapters) -> Result<(Tensor, Tensor)> {
         let (b, n) = timestep.dims2()?;
         let t = timestep_embedding(&timestep.flatten_all()?, self.freq_dim)?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?.to_dtype(dtype)?;
-        let proj = self.time_proj.forward(&temb.silu()?)?;
+        let temb = self.time_linear_1.forward(&t, adapters)?.silu()?;
+        let temb = self.time_linear_2.forward(&temb, adapters)?.to_dtype(dtype)?;
+        let proj = self.time_proj.forward(&temb.silu()?, adapters)?;
         let dim = temb.dim(1)?;
         Ok((temb.reshape((b, n, dim))?, proj.reshape((b, n, 6, dim))?))
     }
 
-    fn text(&self, x: &Tensor) -> Result<Tensor> {
-        self.text_linear_2.forward(&self.text_linear_1.forward(x)?.gelu()?)
+    fn text(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
+        self.text_linear_2.forward(&self.text_linear_1.forward(x, adapters)?.gelu()?, adapters)
+    }
+
+    /// Its linear layers, for adapters.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let image = self.image_embedder.iter().flat_map(|embedder| [&embedder.ff_proj, &embedder.ff_out]);
+        [&self.time_linear_1, &self.time_linear_2, &self.time_proj, &self.text_linear_1, &self.text_linear_2]
+            .into_iter()
+            .chain(image)
     }
 }
 
@@ -584,8 +617,8 @@ impl ImageEmbedder {
         };
         Ok(Self {
             norm1: AffineLayerNorm::new(image_dim, Self::EPS, vb.pp("norm1"))?,
-            ff_proj: linear(image_dim, image_dim, vb.pp("ff").pp("net").pp(0).pp("proj"))?,
-            ff_out: linear(image_dim, dim, vb.pp("ff").pp("net").pp(2))?,
+            ff_proj: Linear::load(image_dim, image_dim, vb.pp("ff").pp("net").pp(0).pp("proj"))?,
+            ff_out: Linear::load(image_dim, dim, vb.pp("ff").pp("net").pp(2))?,
             norm2: AffineLayerNorm::new(dim, Self::EPS, vb.pp("norm2"))?,
             pos_embed,
             image_dim,
@@ -594,7 +627,7 @@ impl ImageEmbedder {
 
     /// `[N, L, image_dim]` in the weights' dtype → `[N, L, dim]`; with a position embedding, each two consecutive
     /// images' states are one sequence: `[N/2, 2·L, dim]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
         let dtype = x.dtype();
         let (n, l, d) = x.dims3()?;
         if d != self.image_dim {
@@ -616,17 +649,20 @@ impl ImageEmbedder {
             None => x.clone(),
         };
         let h = self.norm1.forward(&x)?.to_dtype(dtype)?;
-        let h = self.ff_out.forward(&self.ff_proj.forward(&h)?.gelu_erf()?)?;
+        let h = self.ff_out.forward(&self.ff_proj.forward(&h, adapters)?.gelu_erf()?, adapters)?;
         self.norm2.forward(&h)?.to_dtype(dtype)
     }
 }
 
-/// What every block's cross-attention reads, embedded once per generation by
-/// [`WanTransformer3DModel::embed_context`]: the prompt's tokens and, for an image-conditioned model, the image's.
+/// What a generation conditions every step on, made once per generation by
+/// [`WanTransformer3DModel::embed_context`]: the prompt's tokens and, for an image-conditioned model, the image's,
+/// which every block's cross-attention reads; and the adapters every step runs with
+/// ([`WanTransformer3DModel::embed_context_with_adapters`]), which embedded them.
 #[derive(Debug, Clone)]
 pub struct Context {
     text: Tensor,
     image: Option<Tensor>,
+    adapters: Adapters,
 }
 
 impl Context {
@@ -639,6 +675,12 @@ impl Context {
     /// embedder.
     pub fn image(&self) -> Option<&Tensor> {
         self.image.as_ref()
+    }
+
+    /// The adapters the steps run with (none unless given to
+    /// [`WanTransformer3DModel::embed_context_with_adapters`]).
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
     }
 }
 
@@ -666,8 +708,9 @@ impl Embedded {
 /// The Wan transformer: text-to-video, or (with an image embedder) Wan 2.1 image-to-video and
 /// first-last-frame-to-video.
 pub struct WanTransformer3DModel {
-    /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap.
-    patch_embedding: Linear,
+    /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap. Adapters leave it alone (diffusers
+    /// drops their `patch_embedding` deltas).
+    patch_embedding: candle_nn::Linear,
     condition_embedder: ConditionEmbedder,
     rope: RotaryEmbedding,
     blocks: Vec<TransformerBlock>,
@@ -679,6 +722,8 @@ pub struct WanTransformer3DModel {
     out_channels: usize,
     eps: f64,
     dtype: DType,
+    /// The adapters prepared for this model's device and dtypes ([`Self::prepare_adapters`]).
+    adapter_cache: AdapterCache,
 }
 
 impl WanTransformer3DModel {
@@ -700,8 +745,10 @@ impl WanTransformer3DModel {
         let [pt, ph, pw] = cfg.patch_size;
         let patch_in = cfg.in_channels * cfg.patch_volume();
         let patch_weight = vb.pp("patch_embedding").get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
-        let patch_embedding =
-            Linear::new(patch_weight.reshape((dim, patch_in))?, Some(vb.pp("patch_embedding").get(dim, "bias")?));
+        let patch_embedding = candle_nn::Linear::new(
+            patch_weight.reshape((dim, patch_in))?,
+            Some(vb.pp("patch_embedding").get(dim, "bias")?),
+        );
         let blocks = (0..cfg.num_layers)
             .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -710,14 +757,37 @@ impl WanTransformer3DModel {
             condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"))?,
             rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
             blocks,
-            proj_out: linear(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"))?,
+            proj_out: Linear::load(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"))?,
             scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?.unsqueeze(0)?,
             patch_size: cfg.patch_size,
             in_channels: cfg.in_channels,
             out_channels: cfg.out_channels(),
             eps: cfg.eps,
             dtype: vb.dtype(),
+            adapter_cache: AdapterCache::new(),
         })
+    }
+
+    /// `adapters` at their scales, ready for [`Self::embed_context_with_adapters`]: the run-time path, which
+    /// leaves the weights as they were loaded, so that one loaded model serves generations with different adapters
+    /// (or none). Each adapter's factors are moved to the model's device and dtype the first time it is given and
+    /// kept while its `Arc` lives elsewhere; after that this costs one concatenation of small tensors per layer the
+    /// adapters change.
+    ///
+    /// Fails, naming the tensor, on an adapter that changes a tensor other than the weight or bias of a layer
+    /// adapters apply to (see [`crate::wan::lora`]) or that does not fit it (one read against another model).
+    pub fn prepare_adapters(&self, adapters: &[ScaledAdapter]) -> Result<Adapters> {
+        self.adapter_cache
+            .activate(adapters, self.linears())
+            .map_err(|e| candle_core::Error::Msg(format!("Wan transformer: LoRA adapters at run time: {e}")))
+    }
+
+    /// Every layer adapters apply to at run time.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.condition_embedder
+            .linears()
+            .chain(self.blocks.iter().flat_map(TransformerBlock::linears))
+            .chain([&self.proj_out])
     }
 
     /// Whether the model conditions on image states (an image embedder, and image key/value projections in every
@@ -736,10 +806,27 @@ impl WanTransformer3DModel {
     /// classifier-free guidance's conditional and unconditional rows share them): the image tokens are repeated
     /// to the text's batch B. Image states for each row (B images, or 2·B for FLF2V) are taken as they are.
     pub fn embed_context(&self, encoder_hidden_states: &Tensor, image: Option<&Tensor>) -> Result<Context> {
-        let text = self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?)?;
+        self.embed_context_with_adapters(encoder_hidden_states, image, &Adapters::none())
+    }
+
+    /// [`Self::embed_context`] with `adapters` (from this model's [`Self::prepare_adapters`]), which the context
+    /// carries: every step run with it ([`Self::forward_embedded`], or [`Self::embed`], [`Self::run_blocks`] and
+    /// [`Self::project_out`]) runs with them, and a context made with other adapters (or none) runs without
+    /// them, on the same model at the same time.
+    ///
+    /// Adapters add to what the weights hold: on a model whose weights have adapters merged in
+    /// ([`crate::lora::merged_var_builder`]), these come on top.
+    pub fn embed_context_with_adapters(
+        &self,
+        encoder_hidden_states: &Tensor,
+        image: Option<&Tensor>,
+        adapters: &Adapters,
+    ) -> Result<Context> {
+        self.adapter_cache.check(adapters).map_err(|e| candle_core::Error::Msg(format!("Wan transformer: {e}")))?;
+        let text = self.condition_embedder.text(&encoder_hidden_states.to_dtype(self.dtype)?, adapters)?;
         let image = match (&self.condition_embedder.image_embedder, image) {
             (Some(embedder), Some(image)) => {
-                let tokens = embedder.forward(&image.to_dtype(self.dtype)?)?;
+                let tokens = embedder.forward(&image.to_dtype(self.dtype)?, adapters)?;
                 let (b, m) = (text.dim(0)?, tokens.dim(0)?);
                 if m == b {
                     Some(tokens)
@@ -764,7 +851,7 @@ impl WanTransformer3DModel {
                 embedder.image_dim
             ),
         };
-        Ok(Context { text, image })
+        Ok(Context { text, image, adapters: adapters.clone() })
     }
 
     /// Predicts from latents `[B, C, T, H, W]`, timesteps (`[B]`, or `[B, L]` with one per token in token order:
@@ -788,6 +875,9 @@ impl WanTransformer3DModel {
         if context.image.is_some() != self.has_image_embedder() {
             bail!("Wan transformer: the context was embedded by a model with a different image conditioning")
         }
+        self.adapter_cache
+            .check(&context.adapters)
+            .map_err(|e| candle_core::Error::Msg(format!("Wan transformer: {e}")))?;
         let (b, c, t, h, w) = hidden_states.dims5()?;
         let [pt, ph, pw] = self.patch_size;
         if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
@@ -818,7 +908,7 @@ impl WanTransformer3DModel {
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .reshape((b, tokens, ()))?;
         let tokens = self.patch_embedding.forward(&x)?;
-        let (temb, timestep_proj) = self.condition_embedder.time(&timestep, self.dtype)?;
+        let (temb, timestep_proj) = self.condition_embedder.time(&timestep, self.dtype, &context.adapters)?;
         Ok(Embedded {
             tokens,
             context: context.clone(),
@@ -848,7 +938,7 @@ impl WanTransformer3DModel {
     pub fn project_out(&self, x: &Tensor, embedded: &Embedded) -> Result<Tensor> {
         let [shift, scale] = modulation(&self.scale_shift_table, &embedded.temb.unsqueeze(2)?)?;
         let x = modulate(&layer_norm_f32(x, self.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
-        let x = self.proj_out.forward(&x)?;
+        let x = self.proj_out.forward(&x, &embedded.context.adapters)?;
 
         // Each token's (pt, ph, pw, C_out) values back to [B, C_out, T, H, W].
         let b = x.dim(0)?;
