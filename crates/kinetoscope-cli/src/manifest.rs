@@ -12,14 +12,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use kinetoscope::scheduler::Schedule;
-use kinetoscope::{GenerateRequest, Preset};
+use kinetoscope::{GenerateRequest, LoraSpec, Preset};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// The fields a line may have. No `latents`: the noise is the seed's, and the only files a line names are its
 /// images.
-const FIELDS: [&str; 20] = [
+const FIELDS: [&str; 21] = [
     "id",
     "preset",
     "image",
@@ -40,6 +40,7 @@ const FIELDS: [&str; 20] = [
     "max_sequence_length",
     "fps",
     "step_cache",
+    "loras",
 ];
 
 /// Longest id: with `.json` added it stays far below every file system's 255-byte name limit.
@@ -167,6 +168,7 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
         max_sequence_length: take(&mut fields, "max_sequence_length")?.unwrap_or(d.max_sequence_length),
         fps: take(&mut fields, "fps")?.unwrap_or(d.fps),
         step_cache: take(&mut fields, "step_cache")?.or(d.step_cache),
+        loras: loras_field(&mut fields, folder)?,
     };
     // The pipeline checks every other field against the model; the frame rate only matters to the MP4,
     // which would otherwise fail after the whole render.
@@ -181,6 +183,40 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
         return Err((Some("last_image".into()), "needs an image to start from (the field image)".into()));
     }
     Ok(Item { line, id, preset, request, image, last_image })
+}
+
+/// An item's run-time LoRA adapters, `[{"path": "style.safetensors", "scale": 0.8, "low_noise": false}]`, each path
+/// resolved against the manifest's `folder` and checked to be a file; applied to that item only, over the model
+/// loaded once (and any `--lora` merged into it).
+fn loras_field(fields: &mut Map<String, Value>, folder: &Path) -> Result<Vec<LoraSpec>, FieldError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Item {
+        path: PathBuf,
+        #[serde(default = "one")]
+        scale: f64,
+        #[serde(default)]
+        low_noise: bool,
+    }
+    fn one() -> f64 {
+        1.0
+    }
+    let field = || Some("loras".to_string());
+    let items: Vec<Item> = take(fields, "loras")?.unwrap_or_default();
+    items
+        .into_iter()
+        .map(|item| {
+            let path = folder.join(&item.path);
+            if !path.is_file() {
+                return Err((field(), format!("{} is not a file", path.display())));
+            }
+            if !item.scale.is_finite() {
+                return Err((field(), format!("{}: the scale must be a finite number", path.display())));
+            }
+            let component = if item.low_noise { "transformer_2" } else { "transformer" };
+            Ok(LoraSpec { path, scale: item.scale, component })
+        })
+        .collect()
 }
 
 /// The image file `name` names, resolved against the manifest's `folder` and checked to be a file.
@@ -362,6 +398,34 @@ mod tests {
         assert_eq!(fields(&items[0].request), (1280, 704, 121, 24, 50, Some(5.0)));
         // The preset's size and steps over the model's; a null field is left out.
         assert_eq!(fields(&items[1].request), (416, 240, 9, 24, 20, Some(5.0)));
+    }
+
+    #[test]
+    fn adapters_are_found_beside_the_manifest_with_their_scales() {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(folder.path().join("style.safetensors"), b"").unwrap();
+        let text = r#"{"id": "a", "prompt": "x", "loras": [{"path": "style.safetensors", "scale": 0.5}, {"path": "style.safetensors", "low_noise": true}]}"#;
+        let items = parse(text, folder.path(), &GenerateRequest::default()).unwrap();
+        let loras: Vec<(&Path, f64, &str)> =
+            items[0].request.loras.iter().map(|l| (l.path.as_path(), l.scale, l.component)).collect();
+        let path = folder.path().join("style.safetensors");
+        assert_eq!(loras, [(path.as_path(), 0.5, "transformer"), (path.as_path(), 1.0, "transformer_2")]);
+
+        let text = concat!(
+            r#"{"id": "a", "prompt": "x", "loras": [{"path": "gone.safetensors"}]}"#,
+            "\n",
+            r#"{"id": "b", "prompt": "x", "loras": [{"path": "style.safetensors", "weight": 1}]}"#,
+        );
+        let errors: Vec<String> = parse(text, folder.path(), &GenerateRequest::default())
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors[0].starts_with("line 1: loras: ") && errors[0].ends_with("gone.safetensors is not a file"),
+            "{errors:?}"
+        );
+        assert!(errors[1].starts_with("line 2: loras: ") && errors[1].contains("weight"), "{errors:?}");
     }
 
     #[test]

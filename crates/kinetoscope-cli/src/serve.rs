@@ -27,6 +27,10 @@ pub struct Args {
     dtype: DType,
     #[command(flatten)]
     memory: crate::generate::MemoryArgs,
+    /// A folder of LoRA adapters that requests may name (`loras: [{"name": "style.safetensors", "scale": 0.8}]`),
+    /// applied at run time to that job only, without reloading the model; requests name files, never paths.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
     /// Address to listen on; only this machine can connect unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -173,6 +177,7 @@ pub fn run(args: Args) -> Result<()> {
     config.experts = args.memory.experts;
     config.loras = args.memory.loras.specs();
     config.lora_allow_unmatched = args.memory.loras.lora_allow_unmatched;
+    config.lora_dir = args.lora_dir;
     config.transformer_files = [args.memory.files.transformer.clone(), args.memory.files.transformer_2.clone()];
     config.listen = args.listen;
     config.limits = Limits {

@@ -20,13 +20,13 @@ use futures_util::Stream;
 use kinetoscope::scheduler::Schedule;
 use kinetoscope::{EditKind, ExtendRequest, GenerateRequest, InputVideo, Preset, TimeRange};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::disk;
 use crate::error::{storage_error, ApiError};
 use crate::fields::{BodyLimits, Fields, ImageReference, Upload, VideoReference};
-use crate::store::{Job, NewJob, Settings, Status, StoreError};
+use crate::store::{Job, JobLora, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
 use crate::{unix_now, Shared, Update};
 
@@ -706,7 +706,7 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
     let settings = settings(prompt, &request, seed, preset, None);
     // What the configs say is checked at once, loaded or not; the rest once the model is there (the
     // worker checks again before it renders).
-    let request = worker::to_request(&settings);
+    let request = worker::to_request(&settings, shared.config.lora_dir.as_deref());
     shared.shape.validate(&request).map_err(request_error)?;
     if let Some(pipeline) = shared.pipeline.get() {
         validate(pipeline, &request)?;
@@ -719,6 +719,69 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
         remixed_from: None,
         webhook_url,
     })
+}
+
+/// Most adapters a job may ask for.
+const MAX_JOB_LORAS: usize = 8;
+
+/// A job's `loras`: `[{"name": "style.safetensors", "scale": 0.8, "low_noise": false}]`, files of the server's
+/// `--lora-dir` named by their plain file name (never a path), applied at run time to this job only.
+fn job_loras(shared: &Shared, value: Value) -> ApiResult<Vec<kinetoscope::LoraSpec>> {
+    let invalid = |reason: String| ApiError::invalid("invalid_lora", "loras", format!("loras: {reason}"));
+    let Some(dir) = &shared.config.lora_dir else {
+        return Err(ApiError::invalid(
+            "unsupported_parameter",
+            "loras",
+            "loras: this server takes no adapters per request (it was started without --lora-dir)",
+        ));
+    };
+    let Value::Array(items) = value else { return Err(invalid(format!("expected a list, got {value}"))) };
+    if items.len() > MAX_JOB_LORAS {
+        return Err(invalid(format!("{} adapters; at most {MAX_JOB_LORAS}", items.len())));
+    }
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Object(mut item) = item else { return Err(invalid(format!("expected objects, got {item}"))) };
+            let name = match item.remove("name") {
+                Some(Value::String(name)) => name,
+                other => return Err(invalid(format!("each needs a \"name\" (a file name), got {other:?}"))),
+            };
+            let scale = match item.remove("scale") {
+                None => 1.0,
+                Some(scale) => scale
+                    .as_f64()
+                    .filter(|s| s.is_finite() && s.abs() <= 10.0)
+                    .ok_or_else(|| invalid(format!("{name}: scale {scale} must be a number from -10 to 10")))?,
+            };
+            let low_noise = match item.remove("low_noise") {
+                None => false,
+                Some(Value::Bool(low)) => low,
+                Some(other) => return Err(invalid(format!("{name}: low_noise must be true or false, got {other}"))),
+            };
+            if let Some(key) = item.keys().next() {
+                return Err(invalid(format!("{name}: unknown field {key:?}; expected name, scale, low_noise")));
+            }
+            let plain = !name.is_empty()
+                && name.len() <= 255
+                && !name.starts_with('.')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            let path = dir.join(&name);
+            if !plain || !path.is_file() {
+                let message = format!("loras: no adapter named {name:?} in the server's adapter folder");
+                return Err(ApiError::invalid("lora_not_found", "loras", message));
+            }
+            if low_noise && !shared.shape.two_experts {
+                return Err(ApiError::invalid(
+                    "unsupported_parameter",
+                    "loras",
+                    format!("loras: {name} is for a low-noise expert; the served model has one transformer"),
+                ));
+            }
+            let component = if low_noise { "transformer_2" } else { "transformer" };
+            Ok(kinetoscope::LoraSpec { path, scale, component })
+        })
+        .collect()
 }
 
 /// The fields every kind of job takes that shape the sampling: steps or an explicit schedule, shift, guidance,
@@ -744,6 +807,9 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
     }
     if let Some(steps) = fields.integer("steps")? {
         request.steps = usize::try_from(steps).unwrap_or(usize::MAX);
+    }
+    if let Some(loras) = fields.json("loras")? {
+        request.loras = job_loras(shared, loras)?;
     }
     if let Some(shift) = fields.number("shift")? {
         if !(shift > 0.0 && shift <= 100.0) {
@@ -826,6 +892,15 @@ fn settings(
         guidance_scale_2: request.guidance_scale_2,
         shift: request.shift,
         schedule: request.schedule.clone(),
+        loras: request
+            .loras
+            .iter()
+            .map(|lora| JobLora {
+                name: lora.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+                scale: lora.scale,
+                low_noise: lora.component == "transformer_2",
+            })
+            .collect(),
         seed,
         step_cache: request.step_cache,
         preset,

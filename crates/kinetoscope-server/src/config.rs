@@ -34,6 +34,9 @@ pub struct Config {
     /// job; clients name no path).
     pub loras: Vec<LoraSpec>,
     pub lora_allow_unmatched: bool,
+    /// The folder whose adapter files requests may name (`loras: [{"name", "scale"}]`), applied at run time per
+    /// job; `None`: requests can't ask for adapters.
+    pub lora_dir: Option<PathBuf>,
     /// Single-file checkpoints standing in for the model folder's `transformer/` and `transformer_2/`.
     pub transformer_files: [Option<PathBuf>; 2],
     pub listen: SocketAddr,
@@ -176,6 +179,7 @@ impl Config {
             loras: Vec::new(),
             lora_allow_unmatched: false,
             transformer_files: [None, None],
+            lora_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             api_keys,

@@ -231,6 +231,17 @@ impl Fields {
         }
     }
 
+    /// A JSON value: as sent in a JSON body, or as JSON text in a multipart field.
+    pub fn json(&mut self, name: &str) -> Result<Option<Value>, ApiError> {
+        match self.values.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                ApiError::invalid("invalid_type", name, format!("{name} must be JSON in a multipart field: {e}"))
+            }),
+            Some(value) => Ok(Some(value)),
+        }
+    }
+
     /// A source video given as `{"id": ...}` (JSON), `name[id]` (multipart, as the `openai` SDK flattens
     /// it) or an uploaded file.
     pub fn video_reference(&mut self, name: &str) -> Result<Option<VideoReference>, ApiError> {

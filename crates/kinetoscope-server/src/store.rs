@@ -81,6 +81,9 @@ pub struct Settings {
     /// An explicit schedule (few-step distilled models), run with flow-match Euler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<kinetoscope::scheduler::Schedule>,
+    /// LoRA adapters from the server's `--lora-dir`, by name, applied at run time to this job only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<JobLora>,
     pub seed: u64,
     pub step_cache: Option<f64>,
     pub preset: Option<String>,
@@ -92,6 +95,16 @@ pub struct Settings {
     /// An image-to-video job's last image (`inputs/<id>.last_image`), when it ends on one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_image_sha256: Option<String>,
+}
+
+/// An adapter a job asked for: a file name in the server's `--lora-dir`, its scale, and whether it is for a
+/// two-expert model's low-noise expert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobLora {
+    pub name: String,
+    pub scale: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub low_noise: bool,
 }
 
 /// A job as accepted, before it has a row.
@@ -427,6 +440,7 @@ mod tests {
                 guidance_scale_2: None,
                 shift: None,
                 schedule: None,
+                loras: Vec::new(),
                 seed: 7,
                 step_cache: None,
                 preset: None,

@@ -2,12 +2,12 @@
 //! them, and writes each MP4 and thumbnail by rename so a download never sees half a file.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kinetoscope::{EditKind, GenerateRequest, InputVideo, LoadOptions, ModelDir, Pipeline};
+use kinetoscope::{EditKind, GenerateRequest, InputVideo, LoadOptions, LoraSpec, ModelDir, Pipeline};
 use kinetoscope_video::{Frames, VideoError};
 
 use crate::error::job_error_code;
@@ -176,8 +176,18 @@ fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
     Pipeline::load(&dir, &options)
 }
 
-pub fn to_request(settings: &Settings) -> GenerateRequest {
+/// The library's request for a job's settings; adapters by name are files in `lora_dir`.
+pub fn to_request(settings: &Settings, lora_dir: Option<&Path>) -> GenerateRequest {
+    let loras = settings
+        .loras
+        .iter()
+        .filter_map(|lora| {
+            let component = if lora.low_noise { "transformer_2" } else { "transformer" };
+            Some(LoraSpec { path: lora_dir?.join(&lora.name), scale: lora.scale, component })
+        })
+        .collect();
     GenerateRequest {
+        loras,
         prompt: settings.prompt.clone(),
         negative_prompt: settings.negative_prompt.clone(),
         height: settings.height,
@@ -206,7 +216,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
     let deadline = started + shared.config.job_timeout;
     let mut timed_out = false;
     let mut last_step = Instant::now();
-    let request = to_request(&job.settings);
+    let request = to_request(&job.settings, shared.config.lora_dir.as_deref());
     let mut on_step = |progress: kinetoscope::Progress| {
         shared.metrics.step_seconds.observe(last_step.elapsed().as_secs_f64());
         last_step = Instant::now();

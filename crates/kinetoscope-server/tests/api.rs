@@ -506,3 +506,41 @@ async fn an_explicit_schedule_runs_a_few_step_job() {
     }
     server.stop().await;
 }
+
+/// Adapters per job, by file name from the server's `--lora-dir`, applied at run time: a job with them completes
+/// on the loaded model; a name that is a path or no file, a low-noise adapter on a one-network model, or any
+/// adapter on a server without the folder is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_take_adapters_by_name_from_the_lora_folder() {
+    let data = tempfile::tempdir().unwrap();
+    let mut with_dir = config(data.path());
+    with_dir.lora_dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/loras"));
+    let server = Running::start(with_dir).await;
+    let styled = json!({"prompt": "a fox", "loras": [{"name": "wan21-peft.safetensors", "scale": 0.7},
+                                                      {"name": "wan21-official.safetensors"}]});
+    let (code, created) = server.post("/v1/videos", styled).await;
+    assert_eq!(code, StatusCode::OK, "{created}");
+    server.wait_for(created["id"].as_str().unwrap(), "completed").await;
+    for (loras, code) in [
+        (json!([{"name": "../loras/wan21-peft.safetensors"}]), "lora_not_found"),
+        (json!([{"name": "missing.safetensors"}]), "lora_not_found"),
+        (json!([{"name": "wan21-peft.safetensors", "low_noise": true}]), "unsupported_parameter"),
+        (json!([{"name": "wan21-peft.safetensors", "weight": 1}]), "invalid_lora"),
+        (json!({"name": "wan21-peft.safetensors"}), "invalid_lora"),
+    ] {
+        let (status, error) = server.post("/v1/videos", json!({"prompt": "x", "loras": loras})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(
+            (error["error"]["code"].as_str(), error["error"]["param"].as_str()),
+            (Some(code), Some("loras")),
+            "{error}"
+        );
+    }
+    server.stop().await;
+
+    let data = tempfile::tempdir().unwrap();
+    let server = Running::start(config(data.path())).await;
+    let (status, error) = server.post("/v1/videos", json!({"prompt": "x", "loras": [{"name": "a.safetensors"}]})).await;
+    assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unsupported_parameter")));
+    server.stop().await;
+}

@@ -68,6 +68,7 @@ fn queued_job(id: &str) -> NewJob {
             guidance_scale_2: None,
             shift: None,
             schedule: None,
+            loras: Vec::new(),
             seed: 7,
             step_cache: None,
             preset: None,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use kinetoscope_models::lora::ScaledAdapter;
 use kinetoscope_models::wan::transformer::{self, Context, WanTransformer3DModel};
 
 use crate::conditioning::{with_first_frame, Conditioning};
@@ -136,6 +137,7 @@ impl Denoiser {
     /// timestep 0; channel-concatenated latents to every prediction's input. Each step runs the expert of its
     /// timestep, with that expert's guidance scale; a swapped expert is loaded when its first step comes,
     /// after the other is released. Progress counts the steps run and names their expert.
+    /// `adapters` are the request's run-time LoRA adapters, each for the expert it names.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
         &self,
@@ -145,6 +147,7 @@ impl Denoiser {
         first_step: usize,
         request: &GenerateRequest,
         condition: Conditioning,
+        adapters: &[(&'static str, ScaledAdapter)],
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
         const STAGE: &str = "denoising";
@@ -181,7 +184,13 @@ impl Denoiser {
                 if loaded {
                     tracing::info!(expert = expert.name, seconds = start.elapsed().as_secs_f64(), "expert loaded");
                 }
-                let context = network.embed_context(text, image_states).stage(STAGE)?;
+                let own: Vec<ScaledAdapter> = adapters
+                    .iter()
+                    .filter(|(component, _)| *component == expert.name)
+                    .map(|(_, a)| a.clone())
+                    .collect();
+                let prepared = network.prepare_adapters(&own).stage(STAGE)?;
+                let context = network.embed_context_with_adapters(text, image_states, &prepared).stage(STAGE)?;
                 current = Some((index, network, context));
                 cache = request.step_cache.map(StepCache::new);
             }

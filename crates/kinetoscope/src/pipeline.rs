@@ -1,10 +1,14 @@
 //! The text-to-video pipeline: prompt → text states → flow-matching loop over the transformer with
 //! classifier-free guidance → VAE decode → frames. The only place that knows the order of the stages.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use candle_core::{DType, Device, Tensor};
+use kinetoscope_models::lora::{Adapter, ScaledAdapter};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
 
@@ -16,7 +20,7 @@ use crate::image_encoder::ImageEncoder;
 use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity, ModelIndex};
 use crate::noise;
-use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
+use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
 use crate::weights::TransformerSource;
@@ -35,7 +39,15 @@ pub struct Pipeline {
     memory: MemoryBudget,
     shape: ModelShape,
     loras: Vec<AppliedLora>,
+    /// The folder, and where each transformer's weights come from: what run-time adapters are read against.
+    dir: ModelDir,
+    sources: Vec<TransformerSource>,
+    lora_allow_unmatched: bool,
+    /// Run-time adapters read so far, by file (path, size, modification time) and transformer.
+    request_loras: Mutex<HashMap<AdapterKey, Arc<Adapter>>>,
 }
+
+type AdapterKey = (PathBuf, &'static str, (u64, SystemTime));
 
 /// What a model's configs say about the requests it can take, known before any weight is read, so that a
 /// server can check requests while the model is still loading.
@@ -207,6 +219,10 @@ impl Pipeline {
             memory,
             shape,
             loras,
+            dir: dir.clone(),
+            sources,
+            lora_allow_unmatched: options.lora_allow_unmatched,
+            request_loras: Mutex::new(HashMap::new()),
         })
     }
 
@@ -251,6 +267,40 @@ impl Pipeline {
     /// The LoRA adapters merged into the transformers' weights ([`LoadOptions::loras`]).
     pub fn loras(&self) -> &[AppliedLora] {
         &self.loras
+    }
+
+    /// `request`'s run-time adapters ([`GenerateRequest::loras`]), each read once per file and component and then
+    /// kept (keyed by path, size and modification time, so a replaced file is read again), with their scales.
+    fn request_adapters(&self, request: &GenerateRequest) -> Result<Vec<(&'static str, ScaledAdapter)>> {
+        let mut read = self.request_loras.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut adapters = Vec::with_capacity(request.loras.len());
+        for spec in &request.loras {
+            let Some(source) = self.sources.iter().find(|source| source.component == spec.component) else {
+                return Err(Error::InvalidRequest {
+                    field: "loras",
+                    reason: format!(
+                        "{} is for {}, which the model doesn't have (a low-noise adapter needs a two-expert model)",
+                        spec.path.display(),
+                        spec.component
+                    ),
+                });
+            };
+            let stamp = std::fs::metadata(&spec.path).and_then(|m| Ok((m.len(), m.modified()?)));
+            let stamp = stamp.map_err(|source| Error::Io { path: spec.path.clone(), source })?;
+            let key = (spec.path.clone(), spec.component, stamp);
+            let adapter = match read.get(&key) {
+                Some(adapter) => adapter.clone(),
+                None => {
+                    let one = LoraSpec { scale: 1.0, ..spec.clone() };
+                    let (mut scaled, _) = crate::adapters::read(&self.dir, source, &[one], self.lora_allow_unmatched)?;
+                    let adapter = scaled.pop().expect("one adapter read").adapter;
+                    read.insert(key, adapter.clone());
+                    adapter
+                }
+            };
+            adapters.push((spec.component, ScaledAdapter { adapter, scale: spec.scale }));
+        }
+        Ok(adapters)
     }
 
     pub(crate) fn image_encoder(&self) -> Option<&ImageEncoder> {
@@ -462,7 +512,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let mut scheduler =
             self.scheduler_config.build(request.scheduler, request.steps, request.shift, request.schedule.as_ref());
-        self.denoiser.run(latents, text, scheduler.as_mut(), first_step, request, condition, on_step)
+        let adapters = self.request_adapters(request)?;
+        self.denoiser.run(latents, text, scheduler.as_mut(), first_step, request, condition, &adapters, on_step)
     }
 
     /// The VAE's per-channel latent mean and the reciprocal of its std, `[1, z_dim, 1, 1, 1]` each: diffusers

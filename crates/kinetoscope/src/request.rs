@@ -177,6 +177,10 @@ pub struct GenerateRequest {
     /// of running them (see `StepCache`). `None` computes every step; 0 too, while paying for the check.
     /// Diffusers' first-block cache defaults to 0.05; larger is faster and less faithful.
     pub step_cache: Option<f64>,
+    /// LoRA adapters for this request only, applied at run time on top of the weights (and of any adapters merged
+    /// at load): a server switches them between jobs without reloading the model. Each file is read once and kept
+    /// while the pipeline lives.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for GenerateRequest {
@@ -198,6 +202,7 @@ impl Default for GenerateRequest {
             max_sequence_length: 512,
             fps: 16,
             step_cache: None,
+            loras: Vec::new(),
         }
     }
 }

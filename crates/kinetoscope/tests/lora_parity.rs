@@ -88,3 +88,33 @@ fn adapters_a_model_cannot_take_are_refused_by_name() {
     let pipeline = Pipeline::load(&model_dir("wan21-tiny-a"), &options).unwrap();
     assert_eq!(pipeline.loras()[0].unmatched.len(), 2, "{:?}", pipeline.loras());
 }
+
+/// The same adapters given per request, applied at run time on one loaded pipeline, match diffusers as the merged
+/// ones do; requests switch adapters (and back to none) without reloading, each giving its own video.
+#[test]
+fn adapters_per_request_switch_without_reloading() {
+    let model = "wan21-tiny-a";
+    let pipeline = load(model, Vec::new()).unwrap();
+    let r = reference("lora", "pipeline.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = GenerateRequest { latents: Some(noise_file(&r["latents"], dir.path())), ..reference_request(model) };
+    let loras = vec![
+        lora("wan21-peft.safetensors", 0.7, "transformer"),
+        lora("wan21-official.safetensors", 0.5, "transformer"),
+    ];
+    let styled = GenerateRequest { loras, ..plain.clone() };
+
+    let without = denoised(&pipeline, &plain, &mut |_| {});
+    assert_relative(
+        model,
+        "run-time adapters: final latents",
+        &denoised(&pipeline, &styled, &mut |_| {}),
+        &r["final_latents"],
+    );
+    assert_eq!(common::max_abs_error(&denoised(&pipeline, &plain, &mut |_| {}), &without), 0.0, "none again: the base");
+    assert_relative(model, "run-time adapters again", &denoised(&pipeline, &styled, &mut |_| {}), &r["final_latents"]);
+
+    let elsewhere = GenerateRequest { loras: vec![lora("wan21-peft.safetensors", 1.0, "transformer_2")], ..plain };
+    let err = pipeline.generate(&elsewhere).unwrap_err();
+    assert!(err.to_string().contains("transformer_2"), "{err}");
+}
