@@ -170,15 +170,9 @@ pub fn run(args: Args) -> Result<()> {
     } else if cfg!(feature = "cuda") {
         config.devices = vec!["cuda".into()];
     }
-    config.dtype = args.dtype;
-    config.memory_limit = args.memory.memory_limit;
-    config.text_encoder = args.memory.text_encoder;
-    config.vae_tiling = args.memory.vae_tiling;
-    config.experts = args.memory.experts;
-    config.loras = args.memory.loras.specs();
-    config.lora_allow_unmatched = args.memory.loras.lora_allow_unmatched;
+    // The device is each worker's own (`devices`).
+    config.load = args.memory.load_options(kinetoscope::Device::Cpu, args.dtype);
     config.lora_dir = args.lora_dir;
-    config.transformer_files = [args.memory.files.transformer.clone(), args.memory.files.transformer_2.clone()];
     config.listen = args.listen;
     config.limits = Limits {
         max_prompt_chars: args.max_prompt_chars,

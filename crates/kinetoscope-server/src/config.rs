@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kinetoscope::{DType, ExpertPlacement, LoraSpec, TextEncoderPlacement, VaeTiling};
+use kinetoscope::LoadOptions;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -20,25 +20,13 @@ pub struct Config {
     pub model_name: String,
     /// One worker per entry (`cpu`, `cuda:0`, `cuda:1`, ...), each with its own copy of the model.
     pub devices: Vec<String>,
-    pub dtype: DType,
-    /// Bytes of working memory (beyond the weights) a job's stage may need; a job that would need more
-    /// fails with `out_of_memory` before the stage starts. `None`: no limit.
-    pub memory_limit: Option<u64>,
-    /// Where each worker's text encoder lives between jobs.
-    pub text_encoder: TextEncoderPlacement,
-    /// When each worker's VAE decodes in tiles.
-    pub vae_tiling: VaeTiling,
-    /// Where each worker keeps a two-expert model's (Wan 2.2 A14B) experts.
-    pub experts: ExpertPlacement,
-    /// LoRA adapters every worker merges into the model's weights as it loads (the operator's files, for every
-    /// job; clients name no path).
-    pub loras: Vec<LoraSpec>,
-    pub lora_allow_unmatched: bool,
+    /// How each worker loads the model (precision, memory limit, text encoder, VAE tiling, experts, adapters
+    /// merged at load, single-file transformers), as `kinetoscope generate` loads it; each worker's `device` is
+    /// its entry of `devices`, whatever this one says.
+    pub load: LoadOptions,
     /// The folder whose adapter files requests may name (`loras: [{"name", "scale"}]`), applied at run time per
     /// job; `None`: requests can't ask for adapters.
     pub lora_dir: Option<PathBuf>,
-    /// Single-file checkpoints standing in for the model folder's `transformer/` and `transformer_2/`.
-    pub transformer_files: [Option<PathBuf>; 2],
     pub listen: SocketAddr,
     /// Where the job database and the finished videos live.
     pub data_dir: PathBuf,
@@ -171,14 +159,7 @@ impl Config {
             model: model.to_string(),
             model_name: default_model_name(model),
             devices: vec!["cpu".into()],
-            dtype: DType::F32,
-            memory_limit: None,
-            text_encoder: TextEncoderPlacement::default(),
-            vae_tiling: VaeTiling::default(),
-            experts: ExpertPlacement::default(),
-            loras: Vec::new(),
-            lora_allow_unmatched: false,
-            transformer_files: [None, None],
+            load: LoadOptions::default(),
             lora_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),

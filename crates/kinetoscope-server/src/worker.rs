@@ -161,18 +161,7 @@ pub fn run(shared: Arc<Shared>, device: String) {
 
 fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
     let dir = ModelDir::open(&shared.config.model)?;
-    let options = LoadOptions {
-        device: kinetoscope::open_device(device)?,
-        dtype: shared.config.dtype,
-        memory_limit: shared.config.memory_limit,
-        text_encoder: shared.config.text_encoder,
-        vae_tiling: shared.config.vae_tiling,
-        experts: shared.config.experts,
-        loras: shared.config.loras.clone(),
-        lora_allow_unmatched: shared.config.lora_allow_unmatched,
-        transformer: shared.config.transformer_files[0].clone(),
-        transformer_2: shared.config.transformer_files[1].clone(),
-    };
+    let options = LoadOptions { device: kinetoscope::open_device(device)?, ..shared.config.load.clone() };
     Pipeline::load(&dir, &options)
 }
 

@@ -465,7 +465,7 @@ async fn an_input_reference_starts_an_image_to_video_job() {
 async fn a_job_over_the_memory_limit_fails_and_the_next_completes() {
     let data = tempfile::tempdir().unwrap();
     let mut config = config(data.path());
-    config.memory_limit = Some(64 << 20);
+    config.load.memory_limit = Some(64 << 20);
     let server = Running::start(config).await;
     wait_ready(&server).await;
 
