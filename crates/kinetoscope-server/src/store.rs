@@ -62,7 +62,7 @@ impl Status {
 
 /// Everything the worker needs to render a job, fixed when it is accepted (defaults and preset
 /// resolved), so a remix or a rerun after a restart renders the same thing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub prompt: String,
     pub negative_prompt: String,
@@ -437,16 +437,8 @@ mod tests {
                 fps: 8,
                 steps: 2,
                 guidance_scale: 5.0,
-                guidance_scale_2: None,
-                shift: None,
-                schedule: None,
-                loras: Vec::new(),
                 seed: 7,
-                step_cache: None,
-                preset: None,
-                edit: None,
-                source_sha256: None,
-                last_image_sha256: None,
+                ..Settings::default()
             },
             remixed_from: None,
             webhook_url: None,
