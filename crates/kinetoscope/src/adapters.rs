@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use kinetoscope_models::lora::{merged_var_builder, ReadOptions, ScaledAdapter};
+use kinetoscope_models::lora::{merged_var_builder, Adapter, ReadOptions, ScaledAdapter, Targets};
 use kinetoscope_models::wan::lora::read_adapter;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -50,14 +50,9 @@ pub(crate) fn read(
         return Ok((Vec::new(), Vec::new()));
     }
     let targets = source.targets(dir)?;
-    let options = ReadOptions { allow_unmatched, ..ReadOptions::default() };
     let (mut adapters, mut applied) = (Vec::new(), Vec::new());
     for spec in specs {
-        let invalid = |reason: String| Error::Adapter { path: spec.path.clone(), reason };
-        let adapter = read_adapter(&spec.path, &targets, &options).map_err(|e| invalid(e.to_string()))?;
-        for key in adapter.unmatched() {
-            tracing::warn!(lora = %spec.path.display(), key, "LoRA key matches no tensor of the model; left out");
-        }
+        let adapter = read_one(&spec.path, &targets, allow_unmatched)?;
         applied.push(AppliedLora {
             path: spec.path.clone(),
             sha256: sha256_of(&spec.path)?,
@@ -71,6 +66,17 @@ pub(crate) fn read(
         adapters.push(ScaledAdapter { adapter: Arc::new(adapter), scale: spec.scale });
     }
     Ok((adapters, applied))
+}
+
+/// The adapter file at `path`, read against a transformer's `targets`; unmatched keys (when allowed) are logged.
+pub(crate) fn read_one(path: &Path, targets: &Targets, allow_unmatched: bool) -> Result<Adapter> {
+    let options = ReadOptions { allow_unmatched, ..ReadOptions::default() };
+    let adapter = read_adapter(path, targets, &options)
+        .map_err(|e| Error::Adapter { path: path.to_path_buf(), reason: e.to_string() })?;
+    for key in adapter.unmatched() {
+        tracing::warn!(lora = %path.display(), key, "LoRA key matches no tensor of the model; left out");
+    }
+    Ok(adapter)
 }
 
 /// A `VarBuilder` over `source`'s weights with `adapters` merged in (the weights alone without any).

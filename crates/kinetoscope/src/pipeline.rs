@@ -20,7 +20,7 @@ use crate::image_encoder::ImageEncoder;
 use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity, ModelIndex};
 use crate::noise;
-use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, Progress, Timings, VaeTiling, Video};
+use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
 use crate::weights::TransformerSource;
@@ -291,9 +291,10 @@ impl Pipeline {
             let adapter = match read.get(&key) {
                 Some(adapter) => adapter.clone(),
                 None => {
-                    let one = LoraSpec { scale: 1.0, ..spec.clone() };
-                    let (mut scaled, _) = crate::adapters::read(&self.dir, source, &[one], self.lora_allow_unmatched)?;
-                    let adapter = scaled.pop().expect("one adapter read").adapter;
+                    let targets = source.targets(&self.dir)?;
+                    let adapter = Arc::new(crate::adapters::read_one(&spec.path, &targets, self.lora_allow_unmatched)?);
+                    // A file replaced since it was read is never asked for under its old stamp again.
+                    read.retain(|(path, component, _), _| (path, *component) != (&spec.path, spec.component));
                     read.insert(key, adapter.clone());
                     adapter
                 }
@@ -621,16 +622,17 @@ fn load_experts(
     };
     let second = &sources[1];
     let load_second = loader(second, &second_config)?;
+    // Resident, the second expert is loaded now (and so checked); otherwise its tensors are checked against the
+    // files' headers, which also gives its size.
     let swap = match options.experts {
         ExpertPlacement::Resident => false,
-        ExpertPlacement::Swap => true,
-        ExpertPlacement::Auto => {
+        placement => {
             let weight_bytes = second.parameters(dir, &second_config)? * options.dtype.size_in_bytes() as u64;
-            !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
+            placement == ExpertPlacement::Swap
+                || !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
         }
     };
     let experts = if swap {
-        second.parameters(dir, &second_config)?;
         vec![
             Expert::swapped(name, first_config, load_first, sources[0].files(dir)?, Some(first)),
             Expert::swapped(second.component, second_config, load_second, second.files(dir)?, None),
