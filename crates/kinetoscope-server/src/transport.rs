@@ -171,14 +171,21 @@ impl Connection {
         let in_flight = self.activity.begin();
         let timeout = self.limits.body_timeout;
         let deadline = Instant::now() + timeout;
-        let done = Arc::new(AtomicBool::new(request.body().is_end_stream()));
-        let request = request.map(|body| Deadlined { body, done: done.clone() });
+        let empty = request.body().is_end_stream();
+        let progress = Arc::new(BodyProgress { done: AtomicBool::new(empty), ended: AtomicBool::new(empty) });
+        let request = request.map(|body| Deadlined { body, progress: progress.clone() });
         let mut router = self.router.clone();
         async move {
-            let response = tokio::select! {
+            let mut response = tokio::select! {
                 response = router.call(request) => response.unwrap_or_else(|never| match never {}),
-                () = body_overdue(deadline, &done) => body_timed_out(timeout),
+                () = body_overdue(deadline, &progress.done) => body_timed_out(timeout),
             };
+            // A body answered before its end (a 413, a refusal before reading) leaves bytes that hyper won't
+            // read, so it closes the connection after this response; saying so keeps a client from sending
+            // its next request on a connection it thinks is alive, which would fail as an incomplete message.
+            if !progress.ended.load(Ordering::Acquire) {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok(response.map(|body| Tracked { body, _in_flight: in_flight }))
         }
     }
@@ -215,10 +222,8 @@ async fn body_overdue(deadline: Instant, done: &AtomicBool) {
 
 fn body_timed_out(timeout: Duration) -> Response<Body> {
     let message = format!("the request body did not arrive within {} s", timeout.as_secs_f64());
-    let mut response = ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).into_response();
-    // The rest of the body may still come; closing the connection is the only way to be rid of it.
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
+    // The rest of the body may still come: the caller closes the connection, the only way to be rid of it.
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).into_response()
 }
 
 /// What a connection is doing, for its timeouts.
@@ -352,11 +357,17 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// A request body that records when the handler no longer waits on it: at its end, on an error, or when
-/// the handler drops it.
+/// A request body that records how far its handler read it.
 struct Deadlined {
     body: Incoming,
-    done: Arc<AtomicBool>,
+    progress: Arc<BodyProgress>,
+}
+
+struct BodyProgress {
+    /// The handler no longer waits on the body: it read its end or an error, or dropped it.
+    done: AtomicBool,
+    /// The body was read to its end, so the connection can carry the next request.
+    ended: AtomicBool,
 }
 
 impl HttpBody for Deadlined {
@@ -368,8 +379,16 @@ impl HttpBody for Deadlined {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || self.body.is_end_stream() {
-            self.done.store(true, Ordering::Release);
+        let ended = match &frame {
+            None => true,
+            Some(Ok(_)) => self.body.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended {
+            self.progress.ended.store(true, Ordering::Release);
+        }
+        if ended || matches!(frame, Some(Err(_))) {
+            self.progress.done.store(true, Ordering::Release);
         }
         Poll::Ready(frame)
     }
@@ -385,7 +404,7 @@ impl HttpBody for Deadlined {
 
 impl Drop for Deadlined {
     fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
+        self.progress.done.store(true, Ordering::Release);
     }
 }
 

@@ -129,6 +129,8 @@ async fn bad_requests_get_openai_shaped_errors_with_codes() {
     let too_big = json!({"prompt": "x", "negative_prompt": "y".repeat(2 << 20)});
     let response = server.client.post(server.url("/v1/videos")).bearer_auth(KEY).json(&too_big).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The unread rest of the body ends the connection; the client is told, so its next request opens another.
+    assert_eq!(response.headers()["connection"], "close");
     assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "request_too_large");
 
     let (status, error) = server.get("/v1/videos/video_nope/content").await;
