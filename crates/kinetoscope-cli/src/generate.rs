@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kinetoscope::scheduler::{Schedule, SchedulerKind};
 use kinetoscope::{
     DType, Device, ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, ModelDir, ModelManifest, ModelShape,
-    Pipeline, Preset, TextEncoderPlacement, VaeTiling,
+    Pipeline, Preset, Quantization, TextEncoderPlacement, VaeTiling,
 };
 
 use crate::edit::EditArgs;
@@ -138,17 +138,25 @@ pub struct MemoryArgs {
     pub files: ComponentFiles,
 }
 
-/// Single-file checkpoints standing in for a model folder's networks.
+/// Single-file checkpoints standing in for a model folder's networks, and how their weights are held.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ComponentFiles {
-    /// A single-file transformer checkpoint (the official Wan layout, or ComfyUI's with model.diffusion_model.)
-    /// used instead of the model folder's transformer/; its config is a config.json beside it, else the released
-    /// model its tensors' shapes are, else the folder's.
+    /// A single-file transformer checkpoint used instead of the model folder's transformer/: safetensors in the
+    /// official Wan layout or ComfyUI's (model.diffusion_model.), in f32/f16/bf16 or FP8 e4m3 (plain or scaled),
+    /// or a GGUF file (city96's: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_S, ...). FP8 and quantized weights stay compact
+    /// in memory. Its config is a config.json beside it, else the released model its tensors' shapes are, else the
+    /// folder's.
     #[arg(long = "transformer", value_name = "FILE")]
     pub transformer: Option<PathBuf>,
     /// The same for a two-expert model's low-noise expert (transformer_2/).
     #[arg(long = "transformer-2", value_name = "FILE")]
     pub transformer_2: Option<PathBuf>,
+    /// Quantize the transformer's dense (f32/f16/bf16) linear weights as they load, keeping only the compact form
+    /// in memory: q8_0 (8.5 bits a weight, closest to the original), q4_k (4.5 bits; layers whose width 256
+    /// doesn't divide get q8_0) or fp8 (e4m3 with a per-tensor scale). Each layer is dequantized to --dtype as it
+    /// runs.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<Quantization>,
 }
 
 /// LoRA adapters, merged into the weights as the model loads.
@@ -187,6 +195,7 @@ impl MemoryArgs {
             lora_allow_unmatched: self.loras.lora_allow_unmatched,
             transformer: self.files.transformer.clone(),
             transformer_2: self.files.transformer_2.clone(),
+            quantize: self.files.quantize,
         }
     }
 }

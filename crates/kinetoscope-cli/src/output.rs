@@ -258,6 +258,9 @@ fn write_sidecar(
             "experts": setup.pipeline.expert_placement(),
             // The LoRA adapters merged into the weights: file, sha256, scale, transformer, key layout.
             "loras": setup.pipeline.loras(),
+            // Each transformer's weights: the folder's, or a single file (its sha256 and tensor formats), and the
+            // format --quantize held them in.
+            "weights": setup.pipeline.weights(),
             "device": setup.device,
             "dtype": setup.dtype.as_str(),
             "text_encoder": setup.pipeline.text_encoder_placement(),

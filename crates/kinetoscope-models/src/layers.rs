@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::compact::{Compact, CompactWeight};
 use crate::lora::{Adapter, ScaledAdapter};
 
 /// Queries are processed in blocks so that the score matrix never holds more than this many elements
@@ -72,53 +73,90 @@ fn attention_in_blocks(
 }
 
 /// A linear layer `y = x·Wᵀ + b` that knows the name it was loaded under (`blocks.0.attn1.to_q`, the network's own
-/// name, which adapters are read against), so that [`Adapters`] find it at run time.
+/// name, which adapters are read against), so that [`Adapters`] find it at run time. Its weight is dense, or kept
+/// compact and dequantized as the layer runs ([`crate::compact`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: LinearWeight,
+    bias: Option<Tensor>,
     name: String,
+    /// The dtype it computes in: the weight's, or for a compact weight the `VarBuilder`'s it was loaded from.
+    dtype: DType,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Dense(Tensor),
+    Compact(CompactWeight),
 }
 
 impl Linear {
     /// `weight` `[out, in]` and `bias` `[out]` under `vb` (named by `vb`'s prefix: build the network from a
-    /// `VarBuilder` at its root, where adapters name its layers).
-    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    /// `VarBuilder` at its root, where adapters and compact weights name its layers); the weight from `compact`
+    /// when it holds this layer's.
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let name = vb.prefix();
-        Ok(Self { inner: candle_nn::linear(in_dim, out_dim, vb)?, name })
+        let weight = match compact.linear(&name, out_dim, in_dim, vb.device())? {
+            Some(weight) => LinearWeight::Compact(weight),
+            None => LinearWeight::Dense(vb.get((out_dim, in_dim), "weight")?),
+        };
+        Ok(Self { weight, bias: Some(vb.get(out_dim, "bias")?), name, dtype: vb.dtype() })
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Dense(weight) => weight.dims2(),
+            LinearWeight::Compact(weight) => weight.dims(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.weight {
+            LinearWeight::Dense(weight) => weight.device().clone(),
+            LinearWeight::Compact(weight) => weight.device(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The compact weight, if it is kept compact.
+    pub fn compact(&self) -> Option<&CompactWeight> {
+        match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Compact(weight) => Some(weight),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
     }
 
     /// `x` `[…, in]` → `[…, out]`, with what `adapters` change in this layer.
     pub fn forward(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
-        match adapters.layer(&self.name) {
-            None => self.inner.forward(x),
-            Some(adapted) => {
-                let y = adapted.product(x, self.weight())?;
-                match adapted.bias.as_ref().or(self.bias()) {
-                    Some(bias) => y.broadcast_add(bias),
-                    None => Ok(y),
-                }
-            }
+        let (y, bias) = self.forward_unbiased(x, adapters)?;
+        match bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
         }
     }
 
     /// [`Self::forward`] without the bias, and the bias to add (for a kernel that fuses the addition with what
     /// follows).
     pub fn forward_unbiased<'a>(&'a self, x: &Tensor, adapters: &'a Adapters) -> Result<(Tensor, Option<&'a Tensor>)> {
+        let product = match &self.weight {
+            LinearWeight::Dense(weight) => x.apply(&candle_nn::Linear::new(weight.clone(), None))?,
+            LinearWeight::Compact(weight) => x.apply(&candle_nn::Linear::new(weight.dequantize(self.dtype)?, None))?,
+        };
         match adapters.layer(&self.name) {
-            None => Ok((x.apply(&candle_nn::Linear::new(self.weight().clone(), None))?, self.bias())),
-            Some(adapted) => Ok((adapted.product(x, self.weight())?, adapted.bias.as_ref().or(self.bias()))),
+            None => Ok((product, self.bias())),
+            Some(adapted) => Ok((adapted.add_to(x, product)?, adapted.bias.as_ref().or(self.bias()))),
         }
     }
 }
@@ -137,9 +175,8 @@ struct AdaptedLinear {
 }
 
 impl AdaptedLinear {
-    /// `x·Wᵀ` plus the adapters' changes to it.
-    fn product(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let mut y = x.apply(&candle_nn::Linear::new(weight.clone(), None))?;
+    /// `y` (the layer's `x·Wᵀ`) plus the adapters' changes to it.
+    fn add_to(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
         if let Some((down, up)) = &self.pair {
             y = (y + x.apply(down)?.apply(up)?)?;
         }
@@ -307,14 +344,14 @@ fn prepare(adapter: &Adapter, layers: &HashMap<&str, &Linear>) -> Result<Prepare
         let Some(layer) = layer else {
             bail!("the adapter changes `{tensor}`, which is not the weight or bias of a layer that takes adapters at run time")
         };
-        let weight = layer.weight();
-        let (out_dim, in_dim) = weight.dims2()?;
+        let (out_dim, in_dim) = layer.dims()?;
+        let device = layer.device();
         let entry = prepared.entry(layer.name().to_string()).or_insert(PreparedLayer {
             pair: None,
             weight_delta: None,
             bias_delta: None,
         });
-        let delta = adapter.full_delta(tensor, weight.device())?;
+        let delta = adapter.full_delta(tensor, &device)?;
         let want: &[usize] = if tensor.ends_with(".weight") { &[out_dim, in_dim] } else { &[out_dim] };
         if let Some(delta) = delta.as_ref().filter(|delta| delta.dims() != want) {
             bail!("the adapter's delta of `{tensor}` is {:?}, which does not fit the layer's {want:?}", delta.dims())
@@ -331,12 +368,12 @@ fn prepare(adapter: &Adapter, layers: &HashMap<&str, &Linear>) -> Result<Prepare
                     "the adapter's pair for `{tensor}` (down {:?}, up {:?}) does not fit the layer's weight {:?}",
                     pair.down.dims(),
                     pair.up.dims(),
-                    weight.dims()
+                    (out_dim, in_dim)
                 )
             }
             entry.pair = Some(PreparedPair {
-                down: pair.down.to_device(weight.device())?.to_dtype(weight.dtype())?,
-                up: pair.up.to_device(weight.device())?,
+                down: pair.down.to_device(&device)?.to_dtype(layer.dtype())?,
+                up: pair.up.to_device(&device)?,
                 scale: pair.scale,
             });
         }
@@ -348,7 +385,7 @@ fn prepare(adapter: &Adapter, layers: &HashMap<&str, &Linear>) -> Result<Prepare
 /// `B` times its scales in f32 and rounded once to the layer's dtype; the weight deltas summed in f32; the bias
 /// deltas summed in f32 onto the layer's bias, in the order [`crate::lora::merged_var_builder`] sums them.
 fn combine(layer: &Linear, parts: &[(&PreparedLayer, f64)]) -> Result<AdaptedLinear> {
-    let dtype = layer.weight().dtype();
+    let dtype = layer.dtype();
     let (mut downs, mut ups) = (Vec::new(), Vec::new());
     let (mut weight_delta, mut bias): (Option<Tensor>, Option<Tensor>) = (None, None);
     let add = |sum: Option<Tensor>, delta: Tensor| match sum {
@@ -445,7 +482,10 @@ mod tests {
 
         /// The layers from `vb`, in `dtype`.
         fn layers(&self, vb: VarBuilder) -> [Linear; 2] {
-            [Linear::load(7, 5, vb.pp("a")).unwrap(), Linear::load(5, 3, vb.pp("b")).unwrap()]
+            [
+                Linear::load(7, 5, vb.pp("a"), &Compact::none()).unwrap(),
+                Linear::load(5, 3, vb.pp("b"), &Compact::none()).unwrap(),
+            ]
         }
 
         fn base(&self, dtype: DType) -> VarBuilder<'static> {
@@ -453,7 +493,7 @@ mod tests {
         }
 
         fn forward(&self, layers: &[Linear; 2], adapters: &Adapters) -> Tensor {
-            let x = self.x.to_dtype(layers[0].weight().dtype()).unwrap();
+            let x = self.x.to_dtype(layers[0].dtype()).unwrap();
             let h = layers[0].forward(&x, adapters).unwrap();
             layers[1].forward(&h, adapters).unwrap()
         }

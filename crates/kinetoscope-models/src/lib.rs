@@ -6,7 +6,9 @@
 //! Each model takes a `Config` deserialized from its `config.json` and a `VarBuilder` rooted at the
 //! component's weights; nothing here knows about folders, schedulers or the diffusion loop.
 
+pub mod checkpoint;
 pub mod clip;
+pub mod compact;
 pub mod layers;
 pub mod lora;
 pub mod umt5;

@@ -35,6 +35,8 @@ use candle_nn::{Init, VarBuilder};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
+use crate::compact::{Compact, CompactSource, CompactWeight, Delta};
+
 /// What one tensor of an adapter file is to the layer it changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -108,6 +110,11 @@ impl Targets {
         // truncated by another process meanwhile is undefined behaviour, which model folders (written once) don't see.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
         Ok(Self::new(st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec()))))
+    }
+
+    /// Every tensor's name and shape.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.shapes.iter().map(|(name, dims)| (name.as_str(), dims.as_slice()))
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
@@ -608,6 +615,40 @@ pub struct ScaledAdapter {
 pub fn merged_var_builder(base: VarBuilder<'static>, adapters: Vec<ScaledAdapter>) -> VarBuilder<'static> {
     let (dtype, device) = (base.dtype(), base.device().clone());
     VarBuilder::from_backend(Box::new(Merged { base, adapters }), dtype, device)
+}
+
+/// `compact` with `adapters` merged into its weights as they are dequantized
+/// ([`crate::compact::CompactWeight::Patched`]): the compact layers' part of what [`merged_var_builder`] does for
+/// the dense tensors, so that a network loaded from both takes every adapter once.
+pub fn merged_compact(compact: Compact, adapters: Vec<ScaledAdapter>) -> Compact {
+    if adapters.is_empty() {
+        return compact;
+    }
+    Compact::new(MergedCompact { compact, adapters })
+}
+
+struct MergedCompact {
+    compact: Compact,
+    adapters: Vec<ScaledAdapter>,
+}
+
+impl CompactSource for MergedCompact {
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize, device: &Device) -> Result<Option<CompactWeight>> {
+        let Some(base) = self.compact.linear(name, out_dim, in_dim, device)? else { return Ok(None) };
+        let weight = format!("{name}.weight");
+        let f32_on = |t: &Tensor| t.to_device(device)?.to_dtype(DType::F32);
+        let mut deltas = Vec::new();
+        for ScaledAdapter { adapter, scale } in &self.adapters {
+            if let Some(pair) = adapter.low_rank(&weight) {
+                let up = (f32_on(pair.up)? * (pair.scale * scale))?;
+                deltas.push(Delta::LowRank { up, down: f32_on(pair.down)? });
+            }
+            if let Some(full) = adapter.full_delta(&weight, device)? {
+                deltas.push(Delta::Full((full * *scale)?));
+            }
+        }
+        Ok(Some(if deltas.is_empty() { base } else { CompactWeight::Patched { base: Box::new(base), deltas } }))
+    }
 }
 
 struct Merged {

@@ -33,7 +33,7 @@ fn check_file(model: &str, file: &str, prefixed: bool, round: fn(&Tensor) -> Res
     ensure!(single.variant()?.is_none(), "{file}: tiny shapes taken for a released variant");
     ensure!(single.config(Some(&cfg))? == cfg, "{file}: config changed");
     let shapes = single.shapes().clone();
-    let vb = single.into_var_builder(DType::F32, &Device::Cpu);
+    let vb = single.into_weights(DType::F32, &Device::Cpu).0;
     for (name, dims) in &shapes {
         let (got, want) = (vb.get(dims.as_slice(), name)?, folder.get(dims.as_slice(), name)?);
         ensure!(max_abs(&got, &round(&want)?)? == 0.0, "{file}: `{name}` differs from the folder's");

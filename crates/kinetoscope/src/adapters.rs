@@ -1,7 +1,8 @@
 //! LoRA adapters merged into a transformer's weights as it loads: read once per file against the component's
 //! tensors (every format diffusers reads for Wan, see `kinetoscope_models::wan::lora`), then summed into each
 //! weight they change as the network is built, so a step costs what it costs without them. A swapped expert is
-//! rebuilt from the same adapters, never re-read.
+//! rebuilt from the same adapters, never re-read. A linear weight kept compact (FP8, GGUF, quantized on load) takes
+//! them too: quantized on load, after they are merged; stored compact, merged as it is dequantized each step.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use kinetoscope_models::lora::{merged_var_builder, Adapter, ReadOptions, ScaledAdapter, Targets};
+use kinetoscope_models::compact::{Compact, Quantization, QuantizeOnLoad};
+use kinetoscope_models::lora::{merged_compact, merged_var_builder, Adapter, ReadOptions, ScaledAdapter, Targets};
 use kinetoscope_models::wan::lora::read_adapter;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -79,19 +81,40 @@ pub(crate) fn read_one(path: &Path, targets: &Targets, allow_unmatched: bool) ->
     Ok(adapter)
 }
 
-/// A `VarBuilder` over `source`'s weights with `adapters` merged in (the weights alone without any).
-pub(crate) fn var_builder(
+/// `source`'s weights with `adapters` merged in (the weights alone without any): a `VarBuilder` over the dense
+/// tensors, and the linear weights kept compact, the file's FP8 or GGUF ones or every one quantized as it loads
+/// (`quantize`), with the adapters merged into them as they are dequantized.
+pub(crate) fn weights(
     dir: &ModelDir,
     source: &TransformerSource,
     dtype: DType,
     device: &Device,
     adapters: &[ScaledAdapter],
-) -> Result<VarBuilder<'static>> {
-    let base = source.var_builder(dir, dtype, device)?;
-    Ok(if adapters.is_empty() { base } else { merged_var_builder(base, adapters.to_vec()) })
+    quantize: Option<Quantization>,
+) -> Result<(VarBuilder<'static>, Compact)> {
+    let (base, stored_compact) = source.weights(dir, dtype, device)?;
+    let vb = if adapters.is_empty() { base } else { merged_var_builder(base, adapters.to_vec()) };
+    let compact = match (stored_compact, quantize) {
+        (None, None) => Compact::none(),
+        // Quantized from the merged weights: adapters cost nothing per step.
+        (None, Some(quantize)) => Compact::new(QuantizeOnLoad::new(vb.clone(), quantize)),
+        (Some(compact), None) => merged_compact(compact, adapters.to_vec()),
+        (Some(_), Some(quantize)) => {
+            return Err(Error::InvalidRequest {
+                field: "quantize",
+                reason: format!(
+                    "{} is already stored compact ({}); --quantize {quantize} is for dense (f32/f16/bf16) weights",
+                    source.file.as_deref().unwrap_or(&dir.component(source.component)).display(),
+                    source.format()?
+                ),
+            })
+        }
+    };
+    Ok((vb, compact))
 }
 
-fn sha256_of(path: &Path) -> Result<String> {
+/// `path`'s sha256, hex.
+pub(crate) fn sha256_of(path: &Path) -> Result<String> {
     let io = |source| Error::Io { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let (mut hasher, mut buffer) = (Sha256::new(), vec![0u8; 1 << 20]);

@@ -39,6 +39,7 @@ pub use edit::{
 pub use error::{Error, Result};
 pub use image_to_video::ImageRequest;
 pub use input_video::InputVideo;
+pub use kinetoscope_models::compact::Quantization;
 pub use kinetoscope_models::wan::vae::Tiling;
 pub use memory::WorkingMemory;
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
@@ -50,3 +51,4 @@ pub use request::{
     ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, MemoryLimit, Progress, Timings, VaeTiling, Video,
 };
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};
+pub use weights::TransformerWeights;

@@ -23,7 +23,7 @@ use crate::noise;
 use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
-use crate::weights::TransformerSource;
+use crate::weights::{TransformerSource, TransformerWeights};
 
 pub struct Pipeline {
     identity: ModelIdentity,
@@ -39,6 +39,8 @@ pub struct Pipeline {
     memory: MemoryBudget,
     shape: ModelShape,
     loras: Vec<AppliedLora>,
+    /// Each transformer's weights as loaded, for the sidecar.
+    weights: Vec<TransformerWeights>,
     /// The folder, and where each transformer's weights come from: what run-time adapters are read against.
     dir: ModelDir,
     sources: Vec<TransformerSource>,
@@ -204,6 +206,10 @@ impl Pipeline {
         );
         let shape = ModelShape::of(&configs[0], &vae_config, &scheduler_config, &index);
         let boundary = index.boundary_ratio.map(|ratio| ratio * scheduler_config.num_train_timesteps as f64);
+        let weights = sources
+            .iter()
+            .map(|source| TransformerWeights::of(source, options.quantize))
+            .collect::<Result<Vec<_>>>()?;
         let (experts, loras) = load_experts(dir, &sources, configs, options)?;
         let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());
         Ok(Pipeline {
@@ -219,6 +225,7 @@ impl Pipeline {
             memory,
             shape,
             loras,
+            weights,
             dir: dir.clone(),
             sources,
             lora_allow_unmatched: options.lora_allow_unmatched,
@@ -262,6 +269,12 @@ impl Pipeline {
             [_, _] => Some(ExpertPlacement::Resident),
             _ => None,
         }
+    }
+
+    /// Where each transformer's weights came from and how they are held ([`LoadOptions::transformer`],
+    /// [`LoadOptions::quantize`]).
+    pub fn weights(&self) -> &[TransformerWeights] {
+        &self.weights
     }
 
     /// The LoRA adapters merged into the transformers' weights ([`LoadOptions::loras`]).
@@ -602,10 +615,10 @@ fn load_experts(
         let (adapters, read) = crate::adapters::read(dir, source, &options.loras, options.lora_allow_unmatched)?;
         applied.extend(read);
         let (dir, source, config) = (dir.clone(), source.clone(), config.clone());
-        let (dtype, device) = (options.dtype, options.device.clone());
+        let (dtype, device, quantize) = (options.dtype, options.device.clone(), options.quantize);
         Ok(Box::new(move || {
-            let vb = crate::adapters::var_builder(&dir, &source, dtype, &device, &adapters)?;
-            WanTransformer3DModel::new(&config, vb).map_err(|e| Error::Weights {
+            let (vb, compact) = crate::adapters::weights(&dir, &source, dtype, &device, &adapters, quantize)?;
+            WanTransformer3DModel::with_compact(&config, vb, &compact).map_err(|e| Error::Weights {
                 component: source.component,
                 path: source.file.clone().unwrap_or_else(|| dir.component(source.component)),
                 reason: e.to_string(),
@@ -627,7 +640,7 @@ fn load_experts(
     let swap = match options.experts {
         ExpertPlacement::Resident => false,
         placement => {
-            let weight_bytes = second.parameters(dir, &second_config)? * options.dtype.size_in_bytes() as u64;
+            let weight_bytes = second.weight_bytes(dir, &second_config, options.dtype, options.quantize)?;
             placement == ExpertPlacement::Swap
                 || !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
         }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use candle_core::{DType, Device};
+use kinetoscope_models::compact::Quantization;
 use kinetoscope_models::wan::vae;
 use serde::Serialize;
 
@@ -40,6 +41,10 @@ pub struct LoadOptions {
     pub transformer: Option<PathBuf>,
     /// The same for a two-expert model's low-noise expert (`transformer_2/`).
     pub transformer_2: Option<PathBuf>,
+    /// Quantize the transformers' dense linear weights as they load (Q8_0, Q4_K or FP8), keeping only the compact
+    /// form in memory; each layer is dequantized to `dtype` as it runs. Files that are already FP8 or GGUF are
+    /// kept as they are stored, without this.
+    pub quantize: Option<Quantization>,
 }
 
 /// A LoRA adapter file and its scale, for one of the model's transformers.
@@ -83,6 +88,7 @@ impl Default for LoadOptions {
             lora_allow_unmatched: false,
             transformer: None,
             transformer_2: None,
+            quantize: None,
         }
     }
 }

@@ -1,18 +1,50 @@
 //! Where a transformer's weights come from: its folder in the model (diffusers layout, single or sharded
 //! safetensors), or a single-file checkpoint in the official Wan or ComfyUI layout that stands in for it
-//! (`LoadOptions::transformer` and `transformer_2`, the CLI's `--transformer`), read through `kinetoscope_models::wan::single_file`
-//! under the folder's names. Either way the network is built by the same code.
+//! (`LoadOptions::transformer` and `transformer_2`, the CLI's `--transformer`): safetensors in f32/f16/bf16 or FP8,
+//! or GGUF, read through `kinetoscope_models::wan::single_file` under the folder's names. FP8 and quantized linear
+//! weights stay compact (`kinetoscope_models::compact`), as do dense ones quantized on load
+//! (`LoadOptions::quantize`). Either way the network is built by the same code.
 
 use std::path::PathBuf;
 
+use serde::Serialize;
+
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use kinetoscope_models::compact::{Compact, Quantization};
 use kinetoscope_models::lora::Targets;
 use kinetoscope_models::wan::single_file::{sibling_config, SingleFile};
 use kinetoscope_models::wan::transformer;
 
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
+
+/// A transformer's weights as the pipeline loaded them, for the sidecar.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransformerWeights {
+    /// `transformer`, or a two-expert model's `transformer_2`.
+    pub component: &'static str,
+    /// The single file that stood in for the folder's network; `None`: the folder's own.
+    pub file: Option<PathBuf>,
+    /// The file's sha256 (hex); `None` for the folder (its configs' hashes are the model identity's).
+    pub sha256: Option<String>,
+    /// What it stores: `diffusers folder`, or the file's tensor formats and counts (`Q4_K ×400, F32 ×615`).
+    pub format: String,
+    /// The format dense linear weights were quantized to as they loaded (`--quantize`).
+    pub quantized_on_load: Option<String>,
+}
+
+impl TransformerWeights {
+    pub(crate) fn of(source: &TransformerSource, quantize: Option<Quantization>) -> Result<Self> {
+        Ok(Self {
+            component: source.component,
+            file: source.file.clone(),
+            sha256: source.file.as_deref().map(crate::adapters::sha256_of).transpose()?,
+            format: source.format()?,
+            quantized_on_load: quantize.map(|q| q.name().to_string()),
+        })
+    }
+}
 
 /// A transformer of the model (`transformer`, or a two-expert model's `transformer_2`) and the file that
 /// replaces its folder, if any.
@@ -40,11 +72,30 @@ impl TransformerSource {
         })
     }
 
-    /// A `VarBuilder` over its weights under the diffusers names the network reads.
-    pub(crate) fn var_builder(&self, dir: &ModelDir, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    /// A `VarBuilder` over its weights under the diffusers names the network reads, and, for a file that stores
+    /// linear weights FP8 or quantized (GGUF), those weights kept compact.
+    pub(crate) fn weights(
+        &self,
+        dir: &ModelDir,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, Option<Compact>)> {
         match &self.file {
-            None => dir.var_builder(self.component, dtype, device),
-            Some(path) => Ok(self.open(path)?.into_var_builder(dtype, device)),
+            None => Ok((dir.var_builder(self.component, dtype, device)?, None)),
+            Some(path) => {
+                let file = self.open(path)?;
+                let compact = file.is_compact();
+                let (vb, weights) = file.into_weights(dtype, device);
+                Ok((vb, compact.then_some(weights)))
+            }
+        }
+    }
+
+    /// What it stores: `diffusers folder`, or the file's tensor formats (`Q4_K ×400, F32 ×615`).
+    pub(crate) fn format(&self) -> Result<String> {
+        match &self.file {
+            None => Ok("diffusers folder".into()),
+            Some(path) => Ok(self.open(path)?.format_summary()),
         }
     }
 
@@ -68,12 +119,42 @@ impl TransformerSource {
         }
     }
 
-    /// Its parameters, from the files' headers.
-    pub(crate) fn parameters(&self, dir: &ModelDir, config: &transformer::Config) -> Result<u64> {
+    /// The bytes its weights take on the device computing in `dtype`, from the files' headers: FP8 and quantized
+    /// linear weights at their stored size, or at the size `quantize` gives them, everything else in `dtype`.
+    pub(crate) fn weight_bytes(
+        &self,
+        dir: &ModelDir,
+        config: &transformer::Config,
+        dtype: DType,
+        quantize: Option<Quantization>,
+    ) -> Result<u64> {
+        let dense = |dims: &[usize]| (dims.iter().product::<usize>() * dtype.size_in_bytes()) as u64;
+        let sized = |name: &str, dims: &[usize]| match (quantize, dims) {
+            (Some(quantize), &[out_dim, in_dim]) if name.ends_with(".weight") => {
+                quantize.bytes(out_dim, in_dim).unwrap_or_else(|| dense(dims))
+            }
+            _ => dense(dims),
+        };
         match &self.file {
-            None => Ok(crate::registry::check_transformer_weights(dir, self.component, config)?.parameters),
+            None => {
+                crate::registry::check_transformer_weights(dir, self.component, config)?;
+                let targets = self.targets(dir)?;
+                Ok(targets.iter().map(|(name, dims)| sized(name, dims)).sum())
+            }
             Some(path) => {
-                Ok(self.open(path)?.shapes().values().map(|shape| shape.iter().product::<usize>() as u64).sum())
+                let file = self.open(path)?;
+                Ok(file
+                    .stored()
+                    .map(
+                        |(name, stored)| {
+                            if stored.format.is_compact() {
+                                stored.bytes
+                            } else {
+                                sized(name, &stored.dims)
+                            }
+                        },
+                    )
+                    .sum())
             }
         }
     }

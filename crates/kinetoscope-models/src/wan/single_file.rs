@@ -1,4 +1,5 @@
-//! Wan transformers from one safetensors file in the official Wan layout (the Wan repository's names,
+//! Wan transformers from one checkpoint file (safetensors in f32/f16/bf16 or FP8, or GGUF: see [`crate::checkpoint`])
+//! in the official Wan layout (the Wan repository's names,
 //! `blocks.0.self_attn.q.weight`, `head.modulation`, …, maybe behind ComfyUI's `model.diffusion_model.`), read as
 //! diffusers' `WanTransformer3DModel.from_single_file` reads them, and served under the transformer's own names so
 //! that [`WanTransformer3DModel::new`] loads them unchanged.
@@ -16,7 +17,7 @@
 //! the others, another component's (a ComfyUI checkpoint may carry the VAE and the text encoder), are left out and
 //! listed by [`SingleFile::ignored`], as diffusers leaves them out. Unlike diffusers, which warns of keys it does not
 //! know and goes on, a transformer key outside the table is refused: it is a part this model would silently lack
-//! (VACE's `vace_blocks`, Animate's `motion_encoder`, a scaled-FP8 file's scales).
+//! (VACE's `vace_blocks`, Animate's `motion_encoder`).
 //!
 //! **Config.** The head count is in no tensor (the RMSNorms and projections are all `[width]` or `[width, width]`), so
 //! diffusers takes a released model's config: its `infer_diffusers_model_type` looks at `patch_embedding.weight`
@@ -29,42 +30,31 @@
 //! chosen, must account for every tensor of the file with its shape, and the file for every tensor the config's
 //! model reads ([`check_config`]).
 //!
-//! **Untrusted files.** The header is bounded ([`Limits`]) before it is parsed, tensors must be floating point, and
-//! every error names the file and the tensor.
+//! **Compact weights.** Linear weights stored FP8 or quantized are served compact ([`SingleFile::into_weights`]'s
+//! [`Compact`]) and dequantized by their layers as they run; every other tensor is read dense.
+//!
+//! **Untrusted files.** The header is bounded ([`Limits`]) before it is parsed, tensors must be floating point, FP8
+//! or a ggml type, and every error names the file and the tensor.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::original_names::{tensor_to_diffusers, tensor_to_original};
 use super::transformer::{Config, WanTransformer3DModel};
+use crate::checkpoint::{Checkpoint, Stored};
+use crate::compact::{Compact, CompactSource, CompactWeight};
 use crate::lora::Targets;
 
 /// The prefix ComfyUI saves a checkpoint's diffusion model under.
 pub const COMFYUI_PREFIX: &str = "model.diffusion_model.";
 
-/// Bounds on an untrusted checkpoint, checked before its header is parsed.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_header_bytes: u64,
-    pub max_tensors: usize,
-}
-
-impl Default for Limits {
-    /// 16 MiB and 100 000 tensors: a 14B Wan transformer has 1 015 tensors (1 303 for I2V) and a header of about
-    /// 150 KB, a ComfyUI checkpoint with its text encoder and VAE about twice that.
-    fn default() -> Self {
-        Self { max_header_bytes: 16 << 20, max_tensors: 100_000 }
-    }
-}
+pub use crate::checkpoint::Limits;
 
 /// A released Wan transformer: its name and the registry manifest (`models/registry/`) whose
 /// `configs.transformer` is its config (diffusers' `config.json`).
@@ -323,11 +313,11 @@ pub fn config_from_shapes(shapes: &HashMap<String, Vec<usize>>) -> Result<Config
     Ok(cfg)
 }
 
-/// One checkpoint file in the official layout, its header read and its names mapped; the data stays memory-mapped
-/// until [`Self::into_var_builder`]'s tensors are asked for.
+/// One checkpoint file in the official layout (safetensors, FP8 or GGUF; see [`crate::checkpoint`]), its header
+/// read and its names mapped; the data is read as [`Self::into_weights`]' tensors are asked for.
 pub struct SingleFile {
     path: PathBuf,
-    st: MmapedSafetensors,
+    checkpoint: Arc<Checkpoint>,
     /// The transformer's name → the file's key.
     keys: HashMap<String, String>,
     /// The transformer's name → shape.
@@ -353,29 +343,11 @@ fn hint(unknown: &[&str]) -> &'static str {
         " (a VACE transformer, which is not supported)"
     } else if unknown.iter().any(|k| k.starts_with("motion_encoder.") || k.starts_with("face_adapter.")) {
         " (a Wan Animate transformer, which is not supported)"
-    } else if unknown.iter().any(|k| k.ends_with("scale_weight") || *k == "scaled_fp8") {
-        " (a scaled-FP8 checkpoint, which is not supported)"
     } else if unknown.iter().all(|k| tensor_to_original(k).is_some()) {
         " (diffusers' names: load the diffusers folder instead)"
     } else {
         ""
     }
-}
-
-/// Reads the 8-byte header length and checks it against the file's size and `limits` before anything is parsed.
-fn check_header(path: &Path, limits: &Limits) -> Result<()> {
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix).map_err(|_| Error::Msg(format!("not a safetensors file: {len} bytes")))?;
-    let header = u64::from_le_bytes(prefix);
-    if header > limits.max_header_bytes {
-        bail!("its header is {header} bytes, over the limit of {}", limits.max_header_bytes)
-    }
-    if header > len - 8 {
-        bail!("not a safetensors file: a header of {header} bytes in a file of {len}")
-    }
-    Ok(())
 }
 
 impl SingleFile {
@@ -392,19 +364,12 @@ impl SingleFile {
     }
 
     fn open_inner(path: &Path, limits: &Limits) -> Result<Self> {
-        check_header(path, limits)?;
-        // SAFETY: the file is mapped read-only; one truncated by another process meanwhile is undefined behaviour,
-        // which checkpoint files (written once) don't see.
-        let st = unsafe { MmapedSafetensors::new(path) }
-            .map_err(|e| Error::Msg(format!("not a valid safetensors file: {e}")))?;
-        let tensors = st.tensors();
-        if tensors.len() > limits.max_tensors {
-            bail!("it has {} tensors, over the limit of {}", tensors.len(), limits.max_tensors)
-        }
-        let prefixed = tensors.iter().any(|(key, _)| key.starts_with(COMFYUI_PREFIX));
+        let checkpoint = Checkpoint::open(path, limits)?;
+        let tensors = checkpoint.tensors();
+        let prefixed = tensors.keys().any(|key| key.starts_with(COMFYUI_PREFIX));
         let (mut keys, mut shapes) = (HashMap::new(), HashMap::new());
-        let (mut ignored, mut unknown) = (Vec::new(), Vec::new());
-        for (key, view) in &tensors {
+        let (mut ignored, mut unknown) = (checkpoint.ignored().to_vec(), Vec::new());
+        for (key, stored) in tensors {
             let name = if prefixed {
                 match key.strip_prefix(COMFYUI_PREFIX) {
                     Some(name) => name,
@@ -420,14 +385,7 @@ impl SingleFile {
                 unknown.push(name);
                 continue;
             };
-            let dtype = view.dtype();
-            if !matches!(
-                dtype,
-                safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32 | safetensors::Dtype::F64
-            ) {
-                bail!("`{key}` is {dtype:?}; the Wan transformer's tensors must be F16, BF16, F32 or F64")
-            }
-            shapes.insert(ours.clone(), view.shape().to_vec());
+            shapes.insert(ours.clone(), stored.dims.clone());
             keys.insert(ours, key.clone());
         }
         if !unknown.is_empty() {
@@ -439,9 +397,8 @@ impl SingleFile {
                 listed(unknown.iter().copied(), 8)
             )
         }
-        drop(tensors);
         ignored.sort_unstable();
-        Ok(Self { path: path.to_path_buf(), st, keys, shapes, prefixed, ignored })
+        Ok(Self { path: path.to_path_buf(), checkpoint, keys, shapes, prefixed, ignored })
     }
 
     pub fn path(&self) -> &Path {
@@ -453,7 +410,8 @@ impl SingleFile {
         self.prefixed
     }
 
-    /// The keys left out as another component's: those outside [`COMFYUI_PREFIX`] in a file that uses it.
+    /// The keys left out: another component's (those outside [`COMFYUI_PREFIX`] in a file that uses it), and
+    /// scaled FP8's marker and input scales.
     pub fn ignored(&self) -> &[String] {
         &self.ignored
     }
@@ -483,12 +441,30 @@ impl SingleFile {
         .map_err(|e| self.context(e))
     }
 
-    /// A `VarBuilder` serving the file's tensors under the transformer's names, converted to `dtype` (or to the
-    /// dtype the model asks for) on `device` as they are read; for [`WanTransformer3DModel::new`], alone or under
+    /// The transformer's tensors by its own names, as the file stores them.
+    pub fn stored(&self) -> impl Iterator<Item = (&str, &Stored)> {
+        self.keys.iter().map(|(name, key)| (name.as_str(), &self.checkpoint.tensors()[key]))
+    }
+
+    /// Its tensors' formats: `Q4_K ×400, F32 ×615`.
+    pub fn format_summary(&self) -> String {
+        self.checkpoint.format_summary()
+    }
+
+    /// Whether some linear weights are stored compact (FP8 or quantized), kept so by [`Self::into_weights`].
+    pub fn is_compact(&self) -> bool {
+        self.checkpoint.tensors().values().any(|stored| stored.format.is_compact())
+    }
+
+    /// A `VarBuilder` serving the file's tensors under the transformer's names, dense, converted to `dtype` (or to
+    /// the dtype the model asks for) on `device` as they are read; and the linear weights stored FP8 or quantized,
+    /// kept compact. For [`WanTransformer3DModel::with_compact`], alone or under
     /// [`crate::lora::merged_var_builder`].
-    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let backend = Renamed { path: self.path, st: self.st, keys: self.keys, shapes: self.shapes };
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    pub fn into_weights(self, dtype: DType, device: &Device) -> (VarBuilder<'static>, Compact) {
+        let renamed =
+            Arc::new(Renamed { path: self.path, checkpoint: self.checkpoint, keys: self.keys, shapes: self.shapes });
+        let compact = Compact::new(RenamedCompact(renamed.clone()));
+        (VarBuilder::from_backend(Box::new(RenamedBackend(renamed)), dtype, device.clone()), compact)
     }
 
     fn context(&self, e: Error) -> Error {
@@ -499,7 +475,7 @@ impl SingleFile {
 /// The file's tensors under the transformer's names.
 struct Renamed {
     path: PathBuf,
-    st: MmapedSafetensors,
+    checkpoint: Arc<Checkpoint>,
     keys: HashMap<String, String>,
     shapes: HashMap<String, Vec<usize>>,
 }
@@ -514,16 +490,35 @@ impl Renamed {
             ))
         })
     }
+
+    fn reading<'a>(&'a self, key: &'a str) -> impl Fn(Error) -> Error + 'a {
+        move |e| Error::Msg(format!("Wan transformer single file {}: reading `{key}`: {e}", self.path.display()))
+    }
 }
 
-impl SimpleBackend for Renamed {
+/// The file's linear weights stored FP8 or quantized, by the transformer's layer names.
+struct RenamedCompact(Arc<Renamed>);
+
+impl CompactSource for RenamedCompact {
+    fn linear(&self, name: &str, _out_dim: usize, _in_dim: usize, device: &Device) -> Result<Option<CompactWeight>> {
+        let renamed = &self.0;
+        let weight = format!("{name}.weight");
+        let Some(key) = renamed.keys.get(&weight) else { return Ok(None) };
+        renamed.checkpoint.compact(key, device).map_err(renamed.reading(key))
+    }
+}
+
+/// [`Renamed`] as the `VarBuilder`'s backend (shared with [`RenamedCompact`]).
+struct RenamedBackend(Arc<Renamed>);
+
+impl SimpleBackend for RenamedBackend {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let key = self.key(name)?;
-        let dims = &self.shapes[name];
+        let (renamed, key) = (&self.0, self.0.key(name)?);
+        let dims = &renamed.shapes[name];
         if dims.as_slice() != s.dims() {
             bail!(
                 "Wan transformer single file {}: `{key}` has shape {dims:?}, where the transformer's `{name}` is {:?}",
-                self.path.display(),
+                renamed.path.display(),
                 s.dims()
             )
         }
@@ -531,14 +526,12 @@ impl SimpleBackend for Renamed {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let key = self.key(name)?;
-        self.st.load(key, dev)?.to_dtype(dtype).map_err(|e| {
-            Error::Msg(format!("Wan transformer single file {}: reading `{key}`: {e}", self.path.display()))
-        })
+        let (renamed, key) = (&self.0, self.0.key(name)?);
+        renamed.checkpoint.dense(key, dtype, dev).map_err(renamed.reading(key))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.keys.contains_key(name)
+        self.0.keys.contains_key(name)
     }
 }
 
@@ -561,14 +554,15 @@ pub fn load(
     config: Option<&Config>,
     dtype: DType,
     device: &Device,
-) -> Result<(Config, VarBuilder<'static>)> {
+) -> Result<(Config, VarBuilder<'static>, Compact)> {
     let file = SingleFile::open(path)?;
     let sibling = match config {
         Some(_) => None,
         None => sibling_config(path)?,
     };
     let config = file.config(config.or(sibling.as_ref()))?;
-    Ok((config, file.into_var_builder(dtype, device)))
+    let (vb, compact) = file.into_weights(dtype, device);
+    Ok((config, vb, compact))
 }
 
 #[cfg(test)]
@@ -767,7 +761,7 @@ mod tests {
         );
         let cfg = file.config(Some(&tiny_i2v()))?;
         let want = tensors.iter().find(|(k, _)| k.ends_with("blocks.1.norm3.weight")).unwrap().1.clone();
-        let vb = file.into_var_builder(DType::F32, &Device::Cpu);
+        let vb = file.into_weights(DType::F32, &Device::Cpu).0;
         let got = vb.get(64, "blocks.1.norm2.weight")?;
         assert_eq!(got.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
         WanTransformer3DModel::new(&cfg, vb)?;
@@ -820,11 +814,11 @@ mod tests {
         let lying = dir.path().join("lying.safetensors");
         std::fs::write(&lying, &bytes).unwrap();
         let msg = SingleFile::open(&lying).unwrap_err().to_string();
-        assert!(msg.contains("lying.safetensors") && msg.contains("not a safetensors file"), "{msg}");
+        assert!(msg.contains("lying.safetensors") && msg.contains("not a safetensors or GGUF file"), "{msg}");
         let short = dir.path().join("short.safetensors");
         std::fs::write(&short, [1, 2, 3]).unwrap();
         let msg = SingleFile::open(&short).unwrap_err().to_string();
-        assert!(msg.contains("not a safetensors file: 3 bytes"), "{msg}");
+        assert!(msg.contains("not a safetensors or GGUF file: 3 bytes"), "{msg}");
         Ok(())
     }
 
@@ -833,7 +827,7 @@ mod tests {
     fn a_misshapen_tensor_is_named_when_read() -> Result<()> {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "tiny.safetensors", &official_tensors(COMFYUI_PREFIX)?);
-        let vb = SingleFile::open(&path)?.into_var_builder(DType::F32, &Device::Cpu);
+        let vb = SingleFile::open(&path)?.into_weights(DType::F32, &Device::Cpu).0;
         let msg = vb.get((1, 2, 32), "scale_shift_table").unwrap_err().to_string();
         let want = "`model.diffusion_model.head.modulation` has shape [1, 2, 64], where the transformer's \
                     `scale_shift_table` is [1, 2, 32]";
@@ -857,7 +851,7 @@ mod tests {
                 "num_layers": 2, "image_dim": 24, "added_kv_proj_dim": 64}"#,
         )
         .unwrap();
-        let (cfg, _) = load(&path, None, DType::F32, &Device::Cpu)?;
+        let (cfg, _, _) = load(&path, None, DType::F32, &Device::Cpu)?;
         assert_eq!(cfg, tiny_i2v());
         Ok(())
     }

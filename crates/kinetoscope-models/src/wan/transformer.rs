@@ -31,6 +31,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::compact::Compact;
 use crate::layers::{attention, AdapterCache, Adapters, Linear};
 use crate::lora::ScaledAdapter;
 
@@ -339,21 +340,21 @@ struct ImageKeyValues {
 
 impl Attention {
     /// With `image_kv`, also the image tokens' key/value projections (`added_kv_proj_dim` wide).
-    fn new(cfg: &Config, image_kv: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, image_kv: bool, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let dim = cfg.inner_dim();
         let image = match cfg.added_kv_proj_dim {
             Some(kv_dim) if image_kv => Some(ImageKeyValues {
-                add_k_proj: Linear::load(kv_dim, dim, vb.pp("add_k_proj"))?,
-                add_v_proj: Linear::load(kv_dim, dim, vb.pp("add_v_proj"))?,
+                add_k_proj: Linear::load(kv_dim, dim, vb.pp("add_k_proj"), compact)?,
+                add_v_proj: Linear::load(kv_dim, dim, vb.pp("add_v_proj"), compact)?,
                 norm_added_k: vb.pp("norm_added_k").get(dim, "weight")?,
             }),
             _ => None,
         };
         Ok(Self {
-            to_q: Linear::load(dim, dim, vb.pp("to_q"))?,
-            to_k: Linear::load(dim, dim, vb.pp("to_k"))?,
-            to_v: Linear::load(dim, dim, vb.pp("to_v"))?,
-            to_out: Linear::load(dim, dim, vb.pp("to_out").pp(0))?,
+            to_q: Linear::load(dim, dim, vb.pp("to_q"), compact)?,
+            to_k: Linear::load(dim, dim, vb.pp("to_k"), compact)?,
+            to_v: Linear::load(dim, dim, vb.pp("to_v"), compact)?,
+            to_out: Linear::load(dim, dim, vb.pp("to_out").pp(0), compact)?,
             norm_q: vb.pp("norm_q").get(dim, "weight")?,
             norm_k: vb.pp("norm_k").get(dim, "weight")?,
             image,
@@ -430,11 +431,11 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            proj: Linear::load(dim, cfg.ffn_dim, vb.pp("net").pp(0).pp("proj"))?,
-            out: Linear::load(cfg.ffn_dim, dim, vb.pp("net").pp(2))?,
+            proj: Linear::load(dim, cfg.ffn_dim, vb.pp("net").pp(0).pp("proj"), compact)?,
+            out: Linear::load(cfg.ffn_dim, dim, vb.pp("net").pp(2), compact)?,
         })
     }
 
@@ -484,14 +485,14 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let dim = cfg.inner_dim();
         let norm2 = if cfg.cross_attn_norm { Some(AffineLayerNorm::new(dim, cfg.eps, vb.pp("norm2"))?) } else { None };
         Ok(Self {
-            attn1: Attention::new(cfg, false, vb.pp("attn1"))?,
-            attn2: Attention::new(cfg, true, vb.pp("attn2"))?,
+            attn1: Attention::new(cfg, false, vb.pp("attn1"), compact)?,
+            attn2: Attention::new(cfg, true, vb.pp("attn2"), compact)?,
             norm2,
-            ffn: FeedForward::new(cfg, vb.pp("ffn"))?,
+            ffn: FeedForward::new(cfg, vb.pp("ffn"), compact)?,
             scale_shift_table: vb.to_dtype(DType::F32).get((1, 6, dim), "scale_shift_table")?.unsqueeze(0)?,
             eps: cfg.eps,
         })
@@ -546,23 +547,23 @@ struct ConditionEmbedder {
 }
 
 impl ConditionEmbedder {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let dim = cfg.inner_dim();
         let time = vb.pp("time_embedder").to_dtype(DType::F32);
         let text = vb.pp("text_embedder");
         let image_embedder = match cfg.image_dim {
             Some(image_dim) => {
-                Some(ImageEmbedder::new(image_dim, dim, cfg.pos_embed_seq_len, vb.pp("image_embedder"))?)
+                Some(ImageEmbedder::new(image_dim, dim, cfg.pos_embed_seq_len, vb.pp("image_embedder"), compact)?)
             }
             None => None,
         };
         Ok(Self {
             freq_dim: cfg.freq_dim,
-            time_linear_1: Linear::load(cfg.freq_dim, dim, time.pp("linear_1"))?,
-            time_linear_2: Linear::load(dim, dim, time.pp("linear_2"))?,
-            time_proj: Linear::load(dim, 6 * dim, vb.pp("time_proj"))?,
-            text_linear_1: Linear::load(cfg.text_dim, dim, text.pp("linear_1"))?,
-            text_linear_2: Linear::load(dim, dim, text.pp("linear_2"))?,
+            time_linear_1: Linear::load(cfg.freq_dim, dim, time.pp("linear_1"), compact)?,
+            time_linear_2: Linear::load(dim, dim, time.pp("linear_2"), compact)?,
+            time_proj: Linear::load(dim, 6 * dim, vb.pp("time_proj"), compact)?,
+            text_linear_1: Linear::load(cfg.text_dim, dim, text.pp("linear_1"), compact)?,
+            text_linear_2: Linear::load(dim, dim, text.pp("linear_2"), compact)?,
             image_embedder,
         })
     }
@@ -610,15 +611,21 @@ struct ImageEmbedder {
 impl ImageEmbedder {
     const EPS: f64 = 1e-5;
 
-    fn new(image_dim: usize, dim: usize, pos_embed_seq_len: Option<usize>, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        image_dim: usize,
+        dim: usize,
+        pos_embed_seq_len: Option<usize>,
+        vb: VarBuilder,
+        compact: &Compact,
+    ) -> Result<Self> {
         let pos_embed = match pos_embed_seq_len {
             Some(len) => Some(vb.get((1, len, image_dim), "pos_embed")?),
             None => None,
         };
         Ok(Self {
             norm1: AffineLayerNorm::new(image_dim, Self::EPS, vb.pp("norm1"))?,
-            ff_proj: Linear::load(image_dim, image_dim, vb.pp("ff").pp("net").pp(0).pp("proj"))?,
-            ff_out: Linear::load(image_dim, dim, vb.pp("ff").pp("net").pp(2))?,
+            ff_proj: Linear::load(image_dim, image_dim, vb.pp("ff").pp("net").pp(0).pp("proj"), compact)?,
+            ff_out: Linear::load(image_dim, dim, vb.pp("ff").pp("net").pp(2), compact)?,
             norm2: AffineLayerNorm::new(dim, Self::EPS, vb.pp("norm2"))?,
             pos_embed,
             image_dim,
@@ -730,6 +737,12 @@ impl WanTransformer3DModel {
     /// Loads the weights under `vb` (keys as in diffusers' checkpoint); they compute in `vb`'s dtype, except the
     /// parts diffusers keeps in f32.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_compact(cfg, vb, &Compact::none())
+    }
+
+    /// [`Self::new`] with the linear layers' weights taken from `compact` where it holds them (GGUF, FP8, quantized
+    /// on load), kept compact and dequantized as each layer runs.
+    pub fn with_compact(cfg: &Config, vb: VarBuilder, compact: &Compact) -> Result<Self> {
         let dim = cfg.inner_dim();
         match (cfg.image_dim, cfg.added_kv_proj_dim) {
             (Some(_), Some(kv)) if kv != dim => bail!(
@@ -750,14 +763,14 @@ impl WanTransformer3DModel {
             Some(vb.pp("patch_embedding").get(dim, "bias")?),
         );
         let blocks = (0..cfg.num_layers)
-            .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i)))
+            .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i), compact))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_embedding,
-            condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"))?,
+            condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"), compact)?,
             rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
             blocks,
-            proj_out: Linear::load(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"))?,
+            proj_out: Linear::load(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"), compact)?,
             scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?.unsqueeze(0)?,
             patch_size: cfg.patch_size,
             in_channels: cfg.in_channels,
@@ -780,6 +793,15 @@ impl WanTransformer3DModel {
         self.adapter_cache
             .activate(adapters, self.linears())
             .map_err(|e| candle_core::Error::Msg(format!("Wan transformer: LoRA adapters at run time: {e}")))
+    }
+
+    /// The formats of the linear weights kept compact (`Q4_K`, `F8_E4M3`, ...), each once, sorted; empty for a
+    /// dense model.
+    pub fn compact_formats(&self) -> Vec<String> {
+        let mut formats: Vec<String> = self.linears().filter_map(|l| l.compact().map(|w| w.format())).collect();
+        formats.sort_unstable();
+        formats.dedup();
+        formats
     }
 
     /// Every layer adapters apply to at run time.
