@@ -12,8 +12,15 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// List the supported models with their recommended settings.
-    List,
+    /// List the supported models with their recommended settings and their transformer's size as released (bf16)
+    /// and in each compact format (FP8 and GGUF files, or --quantize).
+    List {
+        /// Only the models that fit a GPU of this much memory (24GiB, 48GiB), with the formats that fit and what
+        /// each needs at the model's defaults with --text-encoder cpu: the weights, and the working memory as
+        /// --memory-limit estimates it (activations counted in f32, an upper bound for bf16).
+        #[arg(long, value_name = "SIZE", value_parser = crate::generate::parse_memory_limit)]
+        gpu_memory: Option<u64>,
+    },
     /// Check that a model folder (or a Hugging Face repository id in the local cache) has every file, config
     /// and tensor the code needs, with the right shapes, without loading the weights.
     Verify {
@@ -24,49 +31,88 @@ enum Command {
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::List => print!("{}", table(kinetoscope::models())),
+        Command::List { gpu_memory } => print!("{}", table(kinetoscope::models(), gpu_memory)?),
         Command::Verify { model } => print!("{}", kinetoscope::verify(&ModelDir::open(&model)?)?),
     }
     Ok(())
 }
 
-fn table(models: &[ModelManifest]) -> String {
-    let header = ["ID", "REPOSITORY", "SIZE", "FRAMES", "FPS", "STEPS", "GUIDANCE", "SHIFT"].map(String::from);
-    let rows: Vec<[String; 8]> = models
-        .iter()
-        .map(|m| {
-            let d = &m.defaults;
-            [
-                m.id.clone(),
-                m.repo_id.clone(),
-                format!("{}x{}", d.width, d.height),
-                d.num_frames.to_string(),
-                d.fps.to_string(),
-                d.steps.to_string(),
-                d.guidance_scale.to_string(),
-                d.shift.to_string(),
-            ]
-        })
-        .collect();
+/// `bytes` in GiB, one decimal.
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
+}
+
+fn table(models: &[ModelManifest], gpu_memory: Option<u64>) -> Result<String> {
+    let mut header: Vec<String> =
+        ["ID", "REPOSITORY", "SIZE", "FRAMES", "FPS", "STEPS", "GUIDANCE", "SHIFT"].map(String::from).to_vec();
+    header.push("TRANSFORMER GiB (BF16/Q8_0/Q4_K/FP8)".into());
+    if let Some(bytes) = gpu_memory {
+        header
+            .push(format!("FITS {} GiB (GPU GiB at the defaults, --text-encoder cpu, f32 working memory)", gib(bytes)));
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for m in models {
+        let d = &m.defaults;
+        let footprints = m.footprints()?;
+        let mut row = vec![
+            m.id.clone(),
+            m.repo_id.clone(),
+            format!("{}x{}", d.width, d.height),
+            d.num_frames.to_string(),
+            d.fps.to_string(),
+            d.steps.to_string(),
+            d.guidance_scale.to_string(),
+            d.shift.to_string(),
+            footprints.iter().map(|f| gib(f.transformer_bytes)).collect::<Vec<_>>().join("/"),
+        ];
+        if let Some(bytes) = gpu_memory {
+            let fits: Vec<String> = footprints
+                .iter()
+                .filter(|f| f.gpu_bytes <= bytes)
+                .map(|f| format!("{} ({})", f.format, gib(f.gpu_bytes)))
+                .collect();
+            if fits.is_empty() {
+                continue;
+            }
+            row.push(fits.join(", "));
+        }
+        rows.push(row);
+    }
     let widths: Vec<usize> =
         (0..header.len()).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    [&header]
+    Ok([&header]
         .into_iter()
         .chain(&rows)
         .map(|row| {
             let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
             format!("{}\n", cells.join("  ").trim_end())
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Compact formats shrink the transformer (Q4_K to under a third of bf16) and a smaller card lists fewer models.
+    #[test]
+    fn sizes_per_format_and_the_gpu_memory_filter() {
+        let fourteen = kinetoscope::models().iter().find(|m| m.id == "wan2.1-t2v-14b").unwrap();
+        let sizes: Vec<(&str, u64)> =
+            fourteen.footprints().unwrap().iter().map(|f| (f.format, f.transformer_bytes)).collect();
+        assert_eq!(sizes.iter().map(|s| s.0).collect::<Vec<_>>(), ["bf16", "q8_0", "q4_k", "fp8"]);
+        let bf16 = sizes[0].1 as f64;
+        assert!((28.0e9..29.0e9).contains(&bf16), "14B in bf16: {bf16}");
+        assert!((sizes[2].1 as f64) < bf16 * 0.3, "{sizes:?}");
+        let small = table(kinetoscope::models(), Some(24 << 30)).unwrap();
+        let large = table(kinetoscope::models(), Some(80 << 30)).unwrap();
+        assert!(small.lines().count() < large.lines().count(), "{small}\n{large}");
+        assert!(small.contains("wan2.1-t2v-1.3b") && small.contains("q4_k ("), "{small}");
+    }
+
     #[test]
     fn the_table_has_a_header_and_one_aligned_row_per_model() {
-        let text = table(kinetoscope::models());
+        let text = table(kinetoscope::models(), None).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1 + kinetoscope::models().len());
         let repo_column = lines[0].find("REPOSITORY").unwrap();

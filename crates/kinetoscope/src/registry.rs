@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use kinetoscope_models::clip::{self, ClipVisionModel};
+use kinetoscope_models::compact::Quantization;
 use kinetoscope_models::umt5::{self, UMT5Encoder};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan};
@@ -111,6 +112,62 @@ pub fn models() -> &'static [ModelManifest] {
             .map(|text| serde_json::from_str(text).expect("the embedded manifests are checked by a unit test"))
             .collect()
     })
+}
+
+/// What a model's transformer takes held one way, and what the whole model then needs on the GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Footprint {
+    /// `bf16` (the released weights), or the compact format: `fp8`, `q8_0`, `q4_k` (what `--quantize` makes; FP8 and
+    /// GGUF downloads of the same names are within a few percent, their small tensors being stored wider).
+    pub format: &'static str,
+    /// One transformer's weights (one expert's for a two-expert model, which swaps them).
+    pub transformer_bytes: u64,
+    /// The most the GPU holds at once generating at the model's defaults with the text encoder on the CPU
+    /// (`--text-encoder cpu`): the transformer's weights, the VAE's, and the largest stage's working memory as
+    /// `--memory-limit` estimates it (activations counted in f32, an upper bound for bf16 runs).
+    pub gpu_bytes: u64,
+}
+
+impl ModelManifest {
+    /// The model's [`Footprint`] for its released weights and each compact format, from its configs.
+    pub fn footprints(&self) -> Result<Vec<Footprint>> {
+        let config = |component: &str| {
+            let values = self.configs.get(component).cloned().unwrap_or_default();
+            serde_json::Value::Object(values)
+        };
+        let invalid = |e: String| Error::InvalidRequest { field: "model", reason: format!("{}: {e}", self.id) };
+        let transformer: transformer::Config =
+            serde_json::from_value(config("transformer")).map_err(|e| invalid(e.to_string()))?;
+        let text: umt5::Config = serde_json::from_value(config("text_encoder")).map_err(|e| invalid(e.to_string()))?;
+        let vae: vae::Config = serde_json::from_value(config("vae")).map_err(|e| invalid(e.to_string()))?;
+        let shapes =
+            kinetoscope_models::wan::single_file::model_shapes(&transformer).map_err(|e| invalid(e.to_string()))?;
+        // The VAE runs in f32.
+        let vae_bytes =
+            4 * parameters(|vb| AutoencoderKLWan::new(&vae, vb).map(drop)).map_err(|e| invalid(e.to_string()))?;
+        let budget = crate::memory::MemoryBudget::new(None, &text, &[&transformer], &vae, Default::default(), 0);
+        let d = &self.defaults;
+        let scale = vae.spatial_compression();
+        let frame_multiple = 1 << vae.temperal_downsample.iter().filter(|d| **d).count();
+        let latent = [1, vae.z_dim, (d.num_frames - 1) / frame_multiple + 1, d.height / scale, d.width / scale];
+        let working = budget.estimate(latent, 512, d.guidance_scale > 1.0);
+        let working = working.denoising_step.max(working.vae_decoding);
+        let formats = [("bf16", None)].into_iter().chain(Quantization::ALL.into_iter().map(|q| (q.name(), Some(q))));
+        Ok(formats
+            .map(|(format, quantization)| {
+                let transformer_bytes = shapes
+                    .iter()
+                    .map(|(name, dims)| match (quantization, dims.as_slice()) {
+                        (Some(q), &[out_dim, in_dim]) if name.ends_with(".weight") => {
+                            q.bytes(out_dim, in_dim).unwrap_or(2 * (out_dim * in_dim) as u64)
+                        }
+                        _ => 2 * dims.iter().product::<usize>() as u64,
+                    })
+                    .sum::<u64>();
+                Footprint { format, transformer_bytes, gpu_bytes: transformer_bytes + vae_bytes + working }
+            })
+            .collect())
+    }
 }
 
 /// What [`verify`] found in a folder that passed.
@@ -473,6 +530,36 @@ impl HeaderBackend {
         self.used.lock().expect("no panic while holding the lock").insert(name.to_string(), stored.clone());
         Ok(stored)
     }
+}
+
+/// How many parameters the network `build` makes reads, counted over placeholders (nothing is allocated for them).
+fn parameters(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> candle_core::Result<u64> {
+    struct Counter(Arc<Mutex<u64>>);
+    impl SimpleBackend for Counter {
+        fn get(
+            &self,
+            s: Shape,
+            _: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) += s.elem_count() as u64;
+            placeholder(s.dims(), dtype, dev)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("`{name}` read without a shape")
+        }
+
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+    let count = Arc::new(Mutex::new(0));
+    build(VarBuilder::from_backend(Box::new(Counter(count.clone())), VERIFY_DTYPE, Device::Cpu))?;
+    let total = *count.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(total)
 }
 
 fn placeholder(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
