@@ -157,6 +157,11 @@ pub struct ComponentFiles {
     /// runs.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<Quantization>,
+    /// A single file with the text encoder's (umT5's) weights, used instead of the folder's text_encoder/:
+    /// safetensors under transformers' names in f32/f16/bf16 or FP8 (ComfyUI's umt5_xxl files), or a GGUF file
+    /// (city96's umt5-xxl-encoder-*.gguf). The tokenizer and config stay the folder's.
+    #[arg(long, value_name = "FILE")]
+    pub text_encoder_weights: Option<PathBuf>,
 }
 
 /// LoRA adapters, merged into the weights as the model loads.
@@ -196,6 +201,7 @@ impl MemoryArgs {
             transformer: self.files.transformer.clone(),
             transformer_2: self.files.transformer_2.clone(),
             quantize: self.files.quantize,
+            text_encoder_weights: self.files.text_encoder_weights.clone(),
         }
     }
 }

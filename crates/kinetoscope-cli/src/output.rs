@@ -259,7 +259,7 @@ fn write_sidecar(
             // The LoRA adapters merged into the weights: file, sha256, scale, transformer, key layout.
             "loras": setup.pipeline.loras(),
             // Each transformer's weights: the folder's, or a single file (its sha256 and tensor formats), and the
-            // format --quantize held them in.
+            // format --quantize held them in; and a --text-encoder-weights file's.
             "weights": setup.pipeline.weights(),
             "device": setup.device,
             "dtype": setup.dtype.as_str(),

@@ -15,7 +15,7 @@
 //! checks every count and length against the file's size), every tensor's bytes must lie inside the file, and
 //! every error names the file and the tensor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -24,9 +24,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{bail, DType, Device, Error, Result, Tensor};
+use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 
-use crate::compact::{ggml_name, CompactWeight};
+use crate::compact::{ggml_name, Compact, CompactSource, CompactWeight};
 
 mod gguf;
 
@@ -95,6 +97,7 @@ enum Storage {
     Gguf {
         file: Mutex<File>,
         tensors: BTreeMap<String, GgufTensor>,
+        architecture: Option<String>,
     },
 }
 
@@ -242,7 +245,8 @@ impl Checkpoint {
             tensors.insert(key.clone(), Stored { dims, format: Format::Ggml(dtype), bytes, scale: None });
             located.insert(key, GgufTensor { dtype, dims: info.dims, start });
         }
-        let storage = Storage::Gguf { file: Mutex::new(File::open(path)?), tensors: located };
+        let storage =
+            Storage::Gguf { file: Mutex::new(File::open(path)?), tensors: located, architecture: header.architecture };
         Ok(Self { path: path.to_path_buf(), storage, tensors, ignored: Vec::new() })
     }
 
@@ -260,9 +264,12 @@ impl Checkpoint {
         &self.ignored
     }
 
-    /// Whether it is a GGUF file.
-    pub fn is_gguf(&self) -> bool {
-        matches!(self.storage, Storage::Gguf { .. })
+    /// A GGUF file's `general.architecture` (`wan`, `t5encoder`); `None` for safetensors or a GGUF file without one.
+    pub fn architecture(&self) -> Option<&str> {
+        match &self.storage {
+            Storage::Gguf { architecture, .. } => architecture.as_deref(),
+            Storage::Safetensors(_) => None,
+        }
     }
 
     fn stored(&self, key: &str) -> Result<&Stored> {
@@ -296,7 +303,7 @@ impl Checkpoint {
 
     /// GGUF tensor `key` as ggml blocks on `device`, in the shape it is stored in.
     fn ggml(&self, key: &str, device: &Device) -> Result<QTensor> {
-        let Storage::Gguf { file, tensors } = &self.storage else { bail!("`{key}` is not a GGUF tensor") };
+        let Storage::Gguf { file, tensors, .. } = &self.storage else { bail!("`{key}` is not a GGUF tensor") };
         let (Some(tensor), Some(stored)) = (tensors.get(key), self.tensors.get(key)) else {
             bail!("no tensor `{key}`")
         };
@@ -318,6 +325,77 @@ impl Checkpoint {
         let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         counts.iter().map(|(name, n)| format!("{name} ×{n}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// `checkpoint`'s tensors under a network's own names (`keys`: the network's name → the file's key): a `VarBuilder`
+/// serving them dense, converted to `dtype` (or the dtype the network asks for) on `device` as they are read, and
+/// the linear weights stored FP8 or quantized, kept compact. Errors start with `label` (which names the file); a
+/// name the file lacks is followed by `hint(name)`.
+pub fn renamed_weights(
+    checkpoint: Arc<Checkpoint>,
+    keys: HashMap<String, String>,
+    label: String,
+    hint: fn(&str) -> String,
+    dtype: DType,
+    device: &Device,
+) -> (VarBuilder<'static>, Compact) {
+    let renamed = Arc::new(Renamed { checkpoint, keys, label, hint });
+    let compact = Compact::new(RenamedCompact(renamed.clone()));
+    (VarBuilder::from_backend(Box::new(RenamedBackend(renamed)), dtype, device.clone()), compact)
+}
+
+struct Renamed {
+    checkpoint: Arc<Checkpoint>,
+    keys: HashMap<String, String>,
+    label: String,
+    hint: fn(&str) -> String,
+}
+
+impl Renamed {
+    fn key(&self, name: &str) -> Result<&str> {
+        self.keys
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| Error::Msg(format!("{}: no tensor for `{name}`{}", self.label, (self.hint)(name))))
+    }
+
+    fn reading<'a>(&'a self, key: &'a str) -> impl Fn(Error) -> Error + 'a {
+        move |e| Error::Msg(format!("{}: reading `{key}`: {e}", self.label))
+    }
+}
+
+/// The linear weights stored FP8 or quantized, by the network's layer names.
+struct RenamedCompact(Arc<Renamed>);
+
+impl CompactSource for RenamedCompact {
+    fn linear(&self, name: &str, _out_dim: usize, _in_dim: usize, device: &Device) -> Result<Option<CompactWeight>> {
+        let renamed = &self.0;
+        let Some(key) = renamed.keys.get(&format!("{name}.weight")) else { return Ok(None) };
+        renamed.checkpoint.compact(key, device).map_err(renamed.reading(key))
+    }
+}
+
+/// [`Renamed`] as a `VarBuilder`'s backend (shared with [`RenamedCompact`]).
+struct RenamedBackend(Arc<Renamed>);
+
+impl SimpleBackend for RenamedBackend {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let (renamed, key) = (&self.0, self.0.key(name)?);
+        let dims = &renamed.checkpoint.tensors[key].dims;
+        if dims.as_slice() != s.dims() {
+            bail!("{}: `{key}` has shape {dims:?}, where the network's `{name}` is {:?}", renamed.label, s.dims())
+        }
+        self.get_unchecked(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let (renamed, key) = (&self.0, self.0.key(name)?);
+        renamed.checkpoint.dense(key, dtype, dev).map_err(renamed.reading(key))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.keys.contains_key(name)
     }
 }
 

@@ -250,6 +250,72 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_dist
     (side + offset) as u32
 }
 
+/// The encoder's weights from one file instead of a `text_encoder/` folder (`--text-encoder-weights`): safetensors
+/// under transformers' names (`encoder.block.0.layer.0.SelfAttention.q.weight`, `shared.weight`) in f32, f16, bf16
+/// or FP8, plain or scaled (ComfyUI's `umt5_xxl_*.safetensors`), or GGUF under llama.cpp's T5 names
+/// (`enc.blk.0.attn_q.weight`, `token_embd.weight`: city96's `umt5-xxl-encoder-*.gguf`), any type
+/// [`crate::checkpoint`] reads. Served dense in `dtype`: the encoder runs once per prompt. A decoder's tensors are
+/// left out; any other key that names no tensor of the encoder is refused.
+pub fn file_weights(path: &std::path::Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    use crate::checkpoint::{renamed_weights, Checkpoint, Limits};
+    let label = format!("umT5 text encoder file {}", path.display());
+    let context = |e: candle_core::Error| candle_core::Error::Msg(format!("{label}: {e}"));
+    let checkpoint = Checkpoint::open(path, &Limits::default()).map_err(context)?;
+    if let Some(architecture) = checkpoint.architecture().filter(|a| !a.starts_with("t5")) {
+        return Err(context(candle_core::Error::Msg(format!(
+            "its GGUF architecture is {architecture:?}, not a T5 encoder (\"t5encoder\")"
+        ))));
+    }
+    let mut keys = std::collections::HashMap::new();
+    let mut unknown = Vec::new();
+    for key in checkpoint.tensors().keys() {
+        match transformers_name(key) {
+            Some(name) => {
+                keys.insert(name, key.clone());
+            }
+            None if key.starts_with("decoder.") || key == "lm_head.weight" => {}
+            None => unknown.push(key.as_str()),
+        }
+    }
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(8).copied().collect();
+        return Err(context(candle_core::Error::Msg(format!(
+            "{} key(s) name no tensor of the umT5 encoder: {}",
+            unknown.len(),
+            shown.join(", ")
+        ))));
+    }
+    Ok(renamed_weights(checkpoint, keys, label, |_| String::new(), dtype, device).0)
+}
+
+/// `key`'s name in transformers' `UMT5EncoderModel`: itself for those names, or the name of a llama.cpp T5 tensor.
+fn transformers_name(key: &str) -> Option<String> {
+    if key == "shared.weight" || key.starts_with("encoder.") {
+        return Some(key.to_string());
+    }
+    match key {
+        "token_embd.weight" => return Some("shared.weight".into()),
+        "enc.output_norm.weight" => return Some("encoder.final_layer_norm.weight".into()),
+        _ => {}
+    }
+    let (block, part) = key.strip_prefix("enc.blk.")?.split_once('.')?;
+    let block: usize = block.parse().ok()?;
+    let ours = match part {
+        "attn_norm.weight" => "layer.0.layer_norm.weight",
+        "attn_q.weight" => "layer.0.SelfAttention.q.weight",
+        "attn_k.weight" => "layer.0.SelfAttention.k.weight",
+        "attn_v.weight" => "layer.0.SelfAttention.v.weight",
+        "attn_o.weight" => "layer.0.SelfAttention.o.weight",
+        "attn_rel_b.weight" => "layer.0.SelfAttention.relative_attention_bias.weight",
+        "ffn_norm.weight" => "layer.1.layer_norm.weight",
+        "ffn_gate.weight" => "layer.1.DenseReluDense.wi_0.weight",
+        "ffn_up.weight" => "layer.1.DenseReluDense.wi_1.weight",
+        "ffn_down.weight" => "layer.1.DenseReluDense.wo.weight",
+        _ => return None,
+    };
+    Some(format!("encoder.block.{block}.{ours}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,4 +51,4 @@ pub use request::{
     ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, MemoryLimit, Progress, Timings, VaeTiling, Video,
 };
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};
-pub use weights::TransformerWeights;
+pub use weights::ComponentWeights;

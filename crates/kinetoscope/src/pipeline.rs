@@ -23,7 +23,7 @@ use crate::noise;
 use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
-use crate::weights::{TransformerSource, TransformerWeights};
+use crate::weights::{ComponentWeights, TransformerSource};
 
 pub struct Pipeline {
     identity: ModelIdentity,
@@ -40,7 +40,7 @@ pub struct Pipeline {
     shape: ModelShape,
     loras: Vec<AppliedLora>,
     /// Each transformer's weights as loaded, for the sidecar.
-    weights: Vec<TransformerWeights>,
+    weights: Vec<ComponentWeights>,
     /// The folder, and where each transformer's weights come from: what run-time adapters are read against.
     dir: ModelDir,
     sources: Vec<TransformerSource>,
@@ -151,7 +151,8 @@ impl Pipeline {
         let scheduler_config: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         scheduler_config.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
 
-        let text_encoder = TextEncoder::load(dir, dtype, &device, options.text_encoder)?;
+        let text_file = options.text_encoder_weights.as_deref();
+        let text_encoder = TextEncoder::load_from(dir, text_file, dtype, &device, options.text_encoder)?;
 
         // The VAE runs in f32 whatever `dtype` is: its output is the video itself (half-precision decodes
         // are where black and NaN frames come from), and it runs once per video, not once per step. With
@@ -206,10 +207,11 @@ impl Pipeline {
         );
         let shape = ModelShape::of(&configs[0], &vae_config, &scheduler_config, &index);
         let boundary = index.boundary_ratio.map(|ratio| ratio * scheduler_config.num_train_timesteps as f64);
-        let weights = sources
-            .iter()
-            .map(|source| TransformerWeights::of(source, options.quantize))
-            .collect::<Result<Vec<_>>>()?;
+        let mut weights =
+            sources.iter().map(|source| ComponentWeights::of(source, options.quantize)).collect::<Result<Vec<_>>>()?;
+        if let Some(file) = text_file {
+            weights.push(ComponentWeights::text_encoder(file)?);
+        }
         let (experts, loras) = load_experts(dir, &sources, configs, options)?;
         let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());
         Ok(Pipeline {
@@ -271,9 +273,9 @@ impl Pipeline {
         }
     }
 
-    /// Where each transformer's weights came from and how they are held ([`LoadOptions::transformer`],
+    /// Where each transformer's weights (and a text encoder file's) came from and how they are held ([`LoadOptions::transformer`],
     /// [`LoadOptions::quantize`]).
-    pub fn weights(&self) -> &[TransformerWeights] {
+    pub fn weights(&self) -> &[ComponentWeights] {
         &self.weights
     }
 

@@ -45,6 +45,10 @@ pub struct LoadOptions {
     /// form in memory; each layer is dequantized to `dtype` as it runs. Files that are already FP8 or GGUF are
     /// kept as they are stored, without this.
     pub quantize: Option<Quantization>,
+    /// A single file holding the text encoder's weights instead of the folder's `text_encoder/` (safetensors under
+    /// transformers' names in any precision or FP8, or a umT5 GGUF under llama.cpp's names); the tokenizer and
+    /// the config stay the folder's.
+    pub text_encoder_weights: Option<PathBuf>,
 }
 
 /// A LoRA adapter file and its scale, for one of the model's transformers.
@@ -89,6 +93,7 @@ impl Default for LoadOptions {
             transformer: None,
             transformer_2: None,
             quantize: None,
+            text_encoder_weights: None,
         }
     }
 }

@@ -67,6 +67,17 @@ enum Weights {
 
 impl TextEncoder {
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device, placement: TextEncoderPlacement) -> Result<Self> {
+        Self::load_from(dir, None, dtype, device, placement)
+    }
+
+    /// [`Self::load`] with the weights from `file` where one is given (see [`umt5::file_weights`]).
+    pub fn load_from(
+        dir: &ModelDir,
+        file: Option<&std::path::Path>,
+        dtype: DType,
+        device: &Device,
+        placement: TextEncoderPlacement,
+    ) -> Result<Self> {
         let tokenizer_path = dir.component("tokenizer").join("tokenizer.json");
         if !tokenizer_path.is_file() {
             return Err(Error::MissingFile { path: tokenizer_path, what: "the tokenizer (tokenizer.json)".into() });
@@ -78,12 +89,19 @@ impl TextEncoder {
             TextEncoderPlacement::Cpu => (Device::Cpu, DType::F32),
             _ => (device.clone(), dtype),
         };
-        let vb = dir.var_builder("text_encoder", run_dtype, &run_device)?;
+        let vb = match file {
+            None => dir.var_builder("text_encoder", run_dtype, &run_device)?,
+            Some(file) => umt5::file_weights(file, run_dtype, &run_device).map_err(|e| Error::Weights {
+                component: "text_encoder",
+                path: file.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+        };
         // Built now in every placement, so that weights that don't fit the config fail the load, not the
         // first request.
         let encoder = UMT5Encoder::new(&cfg, vb.clone()).map_err(|e| Error::Weights {
             component: "text_encoder",
-            path: dir.component("text_encoder"),
+            path: file.map_or_else(|| dir.component("text_encoder"), std::path::Path::to_path_buf),
             reason: e.to_string(),
         })?;
         let weights = if placement == TextEncoderPlacement::Offload {

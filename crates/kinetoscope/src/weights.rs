@@ -5,12 +5,13 @@
 //! weights stay compact (`kinetoscope_models::compact`), as do dense ones quantized on load
 //! (`LoadOptions::quantize`). Either way the network is built by the same code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use kinetoscope_models::checkpoint::{Checkpoint, Limits};
 use kinetoscope_models::compact::{Compact, Quantization};
 use kinetoscope_models::lora::Targets;
 use kinetoscope_models::wan::single_file::{sibling_config, SingleFile};
@@ -19,10 +20,10 @@ use kinetoscope_models::wan::transformer;
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
 
-/// A transformer's weights as the pipeline loaded them, for the sidecar.
+/// A network's weights as the pipeline loaded them, for the sidecar.
 #[derive(Debug, Clone, Serialize)]
-pub struct TransformerWeights {
-    /// `transformer`, or a two-expert model's `transformer_2`.
+pub struct ComponentWeights {
+    /// `transformer`, a two-expert model's `transformer_2`, or `text_encoder`.
     pub component: &'static str,
     /// The single file that stood in for the folder's network; `None`: the folder's own.
     pub file: Option<PathBuf>,
@@ -34,7 +35,7 @@ pub struct TransformerWeights {
     pub quantized_on_load: Option<String>,
 }
 
-impl TransformerWeights {
+impl ComponentWeights {
     pub(crate) fn of(source: &TransformerSource, quantize: Option<Quantization>) -> Result<Self> {
         Ok(Self {
             component: source.component,
@@ -42,6 +43,22 @@ impl TransformerWeights {
             sha256: source.file.as_deref().map(crate::adapters::sha256_of).transpose()?,
             format: source.format()?,
             quantized_on_load: quantize.map(|q| q.name().to_string()),
+        })
+    }
+
+    /// The text encoder's weights from `file` (`LoadOptions::text_encoder_weights`).
+    pub(crate) fn text_encoder(file: &Path) -> Result<Self> {
+        let checkpoint = Checkpoint::open(file, &Limits::default()).map_err(|e| Error::Weights {
+            component: "text_encoder",
+            path: file.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            component: "text_encoder",
+            file: Some(file.to_path_buf()),
+            sha256: Some(crate::adapters::sha256_of(file)?),
+            format: checkpoint.format_summary(),
+            quantized_on_load: None,
         })
     }
 }

@@ -68,3 +68,83 @@ fn dense_weights_quantize_on_load_and_compact_files_refuse_it() {
     assert!(matches!(err, Error::InvalidRequest { field: "quantize", .. }), "{err}");
     assert!(err.to_string().contains("wan21-tiny-q-Q8_0.gguf") && err.to_string().contains("Q8_0"), "{err}");
 }
+
+/// `--text-encoder-weights`: the folder's umT5 tensors as one safetensors file give the folder's video bit for bit;
+/// as a GGUF file under llama.cpp's T5 names with its matrices in Q8_0 (city96's layout), nearly; a Wan GGUF is
+/// refused as a text encoder.
+#[test]
+fn text_encoder_weights_from_one_file() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = tiny().join("wan21-tiny-a/text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&folder, &candle_core::Device::Cpu).unwrap();
+    let same = dir.path().join("umt5.safetensors");
+    candle_core::safetensors::save(&tensors, &same).unwrap();
+
+    // transformers' names → llama.cpp's, as its T5 converter writes them.
+    let llama = |name: &str| -> String {
+        if name == "shared.weight" {
+            return "token_embd.weight".into();
+        }
+        if name == "encoder.final_layer_norm.weight" {
+            return "enc.output_norm.weight".into();
+        }
+        let rest = name.strip_prefix("encoder.block.").unwrap();
+        let (block, part) = rest.split_once('.').unwrap();
+        let part = match part {
+            "layer.0.layer_norm.weight" => "attn_norm",
+            "layer.0.SelfAttention.q.weight" => "attn_q",
+            "layer.0.SelfAttention.k.weight" => "attn_k",
+            "layer.0.SelfAttention.v.weight" => "attn_v",
+            "layer.0.SelfAttention.o.weight" => "attn_o",
+            "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
+            "layer.1.layer_norm.weight" => "ffn_norm",
+            "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
+            "layer.1.DenseReluDense.wi_1.weight" => "ffn_up",
+            "layer.1.DenseReluDense.wo.weight" => "ffn_down",
+            other => panic!("a tensor this test doesn't map: {other}"),
+        };
+        format!("enc.blk.{block}.{part}.weight")
+    };
+    let quantized: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            let q8 = t.rank() == 2 && t.dim(1).unwrap() % 32 == 0 && !name.contains("relative_attention_bias");
+            let dtype = if q8 { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+            (llama(name), QTensor::quantize(&t, dtype).unwrap())
+        })
+        .collect();
+    let write = |path: &std::path::Path, architecture: &str| {
+        let mut file = std::fs::File::create(path).unwrap();
+        let architecture = gguf_file::Value::String(architecture.into());
+        let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(n, q)| (n.as_str(), q)).collect();
+        gguf_file::write(&mut file, &[("general.architecture", &architecture)], &tensors).unwrap();
+    };
+    let gguf = dir.path().join("umt5-Q8_0.gguf");
+    write(&gguf, "t5encoder");
+    assert!(quantized.iter().any(|(_, q)| q.dtype() == GgmlDType::Q8_0));
+
+    let r = reference("quantized", "pipeline.safetensors");
+    let request =
+        GenerateRequest { latents: Some(noise_file(&r["latents"], dir.path())), ..reference_request("wan21-tiny-a") };
+    let with = |file: Option<PathBuf>| {
+        load(LoadOptions { text_encoder_weights: file, ..LoadOptions::default() }).map(|p| {
+            let weights: Vec<&str> = p.weights().iter().map(|w| w.component).collect();
+            (denoised(&p, &request, &mut |_| {}), weights)
+        })
+    };
+    let (folder_latents, _) = with(None).unwrap();
+    let (file_latents, weights) = with(Some(same)).unwrap();
+    assert_eq!(weights, ["transformer", "text_encoder"]);
+    assert_eq!(common::max_abs_error(&file_latents, &folder_latents), 0.0);
+    let (gguf_latents, _) = with(Some(gguf)).unwrap();
+    let err = common::relative_error(&gguf_latents, &folder_latents);
+    assert!(err > 0.0 && err < 0.05, "Q8_0 text encoder: relative error {err}");
+
+    let wan = dir.path().join("wan.gguf");
+    write(&wan, "wan");
+    let err = with(Some(wan)).err().unwrap().to_string();
+    assert!(err.contains("wan.gguf") && err.contains("not a T5 encoder"), "{err}");
+}

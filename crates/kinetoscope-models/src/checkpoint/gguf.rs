@@ -38,6 +38,8 @@ pub(super) struct Header {
     pub(super) orig_shapes: BTreeMap<String, Vec<usize>>,
     pub(super) data_offset: u64,
     pub(super) file_len: u64,
+    /// `general.architecture`: `wan` for city96's transformers, `t5encoder` for their umT5 encoders.
+    pub(super) architecture: Option<String>,
 }
 
 /// A reader that knows how much of the header it may still read.
@@ -209,6 +211,7 @@ pub(super) fn read_header(path: &Path, limits: &Limits) -> Result<Header> {
         bail!("it has {tensor_count} tensors, over the limit of {}", limits.max_tensors)
     }
     let mut alignment = 32u64;
+    let mut architecture = None;
     let mut orig_shapes = BTreeMap::new();
     for _ in 0..kv_count {
         let key = r.string("a metadata key")?;
@@ -221,9 +224,7 @@ pub(super) fn read_header(path: &Path, limits: &Limits) -> Result<Header> {
                     .filter(|n| n.is_power_of_two())
                     .ok_or_else(|| Error::Msg(format!("general.alignment {n} is not a power of two")))?;
             }
-            ("general.architecture", Value::String(architecture)) if architecture != "wan" => {
-                bail!("its architecture is {architecture:?}, not \"wan\": not a Wan transformer")
-            }
+            ("general.architecture", Value::String(name)) => architecture = Some(name),
             (key, Value::Array(items)) if key.starts_with(ORIG_SHAPE) => {
                 let dims = items
                     .iter()
@@ -262,5 +263,5 @@ pub(super) fn read_header(path: &Path, limits: &Limits) -> Result<Header> {
         tensors.push(TensorInfo { name, dims, dtype, offset });
     }
     let data_offset = r.position.div_ceil(alignment) * alignment;
-    Ok(Header { tensors, orig_shapes, data_offset, file_len })
+    Ok(Header { tensors, orig_shapes, data_offset, file_len, architecture })
 }

@@ -47,8 +47,8 @@ use candle_nn::{Init, VarBuilder};
 
 use super::original_names::{tensor_to_diffusers, tensor_to_original};
 use super::transformer::{Config, WanTransformer3DModel};
-use crate::checkpoint::{Checkpoint, Stored};
-use crate::compact::{Compact, CompactSource, CompactWeight};
+use crate::checkpoint::{renamed_weights, Checkpoint, Stored};
+use crate::compact::Compact;
 use crate::lora::Targets;
 
 /// The prefix ComfyUI saves a checkpoint's diffusion model under.
@@ -365,6 +365,9 @@ impl SingleFile {
 
     fn open_inner(path: &Path, limits: &Limits) -> Result<Self> {
         let checkpoint = Checkpoint::open(path, limits)?;
+        if let Some(architecture) = checkpoint.architecture().filter(|a| *a != "wan") {
+            bail!("its GGUF architecture is {architecture:?}, not \"wan\": not a Wan transformer")
+        }
         let tensors = checkpoint.tensors();
         let prefixed = tensors.keys().any(|key| key.starts_with(COMFYUI_PREFIX));
         let (mut keys, mut shapes) = (HashMap::new(), HashMap::new());
@@ -461,77 +464,12 @@ impl SingleFile {
     /// kept compact. For [`WanTransformer3DModel::with_compact`], alone or under
     /// [`crate::lora::merged_var_builder`].
     pub fn into_weights(self, dtype: DType, device: &Device) -> (VarBuilder<'static>, Compact) {
-        let renamed =
-            Arc::new(Renamed { path: self.path, checkpoint: self.checkpoint, keys: self.keys, shapes: self.shapes });
-        let compact = Compact::new(RenamedCompact(renamed.clone()));
-        (VarBuilder::from_backend(Box::new(RenamedBackend(renamed)), dtype, device.clone()), compact)
+        let label = format!("Wan transformer single file {}", self.path.display());
+        renamed_weights(self.checkpoint, self.keys, label, official, dtype, device)
     }
 
     fn context(&self, e: Error) -> Error {
         Error::Msg(format!("Wan transformer single file {}: {e}", self.path.display()))
-    }
-}
-
-/// The file's tensors under the transformer's names.
-struct Renamed {
-    path: PathBuf,
-    checkpoint: Arc<Checkpoint>,
-    keys: HashMap<String, String>,
-    shapes: HashMap<String, Vec<usize>>,
-}
-
-impl Renamed {
-    fn key(&self, name: &str) -> Result<&str> {
-        self.keys.get(name).map(String::as_str).ok_or_else(|| {
-            Error::Msg(format!(
-                "Wan transformer single file {}: no tensor for `{name}`{}",
-                self.path.display(),
-                official(name)
-            ))
-        })
-    }
-
-    fn reading<'a>(&'a self, key: &'a str) -> impl Fn(Error) -> Error + 'a {
-        move |e| Error::Msg(format!("Wan transformer single file {}: reading `{key}`: {e}", self.path.display()))
-    }
-}
-
-/// The file's linear weights stored FP8 or quantized, by the transformer's layer names.
-struct RenamedCompact(Arc<Renamed>);
-
-impl CompactSource for RenamedCompact {
-    fn linear(&self, name: &str, _out_dim: usize, _in_dim: usize, device: &Device) -> Result<Option<CompactWeight>> {
-        let renamed = &self.0;
-        let weight = format!("{name}.weight");
-        let Some(key) = renamed.keys.get(&weight) else { return Ok(None) };
-        renamed.checkpoint.compact(key, device).map_err(renamed.reading(key))
-    }
-}
-
-/// [`Renamed`] as the `VarBuilder`'s backend (shared with [`RenamedCompact`]).
-struct RenamedBackend(Arc<Renamed>);
-
-impl SimpleBackend for RenamedBackend {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let (renamed, key) = (&self.0, self.0.key(name)?);
-        let dims = &renamed.shapes[name];
-        if dims.as_slice() != s.dims() {
-            bail!(
-                "Wan transformer single file {}: `{key}` has shape {dims:?}, where the transformer's `{name}` is {:?}",
-                renamed.path.display(),
-                s.dims()
-            )
-        }
-        self.get_unchecked(name, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let (renamed, key) = (&self.0, self.0.key(name)?);
-        renamed.checkpoint.dense(key, dtype, dev).map_err(renamed.reading(key))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.keys.contains_key(name)
     }
 }
 
@@ -829,7 +767,7 @@ mod tests {
         let path = write(dir.path(), "tiny.safetensors", &official_tensors(COMFYUI_PREFIX)?);
         let vb = SingleFile::open(&path)?.into_weights(DType::F32, &Device::Cpu).0;
         let msg = vb.get((1, 2, 32), "scale_shift_table").unwrap_err().to_string();
-        let want = "`model.diffusion_model.head.modulation` has shape [1, 2, 64], where the transformer's \
+        let want = "`model.diffusion_model.head.modulation` has shape [1, 2, 64], where the network's \
                     `scale_shift_table` is [1, 2, 32]";
         assert!(msg.contains(want), "{msg}");
         let msg = vb.get(3, "blocks.9.norm2.weight").unwrap_err().to_string();
