@@ -33,7 +33,7 @@ pub struct Args {
     /// JSON Lines: one object per line with an `id` ([A-Za-z0-9._-], naming the outputs) and the fields of
     /// a request (prompt, negative_prompt, height, width, num_frames, steps, guidance_scale, shift,
     /// scheduler, seed, max_sequence_length, fps, step_cache; defaults the model's, as `generate`'s),
-    /// optionally a `preset` (draft, balanced, quality) that the line's fields override, an `image` to start
+    /// optionally a `preset` (draft, balanced, quality, turbo) that the line's fields override, an `image` to start
     /// from as `generate --image` and a `last_image` to end on as `--last-image` (paths relative to the
     /// manifest's folder), and `guidance_scale_2` as `--guidance-2`. `#` lines are comments.
     manifest: PathBuf,

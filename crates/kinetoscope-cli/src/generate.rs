@@ -25,7 +25,8 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Steps, size and step cache in one choice: draft (20 steps, 416x240, cache 0.10), balanced (30 steps,
-    /// 832x480, cache 0.05) or quality (50 steps, 832x480, no cache), over the model's defaults. Flags given
+    /// 832x480, cache 0.05), quality (50 steps, 832x480, no cache), over the model's defaults, or turbo (a
+    /// distilled model's or distill LoRA's 4 steps without guidance; refused on a model with neither). Flags given
     /// explicitly override it.
     #[arg(long)]
     preset: Option<Preset>,

@@ -147,7 +147,7 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
         }
         (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
         (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
-        (None, None) => None,
+        (None, None) => d.schedule.clone(),
     };
     let request = GenerateRequest {
         prompt,
@@ -169,6 +169,7 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
         fps: take(&mut fields, "fps")?.unwrap_or(d.fps),
         step_cache: take(&mut fields, "step_cache")?.or(d.step_cache),
         loras: loras_field(&mut fields, folder)?,
+        distilled: d.distilled,
     };
     // The pipeline checks every other field against the model; the frame rate only matters to the MP4,
     // which would otherwise fail after the whole render.
@@ -341,6 +342,15 @@ mod tests {
             assert!(error.starts_with(expected), "{error:?} should start with {expected:?}");
         }
         assert!(!errors[7].contains("column"), "{}", errors[7]);
+    }
+
+    /// Turbo's schedule, shift and guidance reach the request (the model then checks it is distilled).
+    #[test]
+    fn the_turbo_preset_carries_its_schedule() {
+        let items = parse_plain(r#"{"id": "a", "prompt": "x", "preset": "turbo"}"#).unwrap();
+        let r = &items[0].request;
+        assert_eq!((r.steps, r.guidance_scale, r.shift, r.distilled), (4, 1.0, Some(5.0), true));
+        assert_eq!(r.schedule, Some(Schedule::Sigmas(vec![1.0, 0.75, 0.5, 0.25])));
     }
 
     #[test]

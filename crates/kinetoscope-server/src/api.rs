@@ -800,7 +800,8 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
             }
             (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
             (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
-            (None, None) => None,
+            // The preset's (turbo's), if any.
+            (None, None) => request.schedule.take(),
         };
     if let Some(schedule) = &request.schedule {
         request.steps = schedule.len();
@@ -922,6 +923,7 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
                 "height" | "width" => ("invalid_size", "size"),
                 "num_frames" => ("invalid_seconds", "seconds"),
                 "steps" => ("invalid_steps", "steps"),
+                "preset" => ("invalid_preset", "preset"),
                 "strength" => ("invalid_strength", "strength"),
                 "input" | "frames" => ("invalid_video", "video"),
                 "guidance_scale" | "guidance_scale_2" => ("invalid_guidance_scale", field),

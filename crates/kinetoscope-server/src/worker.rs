@@ -190,6 +190,8 @@ pub fn to_request(settings: &Settings, lora_dir: Option<&Path>) -> GenerateReque
         seed: settings.seed,
         fps: settings.fps,
         step_cache: settings.step_cache,
+        // The turbo preset's settings rely on distillation: refused on a model without it.
+        distilled: settings.preset.as_deref() == Some(kinetoscope::Preset::Turbo.name()),
         ..GenerateRequest::default()
     }
 }

@@ -493,6 +493,10 @@ async fn an_explicit_schedule_runs_a_few_step_job() {
     let (code, created) = server.post("/v1/videos", fast).await;
     assert_eq!(code, StatusCode::OK, "{created}");
     server.wait_for(created["id"].as_str().unwrap(), "completed").await;
+    // The turbo preset on a model with no distillation (no distilled weights, no distill LoRA): refused by name now
+    // that the model is loaded.
+    let (code, error) = server.post("/v1/videos", json!({"prompt": "x", "preset": "turbo"})).await;
+    assert_eq!((code, error["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_preset")), "{error}");
     let form = reqwest::multipart::Form::new().text("prompt", "a fox").text("sigmas", "1, 0.75, 0.5, 0.25");
     let response = server.client.post(server.url("/v1/videos")).bearer_auth(KEY).multipart(form).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -279,6 +279,18 @@ impl Pipeline {
         &self.weights
     }
 
+    /// The distill recipe `request` runs under, if the model is a distilled one (by its repository id) or carries a
+    /// distill LoRA, merged at load or given with the request (by the file's name; `models/distilled.json`).
+    pub fn distillation(&self, request: &GenerateRequest) -> Option<&'static crate::registry::DistillRecipe> {
+        let repo_id = self.identity.repo_id.as_deref();
+        let loras: Vec<&Path> =
+            self.loras.iter().map(|l| l.path.as_path()).chain(request.loras.iter().map(|l| l.path.as_path())).collect();
+        crate::registry::distill_recipes().iter().find(|recipe| {
+            repo_id.is_some_and(|id| recipe.repo_ids.iter().any(|r| r == id))
+                || loras.iter().any(|path| recipe.matches_lora(path))
+        })
+    }
+
     /// The LoRA adapters merged into the transformers' weights ([`LoadOptions::loras`]).
     pub fn loras(&self) -> &[AppliedLora] {
         &self.loras
@@ -350,6 +362,15 @@ impl Pipeline {
     pub fn validate(&self, request: &GenerateRequest) -> Result<()> {
         let invalid = |field, reason: String| Err(Error::InvalidRequest { field, reason });
         self.shape.validate(request)?;
+        if request.distilled && self.distillation(request).is_none() {
+            return invalid(
+                "preset",
+                "turbo needs step-distilled weights: a distilled model or a distill LoRA (lightx2v's \
+                 StepDistill-CfgDistill, Wan 2.2 Lightning; see models/distilled.json), and this model has neither \
+                 (with other weights, give the schedule itself: --sigmas 1,0.75,0.5,0.25 --shift 5 --guidance 1)"
+                    .into(),
+            );
+        }
         if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
             return invalid("guidance_scale", format!("{} must be a finite number ≥ 0", request.guidance_scale));
         }

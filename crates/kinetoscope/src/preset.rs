@@ -6,12 +6,18 @@
 //! | `quality` | 50 | 832 × 480 | off |
 //! | `balanced` | 30 | 832 × 480 | 0.05 |
 //! | `draft` | 20 | 416 × 240 | 0.10 |
+//! | `turbo` | 4, no guidance | unchanged | off |
 //!
 //! `quality` is Wan 2.1's own pipeline defaults. `draft` halves both sides of Wan 2.1's 832 × 480, which
 //! stays a multiple of 16 (8 pixels per latent cell × the transformer's 2 × 2 patches). The step cache
 //! thresholds are relative L1 changes of the first transformer block's residual (see
 //! [`GenerateRequest::step_cache`]): 0.05 is diffusers' `FirstBlockCacheConfig` default, 0.10 reuses more
 //! steps at a visible cost in fine detail.
+//!
+//! `turbo` is for step- and guidance-distilled weights (a distilled model, or a distill LoRA such as lightx2v's
+//! or Wan 2.2 Lightning's): their recipe from `models/distilled.json`, 4 steps of flow-match Euler over explicit
+//! sigmas at guidance 1, which skips the unconditional pass. It marks the request as relying on distillation
+//! ([`GenerateRequest::distilled`]), so a model without it is refused rather than run into a blurred video.
 //!
 //! A preset is a starting point, not a mode: callers start from [`GenerateRequest::default`], apply the
 //! preset, then set the fields the user gave explicitly, so an explicit value always wins. The number of
@@ -23,6 +29,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::request::GenerateRequest;
+use crate::scheduler::Schedule;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,10 +40,12 @@ pub enum Preset {
     Balanced,
     /// Full size, 50 steps, every step computed.
     Quality,
+    /// A distilled model's (or distill LoRA's) few steps without guidance.
+    Turbo,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 3] = [Preset::Draft, Preset::Balanced, Preset::Quality];
+    pub const ALL: [Preset; 4] = [Preset::Draft, Preset::Balanced, Preset::Quality, Preset::Turbo];
 
     /// Sets `steps`, `height`, `width` and `step_cache` of `request` to this preset's values (the table in
     /// the module documentation).
@@ -45,6 +54,16 @@ impl Preset {
             Preset::Draft => (20, 416, 240, Some(0.10)),
             Preset::Balanced => (30, 832, 480, Some(0.05)),
             Preset::Quality => (50, 832, 480, None),
+            Preset::Turbo => {
+                let recipe = &crate::registry::distill_recipes()[0];
+                request.steps = recipe.sigmas.len();
+                request.schedule = Some(Schedule::Sigmas(recipe.sigmas.clone()));
+                request.shift = Some(recipe.shift);
+                request.guidance_scale = recipe.guidance_scale;
+                request.step_cache = None;
+                request.distilled = true;
+                return;
+            }
         };
         request.steps = steps;
         request.width = width;
@@ -57,6 +76,7 @@ impl Preset {
             Preset::Draft => "draft",
             Preset::Balanced => "balanced",
             Preset::Quality => "quality",
+            Preset::Turbo => "turbo",
         }
     }
 }
@@ -90,7 +110,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<Preset>(&json).unwrap(), preset);
         }
         let err = "fast".parse::<Preset>().unwrap_err();
-        assert!(err.contains("\"fast\"") && err.contains("draft, balanced, quality"), "{err}");
+        assert!(err.contains("\"fast\"") && err.contains("draft, balanced, quality, turbo"), "{err}");
     }
 
     #[test]
@@ -112,5 +132,11 @@ mod tests {
         Preset::Draft.apply(&mut draft);
         assert_eq!((draft.steps, draft.width, draft.height, draft.step_cache), (20, 416, 240, Some(0.10)));
         assert!(draft.width % 16 == 0 && draft.height % 16 == 0);
+
+        let mut turbo = GenerateRequest { width: 1280, height: 720, ..Default::default() };
+        Preset::Turbo.apply(&mut turbo);
+        assert_eq!((turbo.steps, turbo.guidance_scale, turbo.shift, turbo.distilled), (4, 1.0, Some(5.0), true));
+        assert_eq!(turbo.schedule, Some(Schedule::Sigmas(vec![1.0, 0.75, 0.5, 0.25])));
+        assert_eq!((turbo.width, turbo.height), (1280, 720), "turbo keeps the size");
     }
 }

@@ -42,6 +42,42 @@ const MANIFESTS: [&str; 8] = [
     include_str!("../../../models/registry/wan2.1-i2v-14b-720p.json"),
 ];
 
+/// Step- and guidance-distilled weights and the recipe they run with (`models/distilled.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DistillRecipe {
+    pub name: String,
+    /// Explicit sigmas, shifted by `shift`, run with flow-match Euler.
+    pub sigmas: Vec<f64>,
+    pub shift: f64,
+    pub guidance_scale: f64,
+    /// A LoRA is a distill LoRA of this recipe when its file name contains one of these (case-insensitive).
+    pub lora_name_contains: Vec<String>,
+    /// Distilled models, by Hugging Face repository id.
+    pub repo_ids: Vec<String>,
+}
+
+impl DistillRecipe {
+    /// Whether the LoRA file at `path` is one of this recipe's, by its name.
+    pub fn matches_lora(&self, path: &Path) -> bool {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        self.lora_name_contains.iter().any(|part| name.contains(part.as_str()))
+    }
+}
+
+/// The distill recipes (`models/distilled.json`).
+pub fn distill_recipes() -> &'static [DistillRecipe] {
+    #[derive(Deserialize)]
+    struct File {
+        recipes: Vec<DistillRecipe>,
+    }
+    static RECIPES: OnceLock<Vec<DistillRecipe>> = OnceLock::new();
+    RECIPES.get_or_init(|| {
+        let file: File = serde_json::from_str(include_str!("../../../models/distilled.json"))
+            .expect("the embedded distill recipes are checked by a unit test");
+        file.recipes
+    })
+}
+
 /// The precision the networks are built in while verifying. A few constructors re-lay-out their weights (the
 /// VAE's causal convolutions, the patch embedding), which copies the placeholder zeros; half precision halves
 /// that transient memory (about 250 MB for Wan 2.1's VAE). Stored dtypes are checked separately.
@@ -585,6 +621,22 @@ impl SimpleBackend for HeaderBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distill_recipes_parse_and_match_lora_names() {
+        let [recipe] = distill_recipes() else { panic!("one recipe") };
+        assert_eq!((recipe.sigmas.len(), recipe.shift, recipe.guidance_scale), (4, 5.0, 1.0));
+        for name in [
+            "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+            "Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors",
+        ] {
+            assert!(recipe.matches_lora(Path::new(name)), "{name}");
+        }
+        assert!(
+            !recipe.matches_lora(Path::new("/loras/lightx2v/style.safetensors")),
+            "the file's name, not its folder"
+        );
+    }
 
     #[test]
     fn every_manifest_parses_and_names_its_configs_components() {

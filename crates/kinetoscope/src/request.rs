@@ -192,6 +192,9 @@ pub struct GenerateRequest {
     /// at load): a server switches them between jobs without reloading the model. Each file is read once and kept
     /// while the pipeline lives.
     pub loras: Vec<LoraSpec>,
+    /// The settings rely on step distillation (the `turbo` preset sets this): a model that is neither distilled
+    /// nor carrying a distill LoRA, merged or with the request, is refused instead of making a blurred video.
+    pub distilled: bool,
 }
 
 impl Default for GenerateRequest {
@@ -214,6 +217,7 @@ impl Default for GenerateRequest {
             fps: 16,
             step_cache: None,
             loras: Vec::new(),
+            distilled: false,
         }
     }
 }
