@@ -1,15 +1,15 @@
-"""A tiny Wan 2.1 transformer as quantized single files (GGUF and FP8 safetensors), and diffusers' outputs on the
-weights each file really holds.
+"""A tiny Wan 2.1 transformer and wan21-tiny-a's umT5 text encoder as quantized single files (GGUF and FP8
+safetensors), and diffusers' / transformers' outputs on the weights each file really holds.
 
 Run from anywhere with the environment pinned in requirements-quantized.txt (requirements-image.txt plus the `gguf`
 package), after make_fixtures.py and make_image_fixtures.py (it reads `wan21-tiny-a/` and
-`reference/wan21-tiny-a/pipeline.safetensors`):
+`reference/wan21-tiny-a/pipeline.safetensors` and `text.safetensors`):
 
     python3 -m venv /tmp/kt-quant && /tmp/kt-quant/bin/pip install -r models/tiny/requirements-quantized.txt
     /tmp/kt-quant/bin/python models/tiny/make_quantized_fixtures.py
 
-It writes next to this file, all in the official Wan layout (`make_single_file_fixtures.to_official`'s names, no
-prefix):
+It writes next to this file, the transformer's files in the official Wan layout
+(`make_single_file_fixtures.to_official`'s names, no prefix):
 
   quantized/config.json                    the diffusers config of the transformer (wan21-tiny-a's, but 2 heads x
                                            128, ffn 512, freq_dim 256, so that 256, the K-quant block, divides the
@@ -33,7 +33,23 @@ prefix):
                                            5-D F32 tensor (no orig_shape key, after `patch_embedding.bias`), the
                                            embeddings and the head F16, the blocks' linear weights Q4_K
 
-In the Q8_0, Q4_K_M and mixed files the 1-D tensors and the modulation tables are F32 and the 5-D
+and, for the text encoder (`wan21-tiny-a/text_encoder/`, transformers' UMT5EncoderModel: d_model 32, 3 blocks,
+4 heads x 8, d_ff 48, vocabulary 267):
+
+  quantized/umt5-tiny-Q8_0.gguf            llama.cpp's T5 encoder layout, as city96's umT5 GGUFs:
+                                           general.architecture "t5encoder", the t5encoder.* hyperparameter keys
+                                           llama.cpp's convert_hf_to_gguf writes (no tokenizer keys), llama.cpp's
+                                           names (token_embd, enc.blk.{i}.attn_{q,k,v,o,rel_b,norm},
+                                           enc.blk.{i}.ffn_{gate,up,down,norm}, enc.output_norm; the gguf package's
+                                           T5ENCODER name map) in the folder file's order; the 2-D weights whose rows
+                                           32 divides Q8_0 (token_embd, q, k, v, o, ffn_gate, ffn_up), the rest F32
+                                           (norms, attn_rel_b, ffn_down: rows of 48)
+  quantized/umt5-tiny-fp8-scaled.safetensors
+                                           transformers' names; the blocks' 2-D linear weights (q, k, v, o, wi_0,
+                                           wi_1, wo) scaled fp8 as the transformer's, the rest (shared, the relative
+                                           attention biases, the norms) F32
+
+In the transformer's Q8_0, Q4_K_M and mixed files the 1-D tensors and the modulation tables are F32 and the 5-D
 `patch_embedding.weight` is F16, stored as 2-D [256, 64] with its real shape in the metadata key
 `comfy.gguf.orig_shape.patch_embedding.weight` (INT32 array, PyTorch order), which ComfyUI-GGUF's loader honours for
 any tensor.
@@ -52,7 +68,12 @@ and loaded strictly into `WanTransformer3DModel(config)`; then `forward.safetens
 reference), `dequantized.safetensors` (13 tensors of the mixed GGUF, 3.3 MB: for each of the 12 stored types its
 smallest linear weight, ties to the first name in sorted order, and the F16 patch embedding in its 5-D shape; the
 file's F32 tensors, the base weights as they are, are left out) and `ref.json` (files, sizes, hashes, tensor types,
-GGUF metadata, checks, and what diffusers' own `from_single_file` makes of each file).
+GGUF metadata, checks, and what diffusers' own `from_single_file` makes of each file). For the text encoder:
+`text.safetensors` (transformers' UMT5EncoderModel(config of the folder), its weights loaded strictly from each file
+as dequantized in f32 (and the folder's own), run on the prompt and negative-prompt ids of
+`reference/wan21-tiny-a/text.safetensors` padded to 512 with their attention mask: `input_ids`, `attention_mask`,
+`last_hidden_state_f32`, `last_hidden_state_Q8_0`, `last_hidden_state_fp8_scaled`) and `text.json` (files, tensors,
+metadata and checks, kept apart so that ref.json stays as it was).
 
 Everything is seeded, CPU and f32, and no file holds a timestamp, so a rerun reproduces every file byte for byte.
 """
@@ -73,17 +94,19 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 import diffusers
 from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.quantizers.gguf.utils import dequantize_functions
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import make_fixtures  # noqa: E402  (wan21-tiny-a's run settings)
 import make_image_fixtures  # noqa: E402  (the UniPC pin's check)
-from make_fixtures import pipeline_kwargs, save  # noqa: E402
+from make_fixtures import NEGATIVE_PROMPT, PROMPT, pipeline_kwargs, save  # noqa: E402
 from make_lora_fixtures import max_abs, rel, run_pipeline, wan21_pipeline  # noqa: E402
 from make_single_file_fixtures import to_official  # noqa: E402
 
@@ -287,10 +310,11 @@ def encode(weight, qtype, k_mode, rng):
 # ---- the files ----
 
 
-def write_fp8(official, path, scaled):
+def write_fp8(official, path, scaled, linear=is_linear, rest=torch.bfloat16):
+    """fp8 for the tensors `linear` picks, the rest cast to `rest`."""
     out = {}
     for name, value in official.items():
-        if is_linear(name, value):
+        if linear(name, value):
             if scaled:
                 s = (value.abs().max() / FP8_MAX).to(torch.float32).reshape(())
                 out[name] = (value / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -298,7 +322,7 @@ def write_fp8(official, path, scaled):
             else:
                 out[name] = value.to(torch.float8_e4m3fn)
         else:
-            out[name] = value.to(torch.bfloat16)
+            out[name] = value.to(rest)
     if scaled:
         # ComfyUI's marker (model_base.state_dict_for_saving): an empty tensor of the fp8 dtype
         out["scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
@@ -489,6 +513,271 @@ def diffusers_single_file(inputs, outputs):
             max_abs_difference_from_reference=max_abs(out, outputs[variant]) if finite else None,
         )
     return result
+
+
+# ---- the umT5 text encoder (wan21-tiny-a's), as a GGUF and a scaled-fp8 file ----
+
+TEXT_ENCODER = ROOT / BASE / "text_encoder"
+TEXT_STEM = "umt5-tiny"
+TEXT_VARIANTS = {"Q8_0": f"{TEXT_STEM}-Q8_0.gguf", "fp8_scaled": f"{TEXT_STEM}-fp8-scaled.safetensors"}
+TEXT_ARCH = gguf.MODEL_ARCH.T5ENCODER  # "t5encoder": what llama.cpp's convert_hf_to_gguf writes for T5EncoderModel
+# the batch of the text reference: the rows of reference/wan21-tiny-a/text.safetensors the pipeline encodes
+TEXT_ROWS = {"prompt": PROMPT, "negative": NEGATIVE_PROMPT}
+
+# ComfyUI-GGUF's loader.T5_SD_MAP (llama.cpp names -> transformers names, replaced in this order), copied to check
+# that the file's names map back to the folder's
+T5_SD_MAP = {
+    "enc.": "encoder.",
+    ".blk.": ".block.",
+    "token_embd": "shared",
+    "output_norm": "final_layer_norm",
+    "attn_q": "layer.0.SelfAttention.q",
+    "attn_k": "layer.0.SelfAttention.k",
+    "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o",
+    "attn_norm": "layer.0.layer_norm",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_norm": "layer.1.layer_norm",
+}
+
+
+def text_encoder_weights():
+    """The folder's f32 weights in its file's order (names sorted, as safe_open lists them and llama.cpp's converter
+    walks them). No `encoder.embed_tokens.weight`: transformers ties it to `shared.weight`."""
+    with safe_open(str(TEXT_ENCODER / "model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    return weights
+
+
+def is_text_linear(name, value):
+    """The blocks' 2-D weights: attention q, k, v, o and the FFN's wi_0, wi_1, wo; not the embedding `shared`, not
+    the relative attention bias (an embedding table too)."""
+    return (
+        name.startswith("encoder.block.")
+        and name.endswith(".weight")
+        and value.ndim == 2
+        and ".relative_attention_bias." not in name
+    )
+
+
+def text_gguf_plan(weights, n_blocks):
+    """[(transformers name, GGUF name, ggml type)]: Q8_0 for every 2-D weight whose rows 32 divides (the
+    embedding, q, k, v, o, wi_0, wi_1), F32 for the norms, the relative attention bias (llama.cpp never quantizes
+    `attn_rel_b`) and the rows 32 does not divide (`wo`, 48 wide)."""
+    names = gguf.get_tensor_name_map(TEXT_ARCH, n_blocks)
+    block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
+    plan = []
+    for name, value in weights.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))
+        assert gguf_name is not None, name
+        back = gguf_name
+        for src, dst in T5_SD_MAP.items():
+            back = back.replace(src, dst)
+        assert back == name, (gguf_name, back, name)
+        rel_b = gguf_name.endswith(".attn_rel_b.weight")
+        qtype = Q.Q8_0 if value.ndim == 2 and not rel_b and value.shape[1] % block == 0 else Q.F32
+        plan.append((name, gguf_name, qtype))
+    return plan
+
+
+def write_text_gguf(weights, config, path):
+    """As llama.cpp's convert_hf_to_gguf (T5EncoderModel: its set_gguf_parameters' keys, n_positions absent so
+    context_length 512) and llama-quantize to Q8_0 would write it, but without the tokenizer keys."""
+    plan = text_gguf_plan(weights, config.num_layers)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[TEXT_ARCH])
+    writer.add_context_length(512)
+    writer.add_embedding_length(config.d_model)
+    writer.add_feed_forward_length(config.d_ff)
+    writer.add_block_count(config.num_layers)
+    writer.add_head_count(config.num_heads)
+    writer.add_key_length(config.d_kv)
+    writer.add_value_length(config.d_kv)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_relative_attn_buckets_count(config.relative_attention_num_buckets)
+    writer.add_layer_norm_rms_eps(config.layer_norm_epsilon)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    written = {}
+    for name, gguf_name, qtype in plan:
+        raw = encode(weights[name], qtype, "quantize", None)
+        writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
+        written[gguf_name] = (qtype, raw)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return plan, written
+
+
+def text_reference_model(config, weights):
+    """UMT5EncoderModel(config) with the weights loaded strictly (the tied `encoder.embed_tokens.weight` is
+    `shared.weight`)."""
+    model = UMT5EncoderModel(config).eval()
+    sd = {**weights, "encoder.embed_tokens.weight": weights["shared.weight"]}
+    want = set(model.state_dict())
+    assert set(sd) == want, sorted(set(sd) ^ want)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def text_inputs(msl):
+    """input_ids and attention_mask [2, msl] (int64): the prompt and negative-prompt ids of
+    reference/wan21-tiny-a/text.safetensors (which stores them unpadded), padded with 0 as the pipeline's tokenizer
+    call pads them; checked against that call (made here on the two prompts at once)."""
+    stored = load_file(str(ROOT / "reference" / BASE / "text.safetensors"))
+    ids = torch.zeros(len(TEXT_ROWS), msl, dtype=torch.int64)
+    mask = torch.zeros(len(TEXT_ROWS), msl, dtype=torch.int64)
+    for row, key in enumerate(TEXT_ROWS):
+        n = stored[f"{key}_ids"].numel()
+        ids[row, :n] = stored[f"{key}_ids"]
+        mask[row, :n] = 1
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / BASE / "tokenizer"))
+    call = tokenizer(
+        [prompt_clean(text) for text in TEXT_ROWS.values()],
+        padding="max_length",
+        max_length=msl,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    assert torch.equal(call.input_ids, ids) and torch.equal(call.attention_mask, mask)
+    return ids, mask, stored
+
+
+def text_encoder_fixtures():
+    """Writes the two text-encoder files and reference/quantized/text.safetensors and text.json; returns the
+    checks."""
+    config = UMT5Config.from_pretrained(str(TEXT_ENCODER))
+    weights = text_encoder_weights()
+    linear = [n for n, v in weights.items() if is_text_linear(n, v)]
+    plan, written = write_text_gguf(weights, config, FILES / TEXT_VARIANTS["Q8_0"])
+    write_fp8(weights, FILES / TEXT_VARIANTS["fp8_scaled"], scaled=True, linear=is_text_linear, rest=torch.float32)
+
+    # read back, in f32, under the transformers names
+    held, files, dequantizer_checks = {"f32": weights}, {}, {}
+    for variant, file in TEXT_VARIANTS.items():
+        path = FILES / file
+        entry = dict(file=f"quantized/{file}", bytes=path.stat().st_size, sha256=sha256(path))
+        if file.endswith(".gguf"):
+            gguf_weights, info, metadata = read_gguf(path)
+            assert list(info) == [g for _, g, _ in plan], "tensor order"
+            for gguf_name, (qtype, _, orig, t) in info.items():
+                want_type, want_raw = written[gguf_name]
+                assert qtype == want_type and orig is None, gguf_name
+                assert np.array_equal(
+                    np.asarray(t.data).view(np.uint8).reshape(-1), want_raw.view(np.uint8).reshape(-1)
+                )
+            dequantizer_checks[variant] = check_against_diffusers_dequantizer(info, gguf_weights)
+            held[variant] = {name: gguf_weights[g] for name, g, _ in plan}
+            entry["metadata"] = metadata
+            entry["tensors"] = {
+                g: dict(ggml_type=qtype.name, shape=list(stored), name=name)
+                for (name, g, _), (qtype, stored, _, _) in zip(plan, info.values())
+            }
+        else:
+            held[variant] = read_safetensors(path)
+            with safe_open(str(path), "pt") as f:
+                entry["header_metadata"] = f.metadata()
+                entry["tensors"] = {
+                    k: dict(dtype=str(f.get_slice(k).get_dtype()), shape=list(f.get_slice(k).get_shape()))
+                    for k in sorted(f.keys())
+                }
+        assert sorted(held[variant]) == sorted(weights), variant
+        for name, value in held[variant].items():
+            assert value.shape == weights[name].shape and value.dtype == torch.float32, (variant, name)
+            assert torch.isfinite(value).all(), (variant, name)
+        files[variant] = entry
+
+    # per-tensor weight error: the tensors each file stores as is are the folder's bit for bit
+    weight_checks = {}
+    for variant in TEXT_VARIANTS:
+        errors = {n: rel(v, weights[n]) for n, v in held[variant].items()}
+        exact = sorted(n for n, v in held[variant].items() if torch.equal(v, weights[n]))
+        if variant == "Q8_0":
+            assert exact == sorted(n for n, _, q in plan if q == Q.F32), exact
+        else:
+            assert exact == sorted(set(weights) - set(linear)), exact
+        worst = max(errors, key=errors.get)
+        weight_checks[variant] = dict(
+            max_relative_error=errors[worst], worst_tensor=worst, tensors_exact=len(exact), tensors=len(errors)
+        )
+    assert weight_checks["Q8_0"]["max_relative_error"] < 0.01, weight_checks
+    assert weight_checks["fp8_scaled"]["max_relative_error"] < 0.12, weight_checks
+
+    # the encoder on the pipeline's two token rows
+    msl = make_fixtures.CONFIGS[BASE]["run"]["max_sequence_length"]
+    input_ids, attention_mask, stored = text_inputs(msl)
+    outputs = {}
+    for variant in ("f32", *TEXT_VARIANTS):
+        model = text_reference_model(config, held[variant])
+        outputs[variant] = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        assert outputs[variant].shape == (len(TEXT_ROWS), msl, config.d_model)
+        assert torch.isfinite(outputs[variant]).all(), variant
+    folder_model = UMT5EncoderModel.from_pretrained(str(TEXT_ENCODER), dtype=torch.float32).eval()
+    folder_out = folder_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    valid = attention_mask.bool()
+    lengths = attention_mask.sum(1).tolist()
+    # the pipeline keeps each row's first `length` positions and zeroes the rest (_get_t5_prompt_embeds)
+    stored_diff = {}
+    for row, key in enumerate(TEXT_ROWS):
+        embeds, n = stored[f"{key}_embeds"][0], lengths[row]
+        assert not embeds[n:].any(), key
+        stored_diff[key] = max_abs(outputs["f32"][row, :n], embeds[:n])
+    forward_checks = dict(
+        f32_equals_from_pretrained=bool(torch.equal(outputs["f32"], folder_out)),
+        f32_max_abs_difference_from_text_safetensors=stored_diff,
+        f32_std=tensor_std(outputs["f32"][valid]),
+        f32_max_abs=float(outputs["f32"][valid].abs().max()),
+    )
+    assert forward_checks["f32_equals_from_pretrained"]
+    assert max(stored_diff.values()) < 1e-5, stored_diff
+    for variant in TEXT_VARIANTS:
+        a, b = outputs[variant], outputs["f32"]
+        forward_checks[variant] = dict(
+            relative_difference_from_f32=rel(a[valid], b[valid]),
+            relative_difference_from_f32_all_positions=rel(a, b),
+            max_abs_difference_from_f32=max_abs(a[valid], b[valid]),
+            max_abs_difference_from_f32_all_positions=max_abs(a, b),
+        )
+    # the 32-wide model amplifies: Q8_0 of the embedding alone moves the output 1.3%, of the blocks alone 1.7%
+    for variant, (lo, hi) in dict(Q8_0=(1e-4, 0.05), fp8_scaled=(1e-3, 0.15)).items():
+        diff = forward_checks[variant]["relative_difference_from_f32"]
+        assert lo < diff < hi, (variant, diff)
+
+    tensors = dict(input_ids=input_ids, attention_mask=attention_mask)
+    tensors.update({f"last_hidden_state_{variant}": out for variant, out in outputs.items()})
+    save(OUT / "text.safetensors", tensors)
+    text_ref = dict(
+        model=f"{BASE}/text_encoder",
+        config=json.loads((TEXT_ENCODER / "config.json").read_text()),
+        files=files,
+        gguf_layout=dict(
+            writer=f"gguf {importlib.metadata.version('gguf')} GGUFWriter(arch='t5encoder'), alignment 32",
+            names="llama.cpp's T5 encoder names (gguf.get_tensor_name_map(MODEL_ARCH.T5ENCODER)), in the folder "
+            "file's order (names sorted); ComfyUI-GGUF's T5_SD_MAP maps each back",
+            types="Q8_0: 2-D weights whose rows 32 divides; F32: norms, attn_rel_b, ffn_down (rows 48)",
+            tokenizer="no tokenizer.ggml.* keys",
+        ),
+        fp8_layout="transformers names; the blocks' 2-D linear weights F8_E4M3 = fp8(weight / s) with "
+        "`<layer>.scale_weight` = s (F32, 0-d, absmax / 448), the marker `scaled_fp8` (F8_E4M3, [0]); the rest F32",
+        inputs=dict(
+            rows=list(TEXT_ROWS),
+            lengths=lengths,
+            source=f"reference/{BASE}/text.safetensors prompt_ids, negative_ids, padded with 0 to "
+            f"max_sequence_length {msl} (checked against the pipeline's tokenizer call)",
+        ),
+        outputs=[f"last_hidden_state_{variant}" for variant in outputs],
+        checks=dict(
+            weights=weight_checks, diffusers_float32_dequantizer_equal=dequantizer_checks, forward=forward_checks
+        ),
+    )
+    (OUT / "text.json").write_text(json.dumps(text_ref, indent=2, ensure_ascii=False) + "\n")
+    return text_ref["checks"]
 
 
 # ---- main ----
@@ -703,9 +992,10 @@ def main():
         diffusers_from_single_file=from_single_file,
     )
     (OUT / "ref.json").write_text(json.dumps(ref, indent=2, ensure_ascii=False) + "\n")
+    text_checks = text_encoder_fixtures()
     for path in sorted([*FILES.iterdir(), *OUT.iterdir()]):
         print(f"{path.relative_to(ROOT)}  {path.stat().st_size:>8}  {sha256(path)[:16]}")
-    print(json.dumps(dict(**ref["checks"], diffusers_from_single_file=from_single_file), indent=1))
+    print(json.dumps(dict(**ref["checks"], diffusers_from_single_file=from_single_file, text=text_checks), indent=1))
 
 
 if __name__ == "__main__":

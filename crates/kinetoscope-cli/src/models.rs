@@ -2,7 +2,7 @@
 //! reads configs and safetensors headers only, so a broken download fails in seconds rather than mid-job.
 
 use anyhow::Result;
-use kinetoscope::{ModelDir, ModelManifest};
+use kinetoscope::{LoadOptions, ModelDir, ModelManifest};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,13 +26,25 @@ enum Command {
     Verify {
         /// A diffusers-layout model folder, or a Hugging Face repository id found in the local cache.
         model: String,
+        /// A single-file transformer to check in place of the folder's (as generate's --transformer).
+        #[arg(long, value_name = "FILE")]
+        transformer: Option<std::path::PathBuf>,
+        /// The same for a two-expert model's low-noise expert.
+        #[arg(long = "transformer-2", value_name = "FILE")]
+        transformer_2: Option<std::path::PathBuf>,
+        /// A text encoder file to check in place of the folder's (as generate's --text-encoder-weights).
+        #[arg(long, value_name = "FILE")]
+        text_encoder_weights: Option<std::path::PathBuf>,
     },
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::List { gpu_memory } => print!("{}", table(kinetoscope::models(), gpu_memory)?),
-        Command::Verify { model } => print!("{}", kinetoscope::verify(&ModelDir::open(&model)?)?),
+        Command::Verify { model, transformer, transformer_2, text_encoder_weights } => {
+            let options = LoadOptions { transformer, transformer_2, text_encoder_weights, ..LoadOptions::default() };
+            print!("{}", kinetoscope::verify_with(&ModelDir::open(&model)?, &options)?)
+        }
     }
     Ok(())
 }

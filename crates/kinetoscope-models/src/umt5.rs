@@ -257,7 +257,16 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_dist
 /// [`crate::checkpoint`] reads. Served dense in `dtype`: the encoder runs once per prompt. A decoder's tensors are
 /// left out; any other key that names no tensor of the encoder is refused.
 pub fn file_weights(path: &std::path::Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    use crate::checkpoint::{renamed_weights, Checkpoint, Limits};
+    let (checkpoint, keys) = file_tensors(path)?;
+    let label = format!("umT5 text encoder file {}", path.display());
+    Ok(crate::checkpoint::renamed_weights(checkpoint, keys, label, |_| String::new(), dtype, device).0)
+}
+
+/// The file [`file_weights`] reads, its header checked, and its keys by the encoder's names.
+pub fn file_tensors(
+    path: &std::path::Path,
+) -> Result<(std::sync::Arc<crate::checkpoint::Checkpoint>, std::collections::HashMap<String, String>)> {
+    use crate::checkpoint::{Checkpoint, Limits};
     let label = format!("umT5 text encoder file {}", path.display());
     let context = |e: candle_core::Error| candle_core::Error::Msg(format!("{label}: {e}"));
     let checkpoint = Checkpoint::open(path, &Limits::default()).map_err(context)?;
@@ -285,7 +294,7 @@ pub fn file_weights(path: &std::path::Path, dtype: DType, device: &Device) -> Re
             shown.join(", ")
         ))));
     }
-    Ok(renamed_weights(checkpoint, keys, label, |_| String::new(), dtype, device).0)
+    Ok((checkpoint, keys))
 }
 
 /// `key`'s name in transformers' `UMT5EncoderModel`: itself for those names, or the name of a llama.cpp T5 tensor.

@@ -198,3 +198,32 @@ fn adapters_merge_into_compact_weights() -> Result<()> {
     ensure!(common::relative_error(&on_compact, &base)? > 1e-3, "the adapter changes the output");
     Ok(())
 }
+
+/// The umT5 encoder from one file (`umt5::file_weights`): city96's GGUF layout (llama.cpp's T5 names, Q8_0) and
+/// ComfyUI's scaled FP8 (transformers' names), each against transformers' `UMT5EncoderModel` holding the file's
+/// dequantized weights, on the valid tokens of a padded batch of two prompts.
+#[test]
+fn text_encoder_files_match_transformers() -> Result<()> {
+    use kinetoscope_models::umt5::{self, UMT5Encoder};
+
+    let (cfg, _): (umt5::Config, _) = common::load("wan21-tiny-a", "text_encoder")?;
+    let r = reference("quantized", "text.safetensors")?;
+    for (name, output) in [
+        ("umt5-tiny-Q8_0.gguf", "last_hidden_state_Q8_0"),
+        ("umt5-tiny-fp8-scaled.safetensors", "last_hidden_state_fp8_scaled"),
+    ] {
+        let vb = umt5::file_weights(&file(name), DType::F32, &Device::Cpu)?;
+        let encoder = UMT5Encoder::new(&cfg, vb)?;
+        for row in 0..2 {
+            let mask = r["attention_mask"].get(row)?.to_dtype(DType::U32)?;
+            let n = mask.sum_all()?.to_scalar::<u32>()? as usize;
+            let ids = r["input_ids"].get(row)?.narrow(0, 0, n)?.to_dtype(DType::U32)?.unsqueeze(0)?;
+            let got = encoder.forward(&ids)?;
+            let want = r[output].get(row)?.narrow(0, 0, n)?.unsqueeze(0)?;
+            let err = max_relative_error(&got, &want)?;
+            println!("{name}, prompt {row} ({n} tokens): max relative error against transformers {err:e}");
+            ensure!(err < 1e-4, "{name} prompt {row}: max relative error {err}");
+        }
+    }
+    Ok(())
+}

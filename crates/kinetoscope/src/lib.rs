@@ -46,7 +46,9 @@ pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
-pub use registry::{distill_recipes, models, verify, DistillRecipe, Footprint, ModelManifest, VerifyReport};
+pub use registry::{
+    distill_recipes, models, verify, verify_with, DistillRecipe, Footprint, ModelManifest, VerifyReport,
+};
 pub use request::{
     ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, MemoryLimit, Progress, Timings, VaeTiling, Video,
 };

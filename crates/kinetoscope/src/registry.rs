@@ -25,8 +25,9 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model_dir::{read_json, ModelDir};
-use crate::request::GenerateRequest;
+use crate::request::{GenerateRequest, LoadOptions};
 use crate::scheduler::SchedulerConfig;
+use crate::weights::TransformerSource;
 
 /// In the order a folder is matched against them: within a family, an entry whose configs are a superset of
 /// another's comes first (FLF2V's position embedding before I2V), and where configs can't tell entries apart
@@ -179,8 +180,9 @@ impl ModelManifest {
         let shapes =
             kinetoscope_models::wan::single_file::model_shapes(&transformer).map_err(|e| invalid(e.to_string()))?;
         // The VAE runs in f32.
-        let vae_bytes =
-            4 * parameters(|vb| AutoencoderKLWan::new(&vae, vb).map(drop)).map_err(|e| invalid(e.to_string()))?;
+        let (vae_parameters, _) =
+            over_shapes(None, |vb| AutoencoderKLWan::new(&vae, vb).map(drop)).map_err(|e| invalid(e.to_string()))?;
+        let vae_bytes = 4 * vae_parameters;
         let budget = crate::memory::MemoryBudget::new(None, &text, &[&transformer], &vae, Default::default(), 0);
         let d = &self.defaults;
         let scale = vae.spatial_compression();
@@ -226,8 +228,10 @@ pub struct WeightsReport {
     /// Tensors the code needs, all present with the right shape.
     pub tensors: usize,
     pub parameters: u64,
-    /// Stored dtypes of the needed tensors, e.g. `["bf16"]`.
-    pub dtypes: Vec<&'static str>,
+    /// Stored dtypes of the needed tensors, e.g. `["bf16"]` (a single file's formats: `["F32", "Q4_K"]`).
+    pub dtypes: Vec<String>,
+    /// The single file that stands in for the component's folder, if one does.
+    pub file: Option<PathBuf>,
 }
 
 impl fmt::Display for VerifyReport {
@@ -242,7 +246,7 @@ impl fmt::Display for VerifyReport {
             )?,
         }
         for w in &self.weights {
-            writeln!(
+            write!(
                 f,
                 "  {:<13} {} tensors, {} parameters, {} in {} file(s)",
                 w.component,
@@ -251,6 +255,10 @@ impl fmt::Display for VerifyReport {
                 w.dtypes.join("+"),
                 w.files
             )?;
+            match &w.file {
+                Some(file) => writeln!(f, ": {}", file.display())?,
+                None => writeln!(f)?,
+            }
         }
         Ok(())
     }
@@ -260,6 +268,14 @@ impl fmt::Display for VerifyReport {
 /// `model_index.json` and its pipeline class, each component's class and files, the configs, the shards an
 /// index lists, and every tensor the networks load (present, right shape, stored as f32, f16 or bf16).
 pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
+    verify_with(dir, &LoadOptions::default())
+}
+
+/// [`verify`] for the set a pipeline would load with `options`: its single files (`transformer`, `transformer_2`,
+/// `text_encoder_weights`) checked in place of the folders they stand in for, by their headers (the configs they
+/// get, every tensor the networks read present with its shape, their formats), the folders' own weights of those
+/// components not read.
+pub fn verify_with(dir: &ModelDir, options: &LoadOptions) -> Result<VerifyReport> {
     let index_path = dir.root().join("model_index.json");
     let family = family_of(dir)?;
     // Component folder → `[library, class]` (`[null, null]` for an unused slot), beside the pipeline's own keys.
@@ -284,18 +300,30 @@ pub fn verify(dir: &ModelDir) -> Result<VerifyReport> {
     scheduler.validate(&dir.component("scheduler").join("scheduler_config.json"))?;
     let text_cfg: umt5::Config = dir.config("text_encoder", "config.json")?;
     let vae_cfg: vae::Config = dir.config("vae", "config.json")?;
-    let mut weights = vec![check_weights(dir, "text_encoder", |vb| UMT5Encoder::new(&text_cfg, vb).map(drop))?];
+    let mut weights = vec![match &options.text_encoder_weights {
+        None => check_weights(dir, "text_encoder", |vb| UMT5Encoder::new(&text_cfg, vb).map(drop))?,
+        Some(file) => check_text_encoder_file(file, &text_cfg)?,
+    }];
     let model_index = dir.model_index()?;
     let image_encoder = match model_index.has_component("image_encoder") {
         true => Some(dir.config::<clip::Config>("image_encoder", "config.json")?),
         false => None,
     };
-    for component in ["transformer", "transformer_2"] {
+    for (component, file) in [("transformer", &options.transformer), ("transformer_2", &options.transformer_2)] {
         if component == "transformer" || model_index.has_component(component) {
-            let cfg: transformer::Config = dir.config(component, "config.json")?;
+            let source = TransformerSource { component, file: file.clone() };
+            let cfg = source.config(dir)?;
             check_configs_agree(dir, component, &cfg, text_cfg.d_model, &vae_cfg)?;
             check_image_conditioning(dir, &cfg, image_encoder.as_ref().map(|c| c.hidden_size))?;
-            weights.push(check_transformer_weights(dir, component, &cfg)?);
+            weights.push(match file {
+                None => check_transformer_weights(dir, component, &cfg)?,
+                Some(file) => source.file_report(file, &cfg)?,
+            });
+        } else if file.is_some() {
+            return Err(Error::InvalidRequest {
+                field: "transformer_2",
+                reason: "the model has one transformer; a low-noise expert's file needs a two-expert model".into(),
+            });
         }
     }
     if let Some(cfg) = &image_encoder {
@@ -478,7 +506,7 @@ fn check_weights(
     let vb = VarBuilder::from_backend(Box::new(backend), VERIFY_DTYPE, Device::Cpu);
     build(vb).map_err(|e| Error::Weights { component, path: dir.component(component), reason: e.to_string() })?;
     let used = used.lock().expect("no panic while holding the lock");
-    let mut dtypes: Vec<&'static str> = used.values().map(|t| dtype_name(t.dtype)).collect();
+    let mut dtypes: Vec<String> = used.values().map(|t| dtype_name(t.dtype).to_string()).collect();
     dtypes.sort();
     dtypes.dedup();
     Ok(WeightsReport {
@@ -487,6 +515,32 @@ fn check_weights(
         tensors: used.len(),
         parameters: used.values().map(|t| t.shape.iter().product::<usize>() as u64).sum(),
         dtypes,
+        file: None,
+    })
+}
+
+/// Builds the text encoder over `file`'s headers (see `umt5::file_weights`), so that every tensor it reads is
+/// checked.
+fn check_text_encoder_file(file: &Path, cfg: &umt5::Config) -> Result<WeightsReport> {
+    let invalid = |e: candle_core::Error| Error::Weights {
+        component: "text_encoder",
+        path: file.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let (checkpoint, keys) = umt5::file_tensors(file).map_err(invalid)?;
+    let shapes: HashMap<String, Vec<usize>> =
+        keys.iter().map(|(name, key)| (name.clone(), checkpoint.tensors()[key].dims.clone())).collect();
+    let (parameters, tensors) = over_shapes(Some(shapes), |vb| UMT5Encoder::new(cfg, vb).map(drop)).map_err(invalid)?;
+    let mut dtypes: Vec<String> = keys.values().map(|key| checkpoint.tensors()[key].format.name()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Ok(WeightsReport {
+        component: "text_encoder",
+        files: 1,
+        tensors,
+        parameters,
+        dtypes,
+        file: Some(file.to_path_buf()),
     })
 }
 
@@ -568,19 +622,36 @@ impl HeaderBackend {
     }
 }
 
-/// How many parameters the network `build` makes reads, counted over placeholders (nothing is allocated for them).
-fn parameters(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> candle_core::Result<u64> {
-    struct Counter(Arc<Mutex<u64>>);
-    impl SimpleBackend for Counter {
+/// The parameters and tensors the network `build` makes reads, over placeholders (nothing is allocated for them):
+/// any tensor it asks for, or with `shapes` only those, each with its shape there.
+fn over_shapes(
+    shapes: Option<HashMap<String, Vec<usize>>>,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> candle_core::Result<(u64, usize)> {
+    struct Shapes {
+        shapes: Option<HashMap<String, Vec<usize>>>,
+        read: Arc<Mutex<(u64, usize)>>,
+    }
+    impl SimpleBackend for Shapes {
         fn get(
             &self,
             s: Shape,
-            _: &str,
+            name: &str,
             _: candle_nn::Init,
             dtype: DType,
             dev: &Device,
         ) -> candle_core::Result<Tensor> {
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()) += s.elem_count() as u64;
+            if let Some(shapes) = &self.shapes {
+                match shapes.get(name) {
+                    None => candle_core::bail!("no tensor `{name}`"),
+                    Some(dims) if dims.as_slice() != s.dims() => {
+                        candle_core::bail!("`{name}` has shape {dims:?}, where the network's is {:?}", s.dims())
+                    }
+                    Some(_) => {}
+                }
+            }
+            let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+            *read = (read.0 + s.elem_count() as u64, read.1 + 1);
             placeholder(s.dims(), dtype, dev)
         }
 
@@ -588,14 +659,14 @@ fn parameters(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> cand
             candle_core::bail!("`{name}` read without a shape")
         }
 
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.shapes.as_ref().is_none_or(|shapes| shapes.contains_key(name))
         }
     }
-    let count = Arc::new(Mutex::new(0));
-    build(VarBuilder::from_backend(Box::new(Counter(count.clone())), VERIFY_DTYPE, Device::Cpu))?;
-    let total = *count.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(total)
+    let read = Arc::new(Mutex::new((0, 0)));
+    build(VarBuilder::from_backend(Box::new(Shapes { shapes, read: read.clone() }), VERIFY_DTYPE, Device::Cpu))?;
+    let read = *read.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(read)
 }
 
 fn placeholder(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -19,6 +19,7 @@ use kinetoscope_models::wan::transformer;
 
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
+use crate::registry::WeightsReport;
 
 /// A network's weights as the pipeline loaded them, for the sidecar.
 #[derive(Debug, Clone, Serialize)]
@@ -174,6 +175,24 @@ impl TransformerSource {
                     .sum())
             }
         }
+    }
+
+    /// What `models verify` says of the single file `path` standing in for the folder, checked against `config`
+    /// (every tensor the network reads present with its shape, and nothing else).
+    pub(crate) fn file_report(&self, path: &Path, config: &transformer::Config) -> Result<WeightsReport> {
+        let file = self.open(path)?;
+        file.config(Some(config)).map_err(|e| self.invalid(path, e))?;
+        let mut dtypes: Vec<String> = file.stored().map(|(_, stored)| stored.format.name()).collect();
+        dtypes.sort();
+        dtypes.dedup();
+        Ok(WeightsReport {
+            component: self.component,
+            files: 1,
+            tensors: file.shapes().len(),
+            parameters: file.shapes().values().map(|dims| dims.iter().product::<usize>() as u64).sum(),
+            dtypes,
+            file: Some(path.to_path_buf()),
+        })
     }
 
     fn open(&self, path: &std::path::Path) -> Result<SingleFile> {

@@ -38,7 +38,7 @@ fn both_tiny_models_verify_as_the_wan21_family() {
     }
     let b = verify_path(&tiny("wan21-tiny-b")).unwrap();
     let transformer = &b.weights[1];
-    assert_eq!((transformer.files, transformer.dtypes.as_slice()), (4, ["bf16"].as_slice()));
+    assert_eq!((transformer.files, transformer.dtypes.as_slice()), (4, ["bf16".to_string()].as_slice()));
 }
 
 #[test]
@@ -175,4 +175,31 @@ fn verify_reads_headers_only() {
 
     let report = verify_path(&root).unwrap();
     assert!(report.weights[1].parameters > (4 << 30), "{report}");
+}
+
+/// A mixed set: single files standing in for the folder's transformer and text encoder are checked by their
+/// headers in their place (their formats reported), and a file whose network doesn't fit the folder is refused
+/// naming it.
+#[test]
+fn a_set_with_single_files_verifies_by_their_headers() {
+    let quantized = common::tiny().join("quantized");
+    let options = kinetoscope::LoadOptions {
+        transformer: Some(quantized.join("wan21-tiny-q-Q4_K_M.gguf")),
+        text_encoder_weights: Some(quantized.join("umt5-tiny-Q8_0.gguf")),
+        ..Default::default()
+    };
+    let report = kinetoscope::verify_with(&ModelDir::from_path(&tiny("wan21-tiny-a")).unwrap(), &options).unwrap();
+    let [text, transformer, _vae] = report.weights.as_slice() else { panic!("{report}") };
+    assert_eq!(transformer.file, options.transformer);
+    assert!(transformer.dtypes.contains(&"Q4_K".to_string()) && transformer.dtypes.contains(&"Q6_K".to_string()));
+    assert_eq!(text.file, options.text_encoder_weights);
+    assert!(text.dtypes.contains(&"Q8_0".to_string()), "{report}");
+    assert!(report.to_string().contains("wan21-tiny-q-Q4_K_M.gguf"), "{report}");
+
+    let i2v = kinetoscope::LoadOptions {
+        transformer: Some(common::tiny().join("single_file/wan21-i2v-tiny.safetensors")),
+        ..Default::default()
+    };
+    let err = kinetoscope::verify_with(&ModelDir::from_path(&tiny("wan21-tiny-a")).unwrap(), &i2v).unwrap_err();
+    assert!(err.to_string().contains("wan21-i2v-tiny") || err.to_string().contains("in_channels"), "{err}");
 }
