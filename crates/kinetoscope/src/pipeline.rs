@@ -46,10 +46,21 @@ pub struct Pipeline {
     sources: Vec<TransformerSource>,
     lora_allow_unmatched: bool,
     /// Run-time adapters read so far, by file (path, size, modification time) and transformer.
-    request_loras: Mutex<HashMap<AdapterKey, Arc<Adapter>>>,
+    request_loras: Mutex<ReadAdapters>,
 }
 
 type AdapterKey = (PathBuf, &'static str, (u64, SystemTime));
+
+/// How many run-time adapters stay read (and prepared on the device) between requests: a server switching among
+/// more reads the least recently used again when it comes back.
+const MAX_READ_ADAPTERS: usize = 16;
+
+/// Run-time adapters read so far, each with when it was last used.
+#[derive(Default)]
+struct ReadAdapters {
+    entries: HashMap<AdapterKey, (Arc<Adapter>, u64)>,
+    clock: u64,
+}
 
 /// What a model's configs say about the requests it can take, known before any weight is read, so that a
 /// server can check requests while the model is still loading.
@@ -231,7 +242,7 @@ impl Pipeline {
             dir: dir.clone(),
             sources,
             lora_allow_unmatched: options.lora_allow_unmatched,
-            request_loras: Mutex::new(HashMap::new()),
+            request_loras: Mutex::new(ReadAdapters::default()),
         })
     }
 
@@ -298,6 +309,11 @@ impl Pipeline {
 
     /// `request`'s run-time adapters ([`GenerateRequest::loras`]), each read once per file and component and then
     /// kept (keyed by path, size and modification time, so a replaced file is read again), with their scales.
+    /// How many run-time adapters are kept read between requests (at most 16, the most recently used).
+    pub fn read_adapters(&self) -> usize {
+        self.request_loras.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).entries.len()
+    }
+
     fn request_adapters(&self, request: &GenerateRequest) -> Result<Vec<(&'static str, ScaledAdapter)>> {
         let mut read = self.request_loras.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut adapters = Vec::with_capacity(request.loras.len());
@@ -315,14 +331,23 @@ impl Pipeline {
             let stamp = std::fs::metadata(&spec.path).and_then(|m| Ok((m.len(), m.modified()?)));
             let stamp = stamp.map_err(|source| Error::Io { path: spec.path.clone(), source })?;
             let key = (spec.path.clone(), spec.component, stamp);
-            let adapter = match read.get(&key) {
-                Some(adapter) => adapter.clone(),
+            read.clock += 1;
+            let now = read.clock;
+            let adapter = match read.entries.get_mut(&key) {
+                Some((adapter, used)) => {
+                    *used = now;
+                    adapter.clone()
+                }
                 None => {
                     let targets = source.targets(&self.dir)?;
                     let adapter = Arc::new(crate::adapters::read_one(&spec.path, &targets, self.lora_allow_unmatched)?);
                     // A file replaced since it was read is never asked for under its old stamp again.
-                    read.retain(|(path, component, _), _| (path, *component) != (&spec.path, spec.component));
-                    read.insert(key, adapter.clone());
+                    read.entries.retain(|(path, component, _), _| (path, *component) != (&spec.path, spec.component));
+                    read.entries.insert(key, (adapter.clone(), now));
+                    if read.entries.len() > MAX_READ_ADAPTERS {
+                        let oldest = read.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+                        read.entries.remove(&oldest.expect("more than the bound"));
+                    }
                     adapter
                 }
             };

@@ -118,3 +118,19 @@ fn adapters_per_request_switch_without_reloading() {
     let err = pipeline.generate(&elsewhere).unwrap_err();
     assert!(err.to_string().contains("transformer_2"), "{err}");
 }
+
+/// A server switching among many adapters keeps the 16 most recently used read, not every one it ever saw.
+#[test]
+fn read_adapters_are_bounded() {
+    let model = "wan21-tiny-a";
+    let pipeline = load(model, Vec::new()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let request = GenerateRequest { steps: 1, ..reference_request(model) };
+    for i in 0..20 {
+        let path = dir.path().join(format!("style-{i}.safetensors"));
+        std::fs::copy(tiny().join("loras/wan21-peft.safetensors"), &path).unwrap();
+        let loras = vec![LoraSpec { path, scale: 0.5, component: "transformer" }];
+        denoised(&pipeline, &GenerateRequest { loras, ..request.clone() }, &mut |_| {});
+        assert_eq!(pipeline.read_adapters(), (i + 1).min(16));
+    }
+}
