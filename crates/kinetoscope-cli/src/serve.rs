@@ -72,17 +72,21 @@ pub struct Args {
     /// insufficient_storage, queued ones wait and /readyz says low_disk; 0 turns the check off.
     #[arg(long, default_value = "1GiB", value_parser = parse_free_disk)]
     min_free_disk: u64,
-    /// Size of a request that gives none, WIDTHxHEIGHT.
-    #[arg(long, default_value = "832x480", value_parser = parse_size)]
-    default_size: (usize, usize),
+    /// Size of a request that gives none, WIDTHxHEIGHT [default: the model's registry entry's (Wan 2.2 TI2V:
+    /// 1280x704), else 832x480].
+    #[arg(long, value_parser = parse_size)]
+    default_size: Option<(usize, usize)>,
     #[arg(long, default_value_t = Defaults::default().seconds)]
     default_seconds: u32,
-    #[arg(long, default_value_t = Defaults::default().fps)]
-    default_fps: u32,
-    #[arg(long, default_value_t = Defaults::default().steps)]
-    default_steps: usize,
-    #[arg(long, default_value_t = Defaults::default().guidance_scale)]
-    default_guidance: f64,
+    /// [default: the model's registry entry's, else 16]
+    #[arg(long)]
+    default_fps: Option<u32>,
+    /// [default: the model's registry entry's, else 50]
+    #[arg(long)]
+    default_steps: Option<usize>,
+    /// [default: the model's registry entry's, else 5]
+    #[arg(long)]
+    default_guidance: Option<f64>,
     /// Hours a finished video stays downloadable.
     #[arg(long, default_value_t = 24.0)]
     retention_hours: f64,
@@ -150,6 +154,26 @@ fn parse_size(text: &str) -> Result<(usize, usize), String> {
     parse().ok_or_else(|| format!("{text:?}: expected WIDTHxHEIGHT, e.g. 832x480"))
 }
 
+/// A request's defaults: the flags given, else the model's registry entry's (identified from its configs, as
+/// `generate` does), else Wan 2.1's. A model that can't be opened yet gets Wan 2.1's here; the server reports why it
+/// can't load.
+fn defaults(args: &Args) -> Defaults {
+    let built_in = Defaults::default();
+    let entry =
+        kinetoscope::ModelDir::open(&args.model).ok().and_then(|dir| kinetoscope::registry::identify(&dir).ok()?);
+    let model = entry.map(|entry| &entry.defaults);
+    let (width, height) =
+        args.default_size.or(model.map(|d| (d.width, d.height))).unwrap_or((built_in.width, built_in.height));
+    Defaults {
+        width,
+        height,
+        seconds: args.default_seconds,
+        fps: args.default_fps.or(model.map(|d| d.fps)).unwrap_or(built_in.fps),
+        steps: args.default_steps.or(model.map(|d| d.steps)).unwrap_or(built_in.steps),
+        guidance_scale: args.default_guidance.or(model.map(|d| d.guidance_scale)).unwrap_or(built_in.guidance_scale),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let api_keys = ApiKeys::load(args.api_keys_file.as_deref(), std::env::var("KINETOSCOPE_API_KEYS").ok().as_deref())?;
     let secret = match &args.webhook_secret_file {
@@ -162,6 +186,7 @@ pub fn run(args: Args) -> Result<()> {
         None => std::env::var("KINETOSCOPE_WEBHOOK_SECRET").ok(),
     };
     let mut config = Config::new(&args.model, &args.data_dir, api_keys);
+    config.defaults = defaults(&args);
     if let Some(name) = args.model_name {
         config.model_name = name;
     }
@@ -188,15 +213,7 @@ pub fn run(args: Args) -> Result<()> {
         ..Limits::default()
     };
     config.min_free_disk = args.min_free_disk;
-    let (width, height) = args.default_size;
-    config.defaults = Defaults {
-        width,
-        height,
-        seconds: args.default_seconds,
-        fps: args.default_fps,
-        steps: args.default_steps,
-        guidance_scale: args.default_guidance,
-    };
+
     config.retention = Duration::from_secs_f64(args.retention_hours.max(0.0) * 3600.0);
     config.job_timeout = Duration::from_secs(args.job_timeout_s);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_s);
@@ -217,4 +234,61 @@ pub fn run(args: Args) -> Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(kinetoscope_server::serve(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: Args,
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Command::try_parse_from(["serve"].iter().chain(args)).unwrap().serve
+    }
+
+    fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    /// A folder the registry knows serves its entry's defaults unless a flag says otherwise; one it doesn't,
+    /// Wan 2.1's.
+    #[test]
+    fn defaults_come_from_the_flags_then_the_registry_then_wan21() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+        let unknown = tiny.join("wan22-ti2v-tiny-a");
+        let d = defaults(&parse(&["--model", unknown.to_str().unwrap()]));
+        assert_eq!((d.width, d.height, d.fps, d.steps), (832, 480, 16, 50));
+
+        // The tiny TI2V folder with the configs of the registry's Wan 2.2 TI2V-5B (identify reads configs only).
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("ti2v");
+        copy_tree(&unknown, &folder);
+        let entry = kinetoscope::models().iter().find(|m| m.id == "wan2.2-ti2v-5b").unwrap();
+        for (component, values) in &entry.configs {
+            let path = folder.join(component).join("config.json");
+            let mut config: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config.extend(values.clone());
+            std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+        }
+        let model = folder.to_str().unwrap();
+        let d = defaults(&parse(&["--model", model]));
+        assert_eq!((d.width, d.height, d.fps, d.steps), (1280, 704, 24, 50));
+        let d = defaults(&parse(&["--model", model, "--default-size", "640x352", "--default-steps", "8"]));
+        assert_eq!((d.width, d.height, d.fps, d.steps), (640, 352, 24, 8));
+    }
 }
