@@ -163,6 +163,10 @@ pub struct ComponentFiles {
     /// (city96's umt5-xxl-encoder-*.gguf). The tokenizer and config stay the folder's.
     #[arg(long, value_name = "FILE")]
     pub text_encoder_weights: Option<PathBuf>,
+    /// A single-file Wan 2.1 VAE in the official layout (ComfyUI's wan_2.1_vae.safetensors, optionally under vae.
+    /// or first_stage_model.) used instead of the folder's vae/.
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
 }
 
 /// LoRA adapters, merged into the weights as the model loads.
@@ -203,6 +207,7 @@ impl MemoryArgs {
             transformer_2: self.files.transformer_2.clone(),
             quantize: self.files.quantize,
             text_encoder_weights: self.files.text_encoder_weights.clone(),
+            vae: self.files.vae.clone(),
         }
     }
 }

@@ -21,6 +21,13 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = crate::generate::parse_memory_limit)]
         gpu_memory: Option<u64>,
     },
+    /// The single-file transformers people download for each model (ComfyUI's FP8 and half-precision files,
+    /// city96's GGUFs), for --transformer, with their approximate size.
+    Downloads {
+        /// Only the files whose model then fits a GPU of this much memory (as `list --gpu-memory`).
+        #[arg(long, value_name = "SIZE", value_parser = crate::generate::parse_memory_limit)]
+        gpu_memory: Option<u64>,
+    },
     /// Check that a model folder (or a Hugging Face repository id in the local cache) has every file, config
     /// and tensor the code needs, with the right shapes, without loading the weights.
     Verify {
@@ -35,18 +42,72 @@ enum Command {
         /// A text encoder file to check in place of the folder's (as generate's --text-encoder-weights).
         #[arg(long, value_name = "FILE")]
         text_encoder_weights: Option<std::path::PathBuf>,
+        /// A VAE file to check in place of the folder's (as generate's --vae).
+        #[arg(long, value_name = "FILE")]
+        vae: Option<std::path::PathBuf>,
     },
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::List { gpu_memory } => print!("{}", table(kinetoscope::models(), gpu_memory)?),
-        Command::Verify { model, transformer, transformer_2, text_encoder_weights } => {
-            let options = LoadOptions { transformer, transformer_2, text_encoder_weights, ..LoadOptions::default() };
+        Command::Downloads { gpu_memory } => print!("{}", downloads(kinetoscope::models(), gpu_memory)?),
+        Command::Verify { model, transformer, transformer_2, text_encoder_weights, vae } => {
+            let options =
+                LoadOptions { transformer, transformer_2, text_encoder_weights, vae, ..LoadOptions::default() };
             print!("{}", kinetoscope::verify_with(&ModelDir::open(&model)?, &options)?)
         }
     }
     Ok(())
+}
+
+/// One line per known download: the model, the format, its size (and with `gpu_memory`, what the model then
+/// needs on the GPU, only the files that fit), and where it is.
+fn downloads(models: &[ModelManifest], gpu_memory: Option<u64>) -> Result<String> {
+    let mut header = vec!["ID".to_string(), "FORMAT".into(), "≈GiB".into()];
+    if gpu_memory.is_some() {
+        header.push("GPU GiB".into());
+    }
+    header.push("REPOSITORY / FILE".into());
+    let mut rows = Vec::new();
+    for m in models {
+        // Beside the transformer: the VAE and the working memory at the defaults, as `list` counts them.
+        let bf16 = &m.footprints()?[0];
+        let rest = bf16.gpu_bytes - bf16.transformer_bytes;
+        for d in &m.downloads {
+            let Some(bits) = d.bits_per_weight() else { continue };
+            let bytes = m.transformer_bytes_at(bits)?;
+            let mut row = vec![m.id.clone(), d.format.clone(), gib(bytes)];
+            if let Some(limit) = gpu_memory {
+                if bytes + rest > limit {
+                    continue;
+                }
+                row.push(gib(bytes + rest));
+            }
+            row.push(format!("{}/{}", d.repo_id, d.file));
+            rows.push(row);
+        }
+    }
+    Ok(aligned(&header, &rows))
+}
+
+/// `rows` under `header`, each column as wide as its widest cell.
+fn aligned(header: &[String], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].chars().count()]).max().unwrap_or(0))
+        .collect();
+    [header]
+        .into_iter()
+        .chain(rows.iter().map(Vec::as_slice))
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell}{}", " ".repeat(w - cell.chars().count())))
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        })
+        .collect()
 }
 
 /// `bytes` in GiB, one decimal.
@@ -90,16 +151,7 @@ fn table(models: &[ModelManifest], gpu_memory: Option<u64>) -> Result<String> {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> =
-        (0..header.len()).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    Ok([&header]
-        .into_iter()
-        .chain(&rows)
-        .map(|row| {
-            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-            format!("{}\n", cells.join("  ").trim_end())
-        })
-        .collect())
+    Ok(aligned(&header, &rows))
 }
 
 #[cfg(test)]
@@ -120,6 +172,22 @@ mod tests {
         let large = table(kinetoscope::models(), Some(80 << 30)).unwrap();
         assert!(small.lines().count() < large.lines().count(), "{small}\n{large}");
         assert!(small.contains("wan2.1-t2v-1.3b") && small.contains("q4_k ("), "{small}");
+    }
+
+    /// Every listed download has a format whose size is known, and a smaller card lists fewer.
+    #[test]
+    fn downloads_have_sizes_and_the_filter_applies() {
+        for m in kinetoscope::models() {
+            for d in &m.downloads {
+                assert!(d.bits_per_weight().is_some(), "{}: {}", m.id, d.format);
+            }
+        }
+        let all = downloads(kinetoscope::models(), None).unwrap();
+        assert!(all.contains("city96/Wan2.1-T2V-14B-gguf/wan2.1-t2v-14b-Q4_K_M.gguf"), "{all}");
+        let q4 = all.lines().find(|l| l.contains("wan2.1-t2v-14b-Q4_K_M")).unwrap();
+        assert!(q4.contains("7.5"), "{q4}");
+        let some = downloads(kinetoscope::models(), Some(40 << 30)).unwrap();
+        assert!(some.lines().count() < all.lines().count() && some.contains("Q4_K_M"), "{some}");
     }
 
     #[test]

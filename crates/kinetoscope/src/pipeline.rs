@@ -169,8 +169,12 @@ impl Pipeline {
         // are where black and NaN frames come from), and it runs once per video, not once per step. With
         // half-precision networks on a GPU its products use TF32, as diffusers' do under PyTorch (`with_tf32`).
         let vae_config: vae::Config = dir.config("vae", "config.json")?;
-        let vae = AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
-            .map_err(|e| Error::Weights { component: "vae", path: dir.component("vae"), reason: e.to_string() })?;
+        let vae = match &options.vae {
+            None => AutoencoderKLWan::new(&vae_config, dir.var_builder("vae", DType::F32, &device)?)
+                .map_err(|e| Error::Weights { component: "vae", path: dir.component("vae"), reason: e.to_string() })?,
+            Some(file) => vae::single_file::load_vae(file, &vae_config, DType::F32, &device)
+                .map_err(|e| Error::Weights { component: "vae", path: file.clone(), reason: e.to_string() })?,
+        };
 
         let names: &[&'static str] =
             if index.has_component("transformer_2") { &["transformer", "transformer_2"] } else { &["transformer"] };
@@ -221,7 +225,10 @@ impl Pipeline {
         let mut weights =
             sources.iter().map(|source| ComponentWeights::of(source, options.quantize)).collect::<Result<Vec<_>>>()?;
         if let Some(file) = text_file {
-            weights.push(ComponentWeights::text_encoder(file)?);
+            weights.push(ComponentWeights::file("text_encoder", file)?);
+        }
+        if let Some(file) = &options.vae {
+            weights.push(ComponentWeights::file("vae", file)?);
         }
         let (experts, loras) = load_experts(dir, &sources, configs, options)?;
         let denoiser = Denoiser::new(experts, boundary, dtype, device.clone());

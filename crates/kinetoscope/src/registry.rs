@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use kinetoscope_models::checkpoint::{Checkpoint, Limits};
 use kinetoscope_models::clip::{self, ClipVisionModel};
 use kinetoscope_models::compact::Quantization;
 use kinetoscope_models::umt5::{self, UMT5Encoder};
@@ -106,6 +107,36 @@ pub struct ModelManifest {
     /// By component: config keys and the values this model has; all must match for a folder to be this model.
     pub configs: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
     pub defaults: Defaults,
+    /// Single-file transformers people download for this model (ComfyUI's repackaged FP8 and half-precision files,
+    /// city96's GGUFs), for `--transformer`; a two-expert model's come in pairs (high-noise, low-noise).
+    #[serde(default)]
+    pub downloads: Vec<Download>,
+}
+
+/// A single-file transformer on the Hugging Face Hub.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Download {
+    pub repo_id: String,
+    /// Its path in the repository.
+    pub file: String,
+    /// `bf16`, `f16`, `fp8`, or a GGUF type as its name gives it (`Q4_K_M`).
+    pub format: String,
+}
+
+impl Download {
+    /// Bits a linear weight takes in this format (a GGUF mix by its main type); `None` for a format not known.
+    pub fn bits_per_weight(&self) -> Option<f64> {
+        Some(match self.format.as_str() {
+            "bf16" | "f16" => 16.0,
+            "fp8" => 8.0,
+            "Q8_0" => 8.5,
+            "Q6_K" => 6.5625,
+            "Q5_K_M" | "Q5_K_S" => 5.5,
+            "Q4_K_M" | "Q4_K_S" => 4.5,
+            "Q3_K_M" | "Q3_K_S" => 3.4375,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +197,25 @@ pub struct Footprint {
 }
 
 impl ModelManifest {
+    /// One transformer's bytes with its linear weights at `bits` a weight and everything else in bf16, from the
+    /// configs: what a file of that format takes, near enough (GGUF files keep a few small tensors wider).
+    pub fn transformer_bytes_at(&self, bits: f64) -> Result<u64> {
+        let invalid = |e: String| Error::InvalidRequest { field: "model", reason: format!("{}: {e}", self.id) };
+        let values = self.configs.get("transformer").cloned().unwrap_or_default();
+        let transformer: transformer::Config =
+            serde_json::from_value(serde_json::Value::Object(values)).map_err(|e| invalid(e.to_string()))?;
+        let shapes =
+            kinetoscope_models::wan::single_file::model_shapes(&transformer).map_err(|e| invalid(e.to_string()))?;
+        Ok(shapes
+            .iter()
+            .map(|(name, dims)| {
+                let elements = dims.iter().product::<usize>() as f64;
+                let linear = dims.len() == 2 && name.ends_with(".weight");
+                (elements * if linear { bits / 8.0 } else { 2.0 }).ceil() as u64
+            })
+            .sum())
+    }
+
     /// The model's [`Footprint`] for its released weights and each compact format, from its configs.
     pub fn footprints(&self) -> Result<Vec<Footprint>> {
         let config = |component: &str| {
@@ -329,7 +379,10 @@ pub fn verify_with(dir: &ModelDir, options: &LoadOptions) -> Result<VerifyReport
     if let Some(cfg) = &image_encoder {
         weights.push(check_weights(dir, "image_encoder", |vb| ClipVisionModel::new(cfg, vb).map(drop))?);
     }
-    weights.push(check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?);
+    weights.push(match &options.vae {
+        None => check_weights(dir, "vae", |vb| AutoencoderKLWan::new(&vae_cfg, vb).map(drop))?,
+        Some(file) => check_vae_file(file, &vae_cfg)?,
+    });
     let model = entry_in(dir, family)?;
     Ok(VerifyReport { root: dir.root().to_path_buf(), family: family.family.clone(), model, weights })
 }
@@ -517,6 +570,28 @@ fn check_weights(
         dtypes,
         file: None,
     })
+}
+
+/// Builds the VAE over `file`'s headers (a single file in the official Wan layout), so that every tensor it reads
+/// is checked, and every tensor of the file read.
+fn check_vae_file(file: &Path, cfg: &vae::Config) -> Result<WeightsReport> {
+    let invalid =
+        |e: candle_core::Error| Error::Weights { component: "vae", path: file.to_path_buf(), reason: e.to_string() };
+    let vae_file = vae::single_file::VaeFile::open(file).map_err(invalid)?;
+    let shapes: HashMap<String, Vec<usize>> = vae_file.shapes().into_iter().collect();
+    let stored = shapes.len();
+    let (parameters, tensors) =
+        over_shapes(Some(shapes), |vb| AutoencoderKLWan::new(cfg, vb).map(drop)).map_err(invalid)?;
+    if tensors != stored {
+        return Err(invalid(candle_core::Error::Msg(format!(
+            "the VAE reads {tensors} of its {stored} tensors: the file is another VAE than the folder's config says"
+        ))));
+    }
+    let checkpoint = Checkpoint::open(file, &Limits::default()).map_err(invalid)?;
+    let mut dtypes: Vec<String> = checkpoint.tensors().values().map(|stored| stored.format.name()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Ok(WeightsReport { component: "vae", files: 1, tensors, parameters, dtypes, file: Some(file.to_path_buf()) })
 }
 
 /// Builds the text encoder over `file`'s headers (see `umt5::file_weights`), so that every tensor it reads is

@@ -49,6 +49,9 @@ pub struct LoadOptions {
     /// transformers' names in any precision or FP8, or a umT5 GGUF under llama.cpp's names); the tokenizer and
     /// the config stay the folder's.
     pub text_encoder_weights: Option<PathBuf>,
+    /// A single-file Wan 2.1 VAE in the official layout (ComfyUI's `wan_2.1_vae.safetensors`) instead of the
+    /// folder's `vae/`; the config stays the folder's.
+    pub vae: Option<PathBuf>,
 }
 
 /// A LoRA adapter file and its scale, for one of the model's transformers.
@@ -94,6 +97,7 @@ impl Default for LoadOptions {
             transformer_2: None,
             quantize: None,
             text_encoder_weights: None,
+            vae: None,
         }
     }
 }

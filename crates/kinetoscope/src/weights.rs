@@ -24,7 +24,7 @@ use crate::registry::WeightsReport;
 /// A network's weights as the pipeline loaded them, for the sidecar.
 #[derive(Debug, Clone, Serialize)]
 pub struct ComponentWeights {
-    /// `transformer`, a two-expert model's `transformer_2`, or `text_encoder`.
+    /// `transformer`, a two-expert model's `transformer_2`, `text_encoder` or `vae`.
     pub component: &'static str,
     /// The single file that stood in for the folder's network; `None`: the folder's own.
     pub file: Option<PathBuf>,
@@ -47,15 +47,15 @@ impl ComponentWeights {
         })
     }
 
-    /// The text encoder's weights from `file` (`LoadOptions::text_encoder_weights`).
-    pub(crate) fn text_encoder(file: &Path) -> Result<Self> {
+    /// `component`'s weights from `file` (`LoadOptions::text_encoder_weights`, `LoadOptions::vae`).
+    pub(crate) fn file(component: &'static str, file: &Path) -> Result<Self> {
         let checkpoint = Checkpoint::open(file, &Limits::default()).map_err(|e| Error::Weights {
-            component: "text_encoder",
+            component,
             path: file.to_path_buf(),
             reason: e.to_string(),
         })?;
         Ok(Self {
-            component: "text_encoder",
+            component,
             file: Some(file.to_path_buf()),
             sha256: Some(crate::adapters::sha256_of(file)?),
             format: checkpoint.format_summary(),

@@ -57,3 +57,30 @@ fn a_file_for_a_network_the_model_lacks_is_refused() {
     let err = refuse(LoadOptions { transformer: Some(file("wan21-flf2v-tiny.safetensors")), ..LoadOptions::default() });
     assert!(err.to_string().contains("wan21-flf2v-tiny.safetensors") || err.to_string().contains("image"), "{err}");
 }
+
+/// `--vae FILE`: the folder's VAE as one file in the official Wan layout gives the folder's video bit for bit;
+/// a VAE file of another structure than the folder's config is refused, at load and by `verify_with`.
+#[test]
+fn a_single_file_vae_gives_the_folders_video() {
+    let request = GenerateRequest { steps: 2, seed: 7, ..reference_request("wan21-tiny-a") };
+    let generate = |options: LoadOptions| {
+        let pipeline = Pipeline::load(&model_dir("wan21-tiny-a"), &options).unwrap();
+        let components: Vec<&str> = pipeline.weights().iter().map(|w| w.component).collect();
+        (pipeline.generate(&request).unwrap().frames, components)
+    };
+    let (folder, _) = generate(LoadOptions::default());
+    let vae = file("wan21-tiny-a-vae.safetensors");
+    let (single, components) = generate(LoadOptions { vae: Some(vae.clone()), ..LoadOptions::default() });
+    assert_eq!(components, ["transformer", "vae"]);
+    assert_eq!(single, folder);
+
+    let options = LoadOptions { vae: Some(vae), ..LoadOptions::default() };
+    let report = kinetoscope::verify_with(&model_dir("wan21-tiny-a"), &options).unwrap();
+    assert!(report.to_string().contains("wan21-tiny-a-vae.safetensors"), "{report}");
+
+    let other = LoadOptions { vae: Some(file("wan21-tiny-a-vae-res2.safetensors")), ..LoadOptions::default() };
+    let err = Pipeline::load(&model_dir("wan21-tiny-a"), &other).err().unwrap().to_string();
+    assert!(err.contains("wan21-tiny-a-vae-res2.safetensors"), "{err}");
+    let err = kinetoscope::verify_with(&model_dir("wan21-tiny-a"), &other).unwrap_err().to_string();
+    assert!(err.contains("wan21-tiny-a-vae-res2.safetensors"), "{err}");
+}

@@ -17,6 +17,7 @@ mod blocks;
 mod causal;
 mod decoder;
 mod encoder;
+pub mod single_file;
 mod tiling;
 
 use candle_core::{bail, Result, Tensor};
