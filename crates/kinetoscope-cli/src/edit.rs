@@ -1,4 +1,5 @@
-//! `generate --input-video`: video-to-video (`--strength`) or regenerating a time range (`--redo`); `generate
+//! `generate --input-video`: video-to-video (`--strength`), regenerating a time range (`--redo`) or a region
+//! (`--mask`, `--region`, over a `--redo` range or every frame); `generate
 //! --extend-from`: extending a clip (`--seconds`); `generate --image` (and `--last-image`): image-to-video. Reads
 //! the source clip or image(s), fits it to a size and frame count the model takes, runs the library's edit, and
 //! says what the sidecar records of it (the source's hash, the edit).
@@ -8,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use kinetoscope::{
-    EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, Pipeline, Progress, TimeRange, Video,
-    MAX_EXTEND_SECONDS,
+    EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, MaskFit, Pipeline, Progress, RegionMask,
+    RegionReport, RegionRequest, TimeRange, Video, MAX_EXTEND_SECONDS,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -35,6 +36,16 @@ pub struct EditArgs {
     /// included). All steps run; --strength doesn't apply.
     #[arg(long, value_name = "RANGE", requires = "input_video", conflicts_with = "strength")]
     redo: Option<TimeRange>,
+    /// Regenerate only the region of --input-video this mask shows white (black elsewhere): an image (PNG,
+    /// JPEG, WebP) for every frame, or a video with a mask frame for each frame. It is cropped and resized as the
+    /// video is, and thresholded at half. With --redo, only within that time range. Every pixel outside the mask
+    /// stays the video's exactly; the region blends in over a few pixels inside its edge.
+    #[arg(long, value_name = "IMAGE_OR_VIDEO", requires = "input_video", conflicts_with_all = ["strength", "region"])]
+    mask: Option<PathBuf>,
+    /// Regenerate only this rectangle of --input-video, X,Y,WIDTH,HEIGHT in the video's own pixels (as --mask
+    /// with a white rectangle); with --redo, only within that time range.
+    #[arg(long, value_name = "X,Y,W,H", requires = "input_video", conflicts_with = "strength", value_parser = parse_region)]
+    region: Option<[usize; 4]>,
     /// Extend this video: generate what follows it with the prompt, conditioned on its last 9 frames, and
     /// write the video and the new frames as one MP4 at the video's size (rounded down to multiples of 16)
     /// and frame rate. The output's frames are the video's but its last 4, then 4 seam frames generated
@@ -61,8 +72,23 @@ pub struct EditArgs {
 enum Mode {
     VideoToVideo { strength: f64 },
     Redo { range: TimeRange, frames: Range<usize> },
+    Region(Box<Region>),
     Extend { seconds: Option<f64>, fps: u32, extension: Option<Extension> },
     ImageToVideo { last: Option<LastImage> },
+}
+
+/// A region to regenerate: the mask as read (a picture of it, or a rectangle drawn at the clip's size), and once
+/// [`Edit::fit`] has run, fitted to the clip.
+struct Region {
+    /// `--mask FILE` and its sha256, or `None` for `--region`.
+    file: Option<(PathBuf, String)>,
+    rectangle: Option<[usize; 4]>,
+    /// The time range it is limited to (`--redo`), and its frames.
+    range: Option<(TimeRange, Range<usize>)>,
+    picture: InputVideo,
+    fitted: Option<(RegionMask, MaskFit)>,
+    /// The last render's report, for the sidecar.
+    report: std::sync::Mutex<Option<RegionReport>>,
 }
 
 /// The image a first-and-last-frame generation ends on.
@@ -150,7 +176,25 @@ impl EditArgs {
         let frames = kinetoscope_video::read_frames(path).with_context(cannot_read)?;
         let source_shape = (frames.num_frames(), frames.width(), frames.height());
         let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
+        let range = |range: TimeRange| -> Result<(TimeRange, Range<usize>)> {
+            // Only a range in seconds needs the clip's frame rate.
+            let fps = match range {
+                TimeRange::Seconds(..) => kinetoscope_video::probe(path).with_context(cannot_read)?.fps,
+                TimeRange::Frames(..) => 0.0,
+            };
+            Ok((range, range.frames(fps)))
+        };
+        let region = match (&self.mask, self.region) {
+            (Some(mask), _) => Some(Region::read_mask(mask, &input)?),
+            (None, Some(rectangle)) => Some(Region::rectangle(rectangle, &input)?),
+            (None, None) => None,
+        };
         let mode = match self.redo {
+            _ if region.is_some() => {
+                let mut region = region.expect("matched");
+                region.range = self.redo.map(range).transpose()?;
+                Mode::Region(Box::new(region))
+            }
             _ if extend => {
                 let fps = kinetoscope_video::probe(path).with_context(cannot_read)?.fps.round();
                 if !(fps >= 1.0 && fps <= f64::from(u32::MAX)) {
@@ -159,13 +203,9 @@ impl EditArgs {
                 Mode::Extend { seconds: self.seconds, fps: fps as u32, extension: None }
             }
             None => Mode::VideoToVideo { strength: self.strength },
-            Some(range) => {
-                // Only a range in seconds needs the clip's frame rate.
-                let fps = match range {
-                    TimeRange::Seconds(..) => kinetoscope_video::probe(path).with_context(cannot_read)?.fps,
-                    TimeRange::Frames(..) => 0.0,
-                };
-                Mode::Redo { range, frames: range.frames(fps) }
+            Some(redo) => {
+                let (range, frames) = range(redo)?;
+                Mode::Redo { range, frames }
             }
         };
         Ok(Some(Edit { input, mode, source: path.clone(), sha256, source_shape }))
@@ -210,6 +250,9 @@ impl Edit {
         let Mode::Extend { seconds, fps, .. } = self.mode else {
             let kind = self.kind();
             let input = pipeline.fit_input(self.input, &kind, request)?;
+            if let Mode::Region(region) = &mut self.mode {
+                region.fit(&input)?;
+            }
             return Ok(Edit { input, ..self });
         };
         let frames = match seconds {
@@ -232,6 +275,11 @@ impl Edit {
         match &self.mode {
             Mode::VideoToVideo { strength } => EditKind::VideoToVideo { strength: *strength },
             Mode::Redo { frames, .. } => EditKind::Redo { start: frames.start, end: frames.end },
+            // Fitted and run as a redo of every frame (all steps); rendered by `Pipeline::redo_region`.
+            Mode::Region(region) => {
+                let end = region.range.as_ref().map_or(usize::MAX, |(_, frames)| frames.end);
+                EditKind::Redo { start: 0, end }
+            }
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
             Mode::ImageToVideo { last } => EditKind::ImageToVideo { last_image: last.is_some() },
         }
@@ -262,6 +310,13 @@ impl Edit {
         base: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> kinetoscope::Result<Video> {
+        if let Mode::Region(region) = &self.mode {
+            let (mask, _) = region.fitted.as_ref().expect("fitted before rendering");
+            let request = RegionRequest { base: base.clone(), input: &self.input, mask };
+            let (video, report) = pipeline.redo_region_with_progress(&request, on_step)?;
+            *region.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+            return Ok(video);
+        }
         pipeline.run_edit(&self.kind(), base, &self.input, on_step)
     }
 
@@ -280,11 +335,27 @@ impl Edit {
             }
             Mode::Redo { range, frames } => {
                 record["kind"] = json!("redo");
-                record["redo"] = match range {
-                    TimeRange::Seconds(start, end) => json!({ "start_s": start, "end_s": end }),
-                    TimeRange::Frames(first, last) => json!({ "first_frame": first, "last_frame": last }),
-                };
+                record["redo"] = range_record(range);
                 record["redo_frames"] = json!([frames.start, frames.end]);
+            }
+            Mode::Region(region) => {
+                record["kind"] = json!("region");
+                if let Some((path, sha256)) = &region.file {
+                    record["mask"] = json!({ "source": path, "sha256": sha256 });
+                }
+                if let Some([x, y, w, h]) = region.rectangle {
+                    record["region"] = json!({ "x": x, "y": y, "width": w, "height": h });
+                }
+                if let Some((range, frames)) = &region.range {
+                    record["redo"] = range_record(range);
+                    record["redo_frames"] = json!([frames.start, frames.end]);
+                }
+                if let Some((_, fit)) = &region.fitted {
+                    record["mask_fit"] = json!(fit);
+                }
+                // Latent cells regenerated and blended, the largest change outside the mask (0 after compositing)
+                // and the seam's mean gradient.
+                record["result"] = json!(*region.report.lock().unwrap_or_else(|p| p.into_inner()));
             }
             Mode::Extend { seconds, extension, .. } => {
                 record["kind"] = json!("extend");
@@ -311,6 +382,88 @@ impl Edit {
             }
         }
         record
+    }
+}
+
+fn range_record(range: &TimeRange) -> Value {
+    match *range {
+        TimeRange::Seconds(start, end) => json!({ "start_s": start, "end_s": end }),
+        TimeRange::Frames(first, last) => json!({ "first_frame": first, "last_frame": last }),
+    }
+}
+
+impl Region {
+    /// A mask file: an image, or else a video.
+    fn read_mask(path: &Path, input: &InputVideo) -> Result<Self> {
+        let cannot_read = || format!("cannot read the mask {}", path.display());
+        let sha256 = file_sha256(path).with_context(cannot_read)?;
+        let picture = match kinetoscope_video::read_image(path) {
+            Ok(image) => InputVideo::from_rgb8(image.as_bytes(), 1, image.height(), image.width())?,
+            Err(_) => {
+                let frames = kinetoscope_video::read_frames(path).with_context(cannot_read)?;
+                InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?
+            }
+        };
+        if (picture.height, picture.width) != (input.height, input.width) {
+            eprintln!(
+                "note: the mask {} is {}x{} and the video {}x{}: it is cropped and resized as the video is",
+                path.display(),
+                picture.width,
+                picture.height,
+                input.width,
+                input.height
+            );
+        }
+        Ok(Region::new(Some((path.to_path_buf(), sha256)), None, picture))
+    }
+
+    /// A white rectangle on black at the clip's own size.
+    fn rectangle(rectangle: [usize; 4], input: &InputVideo) -> Result<Self> {
+        let [x, y, w, h] = rectangle;
+        let mask = RegionMask::rectangle((1, input.height, input.width), (x, y, w, h), 0..1)?;
+        let frames = mask.values.iter().flat_map(|v| [*v; 3]).collect();
+        let picture = InputVideo { frames, num_frames: 1, height: input.height, width: input.width };
+        Ok(Region::new(None, Some(rectangle), picture))
+    }
+
+    fn new(file: Option<(PathBuf, String)>, rectangle: Option<[usize; 4]>, picture: InputVideo) -> Self {
+        Region { file, rectangle, range: None, picture, fitted: None, report: Default::default() }
+    }
+
+    /// The mask fitted to the clip as it was fitted, limited to the time range.
+    fn fit(&mut self, input: &InputVideo) -> Result<()> {
+        let (mut mask, fit) = RegionMask::from_picture(&self.picture, input.num_frames, input.height, input.width)?;
+        if let Some((_, frames)) = &self.range {
+            let plane = input.height * input.width;
+            for (f, frame) in mask.values.chunks_exact_mut(plane).enumerate() {
+                if !frames.contains(&f) {
+                    frame.fill(0.0);
+                }
+            }
+        }
+        if mask.area() == 0 {
+            bail!(
+                "the mask selects no pixel of the video's frames used (0..{}): nothing to regenerate",
+                input.num_frames
+            );
+        }
+        if fit.thresholded {
+            eprintln!("note: the mask has grey pixels: thresholded at half (white above)");
+        }
+        self.fitted = Some((mask, fit));
+        Ok(())
+    }
+}
+
+fn parse_region(s: &str) -> Result<[usize; 4], String> {
+    let values: Vec<usize> = s
+        .split(',')
+        .map(|v| v.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?} is not a region: expected X,Y,WIDTH,HEIGHT in pixels, e.g. 100,40,200,120"))?;
+    match values[..] {
+        [x, y, w, h] if w > 0 && h > 0 => Ok([x, y, w, h]),
+        _ => Err(format!("{s:?} is not a region: expected X,Y,WIDTH,HEIGHT with a positive width and height")),
     }
 }
 

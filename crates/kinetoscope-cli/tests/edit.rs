@@ -138,6 +138,60 @@ fn bad_sources_and_strengths_are_named() {
     assert!(stderr(&out).contains("--input-video"), "{}", stderr(&out));
 }
 
+/// `--region` and `--mask` (an image) regenerate a region: the sidecar records the mask and reports that nothing
+/// outside it moved; a mask that selects nothing, and a mask video shorter than the clip, are refused.
+#[test]
+fn a_region_is_regenerated_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_clip(dir.path());
+    let source = source.to_str().unwrap();
+    let out_path = dir.path().join("region.mp4");
+    let sidecar = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("region.json")).unwrap()).unwrap()
+    };
+    let edit = |extra: &[&str]| {
+        let mut args = vec!["--prompt", "an owl", "--input-video", source, "--height", "32", "--width", "48"];
+        args.extend(["--output", out_path.to_str().unwrap()]);
+        args.extend(extra);
+        generate(&args)
+    };
+
+    let out = edit(&["--region", "16,8,16,16", "--redo", "2-6"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(kinetoscope_video::probe(&out_path).unwrap().frames, 13);
+    let record = &sidecar()["edit"];
+    assert_eq!(record["kind"], "region");
+    assert_eq!(record["region"], serde_json::json!({ "x": 16, "y": 8, "width": 16, "height": 16 }));
+    assert_eq!(record["redo_frames"], serde_json::json!([2, 7]));
+    assert_eq!(record["result"]["unmasked_max_abs"], 0.0);
+    assert_eq!(record["result"]["masked_pixels"], 5 * 16 * 16);
+
+    // A mask image, white on black, at the clip's size.
+    let mask = dir.path().join("mask.png");
+    let mut pixels = image::GrayImage::new(48, 32);
+    for (x, y, p) in pixels.enumerate_pixels_mut() {
+        p.0 = [if (8..24).contains(&x) && (8..16).contains(&y) { 255 } else { 0 }];
+    }
+    pixels.save(&mask).unwrap();
+    let out = edit(&["--mask", mask.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let record = &sidecar()["edit"];
+    let sha = format!("{:x}", Sha256::digest(std::fs::read(&mask).unwrap()));
+    assert_eq!(record["mask"]["sha256"], sha.as_str());
+    assert_eq!(record["mask_fit"]["single_image"], true);
+    assert_eq!(record["result"]["masked_pixels"], 13 * 16 * 8);
+
+    let black = dir.path().join("black.png");
+    image::GrayImage::new(48, 32).save(&black).unwrap();
+    let out = edit(&["--mask", black.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("selects no pixel"), "{}", stderr(&out));
+
+    let out = edit(&["--region", "40,8,16,16"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not inside"), "{}", stderr(&out));
+}
+
 #[test]
 fn a_redo_keeps_the_length_and_records_the_range() {
     let dir = tempfile::tempdir().unwrap();

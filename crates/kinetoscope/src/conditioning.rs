@@ -45,14 +45,20 @@ pub(crate) struct Hold {
     /// The clip's normalized latents.
     clean: Tensor,
     pub(crate) noise: Tensor,
-    /// Per latent frame, `[1, 1, T, 1, 1]`: 1 generated anew, 0 held, between them blended.
+    /// Per latent frame, `[1, 1, T, 1, 1]`, or per latent cell, `[1, 1, T, h, w]`: 1 generated anew, 0 held,
+    /// between them blended.
     mask: Tensor,
 }
 
 impl Hold {
-    pub(crate) fn new(clean: Tensor, noise: Tensor, mask: Vec<f32>) -> candle_core::Result<Self> {
-        let mask_len = mask.len();
-        let mask = Tensor::from_vec(mask, (1, 1, mask_len, 1, 1), clean.device())?;
+    /// Held by `mask` over the latent grid, `[T, h, w]` (`[T, 1, 1]` holds whole latent frames).
+    pub(crate) fn new(
+        clean: Tensor,
+        noise: Tensor,
+        mask: Vec<f32>,
+        [t, h, w]: [usize; 3],
+    ) -> candle_core::Result<Self> {
+        let mask = Tensor::from_vec(mask, (1, 1, t, h, w), clean.device())?;
         Ok(Hold { clean, noise, mask })
     }
 

@@ -377,7 +377,8 @@ impl Pipeline {
         self.validate_input(&generate)?;
         let mask = redo_mask(&request.frames, generate.num_frames, self.frame_multiple())?;
         let (clean, noise) = self.encode_input(request.input, &generate)?;
-        let hold = Hold::new(clean, noise, mask).stage(STAGE)?;
+        let frames = mask.len();
+        let hold = Hold::new(clean, noise, mask, [frames, 1, 1]).stage(STAGE)?;
         let latents = hold.apply(&hold.noise, self.sigma(&generate, 0)).stage(STAGE)?;
         self.generate_from(latents, 0, &generate, Conditioning::Hold(&hold), on_step)
     }
@@ -414,7 +415,7 @@ impl Pipeline {
         let latent_frames = self.latent_shape(&generate)[2];
         let context_frames = context.dim(2).stage(STAGE)?;
         let clean = context.pad_with_zeros(2, 0, latent_frames - context_frames).stage(STAGE)?;
-        let hold = Hold::new(clean, noise, extend_mask(latent_frames)).stage(STAGE)?;
+        let hold = Hold::new(clean, noise, extend_mask(latent_frames), [latent_frames, 1, 1]).stage(STAGE)?;
         let latents = hold.apply(&hold.noise, self.sigma(&generate, 0)).stage(STAGE)?;
         self.denoise_request(latents, 0, &generate, Conditioning::Hold(&hold), on_step)
     }
@@ -466,7 +467,7 @@ impl Pipeline {
     }
 
     /// Validates the request an edit runs, naming the input video for a size or frame count the model can't take.
-    fn validate_input(&self, generate: &GenerateRequest) -> Result<()> {
+    pub(crate) fn validate_input(&self, generate: &GenerateRequest) -> Result<()> {
         self.validate(generate).map_err(|e| match e {
             Error::InvalidRequest { field: field @ ("num_frames" | "height" | "width"), reason } => {
                 Error::InvalidRequest { field: "input", reason: format!("the input video's {field}: {reason}") }
@@ -476,14 +477,14 @@ impl Pipeline {
     }
 
     /// The input's normalized latents, and the request's noise of the same shape.
-    fn encode_input(&self, input: &InputVideo, generate: &GenerateRequest) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn encode_input(&self, input: &InputVideo, generate: &GenerateRequest) -> Result<(Tensor, Tensor)> {
         let frames = Tensor::from_slice(&input.frames, (input.num_frames, input.height, input.width, 3), self.device())
             .stage("VAE encoding")?;
         Ok((self.encode(&frames)?, self.initial_latents(generate)?))
     }
 
     /// Noise level σ of step `step` of the request's schedule.
-    fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
+    pub(crate) fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
         let schedule = generate.schedule.as_ref();
         self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule).sigmas()[step]
     }

@@ -23,6 +23,7 @@ mod model_dir;
 mod noise;
 mod pipeline;
 mod preset;
+mod region;
 pub mod registry;
 mod request;
 pub mod scheduler;
@@ -46,6 +47,7 @@ pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
+pub use region::{MaskFit, RegionMask, RegionReport, RegionRequest};
 pub use registry::{
     distill_recipes, models, verify, verify_with, DistillRecipe, Footprint, ModelManifest, VerifyReport,
 };

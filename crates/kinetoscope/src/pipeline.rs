@@ -34,7 +34,7 @@ pub struct Pipeline {
     /// Wan 2.1 I2V/FLF2V's CLIP image encoder.
     image_encoder: Option<ImageEncoder>,
     vae: AutoencoderKLWan,
-    vae_config: vae::Config,
+    pub(crate) vae_config: vae::Config,
     scheduler_config: SchedulerConfig,
     memory: MemoryBudget,
     shape: ModelShape,
