@@ -275,10 +275,9 @@ impl Edit {
         match &self.mode {
             Mode::VideoToVideo { strength } => EditKind::VideoToVideo { strength: *strength },
             Mode::Redo { frames, .. } => EditKind::Redo { start: frames.start, end: frames.end },
-            // Fitted and run as a redo of every frame (all steps); rendered by `Pipeline::redo_region`.
             Mode::Region(region) => {
-                let end = region.range.as_ref().map_or(usize::MAX, |(_, frames)| frames.end);
-                EditKind::Redo { start: 0, end }
+                let (start, end) = region.range.as_ref().map_or((0, self.input.num_frames), |(_, f)| (f.start, f.end));
+                EditKind::Region { start, end, rectangle: region.rectangle }
             }
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
             Mode::ImageToVideo { last } => EditKind::ImageToVideo { last_image: last.is_some() },
@@ -419,10 +418,7 @@ impl Region {
 
     /// A white rectangle on black at the clip's own size.
     fn rectangle(rectangle: [usize; 4], input: &InputVideo) -> Result<Self> {
-        let [x, y, w, h] = rectangle;
-        let mask = RegionMask::rectangle((1, input.height, input.width), (x, y, w, h), 0..1)?;
-        let frames = mask.values.iter().flat_map(|v| [*v; 3]).collect();
-        let picture = InputVideo { frames, num_frames: 1, height: input.height, width: input.width };
+        let picture = RegionMask::rectangle_picture(input.height, input.width, rectangle)?;
         Ok(Region::new(None, Some(rectangle), picture))
     }
 
@@ -432,21 +428,8 @@ impl Region {
 
     /// The mask fitted to the clip as it was fitted, limited to the time range.
     fn fit(&mut self, input: &InputVideo) -> Result<()> {
-        let (mut mask, fit) = RegionMask::from_picture(&self.picture, input.num_frames, input.height, input.width)?;
-        if let Some((_, frames)) = &self.range {
-            let plane = input.height * input.width;
-            for (f, frame) in mask.values.chunks_exact_mut(plane).enumerate() {
-                if !frames.contains(&f) {
-                    frame.fill(0.0);
-                }
-            }
-        }
-        if mask.area() == 0 {
-            bail!(
-                "the mask selects no pixel of the video's frames used (0..{}): nothing to regenerate",
-                input.num_frames
-            );
-        }
+        let frames = self.range.as_ref().map_or(0..input.num_frames, |(_, frames)| frames.clone());
+        let (mask, fit) = RegionMask::for_clip(&self.picture, input, frames)?;
         if fit.thresholded {
             eprintln!("note: the mask has grey pixels: thresholded at half (white above)");
         }

@@ -427,7 +427,8 @@ fn seconds_of(frames: usize, fps: u32) -> String {
 }
 
 /// `POST /v1/videos/edits` (the SDK's `videos.edit`): the source video regenerated with a new prompt,
-/// as a whole (`strength`, video-to-video) or only a time range (`redo`).
+/// as a whole (`strength`, video-to-video), only a time range (`redo`), or only a region (`mask`: an uploaded
+/// picture of it, white inside; or `region`: `X,Y,W,H` in the video's pixels; within `redo`'s range if given).
 async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
     disk::check(&shared)?;
@@ -440,6 +441,24 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
     if redo.is_some() && strength.is_some() {
         return Err(ApiError::invalid("invalid_request", "strength", "give strength or redo, not both"));
     }
+    let mask = match fields.video_reference("mask")? {
+        None => None,
+        Some(VideoReference::Upload(upload)) => Some(upload),
+        Some(VideoReference::Id(_)) => {
+            return Err(ApiError::invalid(
+                "invalid_mask",
+                "mask",
+                "mask: upload a picture of the mask (an image or a video)",
+            ))
+        }
+    };
+    let region = fields.text("region")?.map(|text| parse_region(&text)).transpose()?;
+    if (mask.is_some() || region.is_some()) && strength.is_some() {
+        return Err(ApiError::invalid("invalid_request", "strength", "give strength, or a mask or region, not both"));
+    }
+    if mask.is_some() && region.is_some() {
+        return Err(ApiError::invalid("invalid_request", "region", "give a mask or a region, not both"));
+    }
     let mut request = request_defaults(&shared);
     sampling_fields(&shared, &mut fields, &mut request)?;
     let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
@@ -448,13 +467,28 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
 
     let id = new_id();
     let source = keep_source(&shared, reference, &id).await?;
-    let accepted = (|| {
-        let edit = match &redo {
-            Some(range) => {
-                let (start, end) = redo_range(range, &source)?;
-                EditKind::Redo { start, end }
+    let masked = match mask {
+        Some(upload) => keep_mask(&shared, upload, &id, &source).await.map(|()| true),
+        None => Ok(false),
+    };
+    let accepted = masked.and_then(|masked| {
+        let frames = redo.as_deref().map(|range| redo_range(range, &source)).transpose()?;
+        let edit = match (frames, masked || region.is_some()) {
+            (frames, true) => {
+                let (start, end) = frames.unwrap_or((0, source.frames));
+                if let Some([x, y, w, h]) = region {
+                    if x + w > source.width || y + h > source.height {
+                        let reason = format!(
+                            "region: {x},{y},{w},{h} is not inside the {}x{} video",
+                            source.width, source.height
+                        );
+                        return Err(ApiError::invalid("invalid_region", "region", reason));
+                    }
+                }
+                EditKind::Region { start, end, rectangle: region }
             }
-            None => EditKind::VideoToVideo { strength: strength.unwrap_or(0.8) },
+            (Some((start, end)), false) => EditKind::Redo { start, end },
+            (None, false) => EditKind::VideoToVideo { strength: strength.unwrap_or(0.8) },
         };
         kinetoscope::edit_steps(&edit, request.steps).map_err(request_error)?;
         let (m, s) = (pipeline.frame_multiple(), pipeline.size_multiple());
@@ -464,8 +498,46 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
         check_size(&shared, &request)?;
         validate(&pipeline, &request)?;
         Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, Source { edit, sha256: source.sha256.clone() }))
-    })();
+    });
     enqueue_with_source(&shared, &id, accepted).await
+}
+
+/// `X,Y,W,H` in pixels, a positive width and height.
+fn parse_region(text: &str) -> ApiResult<[usize; 4]> {
+    let values: Option<Vec<usize>> = text.split(',').map(|v| v.trim().parse().ok()).collect();
+    match values.as_deref() {
+        Some(&[x, y, w, h]) if w > 0 && h > 0 => Ok([x, y, w, h]),
+        _ => Err(ApiError::invalid(
+            "invalid_region",
+            "region",
+            format!("region {text:?}: expected X,Y,WIDTH,HEIGHT in the video's pixels, e.g. \"16,8,64,32\""),
+        )),
+    }
+}
+
+/// Keeps a region edit's uploaded mask beside its source, once it decodes (as an image, or a video with a frame for
+/// each of the source's) within the limits.
+async fn keep_mask(shared: &Arc<Shared>, upload: Upload, id: &str, source: &SourceVideo) -> ApiResult<()> {
+    let (target, limits, frames) = (worker::mask_path(shared, id), shared.config.limits.decode(), source.frames);
+    let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        let path = upload.file.path().to_path_buf();
+        if kinetoscope_video::read_image_with_limits(&path, &limits).is_err() {
+            let info = kinetoscope_video::probe_with_limits(&path, &limits)
+                .map_err(|e| media_error(e, &path, "mask", "invalid_mask"))?;
+            if info.frames < frames {
+                let reason = format!(
+                    "mask: a mask video of {} frames for a video of {frames}: give a frame for each, or one image",
+                    info.frames
+                );
+                return Err(ApiError::invalid("invalid_mask", "mask", reason));
+            }
+        }
+        upload.file.persist(&target).map_err(|e| storage_error(e.error, "store the mask"))?;
+        Ok(())
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
 /// `POST /v1/videos/extensions` (the SDK's `videos.extend`): `seconds` more of the source video, joined

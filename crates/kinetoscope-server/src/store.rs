@@ -134,6 +134,9 @@ pub struct Job {
     pub completed_at: Option<i64>,
     pub expires_at: Option<i64>,
     pub error: Option<JobError>,
+    /// What a completed job reports of its result beyond the video (a region edit: the latent cells regenerated,
+    /// the largest change outside the mask, the seam's gradient).
+    pub result: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +162,8 @@ impl Job {
             "size": format!("{}x{}", self.settings.width, self.settings.height),
             "remixed_from_video_id": self.remixed_from,
             "error": self.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
+            // Kinetoscope's: what a client checks of a region edit without looking at the video.
+            "result": self.result,
         })
     }
 }
@@ -183,13 +188,14 @@ CREATE TABLE IF NOT EXISTS videos (
     completed_at INTEGER,
     expires_at INTEGER,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    result TEXT
 );
 CREATE INDEX IF NOT EXISTS videos_by_status ON videos (status, seq);
 ";
 
 const COLUMNS: &str = "id, created_at, status, progress, model, seconds, settings, remixed_from, webhook_url, \
-                       attempts, completed_at, expires_at, error_code, error_message";
+                       attempts, completed_at, expires_at, error_code, error_message, result";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -200,6 +206,12 @@ impl Store {
         db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
+        // A database made before jobs had results gains the column (empty for its jobs).
+        let has_result: bool =
+            db.query_row("SELECT COUNT(*) FROM pragma_table_info('videos') WHERE name = 'result'", [], |r| r.get(0))?;
+        if !has_result {
+            db.execute_batch("ALTER TABLE videos ADD COLUMN result TEXT")?;
+        }
         Ok(Store { db: Mutex::new(db) })
     }
 
@@ -299,11 +311,19 @@ impl Store {
         Ok(changed == 1)
     }
 
-    pub fn complete(&self, id: &str, now: i64, expires_at: i64) -> Result<bool, StoreError> {
+    /// Marks a running job completed, with what it reports of its result, if anything.
+    pub fn complete(
+        &self,
+        id: &str,
+        now: i64,
+        expires_at: i64,
+        result: Option<&serde_json::Value>,
+    ) -> Result<bool, StoreError> {
+        let result = result.map(serde_json::Value::to_string);
         let changed = self.db().execute(
-            "UPDATE videos SET status = 'completed', progress = 100, completed_at = ?2, expires_at = ?3
+            "UPDATE videos SET status = 'completed', progress = 100, completed_at = ?2, expires_at = ?3, result = ?4
              WHERE id = ?1 AND status = 'in_progress'",
-            params![id, now, expires_at],
+            params![id, now, expires_at, result],
         )?;
         Ok(changed == 1)
     }
@@ -371,6 +391,7 @@ struct RawJob {
     expires_at: Option<i64>,
     error_code: Option<String>,
     error_message: Option<String>,
+    result: Option<String>,
 }
 
 impl RawJob {
@@ -390,6 +411,7 @@ impl RawJob {
             expires_at: r.get(11)?,
             error_code: r.get(12)?,
             error_message: r.get(13)?,
+            result: r.get(14)?,
         })
     }
 
@@ -397,6 +419,10 @@ impl RawJob {
         let corrupt = |reason: String| StoreError::Corrupt { id: self.id.clone(), reason };
         let status = Status::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
         let settings = serde_json::from_str(&self.settings).map_err(|e| corrupt(format!("settings: {e}")))?;
+        let result = match &self.result {
+            Some(text) => Some(serde_json::from_str(text).map_err(|e| corrupt(format!("result: {e}")))?),
+            None => None,
+        };
         let error = match (self.error_code, self.error_message) {
             (Some(code), message) => Some(JobError { code, message: message.unwrap_or_default() }),
             (None, _) => None,
@@ -415,6 +441,7 @@ impl RawJob {
             completed_at: self.completed_at,
             expires_at: self.expires_at,
             error,
+            result,
         })
     }
 }
@@ -465,9 +492,31 @@ mod tests {
         assert_eq!(a.settings, job("video_a").settings);
         // Order is kept: the interrupted job runs first again.
         assert_eq!(store.claim_next().unwrap().unwrap().id, "video_a");
-        assert!(store.complete("video_a", 300, 400).unwrap());
+        assert!(store.complete("video_a", 300, 400, None).unwrap());
         assert_eq!(store.claim_next().unwrap().unwrap().id, "video_b");
         assert_eq!(store.queue_depth().unwrap(), 2);
+    }
+
+    /// A database made before jobs had results opens with the column added; its jobs read with none, and a
+    /// completion's result reads back.
+    #[test]
+    fn an_older_database_gains_the_result_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        let old = SCHEMA.replace("error_message TEXT,\n    result TEXT", "error_message TEXT");
+        assert_ne!(old, SCHEMA);
+        Connection::open(&path).unwrap().execute_batch(&old).unwrap();
+        let store = Store::open(&path).unwrap();
+        store.insert(&job("video_a"), 100, 10).unwrap();
+        assert_eq!(store.get("video_a").unwrap().unwrap().result, None);
+        store.claim_next().unwrap();
+        let result = serde_json::json!({"region": {"unmasked_max_abs": 0.0}});
+        assert!(store.complete("video_a", 300, 400, Some(&result)).unwrap());
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let job = store.get("video_a").unwrap().unwrap();
+        assert_eq!(job.result, Some(result.clone()));
+        assert_eq!(job.to_object()["result"], result);
     }
 
     #[test]
@@ -493,7 +542,7 @@ mod tests {
         store.insert(&job("video_2"), 1, 2).unwrap();
         assert!(matches!(store.insert(&job("video_3"), 1, 2), Err(StoreError::QueueFull { limit: 2 })));
         store.claim_next().unwrap();
-        store.complete("video_1", 2, 3).unwrap();
+        store.complete("video_1", 2, 3, None).unwrap();
         store.insert(&job("video_3"), 1, 2).unwrap();
     }
 
@@ -504,7 +553,7 @@ mod tests {
         for (id, expires) in [("video_early", 100), ("video_late", 200)] {
             store.insert(&job(id), 1, 10).unwrap();
             store.claim_next().unwrap();
-            store.complete(id, 2, expires).unwrap();
+            store.complete(id, 2, expires, None).unwrap();
         }
         assert_eq!(store.expired(i64::MIN, 150).unwrap(), ["video_early"]);
         assert_eq!(store.expired(150, 250).unwrap(), ["video_late"]);

@@ -98,17 +98,23 @@ pub fn last_image_path(shared: &Shared, id: &str) -> PathBuf {
     inputs_dir(shared).join(format!("{id}.last_image"))
 }
 
-/// Where the sources of a job with `edit` are kept: its video, or its image(s).
+/// The mask of a region edit, as uploaded (an image, or a video).
+pub fn mask_path(shared: &Shared, id: &str) -> PathBuf {
+    inputs_dir(shared).join(format!("{id}.mask"))
+}
+
+/// Where the sources of a job with `edit` are kept: its video (and a region edit's mask), or its image(s).
 pub fn source_paths(shared: &Shared, id: &str, edit: &EditKind) -> Vec<PathBuf> {
     match edit {
         EditKind::ImageToVideo { last_image: false } => vec![image_path(shared, id)],
         EditKind::ImageToVideo { last_image: true } => vec![image_path(shared, id), last_image_path(shared, id)],
+        EditKind::Region { rectangle: None, .. } => vec![input_path(shared, id), mask_path(shared, id)],
         _ => vec![input_path(shared, id)],
     }
 }
 
 pub fn remove_files(shared: &Shared, id: &str) {
-    let inputs = [input_path(shared, id), image_path(shared, id), last_image_path(shared, id)];
+    let inputs = [input_path(shared, id), image_path(shared, id), last_image_path(shared, id), mask_path(shared, id)];
     for path in [video_path(shared, id), thumbnail_path(shared, id)].into_iter().chain(inputs) {
         if let Err(e) = std::fs::remove_file(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -233,18 +239,21 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
         }
     };
     let result = match &job.settings.edit {
-        None => pipeline.generate_with_progress(&request, &mut on_step),
+        None => pipeline.generate_with_progress(&request, &mut on_step).map(|video| (video, None)),
+        Some(edit @ EditKind::Region { .. }) => region_edit(shared, pipeline, &id, edit, &request, &mut on_step)
+            .map(|(video, report)| (video, Some(serde_json::json!({ "region": report })))),
         Some(edit) => fitted_input(shared, pipeline, &id, edit, &request)
-            .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step)),
+            .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step))
+            .map(|video| (video, None)),
     };
     shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
 
     let now = unix_now();
     let outcome = match result {
-        Ok(video) => match write_files(shared, &id, &video) {
+        Ok((video, report)) => match write_files(shared, &id, &video) {
             Ok(()) => {
                 let expires = now + shared.config.retention.as_secs() as i64;
-                match complete(shared, &id, now, expires) {
+                match complete(shared, &id, now, expires, report.as_ref()) {
                     Ok(true) => Some("completed".to_string()),
                     // Deleted while it was being written: nothing may outlive the job.
                     Ok(false) => {
@@ -339,6 +348,40 @@ fn fitted_input(
     }
 }
 
+/// A region edit (see `kinetoscope::RegionRequest`): the source fitted as a redo's, its mask (the uploaded picture, or
+/// the rectangle in the source's pixels) fitted the same way and limited to the edit's frames.
+fn region_edit(
+    shared: &Shared,
+    pipeline: &Pipeline,
+    id: &str,
+    edit: &EditKind,
+    request: &GenerateRequest,
+    on_step: &mut dyn FnMut(kinetoscope::Progress) -> ControlFlow<()>,
+) -> kinetoscope::Result<(kinetoscope::Video, kinetoscope::RegionReport)> {
+    let EditKind::Region { start, end, rectangle } = *edit else { unreachable!("called for region edits") };
+    let limits = shared.config.limits.decode();
+    let read_video = |path: &std::path::Path, field: &'static str, what: &str| {
+        let frames = kinetoscope_video::read_frames_with_limits(path, &limits)
+            .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable {what}: {e}") })?;
+        InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
+    };
+    let source = read_video(&input_path(shared, id), "video", "source video")?;
+    let picture = match rectangle {
+        Some(rectangle) => kinetoscope::RegionMask::rectangle_picture(source.height, source.width, rectangle)?,
+        None => {
+            let path = mask_path(shared, id);
+            match kinetoscope_video::read_image_with_limits(&path, &limits) {
+                Ok(image) => InputVideo::from_rgb8(image.as_bytes(), 1, image.height(), image.width())?,
+                Err(_) => read_video(&path, "mask", "mask")?,
+            }
+        }
+    };
+    let input = pipeline.fit_input(source, edit, request)?;
+    let (mask, _) = kinetoscope::RegionMask::for_clip(&picture, &input, start..end)?;
+    let region = kinetoscope::RegionRequest { base: request.clone(), input: &input, mask: &mask };
+    pipeline.redo_region_with_progress(&region, on_step)
+}
+
 /// `message` with the server's paths replaced by what they are: the job's own source, the model's folder,
 /// the data folder.
 pub fn redact(shared: &Shared, id: &str, message: &str) -> String {
@@ -347,6 +390,7 @@ pub fn redact(shared: &Shared, id: &str, message: &str) -> String {
         (input_path(shared, id), "the source video".to_string()),
         (image_path(shared, id), "the image".to_string()),
         (last_image_path(shared, id), "the last image".to_string()),
+        (mask_path(shared, id), "the mask".to_string()),
         (config.data_dir.clone(), "<data>".to_string()),
         (std::path::PathBuf::from(&config.model), format!("<model {}>", config.model_name)),
     ];
@@ -394,9 +438,15 @@ fn write_files(shared: &Shared, id: &str, video: &kinetoscope::Video) -> Result<
 
 /// Records a completion, waiting out a full disk (the files are written; only the row is missing) unless
 /// the server stops meanwhile.
-fn complete(shared: &Shared, id: &str, now: i64, expires: i64) -> Result<bool, crate::store::StoreError> {
+fn complete(
+    shared: &Shared,
+    id: &str,
+    now: i64,
+    expires: i64,
+    result: Option<&serde_json::Value>,
+) -> Result<bool, crate::store::StoreError> {
     loop {
-        match shared.store.complete(id, now, expires) {
+        match shared.store.complete(id, now, expires, result) {
             Err(e) if e.is_disk_full() && !shared.is_stopping() => {
                 tracing::warn!(id, "the disk is full: cannot record the completion yet");
                 shared.wake.wait(DISK_RETRY);

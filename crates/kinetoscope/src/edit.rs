@@ -237,6 +237,16 @@ pub enum EditKind {
     Redo { start: usize, end: usize },
     /// `frames` added after the clip; see [`ExtendRequest`].
     Extend { frames: usize },
+    /// The pixels inside a mask regenerated, every other pixel kept; see [`crate::RegionRequest`], which runs it
+    /// ([`Pipeline::redo_region`]: the mask is not part of this description). The mask is `rectangle` (x, y,
+    /// width, height in the source's own pixels) or a picture of it kept with the job, limited to the source's frames
+    /// `start..end`.
+    Region {
+        start: usize,
+        end: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rectangle: Option<[usize; 4]>,
+    },
     /// The source's first frame held as the video's first frame; see [`ImageRequest`]. With `last_image`,
     /// the source's second frame is the video's last (a model whose `ModelShape::takes_last_image`).
     ImageToVideo {
@@ -291,6 +301,10 @@ impl Pipeline {
                 self.redo_with_progress(&RedoRequest { base, input, frames: start..end }, on_step)
             }
             EditKind::Extend { frames } => self.extend_with_progress(&ExtendRequest { base, input, frames }, on_step),
+            EditKind::Region { .. } => Err(Error::InvalidRequest {
+                field: "mask",
+                reason: "a region edit needs its mask: run it with Pipeline::redo_region".into(),
+            }),
             EditKind::ImageToVideo { last_image: false } => {
                 self.image_to_video_with_progress(&ImageRequest { base, image: input, last_image: None }, on_step)
             }
@@ -315,7 +329,9 @@ impl Pipeline {
 pub fn edit_steps(edit: &EditKind, steps: usize) -> Result<usize> {
     match *edit {
         EditKind::VideoToVideo { strength } => Ok(steps - first_step(steps, strength)?),
-        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo { .. } => Ok(steps),
+        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo { .. } | EditKind::Region { .. } => {
+            Ok(steps)
+        }
     }
 }
 

@@ -107,6 +107,38 @@ impl RegionMask {
         Ok((Self { num_frames, height, width, values }, MaskFit { resized, thresholded, single_image }))
     }
 
+    /// A picture of the rectangle `[x, y, width, height]`, white on black, at `height × width`: fitted as a mask file
+    /// is ([`Self::for_clip`]), so that a rectangle in the source's own pixels lands where it shows.
+    pub fn rectangle_picture(height: usize, width: usize, [x, y, w, h]: [usize; 4]) -> Result<InputVideo> {
+        let mask = Self::rectangle((1, height, width), (x, y, w, h), 0..1)?;
+        let frames = mask.values.iter().flat_map(|v| [*v; 3]).collect();
+        Ok(InputVideo { frames, num_frames: 1, height, width })
+    }
+
+    /// `picture` fitted to `input` (a clip already fitted to the model: [`Self::from_picture`]) and limited to its
+    /// frames `frames`; refused when it selects no pixel.
+    pub fn for_clip(picture: &InputVideo, input: &InputVideo, frames: Range<usize>) -> Result<(Self, MaskFit)> {
+        let (mut mask, fit) = Self::from_picture(picture, input.num_frames, input.height, input.width)?;
+        let plane = input.height * input.width;
+        for (f, frame) in mask.values.chunks_exact_mut(plane).enumerate() {
+            if !frames.contains(&f) {
+                frame.fill(0.0);
+            }
+        }
+        if mask.area() == 0 {
+            return Err(Error::InvalidRequest {
+                field: "mask",
+                reason: format!(
+                    "the mask selects no pixel of the frames regenerated ({}..{} of the clip's {}): nothing to do",
+                    frames.start,
+                    frames.end.min(input.num_frames),
+                    input.num_frames
+                ),
+            });
+        }
+        Ok((mask, fit))
+    }
+
     fn at(&self, f: usize, y: usize, x: usize) -> f32 {
         self.values[(f * self.height + y) * self.width + x]
     }
