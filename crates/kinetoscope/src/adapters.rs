@@ -4,7 +4,6 @@
 //! rebuilt from the same adapters, never re-read. A linear weight kept compact (FP8, GGUF, quantized on load) takes
 //! them too: quantized on load, after they are merged; stored compact, merged as it is dequantized each step.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +13,6 @@ use kinetoscope_models::compact::{Compact, Quantization, QuantizeOnLoad};
 use kinetoscope_models::lora::{merged_compact, merged_var_builder, Adapter, ReadOptions, ScaledAdapter, Targets};
 use kinetoscope_models::wan::lora::read_adapter;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
@@ -57,7 +55,7 @@ pub(crate) fn read(
         let adapter = read_one(&spec.path, &targets, allow_unmatched)?;
         applied.push(AppliedLora {
             path: spec.path.clone(),
-            sha256: sha256_of(&spec.path)?,
+            sha256: crate::model_dir::sha256_of(&spec.path)?,
             scale: spec.scale,
             component,
             format: adapter.format(),
@@ -111,19 +109,4 @@ pub(crate) fn weights(
         }
     };
     Ok((vb, compact))
-}
-
-/// `path`'s sha256, hex.
-pub(crate) fn sha256_of(path: &Path) -> Result<String> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let (mut hasher, mut buffer) = (Sha256::new(), vec![0u8; 1 << 20]);
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(crate::model_dir::hex(&hasher.finalize()))
 }

@@ -306,6 +306,22 @@ fn newest_snapshot(snapshots: &Path) -> Option<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
+/// `path`'s sha256, hex.
+pub(crate) fn sha256_of(path: &Path) -> Result<String> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    use std::io::Read;
+    let (mut hasher, mut buffer) = (Sha256::new(), vec![0u8; 1 << 20]);
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -695,7 +695,11 @@ fn load_experts(
     let swap = match options.experts {
         ExpertPlacement::Resident => false,
         placement => {
-            let weight_bytes = second.weight_bytes(dir, &second_config, options.dtype, options.quantize)?;
+            // A single file's tensors were checked against its config when the config was read.
+            if second.file.is_none() {
+                crate::registry::check_transformer_weights(dir, second.component, &second_config)?;
+            }
+            let weight_bytes = second.weight_bytes(dir, options.dtype, options.quantize)?;
             placement == ExpertPlacement::Swap
                 || !crate::memory::second_expert_fits(weight_bytes, options.memory_limit, &options.device)
         }

@@ -367,7 +367,7 @@ pub fn verify_with(dir: &ModelDir, options: &LoadOptions) -> Result<VerifyReport
             check_image_conditioning(dir, &cfg, image_encoder.as_ref().map(|c| c.hidden_size))?;
             weights.push(match file {
                 None => check_transformer_weights(dir, component, &cfg)?,
-                Some(file) => source.file_report(file, &cfg)?,
+                Some(file) => transformer_file_report(&source, file, &cfg)?,
             });
         } else if file.is_some() {
             return Err(Error::InvalidRequest {
@@ -569,6 +569,28 @@ fn check_weights(
         parameters: used.values().map(|t| t.shape.iter().product::<usize>() as u64).sum(),
         dtypes,
         file: None,
+    })
+}
+
+/// What `models verify` says of the single file `path` standing in for `source`'s folder, checked against `config`
+/// (every tensor the network reads present with its shape, and nothing else).
+fn transformer_file_report(
+    source: &TransformerSource,
+    path: &Path,
+    config: &transformer::Config,
+) -> Result<WeightsReport> {
+    let file = source.open(path)?;
+    file.config(Some(config)).map_err(|e| source.invalid(path, e))?;
+    let mut dtypes: Vec<String> = file.stored().map(|(_, stored)| stored.format.name()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Ok(WeightsReport {
+        component: source.component,
+        files: 1,
+        tensors: file.shapes().len(),
+        parameters: file.shapes().values().map(|dims| dims.iter().product::<usize>() as u64).sum(),
+        dtypes,
+        file: Some(path.to_path_buf()),
     })
 }
 

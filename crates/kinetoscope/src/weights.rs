@@ -19,7 +19,6 @@ use kinetoscope_models::wan::transformer;
 
 use crate::error::{Error, Result};
 use crate::model_dir::ModelDir;
-use crate::registry::WeightsReport;
 
 /// A network's weights as the pipeline loaded them, for the sidecar.
 #[derive(Debug, Clone, Serialize)]
@@ -41,7 +40,7 @@ impl ComponentWeights {
         Ok(Self {
             component: source.component,
             file: source.file.clone(),
-            sha256: source.file.as_deref().map(crate::adapters::sha256_of).transpose()?,
+            sha256: source.file.as_deref().map(crate::model_dir::sha256_of).transpose()?,
             format: source.format()?,
             quantized_on_load: quantize.map(|q| q.name().to_string()),
         })
@@ -57,7 +56,7 @@ impl ComponentWeights {
         Ok(Self {
             component,
             file: Some(file.to_path_buf()),
-            sha256: Some(crate::adapters::sha256_of(file)?),
+            sha256: Some(crate::model_dir::sha256_of(file)?),
             format: checkpoint.format_summary(),
             quantized_on_load: None,
         })
@@ -139,13 +138,7 @@ impl TransformerSource {
 
     /// The bytes its weights take on the device computing in `dtype`, from the files' headers: FP8 and quantized
     /// linear weights at their stored size, or at the size `quantize` gives them, everything else in `dtype`.
-    pub(crate) fn weight_bytes(
-        &self,
-        dir: &ModelDir,
-        config: &transformer::Config,
-        dtype: DType,
-        quantize: Option<Quantization>,
-    ) -> Result<u64> {
+    pub(crate) fn weight_bytes(&self, dir: &ModelDir, dtype: DType, quantize: Option<Quantization>) -> Result<u64> {
         let dense = |dims: &[usize]| (dims.iter().product::<usize>() * dtype.size_in_bytes()) as u64;
         let sized = |name: &str, dims: &[usize]| match (quantize, dims) {
             (Some(quantize), &[out_dim, in_dim]) if name.ends_with(".weight") => {
@@ -155,7 +148,6 @@ impl TransformerSource {
         };
         match &self.file {
             None => {
-                crate::registry::check_transformer_weights(dir, self.component, config)?;
                 let targets = self.targets(dir)?;
                 Ok(targets.iter().map(|(name, dims)| sized(name, dims)).sum())
             }
@@ -177,29 +169,11 @@ impl TransformerSource {
         }
     }
 
-    /// What `models verify` says of the single file `path` standing in for the folder, checked against `config`
-    /// (every tensor the network reads present with its shape, and nothing else).
-    pub(crate) fn file_report(&self, path: &Path, config: &transformer::Config) -> Result<WeightsReport> {
-        let file = self.open(path)?;
-        file.config(Some(config)).map_err(|e| self.invalid(path, e))?;
-        let mut dtypes: Vec<String> = file.stored().map(|(_, stored)| stored.format.name()).collect();
-        dtypes.sort();
-        dtypes.dedup();
-        Ok(WeightsReport {
-            component: self.component,
-            files: 1,
-            tensors: file.shapes().len(),
-            parameters: file.shapes().values().map(|dims| dims.iter().product::<usize>() as u64).sum(),
-            dtypes,
-            file: Some(path.to_path_buf()),
-        })
-    }
-
-    fn open(&self, path: &std::path::Path) -> Result<SingleFile> {
+    pub(crate) fn open(&self, path: &std::path::Path) -> Result<SingleFile> {
         SingleFile::open(path).map_err(|e| self.invalid(path, e))
     }
 
-    fn invalid(&self, path: &std::path::Path, e: candle_core::Error) -> Error {
+    pub(crate) fn invalid(&self, path: &std::path::Path, e: candle_core::Error) -> Error {
         Error::Weights { component: self.component, path: path.to_path_buf(), reason: e.to_string() }
     }
 }
