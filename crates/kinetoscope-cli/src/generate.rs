@@ -74,6 +74,11 @@ pub struct Args {
     /// as diffusers' `sigmas=`. Sets --steps to its length.
     #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "scheduler")]
     sigmas: Option<Vec<f64>>,
+    /// DMD timesteps of a FastVideo-distilled model (FastWan: 1000,757,522), run with its sampler: each step
+    /// predicts the clean latents and noises them afresh to the next step's level (noise from --seed). Use with
+    /// --guidance 1; sets --steps to its length. `--preset turbo` picks it on a FastWan model.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with_all = ["timesteps", "sigmas", "scheduler"])]
+    dmd: Option<Vec<f64>>,
     /// Seed of the initial noise [default: random, recorded in the sidecar].
     #[arg(long)]
     seed: Option<u64>,
@@ -296,10 +301,11 @@ impl Args {
         request.height = self.height.unwrap_or(request.height);
         request.width = self.width.unwrap_or(request.width);
         request.num_frames = self.frames.unwrap_or(request.num_frames);
-        request.schedule = match (&self.timesteps, &self.sigmas) {
-            (Some(timesteps), _) => Some(Schedule::Timesteps(timesteps.clone())),
-            (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas.clone())),
-            (None, None) => request.schedule,
+        request.schedule = match (&self.timesteps, &self.sigmas, &self.dmd) {
+            (Some(timesteps), _, _) => Some(Schedule::Timesteps(timesteps.clone())),
+            (None, Some(sigmas), _) => Some(Schedule::Sigmas(sigmas.clone())),
+            (None, None, Some(dmd)) => Some(Schedule::Dmd(dmd.clone())),
+            (None, None, None) => request.schedule,
         };
         request.steps = self.steps.or(request.schedule.as_ref().map(Schedule::len)).unwrap_or(request.steps);
         request.guidance_scale = self.guidance.unwrap_or(request.guidance_scale);

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 /// The fields a line may have. No `latents`: the noise is the seed's, and the only files a line names are its
 /// images.
-const FIELDS: [&str; 21] = [
+const FIELDS: [&str; 22] = [
     "id",
     "preset",
     "image",
@@ -36,6 +36,7 @@ const FIELDS: [&str; 21] = [
     "scheduler",
     "timesteps",
     "sigmas",
+    "dmd",
     "seed",
     "max_sequence_length",
     "fps",
@@ -141,13 +142,15 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
     if let Some(preset) = preset {
         preset.apply(&mut d);
     }
-    let schedule = match (take::<Vec<f64>>(&mut fields, "timesteps")?, take::<Vec<f64>>(&mut fields, "sigmas")?) {
-        (Some(_), Some(_)) => {
-            return Err((Some("sigmas".into()), "give timesteps or sigmas, not both".into()));
-        }
-        (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
-        (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
-        (None, None) => d.schedule.clone(),
+    let given = [
+        take::<Vec<f64>>(&mut fields, "timesteps")?.map(Schedule::Timesteps),
+        take::<Vec<f64>>(&mut fields, "sigmas")?.map(Schedule::Sigmas),
+        take::<Vec<f64>>(&mut fields, "dmd")?.map(Schedule::Dmd),
+    ];
+    let schedule = match given.into_iter().flatten().collect::<Vec<_>>()[..] {
+        [] => d.schedule.clone(),
+        [ref one] => Some(one.clone()),
+        _ => return Err((Some("sigmas".into()), "give one of timesteps, sigmas and dmd".into())),
     };
     let request = GenerateRequest {
         prompt,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use kinetoscope::scheduler::{Schedule, SchedulerKind};
 use kinetoscope::{DType, GenerateRequest, Pipeline, Preset, Progress, Timings};
 use kinetoscope_video::{Frames, QualitySignals, VideoInfo};
 use serde::Serialize;
@@ -235,6 +236,7 @@ fn write_sidecar(
     candidates: Option<&Value>,
 ) -> Result<()> {
     let (request, timings) = (&candidate.request, &candidate.timings);
+    let ran = setup.pipeline.distilled_request(request);
     let scheduler_config = setup.pipeline.scheduler_config();
     let two_experts = setup.pipeline.shape().two_experts;
     let mut record = json!({
@@ -245,12 +247,15 @@ fn write_sidecar(
         "preset": job.preset,
         "resolved": {
             "defaults_from": setup.defaults_from,
-            // An explicit schedule (`request.schedule`) runs with flow-match Euler.
-            "scheduler": match request.schedule {
-                Some(_) => Some(kinetoscope::scheduler::SchedulerKind::Euler),
-                None => request.scheduler.or(scheduler_config.kind()),
+            // An explicit schedule runs with flow-match Euler, DMD timesteps with FastVideo's sampler.
+            "scheduler": match &ran.schedule {
+                Some(Schedule::Dmd(_)) => json!("dmd"),
+                Some(_) => json!(SchedulerKind::Euler),
+                None => json!(ran.scheduler.or(scheduler_config.kind())),
             },
-            "shift": request.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
+            // The steps run: the request's, or the recipe of the distilled weights a turbo request ran with.
+            "schedule": ran.schedule,
+            "shift": ran.shift.unwrap_or_else(|| scheduler_config.configured_shift()),
             // Whether the unconditional pass ran: at guidance 1 or less it is skipped, half the work a step.
             "guidance": request.guidance_scale > 1.0,
             // A two-expert model's low-noise guidance scale and where its experts lived; null for one network.

@@ -861,20 +861,20 @@ fn job_loras(shared: &Shared, value: Value) -> ApiResult<Vec<kinetoscope::LoraSp
 fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateRequest) -> ApiResult<()> {
     let limits = &shared.config.limits;
     // An explicit schedule (few-step distilled models: flow-match Euler over it); its length is the steps.
-    request.schedule =
-        match (fields.numbers("timesteps", limits.max_steps)?, fields.numbers("sigmas", limits.max_steps)?) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::invalid(
-                    "invalid_request",
-                    "sigmas",
-                    "sigmas: give timesteps or sigmas, not both",
-                ))
-            }
-            (Some(timesteps), None) => Some(Schedule::Timesteps(timesteps)),
-            (None, Some(sigmas)) => Some(Schedule::Sigmas(sigmas)),
-            // The preset's (turbo's), if any.
-            (None, None) => request.schedule.take(),
-        };
+    // DMD timesteps (FastWan) run with FastVideo's sampler.
+    let given = [
+        fields.numbers("timesteps", limits.max_steps)?.map(Schedule::Timesteps),
+        fields.numbers("sigmas", limits.max_steps)?.map(Schedule::Sigmas),
+        fields.numbers("dmd", limits.max_steps)?.map(Schedule::Dmd),
+    ];
+    request.schedule = match given.into_iter().flatten().collect::<Vec<_>>()[..] {
+        // The preset's (turbo's), if any.
+        [] => request.schedule.take(),
+        [ref one] => Some(one.clone()),
+        _ => {
+            return Err(ApiError::invalid("invalid_request", "sigmas", "sigmas: give one of timesteps, sigmas and dmd"))
+        }
+    };
     if let Some(schedule) = &request.schedule {
         request.steps = schedule.len();
     }

@@ -491,6 +491,11 @@ async fn an_explicit_schedule_runs_a_few_step_job() {
     // that the model is loaded.
     let (code, error) = server.post("/v1/videos", json!({"prompt": "x", "preset": "turbo"})).await;
     assert_eq!((code, error["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_preset")), "{error}");
+    // FastWan's DMD steps.
+    let (code, created) =
+        server.post("/v1/videos", json!({"prompt": "a fox", "dmd": [1000, 757, 522], "guidance_scale": 1})).await;
+    assert_eq!(code, StatusCode::OK, "{created}");
+    server.wait_for(created["id"].as_str().unwrap(), "completed").await;
     let form = reqwest::multipart::Form::new().text("prompt", "a fox").text("sigmas", "1, 0.75, 0.5, 0.25");
     let response = server.client.post(server.url("/v1/videos")).bearer_auth(KEY).multipart(form).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -498,6 +503,8 @@ async fn an_explicit_schedule_runs_a_few_step_job() {
     for (body, param) in [
         (json!({"prompt": "x", "timesteps": [250, 500]}), "timesteps"),
         (json!({"prompt": "x", "timesteps": [1000], "sigmas": [1]}), "sigmas"),
+        (json!({"prompt": "x", "dmd": [1000, 757], "sigmas": [1]}), "sigmas"),
+        (json!({"prompt": "x", "dmd": [757, 1000]}), "dmd"),
         (json!({"prompt": "x", "sigmas": "1,a"}), "sigmas"),
         (json!({"prompt": "x", "shift": 0}), "shift"),
     ] {

@@ -23,6 +23,7 @@ use crate::image_to_video::ImageRequest;
 use crate::input_video::InputVideo;
 use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, Progress, Timings, Video};
+use crate::scheduler::Renoise;
 
 /// Video-to-video: regenerate `input` with `base`'s prompt and settings, keeping as much of it as
 /// `1 − strength` says. The output has the input's frame count and size, which must be ones the model takes
@@ -502,7 +503,9 @@ impl Pipeline {
     /// Noise level σ of step `step` of the request's schedule.
     pub(crate) fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
         let schedule = generate.schedule.as_ref();
-        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule).sigmas()[step]
+        let renoise = Renoise::Seeded(generate.seed);
+        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule, renoise).sigmas()
+            [step]
     }
 }
 

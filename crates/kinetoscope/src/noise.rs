@@ -51,6 +51,17 @@ pub fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Ten
     latents.to_device(device).map_err(|e| bad(e.to_string()))
 }
 
+/// The noise a DMD schedule draws between its steps, when the latents file gives it (`renoise`, `[steps − 1, …]`:
+/// a reference run's, to replay it); `None` when the file has none.
+pub fn read_renoise(path: &Path) -> Result<Option<Vec<Tensor>>> {
+    let bad = |reason: String| Error::Latents { path: path.to_path_buf(), reason };
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let Some(renoise) = tensors.remove("renoise") else { return Ok(None) };
+    let steps = renoise.dim(0).map_err(|e| bad(format!("renoise: {e}")))?;
+    (0..steps).map(|i| renoise.get(i).map_err(|e| bad(format!("renoise: {e}")))).collect::<Result<Vec<_>>>().map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use crate::memory::{MemoryBudget, WorkingMemory};
 use crate::model_dir::{ModelDir, ModelIdentity, ModelIndex};
 use crate::noise;
 use crate::request::{ExpertPlacement, GenerateRequest, LoadOptions, Progress, Timings, VaeTiling, Video};
-use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::scheduler::{Renoise, SchedulerConfig, SchedulerKind};
 use crate::text::{TextEncoder, TextEncoderPlacement};
 use crate::weights::{ComponentWeights, TransformerSource};
 
@@ -309,6 +309,19 @@ impl Pipeline {
         })
     }
 
+    /// `request` as it runs: a turbo request (`distilled`) still on the preset's default schedule takes the recipe of
+    /// the distilled weights it runs with where that differs (FastWan's DMD steps); anything else as it is.
+    pub fn distilled_request(&self, request: &GenerateRequest) -> GenerateRequest {
+        let default = &crate::registry::distill_recipes()[0];
+        let mut resolved = request.clone();
+        if let Some(recipe) = self.distillation(request) {
+            if request.distilled && request.schedule.as_ref() == Some(&default.schedule) {
+                recipe.apply(&mut resolved);
+            }
+        }
+        resolved
+    }
+
     /// The LoRA adapters merged into the transformers' weights ([`LoadOptions::loras`]).
     pub fn loras(&self) -> &[AppliedLora] {
         &self.loras
@@ -579,8 +592,15 @@ impl Pipeline {
         condition: Conditioning,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
+        let request = &self.distilled_request(request);
+        // A DMD schedule's noise between steps: a reference run's, given beside the latents, else from the seed.
+        let renoise = match request.latents.as_deref().map(noise::read_renoise).transpose()?.flatten() {
+            Some(noise) => Renoise::Given(noise),
+            None => Renoise::Seeded(request.seed),
+        };
+        let schedule = request.schedule.as_ref();
         let mut scheduler =
-            self.scheduler_config.build(request.scheduler, request.steps, request.shift, request.schedule.as_ref());
+            self.scheduler_config.build(request.scheduler, request.steps, request.shift, schedule, renoise);
         let adapters = self.request_adapters(request)?;
         self.denoiser.run(latents, text, scheduler.as_mut(), first_step, request, condition, &adapters, on_step)
     }

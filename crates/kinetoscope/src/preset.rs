@@ -16,7 +16,8 @@
 //!
 //! `turbo` is for step- and guidance-distilled weights (a distilled model, or a distill LoRA such as lightx2v's
 //! or Wan 2.2 Lightning's): their recipe from `models/distilled.json`, 4 steps of flow-match Euler over explicit
-//! sigmas at guidance 1, which skips the unconditional pass. It marks the request as relying on distillation
+//! sigmas at guidance 1, which skips the unconditional pass; a model with a recipe of its own (FastWan's 3 DMD
+//! steps) runs that ([`crate::Pipeline::distilled_request`]). It marks the request as relying on distillation
 //! ([`GenerateRequest::distilled`]), so a model without it is refused rather than run into a blurred video.
 //!
 //! A preset is a starting point, not a mode: callers start from [`GenerateRequest::default`], apply the
@@ -29,7 +30,6 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::request::GenerateRequest;
-use crate::scheduler::Schedule;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,11 +55,9 @@ impl Preset {
             Preset::Balanced => (30, 832, 480, Some(0.05)),
             Preset::Quality => (50, 832, 480, None),
             Preset::Turbo => {
-                let recipe = &crate::registry::distill_recipes()[0];
-                request.steps = recipe.sigmas.len();
-                request.schedule = Some(Schedule::Sigmas(recipe.sigmas.clone()));
-                request.shift = Some(recipe.shift);
-                request.guidance_scale = recipe.guidance_scale;
+                // The default recipe; a model with its own (FastWan's DMD) runs that instead
+                // (`Pipeline::distilled_request`).
+                crate::registry::distill_recipes()[0].apply(request);
                 request.step_cache = None;
                 request.distilled = true;
                 return;
@@ -100,6 +98,7 @@ impl FromStr for Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Schedule;
 
     #[test]
     fn names_round_trip_through_text_and_json() {

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::model_dir::{read_json, ModelDir};
 use crate::request::{GenerateRequest, LoadOptions};
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{Schedule, SchedulerConfig};
 use crate::weights::TransformerSource;
 
 /// In the order a folder is matched against them: within a family, an entry whose configs are a superset of
@@ -48,8 +48,8 @@ const MANIFESTS: [&str; 8] = [
 #[derive(Debug, Clone, Deserialize)]
 pub struct DistillRecipe {
     pub name: String,
-    /// Explicit sigmas, shifted by `shift`, run with flow-match Euler.
-    pub sigmas: Vec<f64>,
+    /// The steps: explicit sigmas shifted by `shift` (flow-match Euler), or DMD timesteps.
+    pub schedule: Schedule,
     pub shift: f64,
     pub guidance_scale: f64,
     /// A LoRA is a distill LoRA of this recipe when its file name contains one of these (case-insensitive).
@@ -59,6 +59,14 @@ pub struct DistillRecipe {
 }
 
 impl DistillRecipe {
+    /// Sets `request`'s steps, schedule, shift and guidance to this recipe's.
+    pub fn apply(&self, request: &mut GenerateRequest) {
+        request.steps = self.schedule.len();
+        request.schedule = Some(self.schedule.clone());
+        request.shift = Some(self.shift);
+        request.guidance_scale = self.guidance_scale;
+    }
+
     /// Whether the LoRA file at `path` is one of this recipe's, by its name.
     pub fn matches_lora(&self, path: &Path) -> bool {
         let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
@@ -792,8 +800,9 @@ mod tests {
 
     #[test]
     fn distill_recipes_parse_and_match_lora_names() {
-        let [recipe] = distill_recipes() else { panic!("one recipe") };
-        assert_eq!((recipe.sigmas.len(), recipe.shift, recipe.guidance_scale), (4, 5.0, 1.0));
+        let [recipe, fastwan] = distill_recipes() else { panic!("two recipes") };
+        assert_eq!((recipe.schedule.len(), recipe.shift, recipe.guidance_scale), (4, 5.0, 1.0));
+        assert_eq!(fastwan.schedule, Schedule::Dmd(vec![1000.0, 757.0, 522.0]));
         for name in [
             "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
             "Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors",

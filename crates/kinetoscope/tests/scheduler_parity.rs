@@ -8,7 +8,7 @@ use kinetoscope::scheduler::{SchedulerConfig, SchedulerKind};
 
 fn check(model: &str, prefix: &str, kind: SchedulerKind, steps: usize, shift: f64) {
     let config: SchedulerConfig = model_dir(model).config("scheduler", "scheduler_config.json").unwrap();
-    let mut scheduler = config.build(Some(kind), steps, Some(shift), None);
+    let mut scheduler = config.build(Some(kind), steps, Some(shift), None, kinetoscope::scheduler::Renoise::Seeded(0));
     let r = reference(model, "scheduler.safetensors");
     let want_t: Vec<f32> = r[&format!("{prefix}_timesteps")].to_vec1().unwrap();
     let want_s: Vec<f32> = r[&format!("{prefix}_sigmas")].to_vec1().unwrap();

@@ -45,8 +45,31 @@ fn turbo_needs_distilled_weights() {
         Pipeline::load(&model_dir("wan21-tiny-a"), &LoadOptions { loras: vec![lora], ..LoadOptions::default() })
             .unwrap();
     let recipe = merged.distillation(&request).expect("a distill LoRA merged");
-    assert_eq!(recipe.sigmas, [1.0, 0.75, 0.5, 0.25]);
+    assert_eq!(recipe.schedule, kinetoscope::scheduler::Schedule::Sigmas(vec![1.0, 0.75, 0.5, 0.25]));
     let a = denoised(&merged, &request, &mut |_| {});
     let b = denoised(&plain, &with_lora, &mut |_| {});
     assert!(common::relative_error(&a, &b) < 1e-5, "merged and per-request adapters give the same video");
+}
+
+/// On a FastWan model (known by its repository id, here the tiny model in a Hugging Face cache under that name),
+/// turbo runs the model's own recipe, FastVideo's 3 DMD steps, not the default's 4 Euler ones.
+#[test]
+fn turbo_runs_a_fastwan_models_dmd_steps() {
+    let cache = tempfile::tempdir().unwrap();
+    let snapshot = cache.path().join("models--FastVideo--FastWan2.1-T2V-1.3B-Diffusers/snapshots/0123");
+    common::copy_tree(&tiny().join("wan21-tiny-a"), &snapshot);
+    let dir = kinetoscope::ModelDir::from_hf_cache("FastVideo/FastWan2.1-T2V-1.3B-Diffusers", cache.path()).unwrap();
+    let pipeline = Pipeline::load(&dir, &LoadOptions::default()).unwrap();
+    let request = turbo();
+    let recipe = pipeline.distillation(&request).expect("FastWan is distilled");
+    assert_eq!(recipe.schedule, kinetoscope::scheduler::Schedule::Dmd(vec![1000.0, 757.0, 522.0]));
+    let ran = pipeline.distilled_request(&request);
+    assert_eq!((ran.steps, ran.schedule.as_ref()), (3, Some(&recipe.schedule)));
+    let mut steps = 0;
+    denoised(&pipeline, &request, &mut |_| steps += 1);
+    assert_eq!(steps, 3);
+    // An explicit schedule is the user's: kept.
+    let explicit =
+        GenerateRequest { schedule: Some(kinetoscope::scheduler::Schedule::Sigmas(vec![1.0, 0.5])), ..request };
+    assert_eq!(pipeline.distilled_request(&explicit).schedule, explicit.schedule);
 }

@@ -42,7 +42,10 @@ impl FlowMatchEuler {
             shift * s / (1.0 + (shift - 1.0) * s)
         };
         let (sigmas, timesteps): (Vec<f32>, Vec<f32>) = match schedule {
-            Schedule::Timesteps(timesteps) => timesteps.iter().map(|&t| (shifted(t as f32 / train), t as f32)).unzip(),
+            // DMD timesteps run with their own sampler (`Dmd`); as Euler steps they are timesteps.
+            Schedule::Timesteps(timesteps) | Schedule::Dmd(timesteps) => {
+                timesteps.iter().map(|&t| (shifted(t as f32 / train), t as f32)).unzip()
+            }
             Schedule::Sigmas(sigmas) => sigmas
                 .iter()
                 .map(|&s| {

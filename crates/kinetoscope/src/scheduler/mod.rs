@@ -4,6 +4,7 @@
 //! each velocity prediction into the next sample. It steps by index (its own counter), never by looking
 //! up a float timestep.
 
+mod dmd;
 mod euler;
 mod unipc;
 
@@ -12,6 +13,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+pub use dmd::{Dmd, Renoise};
 pub use euler::FlowMatchEuler;
 pub use unipc::UniPc;
 
@@ -27,12 +29,15 @@ pub enum Schedule {
     Timesteps(Vec<f64>),
     /// Sigmas, decreasing, in (0, 1]: shifted, and the network sees `σ · num_train_timesteps`.
     Sigmas(Vec<f64>),
+    /// Timesteps of a DMD-distilled model (FastVideo's FastWan: 1000, 757, 522), run with its sampler ([`Dmd`]):
+    /// each step predicts the clean latents and noises them afresh to the next step's level.
+    Dmd(Vec<f64>),
 }
 
 impl Schedule {
     pub fn len(&self) -> usize {
         match self {
-            Schedule::Timesteps(values) | Schedule::Sigmas(values) => values.len(),
+            Schedule::Timesteps(values) | Schedule::Sigmas(values) | Schedule::Dmd(values) => values.len(),
         }
     }
 
@@ -45,6 +50,7 @@ impl Schedule {
         let (field, values, max) = match self {
             Schedule::Timesteps(values) => ("timesteps", values, num_train_timesteps as f64),
             Schedule::Sigmas(values) => ("sigmas", values, 1.0),
+            Schedule::Dmd(values) => ("dmd", values, num_train_timesteps as f64),
         };
         let invalid = |reason: String| Err(Error::InvalidRequest { field, reason });
         if values.is_empty() {
@@ -228,16 +234,21 @@ impl SchedulerConfig {
 
     /// A scheduler for `steps` steps: of `kind` (default: the config's own) with `shift` (default: the
     /// config's own); with an explicit `schedule`, flow-match Euler over it (its length is the steps).
+    /// The sampler for a request: an explicit schedule's (flow-match Euler, or DMD with `renoise` between its
+    /// steps), else `kind`'s or the config's over `steps` at `shift`.
     pub fn build(
         &self,
         kind: Option<SchedulerKind>,
         steps: usize,
         shift: Option<f64>,
         schedule: Option<&Schedule>,
+        renoise: Renoise,
     ) -> Box<dyn Scheduler> {
         let shift = shift.unwrap_or_else(|| self.configured_shift());
-        if let Some(schedule) = schedule {
-            return Box::new(FlowMatchEuler::explicit(schedule, self.num_train_timesteps, shift));
+        match schedule {
+            Some(Schedule::Dmd(timesteps)) => return Box::new(Dmd::new(timesteps, self.num_train_timesteps, renoise)),
+            Some(schedule) => return Box::new(FlowMatchEuler::explicit(schedule, self.num_train_timesteps, shift)),
+            None => {}
         }
         match kind.or(self.kind()).unwrap_or(SchedulerKind::Unipc) {
             SchedulerKind::Unipc => Box::new(UniPc::new(self, steps, shift)),
