@@ -235,7 +235,8 @@ fn render(
 }
 
 /// Whether `mp4` and its sidecar are a finished rendering of `item` with these candidates: the kept one
-/// is any of the candidates' seeds, and its images (if any) had the same content as the item's now.
+/// is any of the candidates' seeds, and its images and run-time adapters (if any) had the same content as the
+/// item's now.
 fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
     let request = &item.request;
     let Some(sidecar) = std::fs::read_to_string(output::sidecar_path(mp4))
@@ -254,7 +255,10 @@ fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
         }
         None => sidecar["edit"].get("last_image").is_none(),
     };
-    if !(same_image && same_last_image) {
+    // Run-time adapters: the same files with the same contents (a sidecar from before they were hashed had none).
+    let recorded = sidecar["resolved"].get("request_loras").cloned().unwrap_or(Value::Array(Vec::new()));
+    let same_loras = recorded == output::request_lora_hashes(request);
+    if !(same_image && same_last_image && same_loras) {
         return false;
     }
     let Some(kept) = sidecar["request"]["seed"]

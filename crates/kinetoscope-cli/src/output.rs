@@ -263,6 +263,9 @@ fn write_sidecar(
             "experts": setup.pipeline.expert_placement(),
             // The LoRA adapters merged into the weights: file, sha256, scale, transformer, key layout.
             "loras": setup.pipeline.loras(),
+            // The request's run-time adapters (`request.loras`) with each file's sha256, so that a rerun or a
+            // reader knows which contents they had.
+            "request_loras": request_lora_hashes(request),
             // Each transformer's weights: the folder's, or a single file (its sha256 and tensor formats), and the
             // format --quantize held them in; and a --text-encoder-weights file's.
             "weights": setup.pipeline.weights(),
@@ -343,6 +346,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     Ok(())
+}
+
+/// Each of `request`'s run-time adapters: file, sha256 (null if it can't be read now), scale, transformer.
+pub(crate) fn request_lora_hashes(request: &GenerateRequest) -> Value {
+    let hashes: Vec<Value> = request
+        .loras
+        .iter()
+        .map(|lora| {
+            json!({
+                "path": lora.path,
+                "sha256": crate::edit::file_sha256(&lora.path).ok(),
+                "scale": lora.scale,
+                "component": lora.component,
+            })
+        })
+        .collect();
+    Value::Array(hashes)
 }
 
 #[cfg(test)]

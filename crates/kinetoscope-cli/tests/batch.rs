@@ -589,3 +589,27 @@ fn image_items_an_image_model_cannot_take_are_refused_before_rendering() {
         &["2 bad line(s)", "line 1: last_image: the model", "can't end on a given frame", "line 2: guidance_scale_2:"],
     );
 }
+
+/// An item with a run-time adapter renders again when the adapter file's contents change, and is skipped while
+/// they don't; the sidecar records the file's sha256.
+#[test]
+fn an_item_renders_again_when_its_adapters_contents_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let loras = tiny_model("loras");
+    let adapter = dir.path().join("style.safetensors");
+    std::fs::copy(loras.join("wan21-peft.safetensors"), &adapter).unwrap();
+    let manifest =
+        write_manifest(dir.path(), &[item("a", r#", "loras": [{"path": "style.safetensors", "scale": 0.5}]"#)]);
+    let out = dir.path().join("out");
+    let first = batch(&manifest, &out);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let sidecar: Value = serde_json::from_str(&std::fs::read_to_string(out.join("a.json")).unwrap()).unwrap();
+    let sha = format!("{:x}", Sha256::digest(std::fs::read(&adapter).unwrap()));
+    assert_eq!(sidecar["resolved"]["request_loras"][0]["sha256"], sha.as_str());
+
+    let again = batch(&manifest, &out);
+    assert!(stderr(&again).contains("0 completed, 1 skipped"), "{}", stderr(&again));
+    std::fs::copy(loras.join("wan21-official.safetensors"), &adapter).unwrap();
+    let changed = batch(&manifest, &out);
+    assert!(stderr(&changed).contains("1 completed, 0 skipped"), "{}", stderr(&changed));
+}
