@@ -284,7 +284,12 @@ impl Checkpoint {
             (Storage::Safetensors(st), Some(scale)) => {
                 st.load(key, device)?.to_dtype(DType::F32)?.affine(f64::from(scale), 0.0)?
             }
-            (Storage::Gguf { .. }, _) => self.ggml(key, device)?.dequantize(device)?.reshape(stored.dims.as_slice())?,
+            // Dequantized on the CPU, then moved: these are the small tensors (norms, biases, modulation, the patch
+            // embedding), and the CPU reads every ggml type, F16 and BF16 included, on any build.
+            (Storage::Gguf { .. }, _) => {
+                let cpu = Device::Cpu;
+                self.ggml(key, &cpu)?.dequantize(&cpu)?.reshape(stored.dims.as_slice())?.to_device(device)?
+            }
         };
         tensor.to_dtype(dtype)
     }
