@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(scheduler) = model.config::<SchedulerConfig>("scheduler", "scheduler_config.json") {
             let path = model.component("scheduler").join("scheduler_config.json");
             if scheduler.validate(&path).is_ok() {
-                let schedule = scheduler.build(None, 4, None, None);
+                let schedule = scheduler.build(None, 4, None, None, kinetoscope::scheduler::Renoise::Seeded(0));
                 assert_eq!(schedule.sigmas().len(), schedule.timesteps().len() + 1);
             }
         }
