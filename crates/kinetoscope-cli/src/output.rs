@@ -268,7 +268,7 @@ fn write_sidecar(
             "request_loras": request_lora_hashes(request),
             // Each transformer's weights: the folder's, or a single file (its sha256 and tensor formats), and the
             // format --quantize held them in; and a --text-encoder-weights file's.
-            "weights": setup.pipeline.weights(),
+            "weights": setup.pipeline.weights()?,
             "device": setup.device,
             "dtype": setup.dtype.as_str(),
             "text_encoder": setup.pipeline.text_encoder_placement(),

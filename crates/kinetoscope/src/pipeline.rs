@@ -40,7 +40,9 @@ pub struct Pipeline {
     shape: ModelShape,
     loras: Vec<AppliedLora>,
     /// Each transformer's weights as loaded, for the sidecar.
-    weights: Vec<ComponentWeights>,
+    /// Their single files are hashed the first time [`Self::weights`] is asked for: a server, which writes no
+    /// sidecar, never reads a 15 GB file through just to hash it.
+    weights: Mutex<Vec<ComponentWeights>>,
     /// The folder, and where each transformer's weights come from: what run-time adapters are read against.
     dir: ModelDir,
     sources: Vec<TransformerSource>,
@@ -245,7 +247,7 @@ impl Pipeline {
             memory,
             shape,
             loras,
-            weights,
+            weights: Mutex::new(weights),
             dir: dir.clone(),
             sources,
             lora_allow_unmatched: options.lora_allow_unmatched,
@@ -291,10 +293,17 @@ impl Pipeline {
         }
     }
 
-    /// Where each transformer's weights (and a text encoder file's) came from and how they are held ([`LoadOptions::transformer`],
-    /// [`LoadOptions::quantize`]).
-    pub fn weights(&self) -> &[ComponentWeights] {
-        &self.weights
+    /// Where each transformer's weights (and a text encoder or VAE file's) came from and how they are held
+    /// ([`LoadOptions::transformer`], [`LoadOptions::quantize`]), each file with its sha256 (read through once, the
+    /// first time this is asked for).
+    pub fn weights(&self) -> Result<Vec<ComponentWeights>> {
+        let mut weights = self.weights.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for record in weights.iter_mut().filter(|w| w.sha256.is_none()) {
+            if let Some(file) = &record.file {
+                record.sha256 = Some(crate::model_dir::sha256_of(file)?);
+            }
+        }
+        Ok(weights.clone())
     }
 
     /// The distill recipe `request` runs under, if the model is a distilled one (by its repository id) or carries a

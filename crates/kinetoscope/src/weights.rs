@@ -27,7 +27,8 @@ pub struct ComponentWeights {
     pub component: &'static str,
     /// The single file that stood in for the folder's network; `None`: the folder's own.
     pub file: Option<PathBuf>,
-    /// The file's sha256 (hex); `None` for the folder (its configs' hashes are the model identity's).
+    /// The file's sha256 (hex); `None` for the folder (its configs' hashes are the model identity's), and until
+    /// [`crate::Pipeline::weights`] hashes the file.
     pub sha256: Option<String>,
     /// What it stores: `diffusers folder`, or the file's tensor formats and counts (`Q4_K ×400, F32 ×615`).
     pub format: String,
@@ -40,7 +41,7 @@ impl ComponentWeights {
         Ok(Self {
             component: source.component,
             file: source.file.clone(),
-            sha256: source.file.as_deref().map(crate::model_dir::sha256_of).transpose()?,
+            sha256: None,
             format: source.format()?,
             quantized_on_load: quantize.map(|q| q.name().to_string()),
         })
@@ -56,7 +57,7 @@ impl ComponentWeights {
         Ok(Self {
             component,
             file: Some(file.to_path_buf()),
-            sha256: Some(crate::model_dir::sha256_of(file)?),
+            sha256: None,
             format: checkpoint.format_summary(),
             quantized_on_load: None,
         })

@@ -65,7 +65,7 @@ fn a_single_file_vae_gives_the_folders_video() {
     let request = GenerateRequest { steps: 2, seed: 7, ..reference_request("wan21-tiny-a") };
     let generate = |options: LoadOptions| {
         let pipeline = Pipeline::load(&model_dir("wan21-tiny-a"), &options).unwrap();
-        let components: Vec<&str> = pipeline.weights().iter().map(|w| w.component).collect();
+        let components: Vec<&str> = pipeline.weights().unwrap().iter().map(|w| w.component).collect();
         (pipeline.generate(&request).unwrap().frames, components)
     };
     let (folder, _) = generate(LoadOptions::default());
