@@ -404,6 +404,16 @@ impl SimpleBackend for RenamedBackend {
     }
 }
 
+/// At most `max` of `names`, backquoted, and how many more: for errors that name a file's keys.
+pub(crate) fn listed<'a>(names: impl IntoIterator<Item = &'a str>, max: usize) -> String {
+    let names: Vec<&str> = names.into_iter().collect();
+    let mut out = names.iter().take(max).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    if names.len() > max {
+        out.push_str(&format!(" and {} more", names.len() - max));
+    }
+    out
+}
+
 fn is_input_scale(key: &str) -> bool {
     key.ends_with(".scale_input") || key.ends_with(".input_scale")
 }

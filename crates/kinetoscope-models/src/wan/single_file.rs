@@ -47,7 +47,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::original_names::{tensor_to_diffusers, tensor_to_original};
 use super::transformer::{Config, WanTransformer3DModel};
-use crate::checkpoint::{renamed_weights, Checkpoint, Stored};
+use crate::checkpoint::{listed, renamed_weights, Checkpoint, Stored};
 use crate::compact::Compact;
 use crate::lora::Targets;
 
@@ -236,16 +236,6 @@ impl SimpleBackend for Recorder {
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
-}
-
-/// At most `max` of `names`, backquoted, and how many more.
-fn listed<'a>(names: impl IntoIterator<Item = &'a str>, max: usize) -> String {
-    let names: Vec<&str> = names.into_iter().collect();
-    let mut out = names.iter().take(max).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-    if names.len() > max {
-        out.push_str(&format!(" and {} more", names.len() - max));
-    }
-    out
 }
 
 /// Checks that `cfg`'s model reads exactly the tensors of `shapes` (the transformer's names), each with its shape.

@@ -45,7 +45,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::{AutoencoderKLWan, Config};
-use crate::checkpoint::{renamed_weights, Checkpoint};
+use crate::checkpoint::{listed, renamed_weights, Checkpoint};
 use crate::wan::original_names::{tensor_to_diffusers, tensor_to_original};
 
 pub use crate::checkpoint::Limits;
@@ -183,16 +183,6 @@ fn hint(unknown: &[&str]) -> &'static str {
     } else {
         ""
     }
-}
-
-/// At most `max` of `names`, backquoted, and how many more.
-fn listed<'a>(names: impl IntoIterator<Item = &'a str>, max: usize) -> String {
-    let names: Vec<&str> = names.into_iter().collect();
-    let mut out = names.iter().take(max).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-    if names.len() > max {
-        out.push_str(&format!(" and {} more", names.len() - max));
-    }
-    out
 }
 
 /// One VAE file in the official layout, its header read and its names mapped; the data is read as the
