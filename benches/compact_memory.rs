@@ -19,6 +19,9 @@
 //! Each format runs in its own process (the bench runs itself with `--format NAME`), with glibc's mmap threshold
 //! fixed low (`MALLOC_MMAP_THRESHOLD_`) so that what a step frees leaves the resident set; about 3 GiB at most.
 
+#[path = "common/wan_1_3b.rs"]
+mod wan_1_3b;
+
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -30,6 +33,7 @@ use candle_nn::{Init, VarBuilder};
 use kinetoscope_models::compact::{Compact, CompactSource, CompactWeight, Quantization, QuantizeOnLoad};
 use kinetoscope_models::wan::single_file::model_shapes;
 use kinetoscope_models::wan::transformer::{Config, WanTransformer3DModel};
+use wan_1_3b::{config, RandomWeights};
 
 const MIB: f64 = (1 << 20) as f64;
 /// The formats in the table's order; `bf16` is dense.
@@ -47,29 +51,6 @@ fn status_kib(field: &str) -> u64 {
 
 fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").expect("resetting the peak resident set (Linux ≥ 4.0)");
-}
-
-fn config() -> Config {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/registry/wan2.1-t2v-1.3b.json");
-    let registry: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect(path)).expect("registry JSON");
-    serde_json::from_value(registry["configs"]["transformer"].clone()).expect("the 1.3B transformer's config")
-}
-
-/// Makes each tensor when the network asks for it: normal, σ 0.02, in the dtype asked for.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        bail!("the Wan transformer asked for `{name}` without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
 }
 
 /// Tensors by name: shape and the dtype the network holds them in.

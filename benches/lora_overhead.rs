@@ -11,16 +11,19 @@
 //!
 //! About 6 GiB of memory (the model in f32 and the adapter).
 
+#[path = "common/wan_1_3b.rs"]
+mod wan_1_3b;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{bail, DType, Device, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use kinetoscope_models::lora::{ReadOptions, ScaledAdapter, Targets};
 use kinetoscope_models::wan::single_file::model_shapes;
 use kinetoscope_models::wan::transformer::{Config, WanTransformer3DModel};
+use wan_1_3b::{config, RandomWeights};
 
 const RANK: usize = 64;
 const RUNS: usize = 2;
@@ -28,28 +31,6 @@ const RUNS: usize = 2;
 /// take minutes a forward on a CPU).
 const SIZES: [(usize, usize, usize); 2] = [(1, 16, 16), (2, 32, 32)];
 const TEXT_TOKENS: usize = 64;
-
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        bail!("the Wan transformer asked for `{name}` without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-fn config() -> Config {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/registry/wan2.1-t2v-1.3b.json");
-    let registry: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect(path)).expect("registry JSON");
-    serde_json::from_value(registry["configs"]["transformer"].clone()).expect("the 1.3B transformer's config")
-}
 
 /// The linear layers the run-time path adapts (the 2-D weights but the patch embedding's), by name, `(out, in)`.
 fn linear_layers(cfg: &Config) -> Vec<(String, usize, usize)> {
