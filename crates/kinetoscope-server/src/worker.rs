@@ -338,14 +338,15 @@ fn fitted_input(
                 false => Ok(first),
             }
         }
-        _ => {
-            let frames = kinetoscope_video::read_frames_with_limits(&input_path(shared, id), &limits).map_err(|e| {
-                kinetoscope::Error::InvalidRequest { field: "video", reason: format!("unreadable source video: {e}") }
-            })?;
-            let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
-            pipeline.fit_input(input, edit, request)
-        }
+        _ => pipeline.fit_input(read_video(shared, &input_path(shared, id), "video", "source video")?, edit, request),
     }
+}
+
+/// The video at `path`, decoded within the limits; unreadable, it is the request's `field` that is wrong.
+fn read_video(shared: &Shared, path: &Path, field: &'static str, what: &str) -> kinetoscope::Result<InputVideo> {
+    let frames = kinetoscope_video::read_frames_with_limits(path, &shared.config.limits.decode())
+        .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable {what}: {e}") })?;
+    InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
 }
 
 /// A region edit (see `kinetoscope::RegionRequest`): the source fitted as a redo's, its mask (the uploaded picture, or
@@ -359,20 +360,14 @@ fn region_edit(
     on_step: &mut dyn FnMut(kinetoscope::Progress) -> ControlFlow<()>,
 ) -> kinetoscope::Result<(kinetoscope::Video, kinetoscope::RegionReport)> {
     let EditKind::Region { start, end, rectangle } = *edit else { unreachable!("called for region edits") };
-    let limits = shared.config.limits.decode();
-    let read_video = |path: &std::path::Path, field: &'static str, what: &str| {
-        let frames = kinetoscope_video::read_frames_with_limits(path, &limits)
-            .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable {what}: {e}") })?;
-        InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())
-    };
-    let source = read_video(&input_path(shared, id), "video", "source video")?;
+    let source = read_video(shared, &input_path(shared, id), "video", "source video")?;
     let picture = match rectangle {
         Some(rectangle) => kinetoscope::RegionMask::rectangle_picture(source.height, source.width, rectangle)?,
         None => {
             let path = mask_path(shared, id);
-            match kinetoscope_video::read_image_with_limits(&path, &limits) {
+            match kinetoscope_video::read_image_with_limits(&path, &shared.config.limits.decode()) {
                 Ok(image) => InputVideo::from_rgb8(image.as_bytes(), 1, image.height(), image.width())?,
-                Err(_) => read_video(&path, "mask", "mask")?,
+                Err(_) => read_video(shared, &path, "mask", "mask")?,
             }
         }
     };
