@@ -215,7 +215,8 @@ def build_pipeline(cfg):
     return WanImageToVideoPipeline(**parts, boundary_ratio=cfg["boundary_ratio"], expand_timesteps=False)
 
 
-def save_pipeline(pipe, folder, cfg):
+def save_with_reused(pipe, folder):
+    """`pipe` saved to `folder`, its reused components replaced by wan21-tiny-a's files; its model_index.json."""
     if folder.exists():
         shutil.rmtree(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -226,6 +227,11 @@ def save_pipeline(pipe, folder, cfg):
     index = json.loads((folder / "model_index.json").read_text())
     index["tokenizer"] = json.loads((ROOT / BASE / "model_index.json").read_text())["tokenizer"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def save_pipeline(pipe, folder, cfg):
+    index = save_with_reused(pipe, folder)
     assert index["boundary_ratio"] == cfg["boundary_ratio"], index
     assert index["expand_timesteps"] is False, index
     for name in ("transformer_2", "image_encoder", "image_processor"):

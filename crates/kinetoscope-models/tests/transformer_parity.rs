@@ -92,3 +92,32 @@ fn a14b_experts_match_diffusers() -> Result<()> {
     }
     Ok(())
 }
+
+/// Wan VACE: control latents through the VACE blocks, their hints added after main blocks 0 and 2, against
+/// diffusers' `WanVACETransformer3DModel` (`models/tiny/wan21-vace-tiny`): control latents covering fewer frames
+/// than the latents (padded with zeros) at scales 0.7 and 1.3, covering all of them at 1, and at scale 0, where the
+/// control changes nothing.
+#[test]
+fn vace_control_matches_diffusers() -> Result<()> {
+    let model = "wan21-vace-tiny";
+    let (cfg, vb): (Config, _) = load(model, "transformer")?;
+    let transformer = WanTransformer3DModel::new(&cfg, vb)?;
+    ensure!(transformer.vace_blocks() == 2, "{model}: {} VACE blocks", transformer.vace_blocks());
+    let r = reference("vace", "transformer.safetensors")?;
+    let context = transformer.embed_context(&r["encoder_hidden_states"], None)?;
+    for (case, want) in [("padded", "padded.output"), ("full", "full.output"), ("full", "no_control.output")] {
+        let scales: Vec<f64> = match want {
+            "no_control.output" => vec![0.0, 0.0],
+            _ => {
+                r[&format!("{case}.control_hidden_states_scale")].to_vec1::<f32>()?.into_iter().map(f64::from).collect()
+            }
+        };
+        let control = &r[&format!("{case}.control_hidden_states")];
+        let context = transformer.with_control(context.clone(), control, &scales)?;
+        let out = transformer.forward_embedded(&r["hidden_states"], &r["timestep"], &context)?;
+        let err = relative_error(&out, &r[want])?;
+        println!("{model} {want}: relative error {err:e}");
+        ensure!(err < 1e-4, "{model} {want}: relative error {err}");
+    }
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! What a generation is conditioned on besides its prompt, as data the loop reads: latent frames held to a
 //! clip's (with a mask over latent time), an image's latents held as the first frame, or latents and a mask
-//! concatenated to the model's input channels with an image encoder's tokens. The loop (in
+//! concatenated to the model's input channels with an image encoder's tokens, or a VACE model's control latents. The loop (in
 //! `denoise.rs`) applies them at fixed points of every step; the recipes (text-to-video, edits, image-to-video)
 //! only build them.
 
@@ -21,6 +21,18 @@ pub(crate) enum Conditioning<'a> {
     /// Wan 2.1 I2V/FLF2V and Wan 2.2 I2V-A14B: latents concatenated to the noise's channels before every
     /// prediction, and (Wan 2.1) an image encoder's tokens beside the prompt's in cross-attention.
     Channels(&'a Channels),
+    /// Wan VACE: control latents every step's transformer reads beside the noise, through its VACE blocks.
+    Control(&'a Control),
+}
+
+/// What a VACE model (diffusers' `WanVACEPipeline`) reads besides the noise: see `vace.rs`.
+pub(crate) struct Control {
+    /// `[1, 96, R + T, h, w]`: per latent frame (the reference images' first, then the video's), the normalized
+    /// latents of what is kept and of what is regenerated or followed (16 + 16), and the mask as 8 × 8 sub-pixel
+    /// channels (64).
+    pub(crate) latents: Tensor,
+    /// Every VACE block's conditioning scale.
+    pub(crate) scale: f64,
 }
 
 /// What an image-conditioned model of diffusers' `WanImageToVideoPipeline` (without `expand_timesteps`) reads

@@ -134,9 +134,9 @@ impl Denoiser {
     /// on, both branches run as one batch of two, and the step cache (when `request` asks for it) decides for
     /// the batch as a whole. `condition` is applied at fixed points of every step: held frames are put back
     /// after it at the noise level it reached; an image's first latent frame before every prediction, at
-    /// timestep 0; channel-concatenated latents to every prediction's input. Each step runs the expert of its
-    /// timestep, with that expert's guidance scale; a swapped expert is loaded when its first step comes,
-    /// after the other is released. Progress counts the steps run and names their expert.
+    /// timestep 0; channel-concatenated latents to every prediction's input; a VACE model's control latents to its
+    /// context. Each step runs the expert of its timestep, with that expert's guidance scale; a swapped expert is
+    /// loaded when its first step comes, after the other is released. Progress counts the steps run and names their expert.
     /// `adapters` are the request's run-time LoRA adapters, each for the expert it names.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
@@ -191,6 +191,13 @@ impl Denoiser {
                     .collect();
                 let prepared = network.prepare_adapters(&own).stage(STAGE)?;
                 let context = network.embed_context_with_adapters(text, image_states, &prepared).stage(STAGE)?;
+                let context = match condition {
+                    Conditioning::Control(control) => {
+                        let scales = vec![control.scale; network.vace_blocks()];
+                        network.with_control(context, &control.latents, &scales).stage(STAGE)?
+                    }
+                    _ => context,
+                };
                 current = Some((index, network, context));
                 cache = request.step_cache.map(StepCache::new);
             }

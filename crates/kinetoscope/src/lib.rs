@@ -28,6 +28,7 @@ pub mod registry;
 mod request;
 pub mod scheduler;
 mod text;
+mod vace;
 mod weights;
 
 pub use adapters::AppliedLora;
@@ -55,4 +56,5 @@ pub use request::{
     ExpertPlacement, GenerateRequest, LoadOptions, LoraSpec, MemoryLimit, Progress, Timings, VaeTiling, Video,
 };
 pub use text::{clean_prompt, TextEncoder, TextEncoderPlacement};
+pub use vace::VaceRequest;
 pub use weights::ComponentWeights;

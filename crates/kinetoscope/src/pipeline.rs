@@ -87,6 +87,9 @@ pub struct ModelShape {
     pub takes_last_image: bool,
     /// Wan 2.2 A14B: a high-noise and a low-noise expert, each with its guidance scale.
     pub two_experts: bool,
+    /// Wan VACE: the transformer has a control branch, which every generation feeds (with a video, a mask,
+    /// reference images, or none of them).
+    pub vace: bool,
 }
 
 impl ModelShape {
@@ -115,6 +118,7 @@ impl ModelShape {
             needs_image: channels,
             takes_last_image: channels && (!image_embedder || transformer_config.pos_embed_seq_len.is_some()),
             two_experts: index.has_component("transformer_2"),
+            vace: transformer_config.vace_layers.is_some(),
         }
     }
 
@@ -476,6 +480,17 @@ impl Pipeline {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Video> {
+        if self.shape.vace {
+            // VACE generates from the prompt alone with a grey video to follow and every pixel to generate.
+            let vace = crate::VaceRequest {
+                base: request.clone(),
+                video: None,
+                mask: None,
+                reference_images: &[],
+                conditioning_scale: 1.0,
+            };
+            return self.vace_with_progress(&vace, on_step);
+        }
         self.validate(request)?;
         let latents = self.initial_latents(request)?;
         self.generate_from(latents, 0, request, Conditioning::Text, on_step)
@@ -512,6 +527,17 @@ impl Pipeline {
                 reason: format!(
                     "the model {} generates from an image (image-to-video): give one (Pipeline::image_to_video, \
                      --image)",
+                    self.identity.path.display()
+                ),
+            });
+        }
+        if self.shape.vace && !matches!(condition, Conditioning::Control(_)) {
+            return Err(Error::InvalidRequest {
+                field: "model",
+                reason: format!(
+                    "{} is a Wan VACE model: it edits a masked region (--mask, --region), follows a control video \
+                     (--control-video) or reference images (--reference-image), or generates from the prompt; \
+                     other edits need a Wan text-to-video model",
                     self.identity.path.display()
                 ),
             });

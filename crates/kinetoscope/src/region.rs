@@ -304,6 +304,18 @@ impl Pipeline {
         let (latent_mask, dims) = mask.latent(self.frame_multiple(), scale);
         let latent_cells =
             [latent_mask.iter().filter(|v| **v == 1.0).count(), latent_mask.iter().filter(|v| **v == 0.5).count()];
+        if self.shape().vace {
+            // A VACE model was trained for this: the clip outside the mask is its control, nothing is held.
+            let vace = crate::VaceRequest {
+                base: request.base.clone(),
+                video: Some(input),
+                mask: Some(mask),
+                reference_images: &[],
+                conditioning_scale: 1.0,
+            };
+            let (latents, timings) = self.vace_latents(&vace, on_step)?;
+            return Ok((latents, timings, latent_cells));
+        }
         let (clean, noise) = self.encode_input(input, &generate)?;
         let hold = Hold::new(clean, noise, latent_mask, dims).stage(STAGE)?;
         let latents = hold.apply(&hold.noise, self.sigma(&generate, 0)).stage(STAGE)?;

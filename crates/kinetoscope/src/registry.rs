@@ -33,7 +33,7 @@ use crate::weights::TransformerSource;
 /// In the order a folder is matched against them: within a family, an entry whose configs are a superset of
 /// another's comes first (FLF2V's position embedding before I2V), and where configs can't tell entries apart
 /// (Wan 2.1 I2V 480P and 720P) a folder from the Hugging Face cache is the entry of its repository.
-const MANIFESTS: [&str; 8] = [
+const MANIFESTS: [&str; 10] = [
     include_str!("../../../models/registry/wan2.1-t2v-1.3b.json"),
     include_str!("../../../models/registry/wan2.1-t2v-14b.json"),
     include_str!("../../../models/registry/wan2.2-ti2v-5b.json"),
@@ -42,6 +42,8 @@ const MANIFESTS: [&str; 8] = [
     include_str!("../../../models/registry/wan2.1-flf2v-14b-720p.json"),
     include_str!("../../../models/registry/wan2.1-i2v-14b-480p.json"),
     include_str!("../../../models/registry/wan2.1-i2v-14b-720p.json"),
+    include_str!("../../../models/registry/wan2.1-vace-1.3b.json"),
+    include_str!("../../../models/registry/wan2.1-vace-14b.json"),
 ];
 
 /// Step- and guidance-distilled weights and the recipe they run with (`models/distilled.json`).

@@ -82,6 +82,15 @@ pub struct Config {
     /// joined into one sequence, 2 × 257). Ignored without `image_dim`.
     #[serde(default)]
     pub pos_embed_seq_len: Option<usize>,
+    /// Wan VACE (`WanVACETransformer3DModel`): the main blocks after which the VACE blocks' hints are added, in
+    /// the order of the VACE blocks; set, the model has the control branch (`vace_patch_embedding`,
+    /// `vace_blocks`) and needs control latents ([`WanTransformer3DModel::with_control`]).
+    #[serde(default)]
+    pub vace_layers: Option<Vec<usize>>,
+    /// Channels of the control latents (96 for Wan 2.1 VACE: the video's inactive and reactive latents, 16 + 16,
+    /// and the mask cut into 8 × 8 sub-pixel channels, 64).
+    #[serde(default = "default_vace_in_channels")]
+    pub vace_in_channels: usize,
 }
 
 fn default_patch_size() -> [usize; 3] {
@@ -122,6 +131,9 @@ fn default_eps() -> f64 {
 }
 fn default_rope_max_seq_len() -> usize {
     1024
+}
+fn default_vace_in_channels() -> usize {
+    96
 }
 
 impl Config {
@@ -525,6 +537,142 @@ impl TransformerBlock {
     }
 }
 
+/// diffusers' `WanVACETransformerBlock`: a transformer block over the control tokens (the same layers and keys as
+/// a main block), which the first VACE block starts from its input projection of the control tokens plus the patch
+/// tokens, and whose output each VACE block projects into a hint for the main stream.
+struct VaceBlock {
+    /// Only the first VACE block's.
+    proj_in: Option<Linear>,
+    block: TransformerBlock,
+    proj_out: Linear,
+}
+
+/// VACE's control branch: control latents (the video to keep or follow, its mask, reference images) embedded as
+/// tokens and run through blocks of their own beside the main stream, each adding a hint, times its conditioning
+/// scale, to the main stream after one main block.
+struct Vace {
+    patch_embedding: PatchEmbedding,
+    blocks: Vec<VaceBlock>,
+    /// Per VACE block, the main block after which its hint is added: `vace_layers` in ascending order, because
+    /// diffusers hands the hints out in the order of the main blocks, whatever order the config lists.
+    layers: Vec<usize>,
+}
+
+impl Vace {
+    fn new(cfg: &Config, layers: &[usize], vb: VarBuilder, compact: &Compact) -> Result<Self> {
+        let mut sorted = layers.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != layers.len() || sorted.first() != Some(&0) || sorted.last() >= Some(&cfg.num_layers) {
+            bail!(
+                "Wan VACE transformer config: `vace_layers` {layers:?} must name distinct main blocks of 0..{}, \
+                 block 0 among them",
+                cfg.num_layers
+            )
+        }
+        let dim = cfg.inner_dim();
+        let blocks = (0..layers.len())
+            .map(|i| {
+                let vb = vb.pp("vace_blocks").pp(i);
+                let proj_in = match i {
+                    0 => Some(Linear::load(dim, dim, vb.pp("proj_in"), compact)?),
+                    _ => None,
+                };
+                Ok(VaceBlock {
+                    proj_in,
+                    block: TransformerBlock::new(cfg, vb.clone(), compact)?,
+                    proj_out: Linear::load(dim, dim, vb.pp("proj_out"), compact)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let patch_embedding =
+            PatchEmbedding::new(cfg.vace_in_channels, dim, cfg.patch_size, vb.pp("vace_patch_embedding"))?;
+        Ok(Self { patch_embedding, blocks, layers: sorted })
+    }
+
+    /// Each VACE block's hint times its scale, with the main block it goes after. `tokens` are the main stream's
+    /// patch tokens `[B, L, dim]`; the control tokens `[B, L_c ≤ L, dim]` are padded with zeros to `L` (diffusers
+    /// lets the control latents cover fewer frames than the latents).
+    fn hints(
+        &self,
+        tokens: &Tensor,
+        control: &Control,
+        context: &Context,
+        timestep_proj: &Tensor,
+        rope: &Rope,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let (b, l, dim) = tokens.dims3()?;
+        let (cb, cl, _) = control.tokens.dims3()?;
+        if cb != b || cl > l {
+            bail!(
+                "Wan VACE transformer: control tokens of shape {:?} do not fit the latents' {:?} (the same batch and at \
+                 most as many tokens)",
+                control.tokens.dims(),
+                tokens.dims()
+            )
+        }
+        let mut x = match cl < l {
+            true => {
+                Tensor::cat(&[&control.tokens, &Tensor::zeros((b, l - cl, dim), tokens.dtype(), tokens.device())?], 1)?
+            }
+            false => control.tokens.clone(),
+        };
+        let mut hints = Vec::with_capacity(self.blocks.len());
+        for ((vace, &layer), &scale) in self.blocks.iter().zip(&self.layers).zip(&control.scales) {
+            if let Some(proj_in) = &vace.proj_in {
+                x = (proj_in.forward(&x, &context.adapters)? + tokens)?;
+            }
+            x = vace.block.forward(&x, context, timestep_proj, rope)?;
+            hints.push((layer, (vace.proj_out.forward(&x, &context.adapters)? * scale)?));
+        }
+        Ok(hints)
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks.iter().flat_map(|vace| vace.proj_in.iter().chain(vace.block.linears()).chain([&vace.proj_out]))
+    }
+}
+
+/// A Conv3d whose kernel is its stride (`patch_embedding`, `vace_patch_embedding`), as a matmul over each patch's
+/// values: the patches do not overlap.
+struct PatchEmbedding {
+    linear: candle_nn::Linear,
+    in_channels: usize,
+    patch_size: [usize; 3],
+}
+
+impl PatchEmbedding {
+    fn new(in_channels: usize, dim: usize, patch_size: [usize; 3], vb: VarBuilder) -> Result<Self> {
+        let [pt, ph, pw] = patch_size;
+        let weight = vb.get((dim, in_channels, pt, ph, pw), "weight")?;
+        let linear = candle_nn::Linear::new(weight.reshape((dim, ()))?, Some(vb.get(dim, "bias")?));
+        Ok(Self { linear, in_channels, patch_size })
+    }
+
+    /// `[B, C, T, H, W]` (`what` names it in errors) → tokens `[B, L, dim]` in (T', H', W') order, in `dtype`, and
+    /// the patch grid.
+    fn forward(&self, x: &Tensor, dtype: DType, what: &str) -> Result<(Tensor, [usize; 3])> {
+        let (b, c, t, h, w) = x.dims5()?;
+        let [pt, ph, pw] = self.patch_size;
+        if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
+            bail!(
+                "Wan transformer: {what} of shape {:?} do not fit {} channels cut into {:?} patches",
+                x.dims(),
+                self.in_channels,
+                self.patch_size
+            )
+        }
+        let grid = [t / pt, h / ph, w / pw];
+        // [B, C, T', pt, H', ph, W', pw] → each (C, pt, ph, pw) flattened as the Conv3d kernel is.
+        let x = x
+            .to_dtype(dtype)?
+            .reshape(vec![b, c, grid[0], pt, grid[1], ph, grid[2], pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .reshape((b, grid.iter().product::<usize>(), ()))?;
+        Ok((self.linear.forward(&x)?, grid))
+    }
+}
+
 /// The table plus the timestep's projection, `[1, 1, N, dim]` + `[B, 1 or L, N, dim]`, cut into its N
 /// `[B, 1 or L, dim]` parts, in f32.
 fn modulation<const N: usize>(table: &Tensor, projection: &Tensor) -> Result<[Tensor; N]> {
@@ -670,6 +818,15 @@ pub struct Context {
     text: Tensor,
     image: Option<Tensor>,
     adapters: Adapters,
+    /// A VACE model's control tokens and scales ([`WanTransformer3DModel::with_control`]).
+    control: Option<Control>,
+}
+
+/// A VACE model's control latents as tokens `[B, L_c, dim]`, and the conditioning scale of each VACE block.
+#[derive(Debug, Clone)]
+struct Control {
+    tokens: Tensor,
+    scales: Vec<f64>,
 }
 
 impl Context {
@@ -703,6 +860,8 @@ pub struct Embedded {
     grid: [usize; 3],
     /// The latents' (T, H, W), which the output is put back into.
     latent_size: [usize; 3],
+    /// A VACE model's hints, each with the main block after which it is added, already times its scale.
+    hints: Vec<(usize, Tensor)>,
 }
 
 impl Embedded {
@@ -715,17 +874,17 @@ impl Embedded {
 /// The Wan transformer: text-to-video, or (with an image embedder) Wan 2.1 image-to-video and
 /// first-last-frame-to-video.
 pub struct WanTransformer3DModel {
-    /// The patch Conv3d as a matmul: kernel = stride, so patches do not overlap. Adapters leave it alone (diffusers
-    /// drops their `patch_embedding` deltas).
-    patch_embedding: candle_nn::Linear,
+    /// Adapters leave it alone (diffusers drops their `patch_embedding` deltas).
+    patch_embedding: PatchEmbedding,
     condition_embedder: ConditionEmbedder,
     rope: RotaryEmbedding,
     blocks: Vec<TransformerBlock>,
+    /// Wan VACE's control branch.
+    vace: Option<Vace>,
     proj_out: Linear,
     /// `[1, 1, 2, dim]` f32: offsets of (shift, scale) for the output norm.
     scale_shift_table: Tensor,
     patch_size: [usize; 3],
-    in_channels: usize,
     out_channels: usize,
     eps: f64,
     dtype: DType,
@@ -755,13 +914,11 @@ impl WanTransformer3DModel {
                  must be set together (image conditioning) or both be null"
             ),
         }
-        let [pt, ph, pw] = cfg.patch_size;
-        let patch_in = cfg.in_channels * cfg.patch_volume();
-        let patch_weight = vb.pp("patch_embedding").get((dim, cfg.in_channels, pt, ph, pw), "weight")?;
-        let patch_embedding = candle_nn::Linear::new(
-            patch_weight.reshape((dim, patch_in))?,
-            Some(vb.pp("patch_embedding").get(dim, "bias")?),
-        );
+        let patch_embedding = PatchEmbedding::new(cfg.in_channels, dim, cfg.patch_size, vb.pp("patch_embedding"))?;
+        let vace = match &cfg.vace_layers {
+            Some(layers) => Some(Vace::new(cfg, layers, vb.clone(), compact)?),
+            None => None,
+        };
         let blocks = (0..cfg.num_layers)
             .map(|i| TransformerBlock::new(cfg, vb.pp("blocks").pp(i), compact))
             .collect::<Result<Vec<_>>>()?;
@@ -770,10 +927,10 @@ impl WanTransformer3DModel {
             condition_embedder: ConditionEmbedder::new(cfg, vb.pp("condition_embedder"), compact)?,
             rope: RotaryEmbedding::new(cfg.attention_head_dim, cfg.rope_max_seq_len)?,
             blocks,
+            vace,
             proj_out: Linear::load(dim, cfg.out_channels() * cfg.patch_volume(), vb.pp("proj_out"), compact)?,
             scale_shift_table: vb.to_dtype(DType::F32).get((1, 2, dim), "scale_shift_table")?.unsqueeze(0)?,
             patch_size: cfg.patch_size,
-            in_channels: cfg.in_channels,
             out_channels: cfg.out_channels(),
             eps: cfg.eps,
             dtype: vb.dtype(),
@@ -809,6 +966,7 @@ impl WanTransformer3DModel {
         self.condition_embedder
             .linears()
             .chain(self.blocks.iter().flat_map(TransformerBlock::linears))
+            .chain(self.vace.iter().flat_map(Vace::linears))
             .chain([&self.proj_out])
     }
 
@@ -873,7 +1031,38 @@ impl WanTransformer3DModel {
                 embedder.image_dim
             ),
         };
-        Ok(Context { text, image, adapters: adapters.clone() })
+        Ok(Context { text, image, adapters: adapters.clone(), control: None })
+    }
+
+    /// How many VACE blocks the model has (each with its conditioning scale): 0 for a model without VACE's
+    /// control branch.
+    pub fn vace_blocks(&self) -> usize {
+        self.vace.as_ref().map_or(0, |vace| vace.blocks.len())
+    }
+
+    /// `context` with a VACE model's control latents `[1 or B, vace_in_channels, T_c, H, W]` (B the text's batch;
+    /// one is shared by every row, as classifier-free guidance's branches share it), embedded once for every step,
+    /// and the conditioning scale of each VACE block ([`Self::vace_blocks`] of them). The control latents may
+    /// cover fewer latent frames than the latents the steps run on, never more.
+    pub fn with_control(&self, context: Context, latents: &Tensor, scales: &[f64]) -> Result<Context> {
+        let Some(vace) = &self.vace else {
+            bail!("Wan transformer: control latents were given to a model without VACE blocks (no `vace_layers`)")
+        };
+        if scales.len() != vace.blocks.len() {
+            bail!(
+                "Wan VACE transformer: {} conditioning scales for {} VACE blocks (one each, or one for all)",
+                scales.len(),
+                vace.blocks.len()
+            )
+        }
+        let (tokens, _) = vace.patch_embedding.forward(latents, self.dtype, "control latents")?;
+        let (b, n) = (context.text.dim(0)?, tokens.dim(0)?);
+        let tokens = match n {
+            _ if n == b => tokens,
+            1 => tokens.repeat((b, 1, 1))?,
+            _ => bail!("Wan VACE transformer: control latents for {n} rows do not fit the text's batch of {b}"),
+        };
+        Ok(Context { control: Some(Control { tokens, scales: scales.to_vec() }), ..context })
     }
 
     /// Predicts from latents `[B, C, T, H, W]`, timesteps (`[B]`, or `[B, L]` with one per token in token order:
@@ -900,18 +1089,9 @@ impl WanTransformer3DModel {
         self.adapter_cache
             .check(&context.adapters)
             .map_err(|e| candle_core::Error::Msg(format!("Wan transformer: {e}")))?;
-        let (b, c, t, h, w) = hidden_states.dims5()?;
-        let [pt, ph, pw] = self.patch_size;
-        if c != self.in_channels || t % pt != 0 || h % ph != 0 || w % pw != 0 {
-            bail!(
-                "Wan transformer: latents of shape {:?} do not fit {} channels cut into {:?} patches",
-                hidden_states.dims(),
-                self.in_channels,
-                self.patch_size
-            )
-        }
-        let grid = [t / pt, h / ph, w / pw];
-        let tokens = grid.iter().product::<usize>();
+        let (b, _, t, h, w) = hidden_states.dims5()?;
+        let (x, grid) = self.patch_embedding.forward(hidden_states, self.dtype, "latents")?;
+        let tokens = x.dim(1)?;
         let timestep = match timestep.dims() {
             [n] if *n == b => timestep.unsqueeze(1)?,
             [n, l] if *n == b && *l == tokens => timestep.clone(),
@@ -921,24 +1101,25 @@ impl WanTransformer3DModel {
             ),
         };
         let (cos, sin) = self.rope.tables(grid, hidden_states.device())?;
-
-        // [B, C, T', pt, H', ph, W', pw] → tokens in (T', H', W') order, each (C, pt, ph, pw) flattened as the
-        // Conv3d kernel is.
-        let x = hidden_states
-            .to_dtype(self.dtype)?
-            .reshape(vec![b, c, grid[0], pt, grid[1], ph, grid[2], pw])?
-            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
-            .reshape((b, tokens, ()))?;
-        let tokens = self.patch_embedding.forward(&x)?;
+        let rope = Rope::new(cos, sin, self.dtype)?;
         let (temb, timestep_proj) = self.condition_embedder.time(&timestep, self.dtype, &context.adapters)?;
+        let hints = match (&self.vace, &context.control) {
+            (Some(vace), Some(control)) => vace.hints(&x, control, context, &timestep_proj, &rope)?,
+            (None, None) => Vec::new(),
+            (Some(_), None) => bail!(
+                "Wan transformer: this is a VACE model, which needs control latents (WanTransformer3DModel::with_control)"
+            ),
+            (None, Some(_)) => bail!("Wan transformer: control latents were given to a model without VACE blocks"),
+        };
         Ok(Embedded {
-            tokens,
+            tokens: x,
             context: context.clone(),
             temb,
             timestep_proj,
-            rope: Rope::new(cos, sin, self.dtype)?,
+            rope,
             grid,
             latent_size: [t, h, w],
+            hints,
         })
     }
 
@@ -949,8 +1130,11 @@ impl WanTransformer3DModel {
             bail!("Wan transformer: blocks {blocks:?} are outside the model's 0..{}", self.blocks.len())
         };
         let mut x = x.clone();
-        for block in selected {
+        for (index, block) in blocks.zip(selected) {
             x = block.forward(&x, &embedded.context, &embedded.timestep_proj, &embedded.rope)?;
+            for (_, hint) in embedded.hints.iter().filter(|(after, _)| *after == index) {
+                x = (x + hint)?;
+            }
         }
         Ok(x)
     }
@@ -1205,6 +1389,87 @@ mod tests {
             let err = model.run_blocks(&first, 1..4, &embedded).err().unwrap();
             assert!(err.to_string().contains("outside the model's 0..3"), "{err}");
         }
+        Ok(())
+    }
+
+    /// The tiny model with VACE blocks after main blocks 0 and 2 of 3, control latents of 6 channels.
+    fn tiny_vace_config() -> Config {
+        Config { num_layers: 3, ..tiny_config(r#", "vace_layers": [2, 0], "vace_in_channels": 6"#) }
+    }
+
+    #[test]
+    fn vace_configs_and_keys_are_checked() -> Result<()> {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        for layers in ["[1, 2]", "[0, 3]", "[0, 0]"] {
+            let cfg = Config { num_layers: 3, ..tiny_config(&format!(r#", "vace_layers": {layers}"#)) };
+            let err = WanTransformer3DModel::new(&cfg, vb.clone()).err().unwrap();
+            assert!(err.to_string().contains("must name distinct main blocks of 0..3"), "{layers}: {err}");
+        }
+        let (model, varmap) = random_model(&tiny_vace_config())?;
+        assert_eq!(model.vace_blocks(), 2);
+        let names: std::collections::BTreeSet<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for name in [
+            "vace_patch_embedding.weight",
+            "vace_blocks.0.proj_in.weight",
+            "vace_blocks.0.attn1.to_q.weight",
+            "vace_blocks.1.ffn.net.0.proj.bias",
+            "vace_blocks.1.scale_shift_table",
+            "vace_blocks.1.proj_out.bias",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.contains("vace_blocks.1.proj_in.weight"), "only the first VACE block has proj_in");
+        Ok(())
+    }
+
+    /// At scale 0 (or with the hints' projections zeroed) the control branch adds nothing: the VACE model is the
+    /// plain model with the same main weights. A control given to a plain model, or missing on a VACE model, is
+    /// refused.
+    #[test]
+    fn vace_at_scale_zero_is_the_plain_model() -> Result<()> {
+        let dev = Device::Cpu;
+        let (vace, varmap) = random_model(&tiny_vace_config())?;
+        let plain = WanTransformer3DModel::new(
+            &Config { vace_layers: None, ..tiny_vace_config() },
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        )?;
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 3, 4, 6), &dev)?;
+        let t = Tensor::new(&[700f32, 700.0], &dev)?;
+        let context = plain.embed_context(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?, None)?;
+        // Two of the three latent frames: the control tokens are padded with zeros.
+        let control = Tensor::randn(0f32, 1.0, (1, 6, 2, 4, 6), &dev)?;
+        let want = plain.forward_embedded(&latents, &t, &context)?.flatten_all()?.to_vec1::<f32>()?;
+        let run = |scales: &[f64]| -> Result<Vec<f32>> {
+            let context = vace.with_control(context.clone(), &control, scales)?;
+            vace.forward_embedded(&latents, &t, &context)?.flatten_all()?.to_vec1::<f32>()
+        };
+        assert_eq!(run(&[0.0, 0.0])?, want);
+        assert_ne!(run(&[1.0, 0.0])?, want);
+        assert_ne!(run(&[0.0, 1.0])?, run(&[0.0, 0.5])?);
+
+        let err = vace.forward_embedded(&latents, &t, &context).err().unwrap();
+        assert!(err.to_string().contains("needs control latents"), "{err}");
+        let err = plain.with_control(context.clone(), &control, &[1.0, 1.0]).err().unwrap();
+        assert!(err.to_string().contains("without VACE blocks"), "{err}");
+        let err = vace.with_control(context.clone(), &control, &[1.0]).err().unwrap();
+        assert!(err.to_string().contains("1 conditioning scales for 2 VACE blocks"), "{err}");
+        let long = Tensor::zeros((1, 6, 4, 4, 6), DType::F32, &dev)?;
+        let err = vace.forward_embedded(&latents, &t, &vace.with_control(context.clone(), &long, &[1.0, 1.0])?);
+        assert!(err.err().unwrap().to_string().contains("at most as many tokens"));
+        let err = vace.with_control(context, &Tensor::zeros((1, 5, 2, 4, 6), DType::F32, &dev)?, &[1.0, 1.0]);
+        assert!(err.err().unwrap().to_string().contains("control latents of shape [1, 5, 2, 4, 6]"));
+
+        // The blocks run in parts (the step cache) add each hint after its block, as one forward pass does.
+        let context = vace.with_control(
+            vace.embed_context(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?, None)?,
+            &control,
+            &[0.7, 1.3],
+        )?;
+        let whole = vace.forward_embedded(&latents, &t, &context)?.flatten_all()?.to_vec1::<f32>()?;
+        let embedded = vace.embed(&latents, &t, &context)?;
+        let first = vace.run_blocks(embedded.tokens(), 0..1, &embedded)?;
+        let rest = vace.run_blocks(&first, 1..3, &embedded)?;
+        assert_eq!(vace.project_out(&rest, &embedded)?.flatten_all()?.to_vec1::<f32>()?, whole);
         Ok(())
     }
 
