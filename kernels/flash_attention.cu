@@ -183,12 +183,13 @@ __device__ void flash_attention(const __nv_bfloat16* __restrict__ q, const __nv_
         }
     }
 
-    // The row sums are spread over the quad; then O / l, stored as bf16 pairs.
+    // The row sums are spread over the quad; then O / l, stored as bf16 pairs. A row that never saw a valid key
+    // (none today: k_len > 0 and every tile has one) has l = 0 and o = 0, and is written as zeros, not 0·inf = NaN.
     for (int offset = 1; offset < 4; offset <<= 1) {
         l_lo += __shfl_xor_sync(0xffffffff, l_lo, offset);
         l_hi += __shfl_xor_sync(0xffffffff, l_hi, offset);
     }
-    const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+    const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
     __nv_bfloat16* o_head = out + (static_cast<long>(blockIdx.y) * q_len) * D;
     const int r_lo = row0 + g, r_hi = row0 + g + 8;
     for (int j = 0; j < D / 8; ++j) {

@@ -30,7 +30,9 @@ pub fn flash_attention_supports(q: &Tensor) -> bool {
 
 /// `softmax(q·kᵀ·scale)·v` for `q` `[batch, heads, q_len, d]`, `k` and `v` `[batch, heads, k_len, d]`, bf16 on
 /// one CUDA device (see [`flash_attention_supports`]); the softmax and the products accumulate in f32. Any
-/// strides over batch, heads and rows are taken; the output is contiguous `[batch, heads, q_len, d]`.
+/// strides over batch, heads and rows are taken, 0 included (keys and values broadcast with `broadcast_as` are
+/// read in place), with the head dim contiguous (else a copy is made); the output is contiguous
+/// `[batch, heads, q_len, d]`. No query or no key (a dimension of 0) is an error.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (batch, heads, q_len, d) = q.dims4()?;
     let (k_batch, k_heads, k_len, k_d) = k.dims4()?;

@@ -8,6 +8,9 @@ mod activations;
 mod flash_attention;
 #[cfg(feature = "cuda")]
 mod norms;
+// The flash-attention kernel's per-lane indexing emulated on the CPU: tests that run without a GPU (and the feature).
+#[cfg(test)]
+mod flash_attention_emulation;
 
 #[cfg(feature = "cuda")]
 /// The part of `storage` that `layout` starts at, as a device view of `T` (the kernels index it themselves).

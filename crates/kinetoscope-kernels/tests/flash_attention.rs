@@ -1,6 +1,8 @@
 //! `flash_attention` against the plain computation in f32, `softmax(q·kᵀ·scale)·v`, on random inputs: bf16
 //! relative error under 1e-2 for both head dims, lengths that are and aren't multiples of the kernel's tiles,
-//! cross-attention lengths, strided and misaligned inputs. Needs a CUDA device.
+//! cross-attention lengths, strided, broadcast and misaligned inputs, and rows sampled at Wan 1.3B's real length;
+//! every case also row by row. Needs a CUDA device (the kernel's indexing is also emulated on the CPU, without
+//! one: `src/flash_attention_emulation.rs`).
 
 #![cfg(feature = "cuda")]
 
@@ -23,12 +25,21 @@ fn random(shape: &[usize], dev: &Device) -> Result<Tensor> {
 /// The worst row's largest difference, relative to that row's largest reference value: one wrong row (of a
 /// partial tile, say) that the whole tensor's relative error would average away.
 fn worst_row_error(got: &Tensor, want: &Tensor) -> Result<f32> {
+    Ok(worst_row(got, want)?.0)
+}
+
+/// [`worst_row_error`] and that row's index (in the rows of all batch items and heads, one after the other).
+fn worst_row(got: &Tensor, want: &Tensor) -> Result<(f32, usize)> {
     let d = want.dim(D::Minus1)?;
     let rows = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous()?.reshape(((), d));
     let (got, want) = (rows(got)?, rows(want)?);
     let largest_difference = (got - &want)?.abs()?.max(D::Minus1)?;
     let largest_value = want.abs()?.max(D::Minus1)?.clamp(1e-6f32, f32::MAX)?;
-    (largest_difference / largest_value)?.max(0)?.to_scalar::<f32>()
+    let errors = (largest_difference / largest_value)?.to_vec1::<f32>()?;
+    // NaN counts as the worst.
+    let worst =
+        errors.iter().enumerate().fold((0f32, 0), |(e, i), (j, &x)| if x.is_nan() || x > e { (x, j) } else { (e, i) });
+    Ok(worst)
 }
 
 #[test]
@@ -57,18 +68,24 @@ fn matches_the_plain_computation() -> Result<()> {
 }
 
 /// Tokens-major `[batch, len, heads, d]` seen as `[batch, heads, len, d]` (what the transformer's projections
-/// give) is read in place; a view whose rows start off the kernel's alignment is copied first. Both agree with
-/// the reference, and large scores (a peaked softmax) stay finite.
+/// give: head stride d, row stride heads·d) is read in place, at both head dims; a view whose rows start off the
+/// kernel's alignment is copied first. Both agree with the reference, and large scores (a peaked softmax) stay
+/// finite. Small: compute-sanitizer runs it (benches/gpu/run.sh).
 #[test]
 fn strided_misaligned_and_peaked_inputs() -> Result<()> {
     let dev = Device::new_cuda(0)?;
-    let (b, h, l, d) = (2, 3, 70, 64);
-    let q = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
-    let k = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
-    let v = random(&[b, h, l, d + 8], &dev)?.narrow(D::Minus1, 1, d)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let err = relative_error(&flash_attention(&q, &k, &v, scale)?, &reference(&q, &k, &v, scale)?)?;
-    assert!(err < 1e-2, "strided: relative error {err}");
+    for d in [64, 128] {
+        let (b, h, l) = (2, 3, 70);
+        let q = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
+        let k = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
+        assert_eq!(q.stride(), [l * h * d, d, h * d, 1]);
+        let v = random(&[b, h, l, d + 8], &dev)?.narrow(D::Minus1, 1, d)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
+        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+        println!("strided d {d}: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+        assert!(err < 1e-2 && worst < 3e-2, "strided d {d}: relative error {err}, worst row {worst} (row {row})");
+    }
 
     let peaked = (random(&[1, 2, 50, 128], &dev)? * 8.0)?.to_dtype(DType::BF16)?;
     let out = flash_attention(&peaked, &peaked, &peaked, 1.0)?;
@@ -77,9 +94,37 @@ fn strided_misaligned_and_peaked_inputs() -> Result<()> {
     Ok(())
 }
 
+/// Keys and values broadcast over batch and heads (strides 0, as `broadcast_as` makes them: one key/value head
+/// for all) are taken as they are, strides included; so is a value broadcast over the keys (row stride 0), where
+/// every key weighs the same row and each output row is that row. Small: compute-sanitizer runs it.
+#[test]
+fn broadcast_keys_and_values() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let (b, h, lq, lk, d) = (2, 3, 70, 90, 128);
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = random(&[b, h, lq, d], &dev)?;
+    let k = random(&[1, 1, lk, d], &dev)?.broadcast_as((b, h, lk, d))?;
+    let v = random(&[1, 1, lk, d], &dev)?.broadcast_as((b, h, lk, d))?;
+    assert_eq!(k.stride(), [0, 0, d, 1]);
+    let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
+    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+    println!("k and v broadcast over batch and heads: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+    assert!(err < 1e-2 && worst < 3e-2, "broadcast: relative error {err}, worst row {worst} (row {row})");
+
+    let row_of_v = random(&[b, h, 1, d], &dev)?;
+    let v = row_of_v.broadcast_as((b, h, lk, d))?;
+    assert_eq!(v.stride()[2], 0);
+    let got = flash_attention(&q, &k, &v, scale)?;
+    let want = row_of_v.to_dtype(DType::F32)?.broadcast_as((b, h, lq, d))?;
+    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+    println!("v broadcast over the keys: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+    assert!(err < 1e-2 && worst < 3e-2, "one value row: relative error {err}, worst row {worst} (row {row})");
+    Ok(())
+}
+
 /// A peaked softmax over 1000 keys whose maximum is the last key, in the last and partial tile (1000 = 15·64 +
 /// 40): every row's running maximum jumps there, so every rescale of what was accumulated runs. Compared row by
-/// row as well as whole.
+/// row as well as whole, and the rows of the last, partial query block (960..1000) on their own.
 #[test]
 fn a_maximum_in_the_last_partial_tile() -> Result<()> {
     let dev = Device::new_cuda(0)?;
@@ -93,9 +138,47 @@ fn a_maximum_in_the_last_partial_tile() -> Result<()> {
     let (q, k, v) = (q?, k?, v?);
     let scale = 1.0 / (d as f64).sqrt();
     let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
-    let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
-    println!("maximum in the last tile: relative error {err:.2e}, worst row {worst_row:.2e}");
-    assert!(err < 1e-2 && worst_row < 3e-2, "relative error {err}, worst row {worst_row}");
+    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+    println!("maximum in the last tile: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+    assert!(err < 1e-2 && worst < 3e-2, "relative error {err}, worst row {worst} (row {row})");
+    let (got, want) = (got.narrow(2, 960, 40)?, want.narrow(2, 960, 40)?);
+    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+    println!("its last, partial query block: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+    assert!(err < 1e-2 && worst < 3e-2, "last query block: relative error {err}, worst row {worst} (row {row})");
+    Ok(())
+}
+
+/// Wan 2.1 1.3B at 832×480×81: 21 latent frames of 60×104, in 2×2 patches, 21·30·52 = 32,760 tokens, heads of
+/// 128, tokens-major as the transformer gives them; 32,760 = 511·64 + 56, so both the last query block and the
+/// last key tile are partial. The kernel computes every row; a sample of rows (the first, tile edges, the last
+/// block's, spread ones) is compared with a reference computed on the CPU for those rows only.
+#[test]
+fn sampled_rows_at_wan_length() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let (b, h, l, d) = (1, 2, 32_760, 128);
+    // Scores of standard deviation 2: a softmax neither flat nor one-hot over 32,760 keys.
+    let q = (Tensor::randn(0f32, 2.0, (b, l, h, d), &dev)?.to_dtype(DType::BF16)?).transpose(1, 2)?;
+    let k = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
+    let v = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let out = flash_attention(&q, &k, &v, scale)?;
+
+    let mut rows: Vec<u32> = vec![0, 1, 15, 16, 63, 64, 127, 4095, 16_383, 16_384, 32_703, 32_704, 32_705, 32_759];
+    let mut state = 12_345u32;
+    rows.extend((0..18).map(|_| {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        state % l as u32
+    }));
+    let cpu = Device::Cpu;
+    let picked = Tensor::new(rows.as_slice(), &cpu)?;
+    let on_cpu = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F32)?.contiguous();
+    let got = on_cpu(&out)?.index_select(&picked, 2)?;
+    let (k, v) = (on_cpu(&k)?, on_cpu(&v)?);
+    let want = reference(&on_cpu(&q)?.index_select(&picked, 2)?, &k, &v, scale)?;
+    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+    let row = rows[row % rows.len()];
+    println!("{} rows of {l}: relative error {err:.2e}, worst row {worst:.2e} (token {row})", rows.len());
+    assert!(err < 1e-2 && worst < 3e-2, "length {l}: relative error {err}, worst row {worst} (token {row})");
     Ok(())
 }
 
