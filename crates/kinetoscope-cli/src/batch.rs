@@ -35,7 +35,9 @@ pub struct Args {
     /// scheduler, seed, max_sequence_length, fps, step_cache; defaults the model's, as `generate`'s),
     /// optionally a `preset` (draft, balanced, quality, turbo) that the line's fields override, an `image` to start
     /// from as `generate --image` and a `last_image` to end on as `--last-image` (paths relative to the
-    /// manifest's folder), and `guidance_scale_2` as `--guidance-2`. `#` lines are comments.
+    /// manifest's folder), `guidance_scale_2` as `--guidance-2`, and for a Wan VACE model `control_video`,
+    /// `reference_images` (a list) and `conditioning_scale` as `--control-video`, `--reference-image` and
+    /// `--conditioning-scale`. `#` lines are comments.
     manifest: PathBuf,
     /// Folder for `<id>.mp4`, `<id>.json` and `results-<I>-of-<N>.jsonl` (created if missing).
     #[arg(long)]
@@ -101,7 +103,13 @@ pub fn run(args: Args) -> Result<()> {
     for item in to_render {
         let started = Instant::now();
         let status = results.status();
-        let image = item.image.as_deref().map(|image| Edit::read_image(image, item.last_image.as_deref()));
+        let image = match &item.image {
+            _ if item.vace() => {
+                Some(Edit::read_vace(item.control_video.as_deref(), &item.reference_images, item.conditioning_scale))
+            }
+            Some(image) => Some(Edit::read_image(image, item.last_image.as_deref())),
+            None => None,
+        };
         let rendered = match image.transpose() {
             Ok(image) => render(&setup, item, image, &mp4_path(&args.out, item), args.candidates, &bar, &status)
                 .map_err(|e| (failure_code(&e), e)),
@@ -198,6 +206,15 @@ fn check(item: &Item, model: &Model, pipeline: &Pipeline, candidates: Candidates
     if item.image.is_none() && shape.needs_image {
         return on("image", format!("missing: {} generates video from an image (image-to-video)", model.name()));
     }
+    if item.vace() != shape.vace && (item.vace() || item.image.is_some() || shape.needs_image) {
+        let reason = if item.vace() {
+            "has no VACE blocks: control_video and reference_images need a Wan VACE model"
+        } else {
+            "is a Wan VACE model: it takes a control_video and reference_images, not an image"
+        };
+        let field = if item.control_video.is_some() { "control_video" } else { "reference_images" };
+        return on(if item.vace() { field } else { "image" }, format!("{} {reason}", model.name()));
+    }
     if item.last_image.is_some() && !shape.takes_last_image {
         let reason = "can't end on a given frame; a last_image needs Wan 2.1 FLF2V or Wan 2.2 I2V-A14B";
         return on("last_image", format!("{} {reason}", model.name()));
@@ -245,10 +262,18 @@ fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
     else {
         return false;
     };
-    let same_image = match &item.image {
+    let same_image = match item.image.as_ref().or(item.control_video.as_ref()).or(item.reference_images.first()) {
         Some(path) => edit::file_sha256(path).is_ok_and(|sha256| sidecar["edit"]["source_sha256"] == sha256),
         None => sidecar.get("edit").is_none(),
     };
+    let recorded_references = sidecar["edit"]["reference_images"].as_array().map_or(&[][..], Vec::as_slice);
+    let same_references = recorded_references.len() == item.reference_images.len()
+        && item
+            .reference_images
+            .iter()
+            .zip(recorded_references)
+            .all(|(path, recorded)| edit::file_sha256(path).is_ok_and(|sha256| recorded["sha256"] == sha256))
+        && (!item.vace() || sidecar["edit"]["conditioning_scale"] == item.conditioning_scale);
     let same_last_image = match &item.last_image {
         Some(path) => {
             edit::file_sha256(path).is_ok_and(|sha256| sidecar["edit"]["last_image"]["source_sha256"] == sha256)
@@ -258,7 +283,7 @@ fn verified(mp4: &Path, item: &Item, candidates: Candidates) -> bool {
     // Run-time adapters: the same files with the same contents (a sidecar from before they were hashed had none).
     let recorded = sidecar["resolved"].get("request_loras").cloned().unwrap_or(Value::Array(Vec::new()));
     let same_loras = recorded == output::request_lora_hashes(request);
-    if !(same_image && same_last_image && same_loras) {
+    if !(same_image && same_last_image && same_references && same_loras) {
         return false;
     }
     let Some(kept) = sidecar["request"]["seed"]

@@ -1,6 +1,7 @@
 //! `generate --input-video`: video-to-video (`--strength`), regenerating a time range (`--redo`) or a region
 //! (`--mask`, `--region`, over a `--redo` range or every frame); `generate
-//! --extend-from`: extending a clip (`--seconds`); `generate --image` (and `--last-image`): image-to-video. Reads
+//! --extend-from`: extending a clip (`--seconds`); `generate --image` (and `--last-image`): image-to-video;
+//! `--control-video` and `--reference-image`: a Wan VACE model's conditioning. Reads
 //! the source clip or image(s), fits it to a size and frame count the model takes, runs the library's edit, and
 //! says what the sidecar records of it (the source's hash, the edit).
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use kinetoscope::{
     EditKind, ExtendLayout, ExtendRequest, GenerateRequest, InputVideo, MaskFit, Pipeline, Progress, RegionMask,
-    RegionReport, RegionRequest, TimeRange, Video, MAX_EXTEND_SECONDS,
+    RegionReport, RegionRequest, TimeRange, VaceRequest, Video, MAX_EXTEND_SECONDS,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -66,15 +67,52 @@ pub struct EditArgs {
     /// cropped and resized as --image, on its own.
     #[arg(long, value_name = "IMAGE", requires = "image")]
     last_image: Option<PathBuf>,
+    /// Wan VACE: follow this video everywhere (a depth, pose or edge video, or any clip whose motion and layout
+    /// to keep), with the prompt for what it shows. Its frames are fitted as --input-video's; the output has as
+    /// many.
+    #[arg(long, value_name = "VIDEO", conflicts_with_all = ["input_video", "extend_from", "image"])]
+    control_video: Option<PathBuf>,
+    /// Wan VACE: an image of a subject or a style for the video to show (PNG, JPEG or WebP); repeat for several.
+    /// Letterboxed on white to the video's size. Alone, or with --control-video.
+    #[arg(long = "reference-image", value_name = "IMAGE", conflicts_with_all = ["input_video", "extend_from", "image"])]
+    reference_images: Vec<PathBuf>,
+    /// Wan VACE: how strongly --control-video and --reference-image steer the video (diffusers'
+    /// `conditioning_scale`).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    conditioning_scale: f64,
 }
 
 /// What to do with the source.
 enum Mode {
-    VideoToVideo { strength: f64 },
-    Redo { range: TimeRange, frames: Range<usize> },
+    VideoToVideo {
+        strength: f64,
+    },
+    Redo {
+        range: TimeRange,
+        frames: Range<usize>,
+    },
     Region(Box<Region>),
-    Extend { seconds: Option<f64>, fps: u32, extension: Option<Extension> },
-    ImageToVideo { last: Option<LastImage> },
+    Extend {
+        seconds: Option<f64>,
+        fps: u32,
+        extension: Option<Extension>,
+    },
+    ImageToVideo {
+        last: Option<LastImage>,
+    },
+    /// Wan VACE: a control video (the edit's input) to follow, reference images, or both.
+    Vace {
+        control: bool,
+        references: Vec<Reference>,
+        scale: f64,
+    },
+}
+
+/// A VACE reference image as read.
+struct Reference {
+    input: InputVideo,
+    source: PathBuf,
+    sha256: String,
 }
 
 /// A region to regenerate: the mask as read (a picture of it, or a rectangle drawn at the clip's size), and once
@@ -150,6 +188,29 @@ impl EditArgs {
                 model.name()
             );
         }
+        if (self.control_video.is_some() || !self.reference_images.is_empty()) && !shape.vace {
+            bail!(
+                "--control-video and --reference-image need a Wan VACE model (Wan-AI/Wan2.1-VACE-1.3B-diffusers or \
+                 -14B-diffusers); {} has no VACE blocks",
+                model.name()
+            );
+        }
+        let masked = self.mask.is_some() || self.region.is_some();
+        if shape.vace && (self.extend_from.is_some() || self.image.is_some() || (self.input_video.is_some() && !masked))
+        {
+            bail!(
+                "{} is a Wan VACE model: it edits a region of --input-video (--mask, --region), follows \
+                 --control-video, shows --reference-image, or generates from the prompt; video-to-video, a time-range \
+                 redo without a region, extending and image-to-video need a Wan text- or image-to-video model",
+                model.name()
+            );
+        }
+        if self.conditioning_scale != 1.0 && self.control_video.is_none() && self.reference_images.is_empty() {
+            bail!("--conditioning-scale: give --control-video or --reference-image for it to scale");
+        }
+        if !self.conditioning_scale.is_finite() {
+            bail!("--conditioning-scale: {} must be a finite number", self.conditioning_scale);
+        }
         if self.last_image.is_some() && !shape.takes_last_image {
             bail!(
                 "--last-image: {} can't end on a given frame (last_image); first-and-last-frame generation needs \
@@ -166,16 +227,17 @@ impl EditArgs {
         if let Some(path) = &self.image {
             return Edit::read_image(path, self.last_image.as_deref()).map(Some);
         }
+        if self.control_video.is_some() || !self.reference_images.is_empty() {
+            let (control, references) = (self.control_video.as_deref(), &self.reference_images);
+            return Edit::read_vace(control, references, self.conditioning_scale).map(Some);
+        }
         let (path, extend) = match (&self.input_video, &self.extend_from) {
             (Some(path), _) => (path, false),
             (None, Some(path)) => (path, true),
             (None, None) => return Ok(None),
         };
+        let (input, sha256, source_shape) = read_video(path, "input video")?;
         let cannot_read = || format!("cannot read the input video {}", path.display());
-        let sha256 = file_sha256(path).with_context(cannot_read)?;
-        let frames = kinetoscope_video::read_frames(path).with_context(cannot_read)?;
-        let source_shape = (frames.num_frames(), frames.width(), frames.height());
-        let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
         let range = |range: TimeRange| -> Result<(TimeRange, Range<usize>)> {
             // Only a range in seconds needs the clip's frame rate.
             let fps = match range {
@@ -212,7 +274,43 @@ impl EditArgs {
     }
 }
 
+/// A video's frames as read, its sha256, and its (frames, width, height); `what` names it in errors.
+fn read_video(path: &Path, what: &str) -> Result<(InputVideo, String, (usize, usize, usize))> {
+    let cannot_read = || format!("cannot read the {what} {}", path.display());
+    let sha256 = file_sha256(path).with_context(cannot_read)?;
+    let frames = kinetoscope_video::read_frames(path).with_context(cannot_read)?;
+    let source_shape = (frames.num_frames(), frames.width(), frames.height());
+    let input = InputVideo::from_rgb8(frames.as_bytes(), frames.num_frames(), frames.height(), frames.width())?;
+    Ok((input, sha256, source_shape))
+}
+
 impl Edit {
+    /// Reads and hashes a VACE generation's control video and reference images (`--control-video`,
+    /// `--reference-image`, a batch item's `control_video` and `reference_images`): at least one of them. Without
+    /// a control video the first reference image stands as the edit's source.
+    pub fn read_vace(control: Option<&Path>, references: &[PathBuf], scale: f64) -> Result<Self> {
+        let references = references
+            .iter()
+            .map(|path| {
+                let ImageFile { input, sha256 } = ImageFile::read(path)?;
+                Ok(Reference { input, source: path.clone(), sha256 })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (input, source, sha256, source_shape) = match (control, references.first()) {
+            (Some(path), _) => {
+                let (input, sha256, shape) = read_video(path, "control video")?;
+                (input, path.to_path_buf(), sha256, shape)
+            }
+            (None, Some(first)) => {
+                let empty = InputVideo { frames: Vec::new(), num_frames: 0, height: 0, width: 0 };
+                (empty, first.source.clone(), first.sha256.clone(), (1, first.input.width, first.input.height))
+            }
+            (None, None) => bail!("a VACE generation needs a control video or a reference image"),
+        };
+        let mode = Mode::Vace { control: control.is_some(), references, scale };
+        Ok(Edit { input, mode, source, sha256, source_shape })
+    }
+
     /// Reads and hashes an image to start a video from (`--image`, a batch item's `image`) and, optionally, one
     /// to end it on (`--last-image`, `last_image`).
     pub fn read_image(path: &Path, last_image: Option<&Path>) -> Result<Self> {
@@ -246,6 +344,9 @@ impl Edit {
             last.input = pipeline.fit_input(read, &one, request)?;
             let input = first.then(&last.input)?;
             return Ok(Edit { input, ..self });
+        }
+        if let Mode::Vace { control: false, .. } = self.mode {
+            return Ok(self);
         }
         let Mode::Extend { seconds, fps, .. } = self.mode else {
             let kind = self.kind();
@@ -281,6 +382,8 @@ impl Edit {
             }
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
             Mode::ImageToVideo { last } => EditKind::ImageToVideo { last_image: last.is_some() },
+            // A control video is fitted as a video-to-video input is, and every step runs.
+            Mode::Vace { .. } => EditKind::VideoToVideo { strength: 1.0 },
         }
     }
 
@@ -292,7 +395,7 @@ impl Edit {
                 request.num_frames = extension.layout.generated;
                 (request.height, request.width, request.fps) = (self.input.height, self.input.width, *fps);
             }
-            Mode::ImageToVideo { .. } => {}
+            Mode::ImageToVideo { .. } | Mode::Vace { control: false, .. } => {}
             _ => request.num_frames = self.input.num_frames,
         }
     }
@@ -316,6 +419,17 @@ impl Edit {
             *region.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
             return Ok(video);
         }
+        if let Mode::Vace { control, references, scale } = &self.mode {
+            let reference_images: Vec<InputVideo> = references.iter().map(|r| r.input.clone()).collect();
+            let request = VaceRequest {
+                base: base.clone(),
+                video: control.then_some(&self.input),
+                mask: None,
+                reference_images: &reference_images,
+                conditioning_scale: *scale,
+            };
+            return pipeline.vace_with_progress(&request, on_step);
+        }
         pipeline.run_edit(&self.kind(), base, &self.input, on_step)
     }
 
@@ -323,7 +437,7 @@ impl Edit {
     pub fn record(&self) -> Value {
         let (frames, width, height) = self.source_shape;
         let mut record = json!({ "source": self.source, "source_sha256": self.sha256 });
-        if !matches!(self.mode, Mode::ImageToVideo { .. }) {
+        if !matches!(self.mode, Mode::ImageToVideo { .. } | Mode::Vace { control: false, .. }) {
             record["source_video"] = json!({ "frames": frames, "width": width, "height": height });
             record["frames_used"] = json!(self.input.num_frames);
         }
@@ -366,6 +480,18 @@ impl Edit {
                     record["source_frames"] = json!([0, layout.kept]);
                     record["generated_frames"] = json!([layout.kept, end]);
                 }
+            }
+            Mode::Vace { control, references, scale } => {
+                record["kind"] = json!("vace");
+                record["control_video"] = json!(control);
+                record["conditioning_scale"] = json!(scale);
+                record["reference_images"] = references
+                    .iter()
+                    .map(|r| {
+                        let size = json!({ "width": r.input.width, "height": r.input.height });
+                        json!({ "source": r.source, "sha256": r.sha256, "source_image": size })
+                    })
+                    .collect();
             }
             Mode::ImageToVideo { last } => {
                 record["kind"] = json!("image_to_video");

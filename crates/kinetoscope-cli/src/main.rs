@@ -22,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// One value per process, parsed once from the command line: the variants' sizes don't matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Generate one video from a prompt (and an image, for image-to-video) and write it as MP4, with a JSON sidecar

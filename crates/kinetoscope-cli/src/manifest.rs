@@ -1,7 +1,7 @@
 //! The batch manifest: JSON Lines, one video per line: an `id` (which names the output files), the fields
 //! of a generate request, optionally a `preset` that the line's own fields override, and optionally an `image`
-//! to start the video from (and a `last_image` to end it on). Blank lines and lines starting with `#` are
-//! skipped.
+//! to start the video from (and a `last_image` to end it on), or a VACE model's `control_video`,
+//! `reference_images` and `conditioning_scale`. Blank lines and lines starting with `#` are skipped.
 //!
 //! Each field is read on its own, so that every problem names its line and its field (serde's own
 //! errors for a mistyped value don't say which field), and a field this reader doesn't know is an
@@ -18,12 +18,15 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// The fields a line may have. No `latents`: the noise is the seed's, and the only files a line names are its
-/// images.
-const FIELDS: [&str; 22] = [
+/// images and a VACE control video.
+const FIELDS: [&str; 25] = [
     "id",
     "preset",
     "image",
     "last_image",
+    "control_video",
+    "reference_images",
+    "conditioning_scale",
     "prompt",
     "negative_prompt",
     "height",
@@ -62,6 +65,18 @@ pub struct Item {
     pub image: Option<PathBuf>,
     /// The image the video ends on, as `generate --last-image`; found and checked as `image`, which it needs.
     pub last_image: Option<PathBuf>,
+    /// Wan VACE's inputs, as `generate --control-video`, `--reference-image` and `--conditioning-scale`; found and
+    /// checked as `image`.
+    pub control_video: Option<PathBuf>,
+    pub reference_images: Vec<PathBuf>,
+    pub conditioning_scale: f64,
+}
+
+impl Item {
+    /// Whether the line asks for Wan VACE's conditioning.
+    pub fn vace(&self) -> bool {
+        self.control_video.is_some() || !self.reference_images.is_empty()
+    }
 }
 
 /// What is wrong with a manifest line.
@@ -186,7 +201,30 @@ fn parse_line(line: usize, text: &str, folder: &Path, defaults: &GenerateRequest
     if last_image.is_some() && image.is_none() {
         return Err((Some("last_image".into()), "needs an image to start from (the field image)".into()));
     }
-    Ok(Item { line, id, preset, request, image, last_image })
+    let control_video = image_field(&mut fields, "control_video", folder)?;
+    let reference_images: Vec<PathBuf> = take::<Vec<PathBuf>>(&mut fields, "reference_images")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|path| folder.join(path))
+        .collect();
+    if let Some(path) = reference_images.iter().find(|path| !path.is_file()) {
+        return Err((Some("reference_images".into()), format!("{} is not a file", path.display())));
+    }
+    let vace = control_video.is_some() || !reference_images.is_empty();
+    if vace && image.is_some() {
+        return Err((Some("image".into()), "a VACE model's control_video and reference_images take no image".into()));
+    }
+    let conditioning_scale = match take::<f64>(&mut fields, "conditioning_scale")? {
+        Some(_) if !vace => {
+            let reason = "scales a control_video or reference_images, and the line has neither";
+            return Err((Some("conditioning_scale".into()), reason.into()));
+        }
+        Some(scale) if !scale.is_finite() => {
+            return Err((Some("conditioning_scale".into()), format!("{scale} must be a finite number")))
+        }
+        scale => scale.unwrap_or(1.0),
+    };
+    Ok(Item { line, id, preset, request, image, last_image, control_video, reference_images, conditioning_scale })
 }
 
 /// An item's run-time LoRA adapters, `[{"path": "style.safetensors", "scale": 0.8, "low_noise": false}]`, each path

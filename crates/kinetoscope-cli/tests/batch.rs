@@ -613,3 +613,45 @@ fn an_item_renders_again_when_its_adapters_contents_change() {
     let changed = batch(&manifest, &out);
     assert!(stderr(&changed).contains("1 completed, 0 skipped"), "{}", stderr(&changed));
 }
+
+/// Wan VACE items (the tiny VACE model): reference images render, record each image's hash and the scale, and
+/// render again only when an image changes; a plain line on the VACE model generates from its prompt; VACE's
+/// fields on another model, or a scale without them, are refused before rendering.
+#[test]
+fn vace_items_follow_their_references_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let still = dir.path().join("still.png");
+    std::fs::copy(fixture_image(), &still).unwrap();
+    let refs = r#", "reference_images": ["still.png"], "conditioning_scale": 0.5"#;
+    let manifest = write_manifest(dir.path(), &[item("styled", refs), item("plain", "")]);
+    let run = || {
+        let output = batch_command_with("wan21-vace-tiny", &manifest, &out).output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output)
+    };
+    let first = run();
+    assert!(first.contains("2 completed, 0 skipped, 0 failed"), "{first}");
+    let styled = sidecar(&out, "styled");
+    let sha256 = |path: &Path| format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()));
+    assert_eq!(
+        (styled["edit"]["kind"].as_str(), styled["edit"]["conditioning_scale"].as_f64()),
+        (Some("vace"), Some(0.5))
+    );
+    assert_eq!(styled["edit"]["reference_images"][0]["sha256"], sha256(&still));
+    let info = kinetoscope_video::probe(&out.join("styled.mp4")).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (48, 32, 9));
+    assert!(run().contains("0 completed, 2 skipped, 0 failed"));
+
+    let image = kinetoscope_video::read_image(&still).unwrap();
+    let inverted: Vec<u8> = image.as_bytes().iter().map(|b| 255 - b).collect();
+    let inverted = kinetoscope_video::Frames::new(inverted, 1, image.height(), image.width()).unwrap();
+    kinetoscope_video::write_png(&still, &inverted, 0).unwrap();
+    assert!(run().contains("1 completed, 1 skipped, 0 failed"));
+
+    let out = dir.path().join("rejected");
+    let manifest = write_manifest(dir.path(), &[item("styled", refs)]);
+    assert_rejected(&manifest, &out, &["line 1: reference_images:", "has no VACE blocks"]);
+    let manifest = write_manifest(dir.path(), &[item("scaled", r#", "conditioning_scale": 2"#)]);
+    assert_rejected(&manifest, &out, &["line 1: conditioning_scale: scales a control_video or reference_images"]);
+}

@@ -377,3 +377,55 @@ fn images_that_cannot_start_a_video_are_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("height") && stderr(&out).contains("32"), "{}", stderr(&out));
 }
+
+/// Wan VACE (the tiny VACE model): a control video is followed at its length and a reference image shown, both
+/// recorded with their hashes and the scale; a region edit goes through the VACE model and keeps every pixel
+/// outside; what VACE can't do, and VACE's inputs on another model, are refused before any weight loads.
+#[test]
+fn vace_follows_a_control_video_and_reference_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source_clip(dir.path());
+    let source = source.to_str().unwrap();
+    let image = fixture_image();
+    let image = image.to_str().unwrap();
+    let out_path = dir.path().join("vace.mp4");
+    let sidecar = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("vace.json")).unwrap()).unwrap()
+    };
+    let vace = |args: &[&str]| {
+        let size = ["--height", "32", "--width", "48", "--frames", "9", "-o", out_path.to_str().unwrap()];
+        generate_with("wan21-vace-tiny", &[&["--prompt", "an owl"][..], &size, args].concat())
+    };
+
+    let out = vace(&["--control-video", source, "--reference-image", image, "--conditioning-scale", "0.8"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = kinetoscope_video::probe(&out_path).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (48, 32, 9));
+    let edit = &sidecar()["edit"];
+    assert_eq!((edit["kind"].as_str(), edit["control_video"].as_bool()), (Some("vace"), Some(true)));
+    assert_eq!(edit["conditioning_scale"], 0.8);
+    let sha256 = format!("{:x}", Sha256::digest(std::fs::read(image).unwrap()));
+    assert_eq!(edit["reference_images"][0]["sha256"], sha256.as_str());
+    assert_eq!(edit["source_video"]["frames"], 13);
+
+    let out = vace(&["--reference-image", image]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let edit = &sidecar()["edit"];
+    assert_eq!((edit["control_video"].as_bool(), edit["source_sha256"].as_str()), (Some(false), Some(&*sha256)));
+
+    let out = vace(&["--input-video", source, "--region", "16,8,16,16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sidecar()["edit"]["result"]["unmasked_max_abs"], 0.0);
+
+    for (args, needle) in [
+        (&["--input-video", source][..], "is a Wan VACE model"),
+        (&["--conditioning-scale", "2"][..], "give --control-video or --reference-image"),
+    ] {
+        let out = vace(args);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+    let out = generate(&["--prompt", "x", "--reference-image", image, "-o", out_path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("need a Wan VACE model"), "{}", stderr(&out));
+}
