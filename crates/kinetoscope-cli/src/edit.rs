@@ -382,8 +382,9 @@ impl Edit {
             }
             Mode::Extend { extension, .. } => EditKind::Extend { frames: extension.map_or(0, |e| e.frames) },
             Mode::ImageToVideo { last } => EditKind::ImageToVideo { last_image: last.is_some() },
-            // A control video is fitted as a video-to-video input is, and every step runs.
-            Mode::Vace { .. } => EditKind::VideoToVideo { strength: 1.0 },
+            Mode::Vace { control, references, scale } => {
+                EditKind::Vace { control: *control, references: references.len(), conditioning_scale: *scale }
+            }
         }
     }
 

@@ -142,12 +142,14 @@ fn check_available(shared: &Shared) -> ApiResult<()> {
 async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
     check_available(&shared)?;
     disk::check(&shared)?;
-    // A model that starts from images takes uploads here.
+    // A model that starts from images, or shows reference images (VACE), takes uploads here.
     let shape = shared.shape;
-    let mut fields = Fields::from_request(request, &body_limits(&shared, shape.takes_image)).await?;
+    let mut fields = Fields::from_request(request, &body_limits(&shared, shape.takes_image || shape.vace)).await?;
     let image = fields.image_reference("input_reference")?;
     let last_image = fields.image_reference("last_image")?;
-    if image.is_some() && !shape.takes_image {
+    // On a Wan VACE model, input_reference is a reference image (a subject or style to show), not a first frame.
+    let scale = conditioning_scale(&shared, &mut fields, image.is_some())?;
+    if image.is_some() && !shape.takes_image && !shape.vace {
         return Err(unsupported_reference(&shared));
     }
     if last_image.is_some() && !shape.takes_last_image {
@@ -167,7 +169,10 @@ async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResul
             let sha256 = keep_image(&shared, last, "last_image", worker::last_image_path(&shared, &id)).await?;
             job.settings.last_image_sha256 = Some(sha256);
         }
-        job.settings.edit = Some(EditKind::ImageToVideo { last_image: job.settings.last_image_sha256.is_some() });
+        job.settings.edit = Some(match shape.vace {
+            true => EditKind::Vace { control: false, references: 1, conditioning_scale: scale },
+            false => EditKind::ImageToVideo { last_image: job.settings.last_image_sha256.is_some() },
+        });
         Ok(job)
     }
     .await;
@@ -453,6 +458,17 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
         }
     };
     let region = fields.text("region")?.map(|text| parse_region(&text)).transpose()?;
+    // On a Wan VACE model, a video without a mask or region is a control video to follow (a depth or pose video).
+    let control = shared.shape.vace && mask.is_none() && region.is_none();
+    let scale = conditioning_scale(&shared, &mut fields, control)?;
+    if shared.shape.vace && (strength.is_some() || (redo.is_some() && control)) {
+        let param = if strength.is_some() { "strength" } else { "redo" };
+        let reason = format!(
+            "{param}: the served model is a Wan VACE model: it edits a mask or region of the video, or follows the \
+             video as a control video (neither strength nor a time range without a region)"
+        );
+        return Err(ApiError::invalid("unsupported_parameter", param, reason));
+    }
     if (mask.is_some() || region.is_some()) && strength.is_some() {
         return Err(ApiError::invalid("invalid_request", "strength", "give strength, or a mask or region, not both"));
     }
@@ -487,6 +503,7 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
                 }
                 EditKind::Region { start, end, rectangle: region }
             }
+            _ if control => EditKind::Vace { control: true, references: 0, conditioning_scale: scale },
             (Some((start, end)), false) => EditKind::Redo { start, end },
             (None, false) => EditKind::VideoToVideo { strength: strength.unwrap_or(0.8) },
         };
@@ -500,6 +517,23 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
         Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, Source { edit, sha256: source.sha256.clone() }))
     });
     enqueue_with_source(&shared, &id, accepted).await
+}
+
+/// A Wan VACE request's `conditioning_scale` (1 when absent): taken only where the served model is a VACE model
+/// and the request gives it something to scale (`applies`: a control video or a reference image).
+fn conditioning_scale(shared: &Shared, fields: &mut Fields, applies: bool) -> ApiResult<f64> {
+    let Some(scale) = fields.number("conditioning_scale")? else { return Ok(1.0) };
+    let invalid = |reason: String| Err(ApiError::invalid("invalid_request", "conditioning_scale", reason));
+    if !shared.shape.vace {
+        return invalid("conditioning_scale: the served model is no Wan VACE model".into());
+    }
+    if !applies {
+        return invalid("conditioning_scale: scales a control video or a reference image, and none is given".into());
+    }
+    if !scale.is_finite() {
+        return invalid(format!("conditioning_scale: {scale} must be a finite number"));
+    }
+    Ok(scale)
 }
 
 /// `X,Y,W,H` in pixels, a positive width and height.

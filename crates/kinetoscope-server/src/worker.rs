@@ -109,6 +109,10 @@ pub fn source_paths(shared: &Shared, id: &str, edit: &EditKind) -> Vec<PathBuf> 
         EditKind::ImageToVideo { last_image: false } => vec![image_path(shared, id)],
         EditKind::ImageToVideo { last_image: true } => vec![image_path(shared, id), last_image_path(shared, id)],
         EditKind::Region { rectangle: None, .. } => vec![input_path(shared, id), mask_path(shared, id)],
+        EditKind::Vace { control, references, .. } => {
+            let control = control.then(|| input_path(shared, id));
+            control.into_iter().chain((*references > 0).then(|| image_path(shared, id))).collect()
+        }
         _ => vec![input_path(shared, id)],
     }
 }
@@ -242,6 +246,9 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
         None => pipeline.generate_with_progress(&request, &mut on_step).map(|video| (video, None)),
         Some(edit @ EditKind::Region { .. }) => region_edit(shared, pipeline, &id, edit, &request, &mut on_step)
             .map(|(video, report)| (video, Some(serde_json::json!({ "region": report })))),
+        Some(edit @ EditKind::Vace { .. }) => {
+            vace_job(shared, pipeline, &id, edit, &request, &mut on_step).map(|video| (video, None))
+        }
         Some(edit) => fitted_input(shared, pipeline, &id, edit, &request)
             .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step))
             .map(|video| (video, None)),
@@ -375,6 +382,50 @@ fn region_edit(
     let (mask, _) = kinetoscope::RegionMask::for_clip(&picture, &input, start..end)?;
     let region = kinetoscope::RegionRequest { base: request.clone(), input: &input, mask: &mask };
     pipeline.redo_region_with_progress(&region, on_step)
+}
+
+/// A Wan VACE job: its control video fitted as a video-to-video source is, and its reference image as uploaded.
+fn vace_job(
+    shared: &Shared,
+    pipeline: &Pipeline,
+    id: &str,
+    edit: &EditKind,
+    request: &GenerateRequest,
+    on_step: &mut dyn FnMut(kinetoscope::Progress) -> ControlFlow<()>,
+) -> kinetoscope::Result<kinetoscope::Video> {
+    let EditKind::Vace { control, references, conditioning_scale } = *edit else {
+        unreachable!("called for VACE jobs")
+    };
+    let video = match control {
+        true => Some(pipeline.fit_input(
+            read_video(shared, &input_path(shared, id), "video", "control video")?,
+            edit,
+            request,
+        )?),
+        false => None,
+    };
+    let reference_images = match references {
+        0 => Vec::new(),
+        _ => {
+            let path = image_path(shared, id);
+            let frames =
+                kinetoscope_video::read_image_with_limits(&path, &shared.config.limits.decode()).map_err(|e| {
+                    kinetoscope::Error::InvalidRequest {
+                        field: "input_reference",
+                        reason: format!("unreadable image: {e}"),
+                    }
+                })?;
+            vec![InputVideo::from_rgb8(frames.as_bytes(), 1, frames.height(), frames.width())?]
+        }
+    };
+    let vace = kinetoscope::VaceRequest {
+        base: request.clone(),
+        video: video.as_ref(),
+        mask: None,
+        reference_images: &reference_images,
+        conditioning_scale,
+    };
+    pipeline.vace_with_progress(&vace, on_step)
 }
 
 /// `message` with the server's paths replaced by what they are: the job's own source, the model's folder,

@@ -287,3 +287,58 @@ async fn a_finished_videos_frame_starts_the_next() {
     assert_refused(status, &error, "invalid_image", "input_reference");
     server.stop().await;
 }
+
+/// A Wan VACE model served (the tiny VACE fixture): `input_reference` is a reference image (with
+/// `conditioning_scale`), the prompt alone generates, an edit's video without a mask or region is a control video
+/// and with a region a masked edit; what VACE can't take is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vace_model_takes_reference_images_control_videos_and_regions() {
+    let data = tempfile::tempdir().unwrap();
+    let server = serve("wan21-vace-tiny", data.path()).await;
+    let image = png("reference/wan21-i2v-tiny/image.png");
+
+    let form = Form::new()
+        .text("prompt", "an owl in a tree")
+        .text("seed", "3")
+        .text("conditioning_scale", "0.7")
+        .part("input_reference", Part::bytes(image.clone()).file_name("owl.png"));
+    let (code, styled) = post_form(&server, form).await;
+    assert_eq!(code, StatusCode::OK, "{styled}");
+    let styled = styled["id"].as_str().unwrap().to_string();
+    let (code, plain) = server.post("/v1/videos", json!({"prompt": "an owl", "seed": 4})).await;
+    assert_eq!(code, StatusCode::OK, "{plain}");
+    let plain = plain["id"].as_str().unwrap().to_string();
+    for id in [&styled, &plain] {
+        server.wait_for(id, "completed").await;
+    }
+    let info = download(&server, &styled, &data.path().join("styled.mp4")).await;
+    assert_eq!((info.width, info.height, info.frames), (48, 32, 9));
+
+    let (code, control) = server
+        .post("/v1/videos/edits", json!({"prompt": "a fox", "video": {"id": plain}, "conditioning_scale": 0.5}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{control}");
+    let (code, region) = server
+        .post("/v1/videos/edits", json!({"prompt": "a fox", "video": {"id": plain}, "region": "16,8,16,16"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{region}");
+    for id in [control["id"].as_str().unwrap(), region["id"].as_str().unwrap()] {
+        server.wait_for(id, "completed").await;
+        let info = download(&server, id, &data.path().join(format!("{id}.mp4"))).await;
+        assert_eq!((info.width, info.height, info.frames), (48, 32, 9));
+    }
+
+    let (status, error) =
+        server.post("/v1/videos/edits", json!({"prompt": "a fox", "video": {"id": plain}, "strength": 0.5})).await;
+    assert_refused(status, &error, "unsupported_parameter", "strength");
+    let (status, error) = server.post("/v1/videos", json!({"prompt": "a fox", "conditioning_scale": 2})).await;
+    assert_refused(status, &error, "invalid_request", "conditioning_scale");
+    server.stop().await;
+
+    // On another model, conditioning_scale means nothing.
+    let data = tempfile::tempdir().unwrap();
+    let server = serve("wan21-tiny-a", data.path()).await;
+    let (status, error) = server.post("/v1/videos", json!({"prompt": "a fox", "conditioning_scale": 2})).await;
+    assert_refused(status, &error, "invalid_request", "conditioning_scale");
+    server.stop().await;
+}

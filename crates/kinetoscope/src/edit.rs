@@ -24,6 +24,7 @@ use crate::input_video::InputVideo;
 use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, Progress, Timings, Video};
 use crate::scheduler::Renoise;
+use crate::vace::VaceRequest;
 
 /// Video-to-video: regenerate `input` with `base`'s prompt and settings, keeping as much of it as
 /// `1 − strength` says. The output has the input's frame count and size, which must be ones the model takes
@@ -254,6 +255,10 @@ pub enum EditKind {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         last_image: bool,
     },
+    /// A Wan VACE model's conditioning; see [`crate::VaceRequest`], which runs it ([`Pipeline::vace`]: the reference
+    /// images are not part of this description). With `control`, the source is a control video to follow, fitted
+    /// as a video-to-video source is; `references` images of a subject or style are kept with the job.
+    Vace { control: bool, references: usize, conditioning_scale: f64 },
 }
 
 impl Pipeline {
@@ -309,6 +314,20 @@ impl Pipeline {
             EditKind::ImageToVideo { last_image: false } => {
                 self.image_to_video_with_progress(&ImageRequest { base, image: input, last_image: None }, on_step)
             }
+            EditKind::Vace { references: 1.., .. } => Err(Error::InvalidRequest {
+                field: "reference_images",
+                reason: "a VACE generation with reference images needs them: run it with Pipeline::vace".into(),
+            }),
+            EditKind::Vace { control, references: 0, conditioning_scale } => {
+                let request = VaceRequest {
+                    base,
+                    video: control.then_some(input),
+                    mask: None,
+                    reference_images: &[],
+                    conditioning_scale,
+                };
+                self.vace_with_progress(&request, on_step)
+            }
             EditKind::ImageToVideo { last_image: true } => {
                 if input.num_frames < 2 {
                     return Err(Error::InvalidRequest {
@@ -330,9 +349,11 @@ impl Pipeline {
 pub fn edit_steps(edit: &EditKind, steps: usize) -> Result<usize> {
     match *edit {
         EditKind::VideoToVideo { strength } => Ok(steps - first_step(steps, strength)?),
-        EditKind::Redo { .. } | EditKind::Extend { .. } | EditKind::ImageToVideo { .. } | EditKind::Region { .. } => {
-            Ok(steps)
-        }
+        EditKind::Redo { .. }
+        | EditKind::Extend { .. }
+        | EditKind::ImageToVideo { .. }
+        | EditKind::Region { .. }
+        | EditKind::Vace { .. } => Ok(steps),
     }
 }
 

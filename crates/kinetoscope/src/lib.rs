@@ -18,6 +18,7 @@ mod error;
 mod image_encoder;
 mod image_to_video;
 mod input_video;
+mod mask;
 mod memory;
 mod model_dir;
 mod noise;
@@ -28,6 +29,7 @@ pub mod registry;
 mod request;
 pub mod scheduler;
 mod text;
+mod text_to_video;
 mod vace;
 mod weights;
 
@@ -48,7 +50,8 @@ pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
-pub use region::{MaskFit, RegionMask, RegionReport, RegionRequest};
+pub use mask::{MaskFit, RegionMask};
+pub use region::{RegionReport, RegionRequest};
 pub use registry::{
     distill_recipes, models, verify, verify_with, DistillRecipe, Footprint, ModelManifest, VerifyReport,
 };

@@ -471,31 +471,6 @@ impl Pipeline {
         }
     }
 
-    pub fn generate(&self, request: &GenerateRequest) -> Result<Video> {
-        self.generate_with_progress(request, &mut |_| ControlFlow::Continue(()))
-    }
-
-    pub fn generate_with_progress(
-        &self,
-        request: &GenerateRequest,
-        on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
-    ) -> Result<Video> {
-        if self.shape.vace {
-            // VACE generates from the prompt alone with a grey video to follow and every pixel to generate.
-            let vace = crate::VaceRequest {
-                base: request.clone(),
-                video: None,
-                mask: None,
-                reference_images: &[],
-                conditioning_scale: 1.0,
-            };
-            return self.vace_with_progress(&vace, on_step);
-        }
-        self.validate(request)?;
-        let latents = self.initial_latents(request)?;
-        self.generate_from(latents, 0, request, Conditioning::Text, on_step)
-    }
-
     /// Runs the request's schedule from step `first_step` (0-based) on `latents`, already at that step's noise
     /// level, and decodes the result: text-to-video from 0, video-to-video from later; `condition` says what
     /// else holds latents fixed (a clip's frames, an image).

@@ -19,7 +19,7 @@ use crate::conditioning::{Conditioning, Control};
 use crate::error::{Error, Result, StageContext};
 use crate::input_video::InputVideo;
 use crate::pipeline::Pipeline;
-use crate::region::RegionMask;
+use crate::mask::RegionMask;
 use crate::request::{GenerateRequest, Progress, Timings, Video};
 
 const STAGE: &str = "VACE conditioning";
