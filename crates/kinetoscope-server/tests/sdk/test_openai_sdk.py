@@ -160,7 +160,14 @@ def main():
         check(extended.seconds == "2.12", f"an extension's seconds are the whole clip's: {extended.seconds}")
         poll(client, extended.id)
         check(client.videos.download_content(extended.id).read()[4:8] == b"ftyp", "the extension is an MP4")
-        edits = [edited.id, redone.id, extended.id]
+        # A region of the clip (the rectangle in extra_body, as a mask upload would be a file): every pixel outside it
+        # kept, which the job's `result` reports.
+        region = client.videos.edit(prompt="an owl on the fox's back", video=openai.omit,
+                                    extra_body={**by_id, "region": "16,8,16,16"})
+        poll(client, region.id)
+        report = (client.videos.retrieve(region.id).model_extra or {}).get("result", {}).get("region", {})
+        check(report.get("unmasked_max_abs") == 0.0, f"a region edit keeps every pixel outside it: {report}")
+        edits = [edited.id, redone.id, extended.id, region.id]
 
         # Errors carry codes a client can branch on.
         try:
@@ -190,7 +197,7 @@ def main():
 
         # Webhooks: one video.completed per video, signed.
         deadline = time.time() + 30
-        while len(Receiver.deliveries) < 5 and time.time() < deadline:
+        while len(Receiver.deliveries) < 6 and time.time() < deadline:
             time.sleep(0.05)
         verifier = standardwebhooks.Webhook(SECRET)
         events = []
