@@ -330,12 +330,8 @@ fn fitted_input(
     edit: &EditKind,
     request: &GenerateRequest,
 ) -> kinetoscope::Result<InputVideo> {
-    let limits = shared.config.limits.decode();
     let image = |path: PathBuf, field: &'static str| {
-        let frames = kinetoscope_video::read_image_with_limits(&path, &limits)
-            .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable image: {e}") })?;
-        let image = InputVideo::from_rgb8(frames.as_bytes(), 1, frames.height(), frames.width())?;
-        pipeline.fit_input(image, &EditKind::ImageToVideo { last_image: false }, request)
+        pipeline.fit_input(read_image(shared, &path, field)?, &EditKind::ImageToVideo { last_image: false }, request)
     };
     match edit {
         EditKind::ImageToVideo { last_image } => {
@@ -347,6 +343,13 @@ fn fitted_input(
         }
         _ => pipeline.fit_input(read_video(shared, &input_path(shared, id), "video", "source video")?, edit, request),
     }
+}
+
+/// The image at `path`, decoded within the limits; unreadable, it is the request's `field` that is wrong.
+fn read_image(shared: &Shared, path: &Path, field: &'static str) -> kinetoscope::Result<InputVideo> {
+    let frames = kinetoscope_video::read_image_with_limits(path, &shared.config.limits.decode())
+        .map_err(|e| kinetoscope::Error::InvalidRequest { field, reason: format!("unreadable image: {e}") })?;
+    InputVideo::from_rgb8(frames.as_bytes(), 1, frames.height(), frames.width())
 }
 
 /// The video at `path`, decoded within the limits; unreadable, it is the request's `field` that is wrong.
@@ -406,17 +409,7 @@ fn vace_job(
     };
     let reference_images = match references {
         0 => Vec::new(),
-        _ => {
-            let path = image_path(shared, id);
-            let frames =
-                kinetoscope_video::read_image_with_limits(&path, &shared.config.limits.decode()).map_err(|e| {
-                    kinetoscope::Error::InvalidRequest {
-                        field: "input_reference",
-                        reason: format!("unreadable image: {e}"),
-                    }
-                })?;
-            vec![InputVideo::from_rgb8(frames.as_bytes(), 1, frames.height(), frames.width())?]
-        }
+        _ => vec![read_image(shared, &image_path(shared, id), "input_reference")?],
     };
     let vace = kinetoscope::VaceRequest {
         base: request.clone(),
