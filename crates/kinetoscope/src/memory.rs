@@ -21,7 +21,8 @@
 //!   stream, the embedded tokens, q, k, v, their f32 RoPE copies, the transposed keys, the attention output
 //!   and the gated sum) plus the larger of the feed-forward (2 × `[B, L, ffn_dim]`: the projection and its
 //!   GELU) and the scores of self- or cross-attention (two f32 copies of `[B, heads, block, L or S]`);
-//!   and 8 latent-sized tensors (the guidance batch, the velocity, the scheduler's history).
+//!   and 8 latent-sized tensors (the guidance batch, the velocity, the scheduler's history). A Wan VACE model
+//!   also keeps one `[B, L, dim]` hint per VACE block and the control tokens, and the control latents.
 //! - **VAE decoding** (one latent frame at a time with a causal cache, `layers` through the decoder's
 //!   levels): the cache (two past frames of every 3×3×3 convolution's padded input, at every level: it
 //!   lives for the whole stream and at full resolution is the largest term), plus the widest moment of
@@ -231,7 +232,12 @@ fn denoising_step_bytes(cfg: &transformer::Config, latent: LatentShape, batch: u
     // An image-conditioned model's input carries the mask and the image's latents beside the noise.
     let latents = 8 * batch * channels.max(cfg.in_channels) * t * h * w * F32;
     let text = 2 * batch * text_tokens * dim * F32;
-    with_headroom(stream + feed_forward.max(scores) + latents + text)
+    // A VACE model keeps every VACE block's hint through the step, and the control tokens and latents.
+    let vace = cfg
+        .vace_layers
+        .as_ref()
+        .map_or(0, |layers| (layers.len() + 1) * batch * tokens * dim * F32 + cfg.vace_in_channels * t * h * w * F32);
+    with_headroom(stream + feed_forward.max(scores) + latents + text + vace)
 }
 
 /// Elements of `frames` frames of `channels` × (`h`+2) × (`w`+2): an activation with the 3×3 convolutions'
@@ -384,6 +390,13 @@ mod tests {
         let small = denoising_step_bytes(&net.transformers[0], [1, 16, 1, 4, 4], 1, 8);
         let want = (12 * 4 * 1536 * 4 + 2 * 4 * 8960 * 4 + 8 * 16 * 16 * 4 + 2 * 8 * 1536 * 4) as f64 / MIB;
         assert!((counted_mib(small) - want).abs() < 1e-6);
+
+        // Wan 2.1 VACE 1.3B: 15 hints and the control tokens of the batch, and the 96-channel control latents.
+        let vace =
+            transformer::Config { vace_layers: Some((0..30).step_by(2).collect()), ..net.transformers[0].clone() };
+        let more = denoising_step_bytes(&vace, [1, 16, 21, 60, 104], 2, 512) - bytes;
+        let want = (16 * 2 * l * 1536 * 4 + 96 * 21 * 60 * 104 * 4) as f64 / MIB;
+        assert!(((more as f64 / MARGIN / MIB) - want).abs() < 1e-3, "{} vs {want}", more as f64 / MARGIN / MIB);
     }
 
     /// Tiny model a's VAE (base_dim 4, dim_mult [1, 2, 4, 4], one res block, z_dim 16, temporal [F, T, T]).
