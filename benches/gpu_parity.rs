@@ -6,6 +6,7 @@
 //! | --- | --- | --- | --- |
 //! | text encoder (prompt, negative, long, messy) | wan21-tiny-a/b | relative error < 1e-4 | relative error < 3e-2 |
 //! | transformer forward | all four | relative error < 1e-4 | relative error < 1e-2 |
+//! | transformer forward, heads 64, 128 | wan21-head64/128-tiny | < 1e-4; 0 flash launches | < 1e-2; 2 a block |
 //! | VAE decode, encode (mean, log-variance), tiled decode | all four | relative error < 1e-4 | (the VAE runs in f32) |
 //! | VAE decode in two causal chunks | wan21-tiny-b | relative error < 1e-4 | |
 //! | pipeline: denoised latents from the reference noise | all four | relative error < 1e-4 | |
@@ -13,6 +14,13 @@
 //!
 //! The tiled decode also checks that tiling took effect: the whole decode differs from the tiled reference by
 //! more than 1e-3 relative error. The scheduler is CPU-only math and is not checked here.
+//!
+//! The four models' heads are 32 and 24 wide, which the flash-attention kernel (head dims 64 and 128) does not
+//! take: their bf16 forwards run the plain attention. The head-dim fixtures (`models/tiny/make_head_dim_fixtures.py`,
+//! a transformer each, 100 tokens: a full 64-row tile of the kernel and a partial one) reach it; their check counts
+//! the kernel's launches during the forward (`kinetoscope_kernels::flash_attention_launches`)
+//! and wants one per attention in bf16 with the project's kernels on (so it fails under `KINETOSCOPE_KERNELS=plain`,
+//! which keeps every op on candle's path), none in f32.
 //!
 //! Prints one `PASS`/`FAIL` line per check and a summary line, and writes the same lines as a JSON array of
 //! strings to `$GPU_PARITY_JSON` when it is set. A check that errors or panics is a `FAIL` and the run goes on.
@@ -37,6 +45,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline, TextEncoder, TextEncoderPlacement};
 use kinetoscope_models::wan::transformer::{self, WanTransformer3DModel};
 use kinetoscope_models::wan::vae::{self, AutoencoderKLWan, CausalCache, Tiling};
@@ -45,6 +54,9 @@ use kinetoscope_models::wan::vae::{self, AutoencoderKLWan, CausalCache, Tiling};
 const WAN21_MODELS: [&str; 2] = ["wan21-tiny-a", "wan21-tiny-b"];
 /// Wan 2.1 and Wan 2.2 TI2V.
 const ALL_MODELS: [&str; 4] = ["wan21-tiny-a", "wan21-tiny-b", "wan22-ti2v-tiny-a", "wan22-ti2v-tiny-b"];
+/// Wan 2.1 transformers alone (a `transformer/` folder each, no pipeline) with heads 64 and 128 wide: the head dims
+/// the flash-attention kernel takes.
+const HEAD_DIM_MODELS: [&str; 2] = ["wan21-head64-tiny", "wan21-head128-tiny"];
 /// The prompts of `text.safetensors`: (name of the reference tensors, key of the text in `ref.json`).
 const PROMPTS: [(&str, &str); 4] =
     [("prompt", "prompt"), ("negative", "negative_prompt"), ("long", "long_prompt"), ("messy", "messy_prompt")];
@@ -116,6 +128,9 @@ fn run_checks(fixtures: &Fixtures, precision: Precision, report: &mut Report) {
     }
     for model in ALL_MODELS {
         report.run(precision, model, "transformer", || transformer_forward(fixtures, model, precision));
+    }
+    for model in HEAD_DIM_MODELS {
+        report.run(precision, model, "transformer", || head_dim_transformer_forward(fixtures, model, precision));
     }
     if precision == Precision::F32 {
         for model in ALL_MODELS {
@@ -208,6 +223,37 @@ fn transformer_forward(fixtures: &Fixtures, model: &str, precision: Precision) -
     let input = |name: &str| fixtures.on_device(&r, name);
     let out = network.forward(&input("hidden_states")?, &input("timestep")?, &input("encoder_hidden_states")?, None)?;
     Ok(vec![("transformer".into(), relative(&out, tensor(&r, "output")?, precision.stage_limit())?)])
+}
+
+/// A head-dim fixture's transformer (`transformer/` only: no `model_index.json`, so not through `ModelDir`), one
+/// forward on the reference inputs (`head_dim_parity.rs`), and the flash-attention kernel's launches during it:
+/// in bf16 every self- and cross-attention of every block takes it, 2 per block; in f32 none does.
+fn head_dim_transformer_forward(fixtures: &Fixtures, model: &str, precision: Precision) -> Result<Measurements> {
+    let folder = fixtures.root.join(model).join("transformer");
+    let config = folder.join("config.json");
+    let text = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+    let cfg: transformer::Config =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let weights = [folder.join("diffusion_pytorch_model.safetensors")];
+    // SAFETY: the fixture files are not modified while the bench runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, precision.dtype(), &fixtures.device)? };
+    let network = WanTransformer3DModel::new(&cfg, vb)?;
+    let r = fixtures.reference(model, "transformer.safetensors")?;
+    let input = |name: &str| fixtures.on_device(&r, name);
+    let (latents, t, text) = (input("hidden_states")?, input("timestep")?, input("encoder_hidden_states")?);
+    let before = kinetoscope_kernels::flash_attention_launches();
+    let out = network.forward(&latents, &t, &text, None)?;
+    let launches = kinetoscope_kernels::flash_attention_launches() - before;
+    let expected = match precision {
+        Precision::F32 => 0,
+        Precision::Bf16 => 2 * cfg.num_layers,
+    };
+    let flash =
+        Measured { metric: "flash-attention launches", value: launches as f32, bound: Bound::Exactly(expected as f32) };
+    Ok(vec![
+        ("transformer".into(), relative(&out, tensor(&r, "output")?, precision.stage_limit())?),
+        (format!("transformer flash attention (heads {} wide)", cfg.attention_head_dim), flash),
+    ])
 }
 
 /// `vae.decode(latents)` (`vae_parity.rs`).
@@ -406,6 +452,8 @@ enum Bound {
     Below(f32),
     /// Passes when the value exceeds the limit.
     Above(f32),
+    /// Passes when the value is this count.
+    Exactly(f32),
 }
 
 impl Measured {
@@ -413,6 +461,7 @@ impl Measured {
         match self.bound {
             Bound::Below(limit) => self.value < limit,
             Bound::Above(limit) => self.value > limit,
+            Bound::Exactly(count) => self.value == count,
         }
     }
 
@@ -421,6 +470,7 @@ impl Measured {
         match self.bound {
             Bound::Below(limit) => format!("{metric} {value:.1e} (limit {limit:e})"),
             Bound::Above(limit) => format!("{metric} {value:.1e} (must exceed {limit:e})"),
+            Bound::Exactly(count) => format!("{metric} {value} (expected {count})"),
         }
     }
 }

@@ -6,7 +6,9 @@
 //   then the adaLN modulation `· (1 + scale) + shift`, with one shift/scale row per batch item or per token.
 // - gated_residual: what follows the attention and the feed-forward, the residual stream plus the block's output
 //   times its gate, `x + y · gate`, summed in f32 (one gate row per batch item or per token).
-// Rows are contiguous [rows, dim]; `dim` is even.
+// Rows are contiguous [rows, dim], at least one row and `dim` ≥ 1; rms_norm_rope's `head_dim` is even and
+// divides `dim` (so `dim` is even too). The host code refuses anything else before launching
+// (crates/kinetoscope-kernels/src/shapes.rs).
 
 #include <cuda_bf16.h>
 

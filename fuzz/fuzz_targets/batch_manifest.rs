@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!item.id.is_empty() && !item.id.starts_with('.'), "{:?}", item.id);
                 assert!(!item.id.contains(['/', '\\', '\0']), "{:?}", item.id);
                 assert!(item.line >= 1 && item.request.fps > 0, "line {}", item.line);
-                std::hint::black_box((item.preset, item.image));
+                // A VACE line takes no image; its scale is a number; a last image needs a first.
+                assert!(!(item.vace() && item.image.is_some()), "line {}", item.line);
+                assert!(item.conditioning_scale.is_finite(), "line {}", item.line);
+                assert!(item.last_image.is_none() || item.image.is_some(), "line {}", item.line);
+                std::hint::black_box((item.preset, item.image, item.control_video, item.reference_images));
             }
         }
         Err(errors) => {

@@ -1,12 +1,15 @@
 //! `softmax(q·kᵀ·scale)·v` on the GPU without the `q_len × k_len` score matrix: `kernels/flash_attention.cu`
 //! (FlashAttention-2's algorithm on the tensor cores), bf16, head dims 64 and 128, any lengths, non-causal.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
+use crate::shapes::flash_attention_grid_y;
 use crate::view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
@@ -28,25 +31,33 @@ pub fn flash_attention_supports(q: &Tensor) -> bool {
         && FLASH_ATTENTION_HEAD_DIMS.contains(&q.dims()[3])
 }
 
+/// Launches of the kernel in this process so far, by [`flash_attention`] (each call launches it once).
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times [`flash_attention`] has launched its kernel in this process: read before and after a forward
+/// pass, whether (and how often) the model's attention took the kernel rather than the plain path.
+pub fn flash_attention_launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
 /// `softmax(q·kᵀ·scale)·v` for `q` `[batch, heads, q_len, d]`, `k` and `v` `[batch, heads, k_len, d]`, bf16 on
 /// one CUDA device (see [`flash_attention_supports`]); the softmax and the products accumulate in f32. Any
 /// strides over batch, heads and rows are taken, 0 included (keys and values broadcast with `broadcast_as` are
 /// read in place), with the head dim contiguous (else a copy is made); the output is contiguous
-/// `[batch, heads, q_len, d]`. No query or no key (a dimension of 0) is an error.
+/// `[batch, heads, q_len, d]`. Errors, before anything is launched: no query or no key (a dimension of 0: a grid
+/// of no blocks), and more than 65,535 (batch, head) pairs (one row of blocks each: CUDA's grid limit along y).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (batch, heads, q_len, d) = q.dims4()?;
     let (k_batch, k_heads, k_len, k_d) = k.dims4()?;
-    // An empty q would launch a grid with no blocks, which CUDA refuses.
-    let empty = batch == 0 || heads == 0 || q_len == 0 || k_len == 0;
-    if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() || empty {
+    if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() {
         candle_core::bail!(
-            "flash attention: q {:?}, k {:?} and v {:?} must share batch, heads and head dim, k and v their shape, \
-             with at least one query and one key",
+            "flash attention: q {:?}, k {:?} and v {:?} must share batch, heads and head dim, k and v their shape",
             q.dims(),
             k.dims(),
             v.dims()
         );
     }
+    flash_attention_grid_y(batch, heads, q_len, k_len)?;
     if !flash_attention_supports(q) || k.dtype() != DType::BF16 || v.dtype() != DType::BF16 {
         candle_core::bail!(
             "flash attention takes bf16 on CUDA with head dim {FLASH_ATTENTION_HEAD_DIMS:?}, got {:?} {:?} on {:?}",
@@ -113,8 +124,9 @@ impl CustomOp3 for FlashAttention {
         let out = unsafe { dev.alloc::<bf16>(batch * heads * q_len * d)? };
         let func =
             dev.get_or_load_custom_func(&format!("flash_attention_bf16_d{d}"), "kinetoscope_flash_attention", PTX)?;
+        let grid_y = flash_attention_grid_y(batch, heads, q_len, k_len)?;
         let config = LaunchConfig {
-            grid_dim: (q_len.div_ceil(BLOCK_M) as u32, (batch * heads) as u32, 1),
+            grid_dim: (q_len.div_ceil(BLOCK_M) as u32, grid_y, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -134,6 +146,7 @@ impl CustomOp3 for FlashAttention {
         candle_core::builder_arg!(builder, (self.scale * std::f64::consts::LOG2_E) as f32);
         // SAFETY: the arguments match the kernel's signature; the views cover what the strides reach.
         unsafe { builder.launch(config) }.w()?;
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((batch, heads, q_len, d))))
     }
 }

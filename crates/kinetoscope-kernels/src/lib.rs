@@ -8,6 +8,9 @@ mod activations;
 mod flash_attention;
 #[cfg(feature = "cuda")]
 mod norms;
+// The shapes each launch takes and refuses, as plain arithmetic: used by the ops, and tested without a GPU.
+#[cfg(any(feature = "cuda", test))]
+mod shapes;
 // The flash-attention kernel's per-lane indexing emulated on the CPU: tests that run without a GPU (and the feature).
 #[cfg(test)]
 mod flash_attention_emulation;
@@ -24,7 +27,9 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 #[cfg(feature = "cuda")]
 pub use activations::{bias_gelu, bias_gelu_support};
 #[cfg(feature = "cuda")]
-pub use flash_attention::{flash_attention, flash_attention_supports, FLASH_ATTENTION_HEAD_DIMS};
+pub use flash_attention::{
+    flash_attention, flash_attention_launches, flash_attention_supports, FLASH_ATTENTION_HEAD_DIMS,
+};
 #[cfg(feature = "cuda")]
 pub use norms::{ada_layer_norm, fused_norms_support, gated_residual, rms_norm_rope};
 

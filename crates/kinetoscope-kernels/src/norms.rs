@@ -9,6 +9,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
+use crate::shapes::{norm_rows, rope_heads};
 use crate::view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
@@ -23,18 +24,15 @@ pub fn fused_norms_support(x: &Tensor) -> bool {
 /// `x` `[B, L, dim]` normalized by its root mean square over `dim` (plus `eps`), times `weight` `[dim]`, then
 /// each head of `head_dim` channels rotated: pair `(2i, 2i+1)` of a head at token `l` by the angle whose cosine
 /// is `cos_sin[l][i]` and sine `cos_sin[l][head_dim/2 + i]` (`cos_sin` `[L, head_dim]` f32). bf16 out, same
-/// shape.
+/// shape. `head_dim` must be even and divide `dim`; an empty `x` (no row, or `dim` 0) is an error.
 pub fn rms_norm_rope(x: &Tensor, weight: &Tensor, cos_sin: &Tensor, head_dim: usize, eps: f32) -> Result<Tensor> {
-    let (_, len, dim) = x.dims3()?;
-    if weight.dims() != [dim]
-        || cos_sin.dims() != [len, head_dim]
-        || head_dim == 0
-        || dim % head_dim != 0
-        || dim % 2 != 0
-    {
+    let (batch, len, dim) = x.dims3()?;
+    norm_rows("rms_norm_rope", batch, len, dim)?;
+    rope_heads(dim, head_dim)?;
+    if weight.dims() != [dim] || cos_sin.dims() != [len, head_dim] {
         candle_core::bail!(
-            "rms_norm_rope: x {:?}, weight {:?}, cos_sin {:?} and head dim {head_dim} don't fit: expected weight [dim], \
-             cos_sin [len, head_dim] and an even dim made of whole heads",
+            "rms_norm_rope: x {:?}, weight {:?}, cos_sin {:?} and head dim {head_dim} don't fit: expected weight [dim] \
+             and cos_sin [len, head_dim]",
             x.dims(),
             weight.dims(),
             cos_sin.dims()
@@ -46,9 +44,10 @@ pub fn rms_norm_rope(x: &Tensor, weight: &Tensor, cos_sin: &Tensor, head_dim: us
 
 /// `x` `[B, L, dim]` normalized over `dim` without affine parameters (mean, then the variance of the centred
 /// values, plus `eps`), then `· (1 + scale) + shift`, with `shift` and `scale` `[B, 1, dim]` (one row per batch
-/// item) or `[B, L, dim]` (one per token), f32. bf16 out, same shape.
+/// item) or `[B, L, dim]` (one per token), f32. bf16 out, same shape. An empty `x` is an error.
 pub fn ada_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
     let (batch, len, dim) = x.dims3()?;
+    norm_rows("ada_layer_norm", batch, len, dim)?;
     let (shift_batch, rows, shift_dim) = shift.dims3()?;
     if shift.dims() != scale.dims() || (shift_batch, shift_dim) != (batch, dim) || (rows != 1 && rows != len) {
         candle_core::bail!(
@@ -64,9 +63,10 @@ pub fn ada_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> R
 }
 
 /// `x + y · gate`, `x` and `y` `[B, L, dim]`, `gate` `[B, 1, dim]` (one row per batch item) or `[B, L, dim]` (one
-/// per token), summed in f32. bf16 out, `x`'s shape.
+/// per token), summed in f32. bf16 out, `x`'s shape. An empty `x` is an error.
 pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (batch, len, dim) = x.dims3()?;
+    norm_rows("gated_residual", batch, len, dim)?;
     let (gate_batch, rows, gate_dim) = gate.dims3()?;
     if y.dims() != x.dims() || (gate_batch, gate_dim) != (batch, dim) || (rows != 1 && rows != len) {
         candle_core::bail!(
@@ -127,12 +127,13 @@ impl CustomOp3 for NormOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = x.device();
         let shape = x_layout.shape().clone();
-        let dim = shape.dims()[2];
-        let rows = shape.elem_count() / dim;
+        let (batch, len, dim) = shape.dims3()?;
+        // One block per row; refused here too, before anything is allocated, should a caller not have checked.
+        let rows = norm_rows(self.name(), batch, len, dim)?;
         let x_view = view::<bf16>(x, x_layout)?;
         // SAFETY: every element is written by the kernel before the tensor is read.
         let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
-        let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let config = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // Every kernel here takes (x, a, b, out, len, dim, one more int[, eps]); b is always f32.
         match *self {
             NormOp::RmsNormRope { len, head_dim, eps } => {

@@ -10,7 +10,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use common::relative_error;
-use kinetoscope_kernels::{flash_attention, flash_attention_supports};
+use kinetoscope_kernels::{flash_attention, flash_attention_launches, flash_attention_supports};
 
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
@@ -206,5 +206,31 @@ fn empty_queries_or_keys_are_refused() -> Result<()> {
         let err = flash_attention(q, k, k, 0.125).unwrap_err().to_string();
         assert!(err.contains("at least one query and one key"), "{err}");
     }
+    Ok(())
+}
+
+/// One row of blocks per (batch, head) pair: more than a grid holds along y (65,535) is refused before anything is
+/// launched; 65,535 run, and are counted as one launch (also under the counter's C name). q, k and v are one row
+/// broadcast over batch and heads (strides 0) and a single key, so every output row is v's row.
+#[test]
+fn batch_times_heads_up_to_the_grid_limit() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let d = 64;
+    let (q_row, v_row) = (random(&[1, 1, 1, d], &dev)?, random(&[1, 1, 1, d], &dev)?);
+    for (b, h) in [(1, 65_536), (256, 256), (65_536, 1)] {
+        let (q, v) = (q_row.broadcast_as((b, h, 1, d))?, v_row.broadcast_as((b, h, 1, d))?);
+        let err = flash_attention(&q, &q, &v, 0.125).unwrap_err().to_string();
+        assert!(err.contains("65535 a CUDA grid holds along y"), "{b}x{h}: {err}");
+    }
+
+    let (b, h) = (5, 13_107);
+    let (q, v) = (q_row.broadcast_as((b, h, 1, d))?, v_row.broadcast_as((b, h, 1, d))?);
+    let before = flash_attention_launches();
+    let got = flash_attention(&q, &q, &v, 0.125)?;
+    // Other tests launch at the same time: at least this one.
+    assert!(flash_attention_launches() > before);
+    let err = relative_error(&got, &v.to_dtype(DType::F32)?)?;
+    println!("{b}x{h} (batch, head) pairs: relative error {err:.2e}");
+    assert!(err < 1e-2, "{b}x{h}: relative error {err}");
     Ok(())
 }

@@ -84,3 +84,42 @@ fn shapes_that_do_not_fit_are_refused() -> Result<()> {
     assert!(gated_residual(&x, &Tensor::zeros((1, 4, 32), DType::BF16, &dev)?, &modulation.narrow(1, 0, 1)?).is_err());
     Ok(())
 }
+
+/// An empty `x` (no row, or a width of 0) is refused by each op before anything is launched: one block per row
+/// would make a grid of no blocks (a CUDA error), and the kernels divide by the width.
+#[test]
+fn empty_inputs_are_refused() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    for (b, l, dim) in [(0, 4, 64), (1, 0, 64), (1, 4, 0)] {
+        let x = Tensor::zeros((b, l, dim), DType::BF16, &dev)?;
+        let weight = Tensor::ones(dim, DType::BF16, &dev)?;
+        let cos_sin = Tensor::zeros((l, 32), DType::F32, &dev)?;
+        let modulation = Tensor::zeros((b, 1, dim), DType::F32, &dev)?;
+        let results = [
+            ("rms_norm_rope", rms_norm_rope(&x, &weight, &cos_sin, 32, 1e-6)),
+            ("ada_layer_norm", ada_layer_norm(&x, &modulation, &modulation, 1e-6)),
+            ("gated_residual", gated_residual(&x, &x, &modulation)),
+        ];
+        for (op, result) in results {
+            let err = result.expect_err(op).to_string();
+            println!("{op} of [{b}, {l}, {dim}]: {err}");
+            assert!(err.contains(op) && err.contains("at least one row"), "{op} [{b}, {l}, {dim}]: {err}");
+        }
+    }
+    Ok(())
+}
+
+/// `rms_norm_rope` turns pairs of channels `(2i, 2i + 1)` within a head: an odd head dim (a pair would straddle
+/// two heads), 0, or one that does not divide the width is refused, with tables of the matching size.
+#[test]
+fn odd_or_partial_heads_are_refused() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    for (dim, head_dim) in [(66, 33), (96, 3), (64, 0), (64, 48)] {
+        let x = Tensor::zeros((1, 4, dim), DType::BF16, &dev)?;
+        let weight = Tensor::ones(dim, DType::BF16, &dev)?;
+        let cos_sin = Tensor::zeros((4, head_dim), DType::F32, &dev)?;
+        let err = rms_norm_rope(&x, &weight, &cos_sin, head_dim, 1e-6).unwrap_err().to_string();
+        assert!(err.contains("must be even") && err.contains(&format!("width {dim}")), "{dim}/{head_dim}: {err}");
+    }
+    Ok(())
+}

@@ -45,12 +45,12 @@ pub use image_to_video::ImageRequest;
 pub use input_video::InputVideo;
 pub use kinetoscope_models::compact::Quantization;
 pub use kinetoscope_models::wan::vae::Tiling;
+pub use mask::{MaskFit, RegionMask};
 pub use memory::WorkingMemory;
 pub use model_dir::{hf_hub_cache, ModelDir, ModelIdentity};
 pub use noise::{read_latents, seeded_noise};
 pub use pipeline::{ModelShape, Pipeline};
 pub use preset::Preset;
-pub use mask::{MaskFit, RegionMask};
 pub use region::{RegionReport, RegionRequest};
 pub use registry::{
     distill_recipes, models, verify, verify_with, DistillRecipe, Footprint, ModelManifest, VerifyReport,

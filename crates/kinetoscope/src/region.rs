@@ -167,4 +167,3 @@ fn seam_gradient(video: &Video, mask: &RegionMask) -> f32 {
         (frames.iter().sum::<f64>() / frames.len() as f64) as f32
     }
 }
-

@@ -18,8 +18,8 @@ use candle_core::{DType, Tensor};
 use crate::conditioning::{Conditioning, Control};
 use crate::error::{Error, Result, StageContext};
 use crate::input_video::InputVideo;
-use crate::pipeline::Pipeline;
 use crate::mask::RegionMask;
+use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, Progress, Timings, Video};
 
 const STAGE: &str = "VACE conditioning";
