@@ -512,7 +512,8 @@ mod tests {
         shapes.into_iter().collect()
     }
 
-    /// The registry's transformer configs, by registry id and component (`transformer`, `transformer_2`).
+    /// The registry's transformer configs, by registry id and component (`transformer`, `transformer_2`), but the
+    /// VACE models': a single VACE file is refused by name (`unknown_keys_are_refused_by_name`), not inferred.
     fn registry() -> Vec<(String, Config)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/registry");
         let mut out = Vec::new();
@@ -522,7 +523,7 @@ mod tests {
             let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
             let id = json["id"].as_str().unwrap();
             for component in ["transformer", "transformer_2"] {
-                if let Some(cfg) = json["configs"].get(component) {
+                if let Some(cfg) = json["configs"].get(component).filter(|cfg| cfg.get("vace_layers").is_none()) {
                     out.push((format!("{id} {component}"), serde_json::from_value(cfg.clone()).unwrap()));
                 }
             }
