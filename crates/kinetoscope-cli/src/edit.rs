@@ -73,11 +73,12 @@ pub struct EditArgs {
     #[arg(long, value_name = "VIDEO", conflicts_with_all = ["input_video", "extend_from", "image"])]
     control_video: Option<PathBuf>,
     /// Wan VACE: an image of a subject or a style for the video to show (PNG, JPEG or WebP); repeat for several.
-    /// Letterboxed on white to the video's size. Alone, or with --control-video.
-    #[arg(long = "reference-image", value_name = "IMAGE", conflicts_with_all = ["input_video", "extend_from", "image"])]
+    /// Letterboxed on white to the video's size. Alone, with --control-video, or in the region --mask or --region
+    /// regenerates.
+    #[arg(long = "reference-image", value_name = "IMAGE", conflicts_with_all = ["extend_from", "image"])]
     reference_images: Vec<PathBuf>,
-    /// Wan VACE: how strongly --control-video and --reference-image steer the video (diffusers'
-    /// `conditioning_scale`).
+    /// Wan VACE: how strongly --control-video, --reference-image or the clip around a --mask or --region steer the
+    /// video (diffusers' `conditioning_scale`).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     conditioning_scale: f64,
 }
@@ -115,6 +116,30 @@ struct Reference {
     sha256: String,
 }
 
+impl Reference {
+    /// Reads and hashes each of `paths`.
+    fn read_all(paths: &[PathBuf]) -> Result<Vec<Self>> {
+        paths
+            .iter()
+            .map(|path| {
+                let ImageFile { input, sha256 } = ImageFile::read(path)?;
+                Ok(Reference { input, source: path.clone(), sha256 })
+            })
+            .collect()
+    }
+
+    /// What the sidecar records of each.
+    fn records(references: &[Self]) -> Value {
+        references
+            .iter()
+            .map(|r| {
+                let size = json!({ "width": r.input.width, "height": r.input.height });
+                json!({ "source": r.source, "sha256": r.sha256, "source_image": size })
+            })
+            .collect()
+    }
+}
+
 /// A region to regenerate: the mask as read (a picture of it, or a rectangle drawn at the clip's size), and once
 /// [`Edit::fit`] has run, fitted to the clip.
 struct Region {
@@ -127,6 +152,9 @@ struct Region {
     fitted: Option<(RegionMask, MaskFit)>,
     /// The last render's report, for the sidecar.
     report: std::sync::Mutex<Option<RegionReport>>,
+    /// On a Wan VACE model: `--reference-image`s, and `--conditioning-scale`.
+    references: Vec<Reference>,
+    scale: f64,
 }
 
 /// The image a first-and-last-frame generation ends on.
@@ -196,6 +224,9 @@ impl EditArgs {
             );
         }
         let masked = self.mask.is_some() || self.region.is_some();
+        if !self.reference_images.is_empty() && self.input_video.is_some() && !masked {
+            bail!("--reference-image with --input-video: give the region to regenerate (--mask or --region)");
+        }
         if shape.vace && (self.extend_from.is_some() || self.image.is_some() || (self.input_video.is_some() && !masked))
         {
             bail!(
@@ -205,8 +236,12 @@ impl EditArgs {
                 model.name()
             );
         }
-        if self.conditioning_scale != 1.0 && self.control_video.is_none() && self.reference_images.is_empty() {
-            bail!("--conditioning-scale: give --control-video or --reference-image for it to scale");
+        let steered = self.control_video.is_some() || !self.reference_images.is_empty() || masked;
+        if self.conditioning_scale != 1.0 && !(shape.vace && steered) {
+            bail!(
+                "--conditioning-scale: a Wan VACE model's, with --control-video, --reference-image, --mask or --region \
+                 for it to scale"
+            );
         }
         if !self.conditioning_scale.is_finite() {
             bail!("--conditioning-scale: {} must be a finite number", self.conditioning_scale);
@@ -227,7 +262,7 @@ impl EditArgs {
         if let Some(path) = &self.image {
             return Edit::read_image(path, self.last_image.as_deref()).map(Some);
         }
-        if self.control_video.is_some() || !self.reference_images.is_empty() {
+        if self.input_video.is_none() && (self.control_video.is_some() || !self.reference_images.is_empty()) {
             let (control, references) = (self.control_video.as_deref(), &self.reference_images);
             return Edit::read_vace(control, references, self.conditioning_scale).map(Some);
         }
@@ -255,6 +290,8 @@ impl EditArgs {
             _ if region.is_some() => {
                 let mut region = region.expect("matched");
                 region.range = self.redo.map(range).transpose()?;
+                (region.references, region.scale) =
+                    (Reference::read_all(&self.reference_images)?, self.conditioning_scale);
                 Mode::Region(Box::new(region))
             }
             _ if extend => {
@@ -289,13 +326,7 @@ impl Edit {
     /// `--reference-image`, a batch item's `control_video` and `reference_images`): at least one of them. Without
     /// a control video the first reference image stands as the edit's source.
     pub fn read_vace(control: Option<&Path>, references: &[PathBuf], scale: f64) -> Result<Self> {
-        let references = references
-            .iter()
-            .map(|path| {
-                let ImageFile { input, sha256 } = ImageFile::read(path)?;
-                Ok(Reference { input, source: path.clone(), sha256 })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let references = Reference::read_all(references)?;
         let (input, source, sha256, source_shape) = match (control, references.first()) {
             (Some(path), _) => {
                 let (input, sha256, shape) = read_video(path, "control video")?;
@@ -415,7 +446,14 @@ impl Edit {
     ) -> kinetoscope::Result<Video> {
         if let Mode::Region(region) = &self.mode {
             let (mask, _) = region.fitted.as_ref().expect("fitted before rendering");
-            let request = RegionRequest { base: base.clone(), input: &self.input, mask };
+            let reference_images: Vec<InputVideo> = region.references.iter().map(|r| r.input.clone()).collect();
+            let request = RegionRequest {
+                base: base.clone(),
+                input: &self.input,
+                mask,
+                reference_images: &reference_images,
+                conditioning_scale: region.scale,
+            };
             let (video, report) = pipeline.redo_region_with_progress(&request, on_step)?;
             *region.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
             return Ok(video);
@@ -470,6 +508,10 @@ impl Edit {
                 // Latent cells regenerated and blended, the largest change outside the mask (0 after compositing)
                 // and the seam's mean gradient.
                 record["result"] = json!(*region.report.lock().unwrap_or_else(|p| p.into_inner()));
+                if !region.references.is_empty() || region.scale != 1.0 {
+                    record["conditioning_scale"] = json!(region.scale);
+                    record["reference_images"] = Reference::records(&region.references);
+                }
             }
             Mode::Extend { seconds, extension, .. } => {
                 record["kind"] = json!("extend");
@@ -486,13 +528,7 @@ impl Edit {
                 record["kind"] = json!("vace");
                 record["control_video"] = json!(control);
                 record["conditioning_scale"] = json!(scale);
-                record["reference_images"] = references
-                    .iter()
-                    .map(|r| {
-                        let size = json!({ "width": r.input.width, "height": r.input.height });
-                        json!({ "source": r.source, "sha256": r.sha256, "source_image": size })
-                    })
-                    .collect();
+                record["reference_images"] = Reference::records(references);
             }
             Mode::ImageToVideo { last } => {
                 record["kind"] = json!("image_to_video");
@@ -550,7 +586,8 @@ impl Region {
     }
 
     fn new(file: Option<(PathBuf, String)>, rectangle: Option<[usize; 4]>, picture: InputVideo) -> Self {
-        Region { file, rectangle, range: None, picture, fitted: None, report: Default::default() }
+        let report = Default::default();
+        Region { file, rectangle, range: None, picture, fitted: None, report, references: Vec::new(), scale: 1.0 }
     }
 
     /// The mask fitted to the clip as it was fitted, limited to the time range.

@@ -416,10 +416,27 @@ fn vace_follows_a_control_video_and_reference_images() {
     let out = vace(&["--input-video", source, "--region", "16,8,16,16"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(sidecar()["edit"]["result"]["unmasked_max_abs"], 0.0);
+    // A region with a reference image to show in it, and a scale.
+    let out = vace(&[
+        "--input-video",
+        source,
+        "--region",
+        "16,8,16,16",
+        "--reference-image",
+        image,
+        "--conditioning-scale",
+        "0.9",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let edit = &sidecar()["edit"];
+    assert_eq!((edit["kind"].as_str(), edit["conditioning_scale"].as_f64()), (Some("region"), Some(0.9)));
+    assert_eq!(edit["reference_images"][0]["sha256"], sha256.as_str());
+    assert_eq!(edit["result"]["unmasked_max_abs"], 0.0);
 
     for (args, needle) in [
         (&["--input-video", source][..], "is a Wan VACE model"),
-        (&["--conditioning-scale", "2"][..], "give --control-video or --reference-image"),
+        (&["--conditioning-scale", "2"][..], "--conditioning-scale: a Wan VACE model's"),
+        (&["--input-video", source, "--reference-image", image][..], "give the region to regenerate"),
     ] {
         let out = vace(args);
         assert!(!out.status.success());

@@ -383,7 +383,13 @@ fn region_edit(
     };
     let input = pipeline.fit_input(source, edit, request)?;
     let (mask, _) = kinetoscope::RegionMask::for_clip(&picture, &input, start..end)?;
-    let region = kinetoscope::RegionRequest { base: request.clone(), input: &input, mask: &mask };
+    let region = kinetoscope::RegionRequest {
+        base: request.clone(),
+        input: &input,
+        mask: &mask,
+        reference_images: &[],
+        conditioning_scale: 1.0,
+    };
     pipeline.redo_region_with_progress(&region, on_step)
 }
 

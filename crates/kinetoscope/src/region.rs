@@ -35,6 +35,11 @@ pub struct RegionRequest<'a> {
     pub base: GenerateRequest,
     pub input: &'a InputVideo,
     pub mask: &'a RegionMask,
+    /// On a Wan VACE model, images of a subject or a style for the region to show (see [`crate::VaceRequest`]);
+    /// refused on other models.
+    pub reference_images: &'a [InputVideo],
+    /// On a Wan VACE model, how strongly the clip and the references steer (1 by default); refused otherwise.
+    pub conditioning_scale: f64,
 }
 
 /// How a region edit went, for the sidecar and the API: what a client checks without looking at the video.
@@ -116,11 +121,18 @@ impl Pipeline {
                 base: request.base.clone(),
                 video: Some(input),
                 mask: Some(mask),
-                reference_images: &[],
-                conditioning_scale: 1.0,
+                reference_images: request.reference_images,
+                conditioning_scale: request.conditioning_scale,
             };
             let (latents, timings) = self.vace_latents(&vace, on_step)?;
             return Ok((latents, timings, latent_cells));
+        }
+        if !request.reference_images.is_empty() || request.conditioning_scale != 1.0 {
+            let field = if request.reference_images.is_empty() { "conditioning_scale" } else { "reference_images" };
+            let reason = "reference images and a conditioning scale need a Wan VACE model; this model holds the clip \
+                          outside the mask instead"
+                .to_string();
+            return Err(Error::InvalidRequest { field, reason });
         }
         let (clean, noise) = self.encode_input(input, &generate)?;
         let hold = Hold::new(clean, noise, latent_mask, dims).stage(STAGE)?;

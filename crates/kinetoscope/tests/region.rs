@@ -31,8 +31,15 @@ fn outside_the_mask_every_pixel_is_the_inputs() {
     let (pipeline, base, input) = setup(dir.path());
     let shape = (input.num_frames, input.height, input.width);
     let mask = RegionMask::rectangle(shape, (16, 8, 16, 16), 2..7).unwrap();
-    let (video, report) =
-        pipeline.redo_region(&RegionRequest { base: base.clone(), input: &input, mask: &mask }).unwrap();
+    let (video, report) = pipeline
+        .redo_region(&RegionRequest {
+            base: base.clone(),
+            input: &input,
+            mask: &mask,
+            reference_images: &[],
+            conditioning_scale: 1.0,
+        })
+        .unwrap();
     assert_eq!(report.unmasked_max_abs, 0.0);
     assert_eq!((report.masked_pixels, report.latent_cells[0]), (5 * 16 * 16, 2 * 2 * 2));
     let mut changed = 0.0f32;
@@ -50,12 +57,28 @@ fn outside_the_mask_every_pixel_is_the_inputs() {
 
     // Nothing masked: the input back, exactly.
     let empty = RegionMask { values: vec![0.0; mask.values.len()], ..mask.clone() };
-    let (video, _) = pipeline.redo_region(&RegionRequest { base: base.clone(), input: &input, mask: &empty }).unwrap();
+    let (video, _) = pipeline
+        .redo_region(&RegionRequest {
+            base: base.clone(),
+            input: &input,
+            mask: &empty,
+            reference_images: &[],
+            conditioning_scale: 1.0,
+        })
+        .unwrap();
     assert_eq!(video.frames, input.frames);
 
     // Everything masked: text-to-video from the same noise.
     let full = RegionMask { values: vec![1.0; mask.values.len()], ..mask };
-    let (video, _) = pipeline.redo_region(&RegionRequest { base: base.clone(), input: &input, mask: &full }).unwrap();
+    let (video, _) = pipeline
+        .redo_region(&RegionRequest {
+            base: base.clone(),
+            input: &input,
+            mask: &full,
+            reference_images: &[],
+            conditioning_scale: 1.0,
+        })
+        .unwrap();
     let plain = pipeline
         .generate(&GenerateRequest { num_frames: input.num_frames, height: input.height, width: input.width, ..base })
         .unwrap();
@@ -68,8 +91,22 @@ fn a_mask_of_another_size_or_length_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (pipeline, base, input) = setup(dir.path());
     let small = RegionMask::rectangle((input.num_frames, 16, 16), (0, 0, 8, 8), 0..1).unwrap();
-    let err = pipeline.redo_region(&RegionRequest { base, input: &input, mask: &small }).unwrap_err();
+    let err = pipeline
+        .redo_region(&RegionRequest {
+            base: base.clone(),
+            input: &input,
+            mask: &small,
+            reference_images: &[],
+            conditioning_scale: 1.0,
+        })
+        .unwrap_err();
     assert!(err.to_string().contains("mask"), "{err}");
+
+    // Reference images and a scale are a VACE model's.
+    let mask = RegionMask::rectangle((input.num_frames, input.height, input.width), (16, 8, 16, 16), 2..7).unwrap();
+    let request = RegionRequest { base, input: &input, mask: &mask, reference_images: &[], conditioning_scale: 0.5 };
+    let err = pipeline.redo_region(&request).unwrap_err().to_string();
+    assert!(err.contains("conditioning_scale") && err.contains("need a Wan VACE model"), "{err}");
 }
 
 /// Against the same recipe run with diffusers' components (`models/tiny/make_region_fixtures.py`): the latent mask
@@ -86,7 +123,7 @@ fn a_region_edit_matches_the_diffusers_reference() {
     assert_eq!(mask.latent(4, 8).0, to_vec("latent_mask"));
     assert_eq!(mask.alpha(), to_vec("alpha"));
 
-    let request = RegionRequest { base, input: &input, mask: &mask };
+    let request = RegionRequest { base, input: &input, mask: &mask, reference_images: &[], conditioning_scale: 1.0 };
     let (latents, _, cells) = pipeline.region_latents(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
     assert_eq!(cells, [8, 40]);
     common::assert_relative("region", "final latents", &latents, &r["final_latents"]);

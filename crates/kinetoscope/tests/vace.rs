@@ -88,11 +88,31 @@ fn a_masked_edit_matches_diffusers() {
     f.check("masked", &request);
 
     // As a region edit: the same generation, then every pixel outside the mask is the source's.
-    let region = RegionRequest { base: f.base("masked"), input: &video, mask: &mask };
+    let region = RegionRequest {
+        base: f.base("masked"),
+        input: &video,
+        mask: &mask,
+        reference_images: &[],
+        conditioning_scale: 1.0,
+    };
     let (latents, _, _) = f.pipeline.region_latents(&region, &mut |_| ControlFlow::Continue(())).unwrap();
     common::assert_relative("masked", "region latents", &latents, &f.r["masked.final_latents"]);
     let (out, report) = f.pipeline.redo_region(&region).unwrap();
     assert_eq!(report.unmasked_max_abs, 0.0);
+    // With a reference image and a scale: the VACE generation with the same inputs, then the composite.
+    let image = f.video("reference.image");
+    let references = std::slice::from_ref(&image);
+    // Seeded noise: the reference's latent frame makes it longer than the fixture's.
+    let base = GenerateRequest { latents: None, seed: 7, ..f.base.clone() };
+    let with_reference =
+        RegionRequest { base: base.clone(), reference_images: references, conditioning_scale: 0.9, ..region.clone() };
+    let (latents, _, _) = f.pipeline.region_latents(&with_reference, &mut |_| ControlFlow::Continue(())).unwrap();
+    let vace = VaceRequest { base, reference_images: references, conditioning_scale: 0.9, ..request.clone() };
+    let (want, _) = f.pipeline.vace_latents(&vace, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(
+        latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     for ((o, s), m) in out.frames.chunks_exact(3).zip(video.frames.chunks_exact(3)).zip(&mask.values) {
         if *m == 0.0 {
             assert_eq!(o, s);
