@@ -225,6 +225,19 @@ impl Memory {
     }
 }
 
+/// Every lane's `b0`, `b1` of P·V's k-step `i` and dim tile `j`, loaded from `v_tile` (rows `d + PAD` wide).
+fn v_fragments(v_tile: &mut Memory, d: usize, i: usize, j: usize) -> [[u32; 2]; LANES] {
+    std::array::from_fn(|lane| {
+        std::array::from_fn(|reg| {
+            let [lo, hi] = [0, 1].map(|half| {
+                let (key, dim) = v_frag_coords(lane, i, j, reg, half);
+                v_tile.load(key * (d + PAD) + dim)
+            });
+            pack_raw(lo, hi)
+        })
+    })
+}
+
 /// `pack_raw(lo, hi)`: `lo` in the low 16 bits.
 fn pack_raw(lo: bf16, hi: bf16) -> u32 {
     u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
@@ -423,15 +436,7 @@ impl Warp {
                 })
             });
             for j in 0..d / 8 {
-                let b: [[u32; 2]; LANES] = std::array::from_fn(|lane| {
-                    std::array::from_fn(|reg| {
-                        let [lo, hi] = [0, 1].map(|half| {
-                            let (key, dim) = v_frag_coords(lane, i, j, reg, half);
-                            v_tile.load(key * (d + PAD) + dim)
-                        });
-                        pack_raw(lo, hi)
-                    })
-                });
+                let b = v_fragments(v_tile, d, i, j);
                 mma(&mut self.o[j], &p, &b); // [cu:181] `mma_bf16(o[j], p, b0, b1);`
             }
         }
@@ -749,15 +754,7 @@ mod tests {
                 })
             });
             for j in 0..d / 8 {
-                let b: [[u32; 2]; LANES] = std::array::from_fn(|lane| {
-                    std::array::from_fn(|reg| {
-                        let [lo, hi] = [0, 1].map(|half| {
-                            let (key, dim) = v_frag_coords(lane, i, j, reg, half);
-                            v_tile.load(key * (d + PAD) + dim)
-                        });
-                        pack_raw(lo, hi)
-                    })
-                });
+                let b = v_fragments(&mut v_tile, d, i, j);
                 mma(&mut o[j], &a, &b);
             }
         }
