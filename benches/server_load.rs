@@ -15,7 +15,8 @@
 //! MP4 of the requested size and frame count, and the only non-2xx answers were 429 `queue_full`.
 //!
 //! The tiny model renders each job in a fraction of a second on a CPU, so the figures are the API's own
-//! cost under load, not the model's.
+//! cost under load, not the model's. With `KINETOSCOPE_BENCH_POSTGRES` set the jobs live in PostgreSQL (see
+//! `common`), for comparing the two stores under the same load.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BenchServer, JOB, KEY};
+use common::{store_name, BenchServer, JOB, KEY};
 use reqwest::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -292,14 +293,18 @@ async fn main() {
     let started = Instant::now();
     let attempted = match mode {
         Mode::Waves { waves, per_wave } => {
-            println!("{waves} waves of {per_wave} concurrent creates, queue bound {MAX_QUEUE}, {JOB}");
+            println!(
+                "{waves} waves of {per_wave} concurrent creates, queue bound {MAX_QUEUE}, {JOB}, {}",
+                store_name()
+            );
             run_waves(&load, waves, per_wave).await;
             waves * per_wave
         }
         Mode::Sustained { job_seconds } => {
             println!(
                 "sustained until {job_seconds} s rendered: {CREATORS} creators, {POLLERS} pollers, {DOWNLOADERS} \
-                 downloaders at once, queue bound {MAX_QUEUE}, {JOB}"
+                 downloaders at once, queue bound {MAX_QUEUE}, {JOB}, {}",
+                store_name()
             );
             run_sustained(&load, job_seconds).await
         }

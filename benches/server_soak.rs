@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BenchServer, JOB, KEY};
+use common::{store_name, BenchServer, JOB, KEY};
 use kinetoscope_server::metrics::resident_memory_bytes;
 use reqwest::Client;
 use serde_json::{json, Value};
@@ -69,7 +69,7 @@ async fn main() {
     let peak = samples.iter().copied().max().unwrap();
     // Growth over the second half alone tells a leak (steady growth) from allocator warm-up (a step).
     let half = samples[jobs / 2 - 1];
-    println!("{jobs} sequential jobs after {WARM_UP} warm-up jobs, {JOB}, {seconds:.1} s");
+    println!("{jobs} sequential jobs after {WARM_UP} warm-up jobs, {JOB}, {}, {seconds:.1} s", store_name());
     println!("| resident memory | MiB |\n| --- | --- |");
     println!("| after warm-up | {:.1} |", mib(start_rss));
     println!("| after job {} | {:.1} |", jobs / 2, mib(half));

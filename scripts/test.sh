@@ -8,9 +8,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fuzz targets (their own workspace, run by scripts/fuzz.sh) compile parts of the crates by path: keep them
 # compiling.
 cargo check --manifest-path fuzz/Cargo.toml --bins --locked
-# Unit, parity, end-to-end and doc tests; examples are built, benchmarks only linted above.
+# The job store's suite and the deployment tests run on PostgreSQL too: a throwaway server on loopback, required.
+pg=$(mktemp -d)
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'bash scripts/postgres.sh stop "$pg"; rm -f "$log"' EXIT
+eval "$(bash scripts/postgres.sh start "$pg")"
+export KINETOSCOPE_REQUIRE_POSTGRES=1
+# Unit, parity, end-to-end and doc tests; examples are built, benchmarks only linted above.
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole workspace (cargo prints one per test binary, the last often a doc-test
 # binary with nothing in it).

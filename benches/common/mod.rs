@@ -1,5 +1,7 @@
 //! What the server benches share: `kinetoscope serve` in-process on loopback with one CPU worker on tiny
-//! model a at small defaults, and a client keyed for it.
+//! model a at small defaults, and a client keyed for it. With `KINETOSCOPE_BENCH_POSTGRES` (a PostgreSQL URL whose
+//! role may create databases, as `scripts/postgres.sh` prints) its jobs live in a throwaway PostgreSQL database
+//! instead of SQLite.
 
 use std::path::Path;
 use std::time::Duration;
@@ -19,6 +21,15 @@ pub struct BenchServer {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// The job database and videos; removed when the bench ends.
     _data: tempfile::TempDir,
+    _database: Option<kinetoscope_server::store::ThrowawayDatabase>,
+}
+
+/// Which store the bench runs on, as its report names it.
+pub fn store_name() -> &'static str {
+    match std::env::var_os("KINETOSCOPE_BENCH_POSTGRES") {
+        Some(_) => "PostgreSQL",
+        None => "SQLite",
+    }
 }
 
 impl BenchServer {
@@ -30,9 +41,14 @@ impl BenchServer {
         let mut config = Config::new(&model.display().to_string(), data.path(), ApiKeys::new(&[KEY]).unwrap());
         config.defaults = Defaults { width: 48, height: 32, seconds: 1, fps: 8, steps: 2, guidance_scale: 5.0 };
         configure(&mut config);
+        let database = std::env::var("KINETOSCOPE_BENCH_POSTGRES")
+            .ok()
+            .map(|admin| kinetoscope_server::store::ThrowawayDatabase::create(&admin).unwrap());
+        config.store = database.as_ref().map(|database| database.url.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let server = Server::start(config).unwrap();
+        // Blocking (the PostgreSQL client may not block an async thread).
+        let server = tokio::task::spawn_blocking(move || Server::start(config)).await.unwrap().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async move {
             let _ = stopped.await;
@@ -41,7 +57,7 @@ impl BenchServer {
         while client.get(format!("{base}/readyz")).send().await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        BenchServer { base, client, stop, task, _data: data }
+        BenchServer { base, client, stop, task, _data: data, _database: database }
     }
 
     pub async fn stop(self) {

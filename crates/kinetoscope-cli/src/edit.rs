@@ -388,12 +388,12 @@ impl Edit {
             return Ok(Edit { input, ..self });
         };
         let frames = match seconds {
-            Some(seconds) => pipeline.extension_frames(seconds, fps)?,
+            Some(seconds) => pipeline.shape().extension_frames(seconds, fps)?,
             None => request.num_frames,
         };
         let input = pipeline.fit_input(self.input, &EditKind::Extend { frames }, request)?;
         let base = GenerateRequest { fps, ..request.clone() };
-        let layout = pipeline.extend_layout(&ExtendRequest { base, input: &input, frames });
+        let layout = pipeline.shape().extend_layout(&ExtendRequest { base, input: &input, frames });
         let layout = match seconds {
             Some(_) => layout?,
             None => layout.context("without --seconds, --frames is the number of frames to add")?,

@@ -34,6 +34,9 @@ enum Command {
     Batch(batch::Args),
     /// Serve the OpenAI Videos API over HTTP: durable jobs, progress events and signed webhooks.
     Serve(serve::Args),
+    /// Render jobs from a job store shared with `serve --no-worker` API nodes (PostgreSQL): one of any number of
+    /// workers on any number of machines.
+    Worker(serve::WorkerArgs),
     /// List the supported models, or check a model folder before a long job.
     Models(models::Args),
 }
@@ -41,7 +44,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // A server's log is how its operator sees it working; a command's only speaks up on errors.
-    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "error" };
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Worker(_)) { "info" } else { "error" };
     let filter = tracing_subscriber::EnvFilter::builder()
         .with_env_var("KINETOSCOPE_LOG")
         .with_default_directive(default_level.parse().expect("a valid level"))
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => serve::run_worker(args),
         Command::Models(args) => models::run(args),
     };
     match result {

@@ -3,13 +3,13 @@
 //! hold none of the secrets it handled: API keys (right or wrong), the webhook secret, the webhook URL's path
 //! and query.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+use common::{http, receiver, wait_until};
 
 const KEY: &str = "log-test-key-KEYSECRET-0123456789";
 const WRONG_KEY: &str = "log-test-key-WRONGSECRET-01234567";
@@ -17,57 +17,6 @@ const WRONG_KEY: &str = "log-test-key-WRONGSECRET-01234567";
 const WEBHOOK_SECRET: &str = "whsec_a2luZXRvc2NvcGUtbG9nLXRlc3Qtc2VjcmV0LTMyYnk=";
 const PATH_TOKEN: &str = "PATHSECRET7f3a";
 const QUERY_TOKEN: &str = "QUERYSECRET91c2";
-
-/// One HTTP/1.1 exchange over a fresh connection; the status and the body.
-fn http(port: u16, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    (status, body)
-}
-
-/// A webhook receiver that answers 200 to every request and counts them.
-fn receiver() -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let received = Arc::new(AtomicUsize::new(0));
-    let count = received.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            let mut length = 0;
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-                line.clear();
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let _ = reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            count.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (port, received)
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn the_logs_hold_no_key_secret_or_webhook_url() {
@@ -99,7 +48,7 @@ fn the_logs_hold_no_key_secret_or_webhook_url() {
     wait_until("the job to complete", || {
         http(port, "GET", &format!("/v1/videos/{id}"), KEY, "").1.contains("completed")
     });
-    wait_until("the webhook", || received.load(Ordering::SeqCst) >= 1);
+    wait_until("the webhook", || !received.lock().unwrap().is_empty());
     server.kill().unwrap();
     server.wait().unwrap();
 

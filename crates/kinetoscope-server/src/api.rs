@@ -28,7 +28,7 @@ use crate::error::{storage_error, ApiError};
 use crate::fields::{BodyLimits, Fields, ImageReference, Upload, VideoReference};
 use crate::store::{Job, JobLora, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
-use crate::{unix_now, Shared, Update};
+use crate::{unix_now, Served, Shared, Update};
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
@@ -40,6 +40,7 @@ const MAX_GUIDANCE: f64 = 100.0;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
+        .route("/v1/models", get(models))
         .route("/v1/videos", post(create).get(list))
         .route("/v1/videos/{id}", get(retrieve).delete(delete))
         .route("/v1/videos/{id}/content", get(content))
@@ -127,38 +128,68 @@ fn new_id() -> String {
     format!("video_{:032x}", rand::random::<u128>())
 }
 
-/// Refuses new work when no worker could load the model: it would wait forever.
-fn check_available(shared: &Shared) -> ApiResult<()> {
-    match shared.unavailable() {
-        Some((code, reason)) => Err(ApiError::new(
+/// Refuses new work when no worker could load the model, or (an API node) when no live worker serves it: it
+/// would wait forever, or until a worker comes, which the client is better told to retry for.
+fn check_available(shared: &Shared, served: &Served) -> ApiResult<()> {
+    if let Some((code, reason)) = shared.unavailable() {
+        return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             code,
             format!("the model could not be loaded, so no video can be made until it is fixed: {reason}"),
-        )),
-        None => Ok(()),
+        ));
+    }
+    let model = &served.name;
+    match shared.served_models() {
+        Some(models) if models.contains(model) => Ok(()),
+        served => Err(ApiError {
+            retry_after_s: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_not_served",
+                format!(
+                    "no live worker serves {model:?} now (workers serve: {:?}); retry when one has started",
+                    served.unwrap_or_default()
+                ),
+            )
+        }),
     }
 }
 
+/// The model a request names in `model`, or the first served; `model_not_found` for one this API doesn't serve.
+fn served<'a>(shared: &'a Shared, fields: &mut Fields) -> ApiResult<&'a Served> {
+    let Some(model) = fields.text("model")? else { return Ok(&shared.models[0]) };
+    shared.models.iter().find(|served| served.name == model).ok_or_else(|| {
+        let names: Vec<&str> = shared.models.iter().map(|served| served.name.as_str()).collect();
+        ApiError::invalid(
+            "model_not_found",
+            "model",
+            format!("model {model:?} is not served here; this server serves {names:?}"),
+        )
+    })
+}
+
 async fn create(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
-    check_available(&shared)?;
     disk::check(&shared)?;
     // A model that starts from images, or shows reference images (VACE), takes uploads here.
-    let shape = shared.shape;
-    let mut fields = Fields::from_request(request, &body_limits(&shared, shape.takes_image || shape.vace)).await?;
+    let uploads = shared.models.iter().any(|served| served.shape.takes_image || served.shape.vace);
+    let mut fields = Fields::from_request(request, &body_limits(&shared, uploads)).await?;
+    let served = served(&shared, &mut fields)?;
+    check_available(&shared, served)?;
+    let shape = served.shape;
     let image = fields.image_reference("input_reference")?;
     let last_image = fields.image_reference("last_image")?;
     // On a Wan VACE model, input_reference is a reference image (a subject or style to show), not a first frame.
-    let scale = conditioning_scale(&shared, &mut fields, image.is_some())?;
+    let scale = conditioning_scale(served, &mut fields, image.is_some())?;
     if image.is_some() && !shape.takes_image && !shape.vace {
-        return Err(unsupported_reference(&shared));
+        return Err(unsupported_reference(served));
     }
     if last_image.is_some() && !shape.takes_last_image {
-        return Err(unsupported_last_image(&shared));
+        return Err(unsupported_last_image(served));
     }
     if image.is_none() && shape.needs_image {
-        return Err(missing_reference(&shared));
+        return Err(missing_reference(served));
     }
-    let mut job = resolve(&shared, &mut fields)?;
+    let mut job = resolve(&shared, served, &mut fields)?;
     fields.finish()?;
     let Some(image) = image else { return enqueue(&shared, job).await };
     let id = job.id.clone();
@@ -305,13 +336,18 @@ async fn keep_image(
 }
 
 async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request: Request) -> ApiResult {
-    check_available(&shared)?;
     disk::check(&shared)?;
     let mut fields = Fields::from_request(request, &body_limits(&shared, false)).await?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let webhook_url = webhook_url(&shared, &mut fields)?;
     fields.finish()?;
     let source = lookup(&shared, &id).await?;
+    // A remix renders with the source's model.
+    let served = shared.models.iter().find(|served| served.name == source.model).ok_or_else(|| {
+        let reason = format!("{} was made with {:?}, which this server no longer serves", source.id, source.model);
+        ApiError::invalid("model_not_found", "model", reason)
+    })?;
+    check_available(&shared, served)?;
     let job = NewJob {
         id: new_id(),
         model: source.model,
@@ -353,14 +389,6 @@ struct SourceVideo {
     width: usize,
     height: usize,
     fps: u32,
-}
-
-/// The model, which edits need loaded: their sizes and frame counts come from the source and the model.
-fn loaded(shared: &Shared) -> ApiResult<Arc<kinetoscope::Pipeline>> {
-    shared.pipeline.get().cloned().ok_or_else(|| ApiError {
-        retry_after_s: Some(5),
-        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_loading", "the model is still loading; retry shortly")
-    })
 }
 
 /// Keeps the source a request names as the new job's input (`inputs/<id>.mp4`): a copy of a completed
@@ -435,11 +463,11 @@ fn seconds_of(frames: usize, fps: u32) -> String {
 /// as a whole (`strength`, video-to-video), only a time range (`redo`), or only a region (`mask`: an uploaded
 /// picture of it, white inside; or `region`: `X,Y,W,H` in the video's pixels; within `redo`'s range if given).
 async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
-    check_available(&shared)?;
     disk::check(&shared)?;
-    check_edits(&shared)?;
-    let pipeline = loaded(&shared)?;
     let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
+    let served = served(&shared, &mut fields)?;
+    check_available(&shared, served)?;
+    check_edits(served)?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
     let (redo, strength) = (fields.text("redo")?, fields.number("strength")?);
@@ -459,9 +487,9 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
     };
     let region = fields.text("region")?.map(|text| parse_region(&text)).transpose()?;
     // On a Wan VACE model, a video without a mask or region is a control video to follow (a depth or pose video).
-    let control = shared.shape.vace && mask.is_none() && region.is_none();
-    let scale = conditioning_scale(&shared, &mut fields, control)?;
-    if shared.shape.vace && (strength.is_some() || (redo.is_some() && control)) {
+    let control = served.shape.vace && mask.is_none() && region.is_none();
+    let scale = conditioning_scale(served, &mut fields, control)?;
+    if served.shape.vace && (strength.is_some() || (redo.is_some() && control)) {
         let param = if strength.is_some() { "strength" } else { "redo" };
         let reason = format!(
             "{param}: the served model is a Wan VACE model: it edits a mask or region of the video, or follows the \
@@ -475,8 +503,8 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
     if mask.is_some() && region.is_some() {
         return Err(ApiError::invalid("invalid_request", "region", "give a mask or a region, not both"));
     }
-    let mut request = request_defaults(&shared);
-    sampling_fields(&shared, &mut fields, &mut request)?;
+    let mut request = request_defaults(served);
+    sampling_fields(&shared, served, &mut fields, &mut request)?;
     let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
     let webhook_url = webhook_url(&shared, &mut fields)?;
     fields.finish()?;
@@ -508,24 +536,24 @@ async fn edit(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult 
             (None, false) => EditKind::VideoToVideo { strength: strength.unwrap_or(0.8) },
         };
         kinetoscope::edit_steps(&edit, request.steps).map_err(request_error)?;
-        let (m, s) = (pipeline.frame_multiple(), pipeline.size_multiple());
+        let (m, s) = (served.shape.frame_multiple, served.shape.size_multiple);
         let frames = source.frames.min(shared.config.limits.max_frames);
         (request.num_frames, request.fps) = ((frames - 1) / m * m + 1, source.fps);
         (request.width, request.height) = (source.width / s * s, source.height / s * s);
         check_size(&shared, &request)?;
-        validate(&pipeline, &request)?;
-        Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, Source { edit, sha256: source.sha256.clone() }))
+        validate(&shared, served, &request)?;
+        Ok(edit_job(served, &id, prompt, &request, seed, webhook_url, Source { edit, sha256: source.sha256.clone() }))
     });
     enqueue_with_source(&shared, &id, accepted).await
 }
 
 /// A Wan VACE request's `conditioning_scale` (1 when absent): taken only where the served model is a VACE model
 /// and the request gives it something to scale (`applies`: a control video or a reference image).
-fn conditioning_scale(shared: &Shared, fields: &mut Fields, applies: bool) -> ApiResult<f64> {
+fn conditioning_scale(served: &Served, fields: &mut Fields, applies: bool) -> ApiResult<f64> {
     let Some(scale) = fields.number("conditioning_scale")? else { return Ok(1.0) };
     let invalid = |reason: String| Err(ApiError::invalid("invalid_request", "conditioning_scale", reason));
-    if !shared.shape.vace {
-        return invalid("conditioning_scale: the served model is no Wan VACE model".into());
+    if !served.shape.vace {
+        return invalid(format!("conditioning_scale: the model {:?} is no Wan VACE model", served.name));
     }
     if !applies {
         return invalid("conditioning_scale: scales a control video or a reference image, and none is given".into());
@@ -577,18 +605,18 @@ async fn keep_mask(shared: &Arc<Shared>, upload: Upload, id: &str, source: &Sour
 /// `POST /v1/videos/extensions` (the SDK's `videos.extend`): `seconds` more of the source video, joined
 /// to it; the result's `seconds` is the whole.
 async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiResult {
-    check_available(&shared)?;
     disk::check(&shared)?;
-    check_edits(&shared)?;
-    let pipeline = loaded(&shared)?;
     let mut fields = Fields::from_request(request, &body_limits(&shared, true)).await?;
+    let served = served(&shared, &mut fields)?;
+    check_available(&shared, served)?;
+    check_edits(served)?;
     let prompt = required_prompt(&shared, &mut fields)?;
     let reference = fields.video_reference("video")?.ok_or_else(missing_video)?;
     let seconds_text = fields.text_or_number("seconds")?.ok_or_else(|| {
         ApiError::invalid("missing_required_parameter", "seconds", "seconds is required: how long a part to add")
     })?;
-    let mut request = request_defaults(&shared);
-    sampling_fields(&shared, &mut fields, &mut request)?;
+    let mut request = request_defaults(served);
+    sampling_fields(&shared, served, &mut fields, &mut request)?;
     let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
     let webhook_url = webhook_url(&shared, &mut fields)?;
     fields.finish()?;
@@ -599,14 +627,15 @@ async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiRe
         let invalid_seconds =
             |why: String| ApiError::invalid("invalid_seconds", "seconds", format!("seconds {seconds_text:?}: {why}"));
         let seconds: f64 = seconds_text.trim().parse().map_err(|_| invalid_seconds("expected a number".into()))?;
-        let frames = pipeline.extension_frames(seconds, source.fps).map_err(|e| invalid_seconds(e.to_string()))?;
-        let s = pipeline.size_multiple();
+        let frames = served.shape.extension_frames(seconds, source.fps).map_err(|e| invalid_seconds(e.to_string()))?;
+        let s = served.shape.size_multiple;
         (request.width, request.height, request.fps) = (source.width / s * s, source.height / s * s, source.fps);
         check_size(&shared, &request)?;
         // Only the length of the source matters to where the frames go; its pixels are read by the worker.
         let shape =
             InputVideo { frames: Vec::new(), num_frames: source.frames, height: request.height, width: request.width };
-        let layout = pipeline
+        let layout = served
+            .shape
             .extend_layout(&ExtendRequest { base: request.clone(), input: &shape, frames })
             .map_err(request_error)?;
         if layout.generated > shared.config.limits.max_frames {
@@ -615,17 +644,17 @@ async fn extension(State(shared): State<Arc<Shared>>, request: Request) -> ApiRe
                 layout.generated, shared.config.limits.max_frames
             )));
         }
-        validate(&pipeline, &GenerateRequest { num_frames: layout.generated, ..request.clone() })?;
+        validate(&shared, served, &GenerateRequest { num_frames: layout.generated, ..request.clone() })?;
         request.num_frames = layout.kept + layout.generated - layout.generated_from;
         let source = Source { edit: EditKind::Extend { frames }, sha256: source.sha256.clone() };
-        Ok(edit_job(&shared, &id, prompt, &request, seed, webhook_url, source))
+        Ok(edit_job(served, &id, prompt, &request, seed, webhook_url, source))
     })();
     enqueue_with_source(&shared, &id, accepted).await
 }
 
 /// The job of an accepted edit: `request` as fitted to the source; its `seconds` are the output clip's.
 fn edit_job(
-    shared: &Shared,
+    served: &Served,
     id: &str,
     prompt: String,
     request: &GenerateRequest,
@@ -635,7 +664,7 @@ fn edit_job(
 ) -> NewJob {
     NewJob {
         id: id.to_string(),
-        model: shared.config.model_name.clone(),
+        model: served.name.clone(),
         seconds: seconds_of(request.num_frames, request.fps),
         settings: settings(prompt, request, seed, None, Some(source)),
         remixed_from: None,
@@ -652,8 +681,8 @@ fn missing_video() -> ApiError {
 }
 
 /// What a request that gives nothing gets.
-fn request_defaults(shared: &Shared) -> GenerateRequest {
-    let defaults = &shared.config.defaults;
+fn request_defaults(served: &Served) -> GenerateRequest {
+    let defaults = &served.defaults;
     GenerateRequest {
         width: defaults.width,
         height: defaults.height,
@@ -750,20 +779,10 @@ fn webhook_url(shared: &Shared, fields: &mut Fields) -> ApiResult<Option<String>
 
 /// Turns a create request into fixed settings: the server's defaults, then the preset, then every
 /// field the client gave, each checked against the configured limits and the model.
-fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
-    let (limits, defaults) = (&shared.config.limits, &shared.config.defaults);
+fn resolve(shared: &Shared, served: &Served, fields: &mut Fields) -> ApiResult<NewJob> {
+    let (limits, defaults) = (&shared.config.limits, &served.defaults);
     let prompt = required_prompt(shared, fields)?;
-    if let Some(model) = fields.text("model")? {
-        if model != shared.config.model_name {
-            let served = &shared.config.model_name;
-            return Err(ApiError::invalid(
-                "model_not_found",
-                "model",
-                format!("model {model:?} is not served here; this server serves {served:?}"),
-            ));
-        }
-    }
-    let mut request = request_defaults(shared);
+    let mut request = request_defaults(served);
     let preset = fields.text("preset")?;
     if let Some(name) = &preset {
         let preset =
@@ -793,7 +812,7 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
                 format!("seconds {seconds_text:?}: expected a positive number"),
             )
         })?;
-    request.num_frames = frames_for(seconds, request.fps, shared.shape.frame_multiple)
+    request.num_frames = frames_for(seconds, request.fps, served.shape.frame_multiple)
         .filter(|frames| *frames <= limits.max_frames)
         .ok_or_else(|| {
             let most = (limits.max_frames - 1) as f64 / request.fps as f64;
@@ -806,20 +825,17 @@ fn resolve(shared: &Shared, fields: &mut Fields) -> ApiResult<NewJob> {
                 ),
             )
         })?;
-    sampling_fields(shared, fields, &mut request)?;
+    sampling_fields(shared, served, fields, &mut request)?;
     let seed = fields.integer("seed")?.unwrap_or_else(rand::random);
     let webhook_url = webhook_url(shared, fields)?;
     let settings = settings(prompt, &request, seed, preset, None);
     // What the configs say is checked at once, loaded or not; the rest once the model is there (the
     // worker checks again before it renders).
     let request = worker::to_request(&settings, shared.config.lora_dir.as_deref());
-    shared.shape.validate(&request).map_err(request_error)?;
-    if let Some(pipeline) = shared.pipeline.get() {
-        validate(pipeline, &request)?;
-    }
+    validate(shared, served, &request)?;
     Ok(NewJob {
         id: new_id(),
-        model: shared.config.model_name.clone(),
+        model: served.name.clone(),
         seconds: seconds_text,
         settings,
         remixed_from: None,
@@ -832,7 +848,7 @@ const MAX_JOB_LORAS: usize = 8;
 
 /// A job's `loras`: `[{"name": "style.safetensors", "scale": 0.8, "low_noise": false}]`, files of the server's
 /// `--lora-dir` named by their plain file name (never a path), applied at run time to this job only.
-fn job_loras(shared: &Shared, value: Value) -> ApiResult<Vec<kinetoscope::LoraSpec>> {
+fn job_loras(shared: &Shared, served: &Served, value: Value) -> ApiResult<Vec<kinetoscope::LoraSpec>> {
     let invalid = |reason: String| ApiError::invalid("invalid_lora", "loras", format!("loras: {reason}"));
     let Some(dir) = &shared.config.lora_dir else {
         return Err(ApiError::invalid(
@@ -877,7 +893,7 @@ fn job_loras(shared: &Shared, value: Value) -> ApiResult<Vec<kinetoscope::LoraSp
                 let message = format!("loras: no adapter named {name:?} in the server's adapter folder");
                 return Err(ApiError::invalid("lora_not_found", "loras", message));
             }
-            if low_noise && !shared.shape.two_experts {
+            if low_noise && !served.shape.two_experts {
                 return Err(ApiError::invalid(
                     "unsupported_parameter",
                     "loras",
@@ -892,7 +908,12 @@ fn job_loras(shared: &Shared, value: Value) -> ApiResult<Vec<kinetoscope::LoraSp
 
 /// The fields every kind of job takes that shape the sampling: steps or an explicit schedule, shift, guidance,
 /// negative prompt, step cache.
-fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateRequest) -> ApiResult<()> {
+fn sampling_fields(
+    shared: &Shared,
+    served: &Served,
+    fields: &mut Fields,
+    request: &mut GenerateRequest,
+) -> ApiResult<()> {
     let limits = &shared.config.limits;
     // An explicit schedule (few-step distilled models: flow-match Euler over it); its length is the steps.
     // DMD timesteps (FastWan) run with FastVideo's sampler.
@@ -916,7 +937,7 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
         request.steps = usize::try_from(steps).unwrap_or(usize::MAX);
     }
     if let Some(loras) = fields.json("loras")? {
-        request.loras = job_loras(shared, loras)?;
+        request.loras = job_loras(shared, served, loras)?;
     }
     if let Some(shift) = fields.number("shift")? {
         if !(shift > 0.0 && shift <= 100.0) {
@@ -942,8 +963,8 @@ fn sampling_fields(shared: &Shared, fields: &mut Fields, request: &mut GenerateR
         request.guidance_scale = guidance;
     }
     if let Some(guidance) = fields.number("guidance_scale_2")? {
-        if !shared.shape.two_experts {
-            let served = &shared.config.model_name;
+        if !served.shape.two_experts {
+            let served = &served.name;
             return Err(ApiError::invalid(
                 "unsupported_parameter",
                 "guidance_scale_2",
@@ -1017,9 +1038,15 @@ fn settings(
     }
 }
 
-/// Checks a request against the model, naming the API's field for the library's.
-fn validate(pipeline: &kinetoscope::Pipeline, request: &GenerateRequest) -> ApiResult<()> {
-    pipeline.validate(request).map_err(request_error)
+/// Checks a request against the model, naming the API's field for the library's: what its configs say at once,
+/// loaded or not (an API node without a worker never loads it); the rest where this process has it loaded (the
+/// worker checks again before it renders).
+fn validate(shared: &Shared, served: &Served, request: &GenerateRequest) -> ApiResult<()> {
+    served.shape.validate(request).map_err(request_error)?;
+    match shared.pipeline.get() {
+        Some(pipeline) if served.name == shared.config.model_name => pipeline.validate(request).map_err(request_error),
+        _ => Ok(()),
+    }
 }
 
 fn request_error(error: kinetoscope::Error) -> ApiError {
@@ -1043,8 +1070,8 @@ fn request_error(error: kinetoscope::Error) -> ApiError {
     }
 }
 
-fn unsupported_reference(shared: &Shared) -> ApiError {
-    let served = &shared.config.model_name;
+fn unsupported_reference(served: &Served) -> ApiError {
+    let served = &served.name;
     let reason = format!(
         "the served model {served:?} generates from text only; starting from an image needs a model that takes one \
          (Wan 2.2 TI2V-5B, Wan 2.1 I2V or FLF2V, Wan 2.2 I2V-A14B)"
@@ -1052,8 +1079,8 @@ fn unsupported_reference(shared: &Shared) -> ApiError {
     ApiError::invalid("unsupported_parameter", "input_reference", format!("input_reference: {reason}"))
 }
 
-fn unsupported_last_image(shared: &Shared) -> ApiError {
-    let served = &shared.config.model_name;
+fn unsupported_last_image(served: &Served) -> ApiError {
+    let served = &served.name;
     let reason = format!(
         "the served model {served:?} can't end on a given frame; first-and-last-frame generation needs Wan 2.1 \
          FLF2V or Wan 2.2 I2V-A14B"
@@ -1063,8 +1090,8 @@ fn unsupported_last_image(shared: &Shared) -> ApiError {
 
 /// A job without the image to start from, for a model that generates only from one (a model that can end on a
 /// `last_image` is one of them).
-fn missing_reference(shared: &Shared) -> ApiError {
-    let served = &shared.config.model_name;
+fn missing_reference(served: &Served) -> ApiError {
+    let served = &served.name;
     ApiError::invalid(
         "missing_required_parameter",
         "input_reference",
@@ -1076,11 +1103,11 @@ fn missing_reference(shared: &Shared) -> ApiError {
 }
 
 /// Refuses edits and extensions of a video on a model that only generates from an image.
-fn check_edits(shared: &Shared) -> ApiResult<()> {
-    if !shared.shape.needs_image {
+fn check_edits(served: &Served) -> ApiResult<()> {
+    if !served.shape.needs_image {
         return Ok(());
     }
-    let served = &shared.config.model_name;
+    let served = &served.name;
     Err(ApiError::invalid(
         "unsupported_parameter",
         "video",
@@ -1141,8 +1168,8 @@ async fn list(State(shared): State<Arc<Shared>>, ApiQuery(query): ApiQuery<ListQ
 
 async fn delete(State(shared): State<Arc<Shared>>, VideoId(id): VideoId) -> ApiResult {
     let job = lookup(&shared, &id).await?;
-    if let Some(stop) = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
-        stop.set(Stop::Deleted);
+    if let Some(running) = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        running.stop.set(Stop::Deleted);
     }
     // Files first: on a full disk the database can't record the delete until they are gone.
     worker::remove_files(&shared, &job.id);
@@ -1150,7 +1177,8 @@ async fn delete(State(shared): State<Arc<Shared>>, VideoId(id): VideoId) -> ApiR
     blocking(move || store_shared.store.delete(&key)).await?.ok_or_else(|| ApiError::not_found(&id))?;
     // A render that finished between the two wrote its files after they were removed.
     worker::remove_files(&shared, &job.id);
-    shared.publish(&job.id);
+    // No subscriber is not an error.
+    let _ = shared.events.send(Update::Job { id: job.id.clone(), job: None });
     tracing::info!(id, status = ?job.status, "deleted");
     Ok(Json(json!({"id": job.id, "object": "video.deleted", "deleted": true})).into_response())
 }
@@ -1200,6 +1228,10 @@ async fn content(
     Ok(response.map(Body::new))
 }
 
+/// How often an event stream on a node of a shared store reads its job: its worker is another process, whose
+/// updates reach this one only through the store.
+const SHARED_STORE_POLL: Duration = Duration::from_millis(500);
+
 async fn events(
     State(shared): State<Arc<Shared>>,
     VideoId(id): VideoId,
@@ -1207,36 +1239,98 @@ async fn events(
     // Subscribe before reading the current state, so no update falls between the two.
     let updates = shared.events.subscribe();
     let job = lookup(&shared, &id).await?;
-    let state = (Some(Some(Box::new(job))), updates, id, shared, false);
-    let stream = futures_util::stream::unfold(state, |(pending, mut updates, id, shared, done)| async move {
-        if done {
+    let poll = shared.store.is_shared().then(|| tokio::time::interval(SHARED_STORE_POLL));
+    let state = JobStream { pending: Some(Some(Box::new(job))), updates, poll, id, shared, last: None, done: false };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        if state.done {
             return None;
         }
-        let job = match pending {
+        let job = match state.pending.take() {
             Some(job) => job,
-            None => loop {
-                match updates.recv().await {
-                    Ok(Update::Job { id: updated, job }) if updated == id => break job,
-                    Ok(Update::Job { .. }) => continue,
-                    Ok(Update::Shutdown) | Err(broadcast::error::RecvError::Closed) => return None,
-                    // Fell behind: the stored state is the latest anyway.
-                    Err(broadcast::error::RecvError::Lagged(_)) => match shared.store.get(&id) {
-                        Ok(job) => break job.map(Box::new),
-                        Err(_) => return None,
-                    },
-                }
-            },
+            None => state.next().await?,
         };
         let (event, done) = match &job {
             Some(job) => {
                 let name = format!("video.{}", serde_json::to_value(job.status).ok()?.as_str()?);
+                state.last = Some((job.status, job.progress));
                 (Event::default().event(name).json_data(job.to_object()).ok()?, job.status.is_terminal())
             }
-            None => (Event::default().event("video.deleted").json_data(json!({"id": id, "deleted": true})).ok()?, true),
+            None => {
+                let deleted = json!({"id": state.id, "deleted": true});
+                (Event::default().event("video.deleted").json_data(deleted).ok()?, true)
+            }
         };
-        Some((Ok(event), (None, updates, id, shared, done)))
+        state.done = done;
+        Some((Ok(event), state))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// An event stream's state: the job's updates from this process's workers, and on a shared store a timer to read
+/// it for other processes' changes.
+struct JobStream {
+    pending: Option<Option<Box<Job>>>,
+    updates: broadcast::Receiver<Update>,
+    poll: Option<tokio::time::Interval>,
+    id: String,
+    shared: Arc<Shared>,
+    /// What the last event said, so a reading that found no change sends nothing.
+    last: Option<(Status, i64)>,
+    done: bool,
+}
+
+impl JobStream {
+    /// The job's next state (`None` inside once deleted), or `None` when the stream ends.
+    async fn next(&mut self) -> Option<Option<Box<Job>>> {
+        loop {
+            let update = match &mut self.poll {
+                Some(poll) => tokio::select! {
+                    update = self.updates.recv() => update,
+                    _ = poll.tick() => {
+                        let job = self.read().await?;
+                        match &job {
+                            Some(job) if Some((job.status, job.progress)) == self.last => continue,
+                            _ => return Some(job),
+                        }
+                    }
+                },
+                None => self.updates.recv().await,
+            };
+            match update {
+                Ok(Update::Job { id, job }) if id == self.id => return Some(job),
+                Ok(Update::Job { .. }) => continue,
+                Ok(Update::Shutdown) | Err(broadcast::error::RecvError::Closed) => return None,
+                // Fell behind: the stored state is the latest anyway.
+                Err(broadcast::error::RecvError::Lagged(_)) => return self.read().await,
+            }
+        }
+    }
+
+    async fn read(&self) -> Option<Option<Box<Job>>> {
+        let (shared, id) = (self.shared.clone(), self.id.clone());
+        let job = tokio::task::spawn_blocking(move || shared.store.get(&id)).await.ok()?.ok()?;
+        Some(job.map(Box::new))
+    }
+}
+
+/// A worker process's routes: its probes and metrics, without the API.
+pub fn probes(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+/// OpenAI's model list: the models live workers serve now.
+async fn models(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let data: Vec<Value> = shared
+        .served_models()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "kinetoscope"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
@@ -1252,6 +1346,13 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     if shared.metrics.workers_ready.get() > 0 {
         return Json(json!({"status": "ready", "model": shared.config.model_name})).into_response();
     }
+    // An API node: ready once it has read the store; what it serves is the workers'.
+    if shared.config.devices.is_empty() && shared.store.is_shared() {
+        if let Some(models) = shared.served_models() {
+            return Json(json!({"status": "ready", "model": shared.config.model_name, "served": models}))
+                .into_response();
+        }
+    }
     let body = match shared.unavailable() {
         Some((code, reason)) => json!({"status": "failed", "code": code, "error": reason}),
         None => json!({"status": "loading"}),
@@ -1262,7 +1363,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
 async fn metrics(State(shared): State<Arc<Shared>>) -> ApiResult {
     let store_shared = shared.clone();
     let depth = blocking(move || store_shared.store.queue_depth()).await?;
-    let text = shared.metrics.render(depth);
+    let text = shared.metrics.render(&depth);
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 

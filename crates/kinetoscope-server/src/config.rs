@@ -18,6 +18,9 @@ pub struct Config {
     pub model: String,
     /// The name clients pass as `model` (and see in the video object).
     pub model_name: String,
+    /// Further models an API node takes requests for, rendered by workers on other machines (which serve them
+    /// by the same names); only with a shared store.
+    pub also_serve: Vec<ServedModel>,
     /// One worker per entry (`cpu`, `cuda:0`, `cuda:1`, ...), each with its own copy of the model.
     pub devices: Vec<String>,
     /// How each worker loads the model (precision, memory limit, text encoder, VAE tiling, experts, adapters
@@ -28,8 +31,15 @@ pub struct Config {
     /// job; `None`: requests can't ask for adapters.
     pub lora_dir: Option<PathBuf>,
     pub listen: SocketAddr,
-    /// Where the job database and the finished videos live.
+    /// Where the finished videos and the jobs' sources live (and the job database, unless `store` says
+    /// otherwise); shared by every node of a deployment on several machines.
     pub data_dir: PathBuf,
+    /// The job store: a `postgres://` URL for a deployment on several machines; `None`: `jobs.sqlite` in
+    /// `data_dir`.
+    pub store: Option<String>,
+    /// How long a worker's hold on a running job lasts unless renewed (every third of it): after a worker dies,
+    /// its job is queued again within this.
+    pub lease: Duration,
     pub api_keys: ApiKeys,
     pub limits: Limits,
     pub defaults: Defaults,
@@ -134,6 +144,14 @@ impl Limits {
     }
 }
 
+/// A model an API node also serves: its folder (whose configs say what it takes), its name, its defaults.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub model: String,
+    pub name: String,
+    pub defaults: Defaults,
+}
+
 /// What a request that leaves a field out gets.
 #[derive(Debug, Clone)]
 pub struct Defaults {
@@ -158,11 +176,14 @@ impl Config {
         Config {
             model: model.to_string(),
             model_name: default_model_name(model),
+            also_serve: Vec::new(),
             devices: vec!["cpu".into()],
             load: LoadOptions::default(),
             lora_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
+            store: None,
+            lease: Duration::from_secs(30),
             api_keys,
             limits: Limits::default(),
             defaults: Defaults::default(),
@@ -173,6 +194,16 @@ impl Config {
             connections: ConnectionLimits::default(),
             webhooks: WebhookConfig::default(),
             min_free_disk: 1 << 30,
+        }
+    }
+}
+
+impl Config {
+    /// The job store's location: `store`, or the SQLite file in the data folder.
+    pub fn store_location(&self) -> String {
+        match &self.store {
+            Some(location) => location.clone(),
+            None => self.data_dir.join("jobs.sqlite").to_string_lossy().into_owned(),
         }
     }
 }
@@ -218,6 +249,11 @@ impl ApiKeys {
             keys.extend(list.split(',').map(|k| k.trim().to_string()));
         }
         Self::new(&keys)
+    }
+
+    /// No key: nothing is allowed (a worker process, which serves no API).
+    pub fn none() -> Self {
+        ApiKeys(Vec::new())
     }
 
     pub fn allows(&self, presented: &str) -> bool {

@@ -1,9 +1,10 @@
 //! The OpenAI Videos API, self-hosted: `kinetoscope serve`.
 //!
 //! Clients written for OpenAI's Videos API (the official `openai` SDKs included) work by changing
-//! their base URL. Jobs live in SQLite and survive restarts; one worker per device renders them in
-//! order; progress streams as server-sent events; finished and failed jobs are announced by signed
-//! webhooks (Standard Webhooks). See the README's "Server" section for the routes and settings.
+//! their base URL. Jobs live in SQLite (one machine) or PostgreSQL (many) and survive restarts; one worker
+//! per device renders them in order, under a lease; progress streams as server-sent events; finished and
+//! failed jobs are announced by signed webhooks (Standard Webhooks) from a durable outbox. See the README's
+//! "Server" and "Many machines" sections for the routes, settings and deployments.
 
 pub mod api;
 pub mod config;
@@ -11,6 +12,7 @@ mod disk;
 pub mod error;
 mod fields;
 pub mod metrics;
+pub mod outbox;
 pub mod store;
 mod transport;
 pub mod webhooks;
@@ -25,35 +27,56 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use kinetoscope::Pipeline;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 
-pub use config::{ApiKeys, Config, Defaults, Limits};
+pub use config::{ApiKeys, Config, Defaults, Limits, ServedModel};
 use metrics::Metrics;
-use store::{Job, Store};
+use store::{Job, JobStore, WorkerInfo};
 use webhooks::Webhooks;
-use worker::{Stop, StopFlag, Wake};
+use worker::{Running, Stop, Wake};
 
 /// What the API, the workers and the housekeeping share.
 pub struct Shared {
     pub config: Config,
-    pub store: Store,
+    pub store: Arc<dyn JobStore>,
+    /// This process's name in the store (`host-pid-random`); its workers are `<node>/<device>`.
+    pub node: String,
     pub metrics: Metrics,
     pub webhooks: Webhooks,
     /// Every change of a job, for the event streams.
     pub events: broadcast::Sender<Update>,
     pub wake: Wake,
-    /// Stop flags of the jobs being rendered now, by id.
-    pub running: Mutex<HashMap<String, Arc<StopFlag>>>,
+    /// The jobs this process renders now, by id: their leases (renewed by the heartbeat) and stop flags.
+    pub running: Mutex<HashMap<String, Running>>,
+    /// This process's workers with their model loaded, for the heartbeat.
+    pub workers: Mutex<Vec<WorkerInfo>>,
+    /// Wakes the webhook outbox when a job of this process ends.
+    pub outbox: Arc<Notify>,
+    /// The workers alive anywhere, as the store said at its last reading (every second, on a node of a shared
+    /// store); `None` before the first.
+    pub live_workers: Mutex<Option<Vec<WorkerInfo>>>,
     /// The first worker's model, for checking requests against it.
     pub pipeline: OnceLock<Arc<Pipeline>>,
-    /// The model's size, frame and step rules from its configs, for checking requests before it is loaded.
-    pub shape: kinetoscope::ModelShape,
+    /// The models requests may name: this process's own (`config.model`, the one its workers render) first, then
+    /// those an API node also takes (`config.also_serve`), rendered by workers elsewhere.
+    pub models: Vec<Served>,
     /// Permits to decode an upload (bounds the memory that checking uploads can take at once).
     pub decodes: tokio::sync::Semaphore,
     /// Workers whose model could not be loaded: (error code, message), for `/readyz` and for refusing
     /// work no worker can do.
     pub load_failures: Mutex<Vec<(&'static str, String)>>,
     stopping: AtomicBool,
+    /// Set once every worker has stopped: the heartbeat ends.
+    finished: AtomicBool,
+}
+
+/// A model the API takes requests for: its name, its size, frame and step rules from its configs (checked before,
+/// or without, loading it), and what a request that leaves a field out gets.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub name: String,
+    pub shape: kinetoscope::ModelShape,
+    pub defaults: Defaults,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +108,19 @@ impl Shared {
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
+
+    /// The models live workers serve: this process's own model where its workers render, else (an API node of a
+    /// shared store) those of the workers seen lately; `None` before the store was first read.
+    pub fn served_models(&self) -> Option<Vec<String>> {
+        if !self.store.is_shared() || !self.config.devices.is_empty() {
+            return Some(vec![self.config.model_name.clone()]);
+        }
+        let live = self.live_workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut models: Vec<String> = live.as_ref()?.iter().map(|w| w.model.clone()).collect();
+        models.sort();
+        models.dedup();
+        Some(models)
+    }
 }
 
 pub fn unix_now() -> i64 {
@@ -99,36 +135,68 @@ pub struct Server {
 
 impl Server {
     pub fn start(config: Config) -> Result<Server> {
-        for folder in ["videos", "inputs"] {
-            let dir = config.data_dir.join(folder);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating the data folder {}", dir.display()))?;
-            remove_temporary_files(&dir);
-        }
         // Fail now on a model that isn't there, not in a worker after the port is open; its configs say what
         // requests it takes before its weights are loaded.
-        let shape = kinetoscope::ModelShape::read(&kinetoscope::ModelDir::open(&config.model)?)?;
-        let db = config.data_dir.join("jobs.sqlite");
-        let store = Store::open(&db).with_context(|| format!("opening the job database {}", db.display()))?;
+        let read = |model: &str, name: &str, defaults: &Defaults| -> Result<Served> {
+            let shape = kinetoscope::ModelShape::read(&kinetoscope::ModelDir::open(model)?)?;
+            Ok(Served { name: name.to_string(), shape, defaults: defaults.clone() })
+        };
+        let mut models = vec![read(&config.model, &config.model_name, &config.defaults)?];
+        for other in &config.also_serve {
+            if models.iter().any(|served| served.name == other.name) {
+                anyhow::bail!("two served models are named {:?}: give each its own --model-name", other.name);
+            }
+            models.push(read(&other.model, &other.name, &other.defaults)?);
+        }
+        let folders = ["videos", "inputs"].map(|folder| config.data_dir.join(folder));
+        for dir in &folders {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating the data folder {}", dir.display()))?;
+        }
+        let location = config.store_location();
+        let store: Arc<dyn JobStore> = Arc::from(
+            store::open(&location)
+                .with_context(|| format!("opening the job database {}", store::redact_location(&location)))?,
+        );
+        // Other machines may be writing into a shared data folder: only what is older than any job is theirs no
+        // longer.
+        let older_than = if store.is_shared() { config.job_timeout * 2 } else { Duration::ZERO };
+        folders.iter().for_each(|dir| remove_temporary_files(dir, older_than));
         let requeued = store.recover(unix_now())?;
         if requeued > 0 {
-            tracing::info!(requeued, "jobs that were running when the server stopped are queued again");
+            tracing::info!(requeued, "jobs whose worker stopped while they ran are queued again");
         }
         let webhooks = Webhooks::new(config.webhooks.clone())?;
         let decodes = tokio::sync::Semaphore::new(config.limits.max_concurrent_decodes.max(1));
+        let node = format!(
+            "{}-{}-{:04x}",
+            rustix::system::uname().nodename().to_string_lossy(),
+            std::process::id(),
+            rand::random::<u16>()
+        );
         let shared = Arc::new(Shared {
             config,
             store,
+            node,
             metrics: Metrics::default(),
             webhooks,
             events: broadcast::channel(1024).0,
             wake: Wake::default(),
             running: Mutex::default(),
+            workers: Mutex::default(),
+            outbox: Arc::new(Notify::new()),
+            live_workers: Mutex::default(),
             pipeline: OnceLock::new(),
-            shape,
+            models,
             decodes,
             load_failures: Mutex::default(),
             stopping: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         });
+        let heartbeat = shared.clone();
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || beat(&heartbeat))
+            .context("starting the heartbeat thread")?;
         let workers = shared
             .config
             .devices
@@ -155,6 +223,9 @@ impl Server {
         let address = listener.local_addr()?;
         tracing::info!(%address, model = self.shared.config.model_name, "listening");
         let housekeeping = tokio::spawn(expire_outputs(self.shared.clone()));
+        let watch = self.shared.store.is_shared().then(|| tokio::spawn(watch_workers(self.shared.clone())));
+        let shared = &self.shared;
+        let outbox = tokio::spawn(outbox::run(shared.store.clone(), shared.webhooks.clone(), shared.outbox.clone()));
         let shared = self.shared.clone();
         let stop = async move {
             shutdown.await;
@@ -167,6 +238,34 @@ impl Server {
         let limits = self.shared.config.connections.clone();
         transport::serve(listener, api::router(self.shared.clone()), limits, stop).await;
         housekeeping.abort();
+        watch.inspect(tokio::task::JoinHandle::abort);
+        // Events not sent yet wait in the store for the next start (or another node).
+        outbox.abort();
+        self.stop_workers().await;
+        Ok(())
+    }
+
+    /// Renders jobs, with no API, until `shutdown` resolves (`kinetoscope worker`); then stops as [`Server::run`]
+    /// does: running jobs get the grace to finish, then go back to the queue.
+    pub async fn work(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        tracing::info!(node = self.shared.node, model = self.shared.config.model_name, "working");
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if self.workers.iter().all(|w| w.is_finished()) {
+                        anyhow::bail!("no worker is running: {}", self.shared.unavailable().map_or_else(
+                            || "they stopped".to_string(),
+                            |(code, reason)| format!("{code}: {reason}"),
+                        ));
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake.notify();
         self.stop_workers().await;
         Ok(())
     }
@@ -176,11 +275,12 @@ impl Server {
         while self.workers.iter().any(|w| !w.is_finished()) && Instant::now() < grace {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for stop in self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            stop.set(Stop::Shutdown);
+        for running in self.shared.running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            running.stop.set(Stop::Shutdown);
         }
         let workers = self.workers;
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
+        self.shared.finished.store(true, Ordering::SeqCst);
         tracing::info!("stopped");
     }
 }
@@ -189,7 +289,69 @@ impl Server {
 pub async fn serve(config: Config) -> Result<()> {
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    Server::start(config)?.run(listener, shutdown_signal()).await
+    start(config).await?.run(listener, shutdown_signal()).await
+}
+
+/// [`Server::start`] off the async threads: it connects to the store, whose client blocks.
+async fn start(config: Config) -> Result<Server> {
+    tokio::task::spawn_blocking(move || Server::start(config)).await.context("starting the server")?
+}
+
+/// Renders `config`'s jobs, with no API, until SIGINT or SIGTERM; serves probes and metrics on `metrics_listen`.
+pub async fn work(config: Config, metrics_listen: Option<std::net::SocketAddr>) -> Result<()> {
+    let server = start(config).await?;
+    if let Some(address) = metrics_listen {
+        let listener =
+            TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} for metrics"))?;
+        let router = api::probes(server.shared.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+    }
+    server.work(shutdown_signal()).await
+}
+
+/// Every third of a lease, until the workers have stopped: renews the leases of the jobs this process renders
+/// (a lease that can't be renewed stops its job), tells the store this process's workers are alive, and queues
+/// again the jobs of workers that died anywhere (any process may: the first to look does).
+fn beat(shared: &Shared) {
+    let period = shared.config.lease / 3;
+    let mut next = Instant::now();
+    while !shared.finished.load(Ordering::SeqCst) {
+        if Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(50).min(period));
+            continue;
+        }
+        next = Instant::now() + period;
+        let running: Vec<_> = shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|r| (r.lease.clone(), r.stop.clone()))
+            .collect();
+        for (lease, stop) in running {
+            match shared.store.renew(&lease, shared.config.lease) {
+                Ok(true) => {}
+                Ok(false) => stop.set(Stop::Lost),
+                Err(e) => tracing::warn!(id = lease.job, "cannot renew the lease: {e}"),
+            }
+        }
+        let workers = shared.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for worker in &workers {
+            if let Err(e) = shared.store.worker_seen(worker) {
+                tracing::warn!(worker = worker.id, "cannot record this worker as alive: {e}");
+            }
+        }
+        match shared.store.requeue_lapsed(unix_now()) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(n, "jobs whose worker stopped renewing its lease are queued again (or failed)");
+                shared.metrics.lease_expiries.inc_by(n as u64);
+                shared.wake.notify();
+                shared.outbox.notify_one();
+            }
+            Err(e) => tracing::warn!("cannot look for lapsed leases: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -214,7 +376,26 @@ async fn shutdown_signal() {
     }
 }
 
-/// Deletes the files of expired videos (their rows stay, so a download says "expired", not "unknown").
+/// A worker is alive while it was seen within this many leases (it says so every third of one).
+const LIVE_LEASES: u32 = 2;
+
+/// Reads which workers are alive, every second, for `/v1/models`, `/readyz` and refusing work no worker can do.
+async fn watch_workers(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        let reading = shared.clone();
+        let within = shared.config.lease * LIVE_LEASES;
+        match tokio::task::spawn_blocking(move || reading.store.live_workers(within)).await {
+            Ok(Ok(workers)) => *shared.live_workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(workers),
+            Ok(Err(e)) => tracing::warn!("cannot read the live workers: {e}"),
+            Err(e) => tracing::warn!("the worker watch failed: {e}"),
+        }
+    }
+}
+
+/// Deletes the files of expired videos (their rows stay, so a download says "expired", not "unknown"), and
+/// temporary files older than any job.
 /// Each sweep takes the videos that expired since the one before; the first, at start, takes every
 /// video that ever expired, in case the server was down when it should have.
 async fn expire_outputs(shared: Arc<Shared>) {
@@ -228,6 +409,10 @@ async fn expire_outputs(shared: Arc<Shared>) {
         let expired = tokio::task::spawn_blocking(move || {
             let ids = task_shared.store.expired(swept_until, now)?;
             ids.iter().for_each(|id| worker::remove_files(&task_shared, id));
+            // What a killed worker was writing, once no job can still be writing it.
+            for folder in ["videos", "inputs"] {
+                remove_temporary_files(&task_shared.config.data_dir.join(folder), task_shared.config.job_timeout * 2);
+            }
             Ok::<_, store::StoreError>(ids.len())
         })
         .await;
@@ -244,13 +429,16 @@ async fn expire_outputs(shared: Arc<Shared>) {
     }
 }
 
-/// Temporary files a killed process left behind (`.name.tmp-...`, see kinetoscope-video): never
-/// complete, never served.
-fn remove_temporary_files(dir: &std::path::Path) {
+/// Temporary files a killed process left behind (`.name.tmp-...`, see kinetoscope-video, and outputs staged
+/// under a lease, `.id.lease_....mp4`): never complete, never served. Only those last changed more than
+/// `older_than` ago.
+fn remove_temporary_files(dir: &std::path::Path, older_than: Duration) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with('.') && name.to_string_lossy().contains(".tmp-") {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let temporary = name.starts_with('.') && (name.contains(".tmp-") || name.contains(".lease_"));
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if temporary && age.is_none_or(|age| age >= older_than) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

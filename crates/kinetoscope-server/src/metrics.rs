@@ -14,13 +14,21 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabel {
     pub device: String,
 }
 
 pub struct Metrics {
     registry: Registry,
-    pub queue_depth: Gauge,
+    /// Jobs queued or running in the whole store (every node's), by model.
+    pub queue_depth: Family<ModelLabel, Gauge>,
+    /// Jobs this process found with a lapsed lease (their worker died or lost the store) and queued again.
+    pub lease_expiries: Counter,
     pub workers_ready: Gauge,
     pub jobs: Family<Outcome, Counter>,
     pub job_seconds: Histogram,
@@ -33,8 +41,10 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kinetoscope");
-        let queue_depth = Gauge::default();
-        registry.register("queue_depth", "Jobs queued or running", queue_depth.clone());
+        let queue_depth = Family::<ModelLabel, Gauge>::default();
+        registry.register("queue_depth", "Jobs queued or running, by model", queue_depth.clone());
+        let lease_expiries = Counter::default();
+        registry.register("lease_expiries", "Running jobs whose lease lapsed, queued again", lease_expiries.clone());
         let workers_ready = Gauge::default();
         registry.register("workers_ready", "Workers with their model loaded", workers_ready.clone());
         let jobs = Family::<Outcome, Counter>::default();
@@ -50,6 +60,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             queue_depth,
+            lease_expiries,
             workers_ready,
             jobs,
             job_seconds,
@@ -62,8 +73,11 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The text exposition format, with the gauges sampled now.
-    pub fn render(&self, queue_depth: usize) -> String {
-        self.queue_depth.set(queue_depth as i64);
+    pub fn render(&self, queue_depth: &[(String, usize)]) -> String {
+        self.queue_depth.clear();
+        for (model, depth) in queue_depth {
+            self.queue_depth.get_or_create(&ModelLabel { model: model.clone() }).set(*depth as i64);
+        }
         if let Some(bytes) = resident_memory_bytes() {
             self.resident_bytes.set(bytes as i64);
         }

@@ -1,5 +1,9 @@
 //! Webhook delivery: `video.completed` and `video.failed` events, signed as
-//! [Standard Webhooks](https://www.standardwebhooks.com/) and posted in the background with retries.
+//! [Standard Webhooks](https://www.standardwebhooks.com/) and posted with retries.
+//!
+//! Events wait in the job store's outbox, written in the same transaction as the job's end, so none is lost
+//! to a restart; the API nodes' outbox tasks (`outbox`) claim them there, so each is sent by one node, and
+//! call [`Webhooks::attempt`] for each.
 //!
 //! Each event is OpenAI's event object (`{"id": "evt_…", "object": "event", "created_at", "type",
 //! "data": {"id": <video id>}}`), the shape the `openai` SDK's `client.webhooks.unwrap` parses. The
@@ -28,18 +32,13 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use reqwest::Url;
 use sha2::Sha256;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+
+use crate::store::PendingEvent;
 
 const SECRET_PREFIX: &str = "whsec_";
 /// Standard Webhooks asks for a random key of 24 to 64 bytes.
 const MIN_KEY_BYTES: usize = 24;
 const MAX_KEY_BYTES: usize = 64;
-/// Events waiting for delivery; past this, `notify` drops new events with a warning.
-const QUEUE_CAPACITY: usize = 1024;
-/// Deliveries (one event to one target, retries included) running at once; a slow receiver holds a
-/// slot through its backoff, so this bounds memory and connections, and the queue fills behind it.
-const MAX_IN_FLIGHT: usize = 16;
 /// Upper bound of the delay between two attempts, before jitter.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
@@ -101,6 +100,10 @@ impl EventKind {
             EventKind::Failed => "video.failed",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [EventKind::Completed, EventKind::Failed].into_iter().find(|kind| kind.as_str() == text)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,14 +134,11 @@ pub enum WebhookError {
     InvalidAllowedHost { entry: String, reason: &'static str },
     #[error("webhook {field} must be {expected}")]
     InvalidSetting { field: &'static str, expected: &'static str },
-    #[error("webhook delivery needs a running tokio runtime; create Webhooks from inside one")]
-    NoRuntime,
     #[error("building the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }
 
-/// Handle to the delivery task; clones share it. The task ends once every handle is dropped and the
-/// deliveries under way have finished.
+/// The checked webhook settings and the client that sends; clones share them.
 #[derive(Clone)]
 pub struct Webhooks {
     inner: Arc<Inner>,
@@ -148,13 +148,21 @@ struct Inner {
     allowed_hosts: Vec<AllowedHost>,
     urls: Vec<Url>,
     /// `None` when no secret is configured: webhooks are off.
-    queue: Option<mpsc::Sender<(Event, Vec<Url>)>>,
+    sender: Option<Sender>,
+}
+
+/// What became of an attempt at an event: every target that has taken it by now, and when to try the others
+/// again (`None`: never; all took it, or the attempts ran out).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempted {
+    pub delivered: Vec<String>,
+    pub retry_in: Option<Duration>,
 }
 
 impl fmt::Debug for Webhooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Webhooks")
-            .field("enabled", &self.inner.queue.is_some())
+            .field("enabled", &self.inner.sender.is_some())
             .field("urls", &self.inner.urls.iter().map(|url| url.origin().ascii_serialization()).collect::<Vec<_>>())
             .field("allowed_hosts", &self.inner.allowed_hosts)
             .finish()
@@ -162,8 +170,7 @@ impl fmt::Debug for Webhooks {
 }
 
 impl Webhooks {
-    /// Checks the configuration and, when a secret is set, starts the delivery task on the current
-    /// tokio runtime.
+    /// Checks the configuration.
     pub fn new(config: WebhookConfig) -> Result<Self, WebhookError> {
         if config.max_attempts == 0 {
             return Err(WebhookError::InvalidSetting { field: "max_attempts", expected: "at least 1" });
@@ -174,7 +181,7 @@ impl Webhooks {
         let key = config.secret.as_deref().map(SigningKey::parse).transpose()?;
         let allowed_hosts =
             config.allowed_hosts.iter().map(|entry| AllowedHost::parse(entry)).collect::<Result<_, _>>()?;
-        let mut inner = Inner { allowed_hosts, urls: Vec::new(), queue: None };
+        let mut inner = Inner { allowed_hosts, urls: Vec::new(), sender: None };
         for (index, url) in config.urls.iter().enumerate() {
             let url = inner
                 .check_url(url)
@@ -187,62 +194,82 @@ impl Webhooks {
             }
             return Ok(Self { inner: Arc::new(inner) });
         };
-
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| WebhookError::NoRuntime)?;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .timeout(config.timeout)
             .user_agent(concat!("kinetoscope/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let sender = Arc::new(Sender {
+        inner.sender = Some(Sender {
             client,
             key,
             max_attempts: config.max_attempts,
             initial_backoff: config.initial_backoff,
+            timeout: config.timeout,
         });
-        let (queue, events) = mpsc::channel(QUEUE_CAPACITY);
-        runtime.spawn(sender.run(events));
-        inner.queue = Some(queue);
         Ok(Self { inner: Arc::new(inner) })
     }
 
     /// Whether `url` may receive webhooks: webhooks are enabled, and `url` is http or https on an
     /// allowed host. The API calls this on a request's `webhook_url` before accepting the request.
     pub fn check_target(&self, url: &str) -> Result<(), WebhookError> {
-        if self.inner.queue.is_none() {
+        if self.inner.sender.is_none() {
             return Err(WebhookError::Disabled);
         }
         self.inner.check_url(url).map(drop)
     }
 
-    /// Queues a `video.completed` or `video.failed` event for the configured URLs and `target`,
-    /// without waiting. Drops the event, with a warning, when the queue is full; skips a `target`
-    /// that [`Webhooks::check_target`] refuses.
-    pub fn notify(&self, kind: EventKind, video_id: &str, target: Option<&str>) {
-        let Some(queue) = &self.inner.queue else {
-            return;
-        };
+    pub fn enabled(&self) -> bool {
+        self.inner.sender.is_some()
+    }
+
+    /// Makes one attempt at `event` to each target that hasn't taken it yet (the configured receivers, and the
+    /// job's own `webhook_url` unless [`Webhooks::check_target`] refuses it now), all at once. With webhooks off
+    /// the event is dropped.
+    pub async fn attempt(&self, event: &PendingEvent) -> Attempted {
+        let done = |delivered| Attempted { delivered, retry_in: None };
+        let Some(sender) = &self.inner.sender else { return done(event.delivered.clone()) };
         let mut targets = self.inner.urls.clone();
-        if let Some(target) = target {
+        if let Some(target) = &event.target {
             match self.inner.check_url(target) {
                 Ok(url) if !targets.contains(&url) => targets.push(url),
                 Ok(_) => {}
-                Err(err) => tracing::warn!(video_id, "skipping the request's webhook target: {err}"),
+                Err(err) => tracing::warn!(video_id = event.video_id, "skipping the request's webhook target: {err}"),
             }
         }
-        if targets.is_empty() {
-            return;
-        }
-        match queue.try_send((Event::new(kind, video_id), targets)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full((event, _))) => {
-                tracing::warn!(event_id = %event.id, event_type = kind.as_str(), video_id, "webhook queue is full; dropping the event");
+        targets.retain(|target| !event.delivered.contains(&target.to_string()));
+        let body = Event::body(event);
+        let attempt = event.attempts as u32 + 1;
+        let sent =
+            futures_util::future::join_all(targets.iter().map(|target| sender.attempt(&event.id, &body, target)));
+        let mut delivered = event.delivered.clone();
+        let mut failed = 0;
+        for (target, outcome) in targets.iter().zip(sent.await) {
+            let origin = target.origin().ascii_serialization();
+            match outcome {
+                Ok(()) => {
+                    tracing::debug!(event_id = event.id, event_type = event.kind.as_str(), target = %origin, attempt, "webhook delivered");
+                    delivered.push(target.to_string());
+                }
+                Err(failure) if attempt >= sender.max_attempts => {
+                    tracing::error!(event_id = event.id, event_type = event.kind.as_str(), target = %origin, attempts = attempt, "webhook not delivered, giving up: {failure}");
+                }
+                Err(failure) => {
+                    failed += 1;
+                    tracing::warn!(event_id = event.id, event_type = event.kind.as_str(), target = %origin, attempt, "webhook delivery failed: {failure}");
+                }
             }
-            Err(mpsc::error::TrySendError::Closed((event, _))) => {
-                tracing::warn!(event_id = %event.id, event_type = kind.as_str(), video_id, "webhook delivery task has stopped; dropping the event");
-            }
         }
+        match failed {
+            0 => done(delivered),
+            _ => Attempted { delivered, retry_in: Some(backoff(sender.initial_backoff, attempt)) },
+        }
+    }
+
+    /// How long a node may take over one attempt at an event (every target at once) before another node may
+    /// claim it.
+    pub fn attempt_time(&self) -> Duration {
+        self.inner.sender.as_ref().map_or(Duration::ZERO, |sender| sender.timeout) + Duration::from_secs(5)
     }
 }
 
@@ -325,25 +352,19 @@ impl SigningKey {
     }
 }
 
-/// An event ready to send: its id (also the `webhook-id`) and the exact body that gets signed.
-struct Event {
-    id: String,
-    kind: EventKind,
-    body: String,
-}
+/// An event's body: OpenAI's event object, the exact bytes that get signed.
+struct Event;
 
 impl Event {
-    fn new(kind: EventKind, video_id: &str) -> Self {
-        let id = format!("evt_{:032x}", rand::random::<u128>());
-        let body = serde_json::json!({
-            "id": id,
+    fn body(event: &PendingEvent) -> String {
+        serde_json::json!({
+            "id": event.id,
             "object": "event",
-            "created_at": unix_now(),
-            "type": kind.as_str(),
-            "data": { "id": video_id },
+            "created_at": event.created_at,
+            "type": event.kind.as_str(),
+            "data": { "id": event.video_id },
         })
-        .to_string();
-        Self { id, kind, body }
+        .to_string()
     }
 }
 
@@ -353,54 +374,20 @@ struct Sender {
     key: SigningKey,
     max_attempts: u32,
     initial_backoff: Duration,
+    timeout: Duration,
 }
 
 impl Sender {
-    async fn run(self: Arc<Self>, mut events: mpsc::Receiver<(Event, Vec<Url>)>) {
-        let mut deliveries = JoinSet::new();
-        while let Some((event, targets)) = events.recv().await {
-            let event = Arc::new(event);
-            for target in targets {
-                while deliveries.try_join_next().is_some() {}
-                if deliveries.len() >= MAX_IN_FLIGHT {
-                    deliveries.join_next().await;
-                }
-                deliveries.spawn(Arc::clone(&self).deliver(Arc::clone(&event), target));
-            }
-        }
-        while deliveries.join_next().await.is_some() {}
-    }
-
-    async fn deliver(self: Arc<Self>, event: Arc<Event>, target: Url) {
-        let origin = target.origin().ascii_serialization();
-        for attempt in 1..=self.max_attempts {
-            let failure = match self.attempt(&event, &target).await {
-                Ok(()) => {
-                    tracing::debug!(event_id = %event.id, event_type = event.kind.as_str(), target = %origin, attempt, "webhook delivered");
-                    return;
-                }
-                Err(failure) => failure,
-            };
-            if attempt == self.max_attempts {
-                tracing::error!(event_id = %event.id, event_type = event.kind.as_str(), target = %origin, attempts = attempt, "webhook not delivered, giving up: {failure}");
-                return;
-            }
-            let delay = backoff(self.initial_backoff, attempt);
-            tracing::warn!(event_id = %event.id, event_type = event.kind.as_str(), target = %origin, attempt, retry_in = ?delay, "webhook delivery failed: {failure}");
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    async fn attempt(&self, event: &Event, target: &Url) -> Result<(), AttemptFailure> {
+    async fn attempt(&self, id: &str, body: &str, target: &Url) -> Result<(), AttemptFailure> {
         let timestamp = unix_now();
         let response = self
             .client
             .post(target.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("webhook-id", &event.id)
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", self.key.sign(&event.id, timestamp, &event.body))
-            .body(event.body.clone())
+            .header("webhook-signature", self.key.sign(id, timestamp, body))
+            .body(body.to_string())
             .send()
             .await
             .map_err(|err| AttemptFailure::Transport(err.without_url()))?;
@@ -547,24 +534,32 @@ mod tests {
 
         let disabled = Webhooks::new(WebhookConfig::default()).unwrap();
         assert!(matches!(disabled.check_target("https://hooks.example.com/"), Err(WebhookError::Disabled)));
-        disabled.notify(EventKind::Completed, "video_1", None);
+        // With webhooks off an event is done at once, sent nowhere.
+        let event = pending(EventKind::Completed, "video_1");
+        assert_eq!(disabled.attempt(&event).await, Attempted { delivered: Vec::new(), retry_in: None });
     }
 
-    #[test]
-    fn new_outside_a_runtime_is_an_error() {
-        assert!(matches!(Webhooks::new(config(&[])), Err(WebhookError::NoRuntime)));
+    fn pending(kind: EventKind, video_id: &str) -> PendingEvent {
+        PendingEvent {
+            id: "evt_0123456789abcdef0123456789abcdef".into(),
+            video_id: video_id.into(),
+            kind,
+            created_at: 1_765_000_000,
+            target: None,
+            delivered: Vec::new(),
+            attempts: 0,
+        }
     }
 
     #[test]
     fn events_have_openai_shape() {
-        let event = Event::new(EventKind::Failed, "video_42");
-        let body: serde_json::Value = serde_json::from_str(&event.body).unwrap();
+        let event = pending(EventKind::Failed, "video_42");
+        let body: serde_json::Value = serde_json::from_str(&Event::body(&event)).unwrap();
         assert_eq!(body["id"], event.id.as_str());
-        assert!(event.id.starts_with("evt_") && event.id.len() == 36, "{}", event.id);
         assert_eq!(body["object"], "event");
         assert_eq!(body["type"], "video.failed");
         assert_eq!(body["data"]["id"], "video_42");
-        assert!(body["created_at"].as_u64().unwrap() > 1_700_000_000);
+        assert_eq!(body["created_at"], 1_765_000_000);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! One worker per device: it loads the model once, then takes jobs from the store in order, renders
-//! them, and writes each MP4 and thumbnail by rename so a download never sees half a file.
+//! One worker per device: it loads the model once, then takes jobs for its model from the store in order,
+//! under a lease the process renews while it renders, and writes each MP4 and thumbnail to a staging folder;
+//! they are put in place by rename in the same transaction as the completion, only while the lease holds, so
+//! a download never sees half a file, nor a file of a worker that lost the job.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -12,8 +14,7 @@ use kinetoscope_video::{Frames, VideoError};
 
 use crate::error::job_error_code;
 use crate::metrics::{DeviceLabel, Outcome};
-use crate::store::{Job, Settings};
-use crate::webhooks::EventKind;
+use crate::store::{Job, Lease, Settings, StoreError, WorkerInfo};
 use crate::{unix_now, Shared};
 
 /// How long a worker waits before it looks at a short or full disk again.
@@ -28,6 +29,9 @@ pub enum Stop {
     Deleted = 1,
     /// The server is shutting down: the job goes back to the queue.
     Shutdown = 2,
+    /// The lease could not be renewed (the store was out of reach past its length): the job is someone
+    /// else's now, or will be.
+    Lost = 3,
 }
 
 /// A running job's stop flag, set by the API or the shutdown and read by the worker after each step.
@@ -43,9 +47,16 @@ impl StopFlag {
         match self.0.load(Ordering::SeqCst) {
             1 => Stop::Deleted,
             2 => Stop::Shutdown,
+            3 => Stop::Lost,
             _ => Stop::None,
         }
     }
+}
+
+/// A job this process renders now: its lease, renewed by the heartbeat, and its stop flag.
+pub struct Running {
+    pub lease: Lease,
+    pub stop: Arc<StopFlag>,
 }
 
 /// Wakes idle workers when a job is queued (they also look every second, so a missed wake costs
@@ -76,6 +87,13 @@ pub fn video_path(shared: &Shared, id: &str) -> PathBuf {
 
 pub fn thumbnail_path(shared: &Shared, id: &str) -> PathBuf {
     shared.config.data_dir.join("videos").join(format!("{id}.png"))
+}
+
+/// Where a worker writes a job's files before they are put in place: beside them (putting them in place is a
+/// rename, whatever volume holds `videos/`), hidden, and named by the lease too, so that two workers that both
+/// held the job at some point never write the same file.
+fn staging_path(shared: &Shared, lease: &Lease, extension: &str) -> PathBuf {
+    shared.config.data_dir.join("videos").join(format!(".{}.{}.{extension}", lease.job, lease.id))
 }
 
 /// Where jobs' sources are kept, and uploads spooled until they are (the same filesystem: keeping is a rename).
@@ -140,8 +158,20 @@ pub fn run(shared: Arc<Shared>, device: String) {
         }
     };
     let _ = shared.pipeline.set(pipeline.clone());
+    let worker = WorkerInfo {
+        id: format!("{}/{device}", shared.node),
+        model: shared.config.model_name.clone(),
+        device: device.clone(),
+    };
+    if let Err(e) = shared.store.worker_seen(&worker) {
+        tracing::warn!(device, "cannot record this worker in the store: {e}");
+    }
+    shared.workers.lock().unwrap_or_else(|p| p.into_inner()).push(worker.clone());
     shared.metrics.workers_ready.inc();
-    tracing::info!(device, "model loaded; taking jobs");
+    tracing::info!(device, worker = worker.id, "model loaded; taking jobs");
+    // A store shared by several deployments' workers routes jobs by model; one of this process's own holds
+    // only this model's.
+    let model = shared.store.is_shared().then_some(worker.model.as_str());
     let mut disk_was_short = false;
     while !shared.is_stopping() {
         // Queued jobs wait while the disk is short rather than fail for a condition that will pass.
@@ -157,8 +187,8 @@ pub fn run(shared: Arc<Shared>, device: String) {
             shared.wake.wait(DISK_RETRY);
             continue;
         }
-        match shared.store.claim_next() {
-            Ok(Some(job)) => render(&shared, &pipeline, &device, job),
+        match shared.store.claim_next(&worker.id, model, shared.config.lease) {
+            Ok(Some((job, lease))) => render(&shared, &pipeline, &device, job, lease),
             Ok(None) => shared.wake.wait(Duration::from_secs(1)),
             Err(e) => {
                 tracing::error!("cannot take a job: {e}");
@@ -167,6 +197,10 @@ pub fn run(shared: Arc<Shared>, device: String) {
         }
     }
     shared.metrics.workers_ready.dec();
+    shared.workers.lock().unwrap_or_else(|p| p.into_inner()).retain(|w| w.id != worker.id);
+    if let Err(e) = shared.store.worker_gone(&worker.id) {
+        tracing::warn!(device, "cannot remove this worker from the store: {e}");
+    }
 }
 
 fn load(shared: &Shared, device: &str) -> kinetoscope::Result<Pipeline> {
@@ -206,10 +240,11 @@ pub fn to_request(settings: &Settings, lora_dir: Option<&Path>) -> GenerateReque
     }
 }
 
-fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
+fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: Lease) {
     let id = job.id.clone();
     let stop = Arc::new(StopFlag::default());
-    shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stop.clone());
+    let running = Running { lease: lease.clone(), stop: stop.clone() };
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), running);
     shared.publish(&id);
     tracing::info!(id, attempt = job.attempts, "rendering");
 
@@ -230,8 +265,9 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
         }
         // Denoising is most of the work; 100 is kept for when the files are written.
         let percent = (progress.step * 99 / progress.steps.max(1)) as i64;
-        match shared.store.set_progress(&id, percent) {
+        match shared.store.set_progress(&lease, percent) {
             Ok(true) => shared.publish(&id),
+            // Deleted, or the lease lost: either way the job is not this worker's anymore.
             Ok(false) => return ControlFlow::Break(()),
             Err(e) => tracing::warn!(id, "cannot record progress: {e}"),
         }
@@ -257,17 +293,19 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
 
     let now = unix_now();
     let outcome = match result {
-        Ok((video, report)) => match write_files(shared, &id, &video) {
+        Ok((video, report)) => match write_files(shared, &lease, &video) {
             Ok(()) => {
                 let expires = now + shared.config.retention.as_secs() as i64;
-                match complete(shared, &id, now, expires, report.as_ref()) {
+                let outcome = complete(shared, &lease, now, expires, report.as_ref());
+                remove_staged(shared, &lease);
+                match outcome {
                     Ok(true) => Some("completed".to_string()),
-                    // Deleted while it was being written: nothing may outlive the job.
+                    // Deleted while it was being written, or someone else's job now: nothing of this render stays.
                     Ok(false) => {
-                        remove_files(shared, &id);
+                        tracing::info!(id, "not this worker's job anymore (deleted or its lease lapsed): dropped");
                         None
                     }
-                    // Left as it is (running): queued again at the next start, its files rewritten then.
+                    // The job stays running under this lease: it lapses and the job runs again.
                     Err(e) => {
                         tracing::error!(id, "cannot record the completion: {e}");
                         None
@@ -277,25 +315,30 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
             // A full disk is transient: the job goes back to the queue, and waits there until space is freed.
             Err(e) if e.is_disk_full() => {
                 tracing::warn!(id, "the disk is full: queued again");
-                if let Err(e) = shared.store.requeue(&id) {
+                if let Err(e) = shared.store.requeue(&lease) {
                     tracing::error!(id, "cannot re-queue: {e}");
                 }
                 shared.wake.wait(DISK_RETRY);
                 None
             }
-            Err(e) => fail(shared, &id, now, "output_write_failed", &e.to_string()),
+            Err(e) => fail(shared, &lease, now, "output_write_failed", &e.to_string()),
         },
         Err(kinetoscope::Error::Cancelled { .. }) if !timed_out => match stop.get() {
             Stop::Shutdown => {
                 tracing::info!(id, "stopped by the shutdown; queued again");
-                if let Err(e) = shared.store.requeue(&id) {
+                if let Err(e) = shared.store.requeue(&lease) {
                     tracing::error!(id, "cannot re-queue: {e}");
                 }
                 None
             }
-            // Deleted: the API already removed the row and answered the client.
-            Stop::Deleted | Stop::None => {
-                remove_files(shared, &id);
+            // Deleted (here or through another API node: the row is gone), or the lease lost (the row is
+            // someone else's): only a deleted job's files go.
+            Stop::Deleted | Stop::Lost | Stop::None => {
+                match shared.store.get(&id) {
+                    Ok(None) => remove_files(shared, &id),
+                    Ok(Some(_)) => tracing::warn!(id, "the lease lapsed while rendering: left to its new owner"),
+                    Err(e) => tracing::error!(id, "cannot tell whether the job was deleted: {e}"),
+                }
                 None
             }
         },
@@ -303,19 +346,19 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job) {
             let limit = shared.config.job_timeout.as_secs();
             fail(
                 shared,
-                &id,
+                &lease,
                 now,
                 "timed_out",
                 &format!("stopped at step {step} of {steps}: the job limit is {limit} s"),
             )
         }
-        Err(e) => fail(shared, &id, now, job_error_code(&e), &e.to_string()),
+        Err(e) => fail(shared, &lease, now, job_error_code(&e), &e.to_string()),
     };
     if let Some(outcome) = outcome {
         shared.metrics.job_seconds.observe(started.elapsed().as_secs_f64());
         shared.metrics.jobs.get_or_create(&Outcome { outcome: outcome.clone() }).inc();
-        let kind = if outcome == "completed" { EventKind::Completed } else { EventKind::Failed };
-        shared.webhooks.notify(kind, &id, job.webhook_url.as_deref());
+        // Its webhook event was queued with the outcome; the outbox sends it.
+        shared.outbox.notify_one();
         tracing::info!(id, outcome, seconds = started.elapsed().as_secs_f64(), "finished");
     }
     shared.publish(&id);
@@ -453,12 +496,13 @@ pub fn redact(shared: &Shared, id: &str, message: &str) -> String {
     })
 }
 
-/// Records a failure; returns the outcome to count, or `None` if the job was deleted meanwhile.
-fn fail(shared: &Shared, id: &str, now: i64, code: &str, message: &str) -> Option<String> {
+/// Records a failure; returns the outcome to count, or `None` if the job was deleted or lost meanwhile.
+fn fail(shared: &Shared, lease: &Lease, now: i64, code: &str, message: &str) -> Option<String> {
+    let id = &lease.job;
     tracing::warn!(id, code, "failed: {message}");
     // Clients see the message: the server's paths are not theirs to know.
     let message = redact(shared, id, message);
-    match shared.store.fail(id, now, code, &message) {
+    match shared.store.fail(lease, now, code, &message) {
         Ok(true) => Some(code.to_string()),
         Ok(false) => None,
         Err(e) => {
@@ -468,32 +512,37 @@ fn fail(shared: &Shared, id: &str, now: i64, code: &str, message: &str) -> Optio
     }
 }
 
-fn write_files(shared: &Shared, id: &str, video: &kinetoscope::Video) -> Result<(), VideoError> {
+/// Writes the job's MP4 and thumbnail to the staging folder, under the lease's name.
+fn write_files(shared: &Shared, lease: &Lease, video: &kinetoscope::Video) -> Result<(), VideoError> {
     let frames = Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width)?;
-    let mp4 = video_path(shared, id);
-    let written = kinetoscope_video::write_mp4(&mp4, &frames, video.fps)
-        .and_then(|_| kinetoscope_video::write_png(&thumbnail_path(shared, id), &frames, video.num_frames / 2));
-    written.inspect_err(|_| {
-        // Only the outputs: the job's source stays for its next attempt.
-        for path in [video_path(shared, id), thumbnail_path(shared, id)] {
-            let _ = std::fs::remove_file(path);
-        }
-    })
+    let written = kinetoscope_video::write_mp4(&staging_path(shared, lease, "mp4"), &frames, video.fps)
+        .and_then(|_| kinetoscope_video::write_png(&staging_path(shared, lease, "png"), &frames, video.num_frames / 2));
+    written.inspect_err(|_| remove_staged(shared, lease))
 }
 
-/// Records a completion, waiting out a full disk (the files are written; only the row is missing) unless
-/// the server stops meanwhile.
+fn remove_staged(shared: &Shared, lease: &Lease) {
+    for extension in ["mp4", "png"] {
+        let _ = std::fs::remove_file(staging_path(shared, lease, extension));
+    }
+}
+
+/// Records a completion, putting the staged files in place, while the lease holds; waits out a full disk (the
+/// files are written; only the row is missing) unless the server stops meanwhile.
 fn complete(
     shared: &Shared,
-    id: &str,
+    lease: &Lease,
     now: i64,
     expires: i64,
     result: Option<&serde_json::Value>,
-) -> Result<bool, crate::store::StoreError> {
+) -> Result<bool, StoreError> {
+    let mut publish = || {
+        std::fs::rename(staging_path(shared, lease, "mp4"), video_path(shared, &lease.job))?;
+        std::fs::rename(staging_path(shared, lease, "png"), thumbnail_path(shared, &lease.job))
+    };
     loop {
-        match shared.store.complete(id, now, expires, result) {
+        match shared.store.complete(lease, now, expires, result, &mut publish) {
             Err(e) if e.is_disk_full() && !shared.is_stopping() => {
-                tracing::warn!(id, "the disk is full: cannot record the completion yet");
+                tracing::warn!(id = lease.job, "the disk is full: cannot record the completion yet");
                 shared.wake.wait(DISK_RETRY);
             }
             other => return other,

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Running, KEY};
-use kinetoscope_server::store::{NewJob, Settings, Store};
+use kinetoscope_server::store::{self, NewJob, Settings};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -106,7 +106,7 @@ async fn on_a_small_disk(mount: &Path) {
     };
 
     // Below the threshold: a job already queued waits; new ones are refused; readiness says why.
-    Store::open(&data.join("jobs.sqlite")).unwrap().insert(&queued_job("video_waits"), 1, 10).unwrap();
+    store::open(data.join("jobs.sqlite").to_str().unwrap()).unwrap().insert(&queued_job("video_waits"), 1, 10).unwrap();
     fill(&filler, 2 << 20);
     let server = Running::start(config(8 << 20)).await;
     let (code, ready) = server.get("/readyz").await;
@@ -129,7 +129,7 @@ async fn on_a_small_disk(mount: &Path) {
 
     // Full to the last byte, with no threshold to warn first: the outputs' disk. The job that can't be
     // written is not failed for it: it is queued again, or still waiting to be taken.
-    Store::open(&data.join("jobs.sqlite")).unwrap().insert(&queued_job("video_stuck"), 2, 10).unwrap();
+    store::open(data.join("jobs.sqlite").to_str().unwrap()).unwrap().insert(&queued_job("video_stuck"), 2, 10).unwrap();
     let full_outputs = data.join("videos").join("filler");
     fill(&full_outputs, 0);
     let server = Running::start(config(0)).await;

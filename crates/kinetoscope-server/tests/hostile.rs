@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::{config, wait_ready, Running, KEY};
-use kinetoscope_server::store::Store;
+use kinetoscope_server::store;
 use kinetoscope_server::Defaults;
 use reqwest::multipart::{Form, Part};
 use reqwest::{header, StatusCode};
@@ -231,7 +231,7 @@ async fn numbers_are_exact_and_in_range() {
         ids.push((created["id"].as_str().unwrap().to_string(), seed));
     }
     server.stop().await;
-    let store = Store::open(&data.path().join("jobs.sqlite")).unwrap();
+    let store = store::open(data.path().join("jobs.sqlite").to_str().unwrap()).unwrap();
     for (id, seed) in ids {
         assert_eq!(store.get(&id).unwrap().unwrap().settings.seed, seed);
     }

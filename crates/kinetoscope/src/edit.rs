@@ -21,7 +21,7 @@ use crate::conditioning::{noised, Conditioning, Hold};
 use crate::error::{Error, Result, StageContext};
 use crate::image_to_video::ImageRequest;
 use crate::input_video::InputVideo;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{ModelShape, Pipeline};
 use crate::request::{GenerateRequest, Progress, Timings, Video};
 use crate::scheduler::Renoise;
 use crate::vace::VaceRequest;
@@ -426,13 +426,13 @@ impl Pipeline {
     }
 
     /// Extends a clip (see [`ExtendRequest`]), with a progress callback: the input's frames joined to the new
-    /// ones as [`Pipeline::extend_layout`] says.
+    /// ones as [`ModelShape::extend_layout`] says.
     pub fn extend_with_progress(
         &self,
         request: &ExtendRequest,
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Video> {
-        let layout = self.extend_layout(request)?;
+        let layout = self.shape().extend_layout(request)?;
         let (latents, timings) = self.extend_latents(request, on_step)?;
         let generated = self.decode_video(&latents, timings, request.base.fps)?;
         Ok(layout.join(request.input, generated))
@@ -446,7 +446,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Tensor, Timings)> {
         const STAGE: &str = "extension";
-        let layout = self.extend_layout(request)?;
+        let layout = self.shape().extend_layout(request)?;
         let generate = request.generate_request(&layout);
         self.validate_input(&generate)?;
         let (context, noise) = self.encode_input(&request.input.last_frames(layout.context), &generate)?;
@@ -458,9 +458,38 @@ impl Pipeline {
         self.denoise_request(latents, 0, &generate, Conditioning::Hold(&hold), on_step)
     }
 
+    /// Validates the request an edit runs, naming the input video for a size or frame count the model can't take.
+    pub(crate) fn validate_input(&self, generate: &GenerateRequest) -> Result<()> {
+        self.validate(generate).map_err(|e| match e {
+            Error::InvalidRequest { field: field @ ("num_frames" | "height" | "width"), reason } => {
+                Error::InvalidRequest { field: "input", reason: format!("the input video's {field}: {reason}") }
+            }
+            other => other,
+        })
+    }
+
+    /// The input's normalized latents, and the request's noise of the same shape.
+    pub(crate) fn encode_input(&self, input: &InputVideo, generate: &GenerateRequest) -> Result<(Tensor, Tensor)> {
+        let frames = Tensor::from_slice(&input.frames, (input.num_frames, input.height, input.width, 3), self.device())
+            .stage("VAE encoding")?;
+        Ok((self.encode(&frames)?, self.initial_latents(generate)?))
+    }
+
+    /// Noise level σ of step `step` of the request's schedule.
+    pub(crate) fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
+        let schedule = generate.schedule.as_ref();
+        let renoise = Renoise::Seeded(generate.seed);
+        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule, renoise).sigmas()
+            [step]
+    }
+}
+
+/// What an extension takes: the model's frame rule alone, so that an API node checks a request before (or without)
+/// loading the weights.
+impl ModelShape {
     /// Checks an extension's length and input and says where its frames come from.
     pub fn extend_layout(&self, request: &ExtendRequest) -> Result<ExtendLayout> {
-        let m = self.frame_multiple();
+        let m = self.frame_multiple;
         let most = frames_for(MAX_EXTEND_SECONDS, request.base.fps, m);
         if request.frames == 0 || !request.frames.is_multiple_of(m) || request.frames > most {
             return Err(Error::InvalidRequest {
@@ -501,32 +530,7 @@ impl Pipeline {
                 reason: format!("{seconds} is outside (0, {MAX_EXTEND_SECONDS}]: extend again for a longer clip"),
             });
         }
-        Ok(frames_for(seconds, fps, self.frame_multiple()))
-    }
-
-    /// Validates the request an edit runs, naming the input video for a size or frame count the model can't take.
-    pub(crate) fn validate_input(&self, generate: &GenerateRequest) -> Result<()> {
-        self.validate(generate).map_err(|e| match e {
-            Error::InvalidRequest { field: field @ ("num_frames" | "height" | "width"), reason } => {
-                Error::InvalidRequest { field: "input", reason: format!("the input video's {field}: {reason}") }
-            }
-            other => other,
-        })
-    }
-
-    /// The input's normalized latents, and the request's noise of the same shape.
-    pub(crate) fn encode_input(&self, input: &InputVideo, generate: &GenerateRequest) -> Result<(Tensor, Tensor)> {
-        let frames = Tensor::from_slice(&input.frames, (input.num_frames, input.height, input.width, 3), self.device())
-            .stage("VAE encoding")?;
-        Ok((self.encode(&frames)?, self.initial_latents(generate)?))
-    }
-
-    /// Noise level σ of step `step` of the request's schedule.
-    pub(crate) fn sigma(&self, generate: &GenerateRequest, step: usize) -> f32 {
-        let schedule = generate.schedule.as_ref();
-        let renoise = Renoise::Seeded(generate.seed);
-        self.scheduler_config().build(generate.scheduler, generate.steps, generate.shift, schedule, renoise).sigmas()
-            [step]
+        Ok(frames_for(seconds, fps, self.frame_multiple))
     }
 }
 

@@ -38,7 +38,7 @@ fn an_extension_keeps_the_input_and_holds_its_last_latents() {
     };
     // 13 input frames, 4 per latent frame: conditioned on its last 9 (frames 4..13), of which 4..9 are held and
     // 9..13 are the seam; the generated clip is 9 + 8 frames; the output keeps frames 0..9 of the input.
-    let layout = pipeline.extend_layout(&extend).unwrap();
+    let layout = pipeline.shape().extend_layout(&extend).unwrap();
     assert_eq!(layout, ExtendLayout { context: 9, kept: 9, generated: 17, generated_from: 5 });
 
     let video = pipeline.extend(&extend).unwrap();
@@ -94,9 +94,9 @@ fn bad_extensions_are_named() {
         assert!(err.contains("multiple of 4") && err.contains("at most 160 (10 s at 16 fps)"), "{frames}: {err}");
     }
 
-    assert_eq!(pipeline.extension_frames(2.0, 16).unwrap(), 32);
+    assert_eq!(pipeline.shape().extension_frames(2.0, 16).unwrap(), 32);
     for seconds in [0.0, -1.0, 10.5, f64::NAN] {
-        let err = pipeline.extension_frames(seconds, 16).unwrap_err().to_string();
+        let err = pipeline.shape().extension_frames(seconds, 16).unwrap_err().to_string();
         assert!(err.contains("seconds") && err.contains("(0, 10]"), "{seconds}: {err}");
     }
 

@@ -4,6 +4,9 @@ reference verifier and the SDK's own `webhooks.unwrap`; a `kill -9` mid-queue th
 `input_reference` (an upload and a data: URL) on a Wan 2.2 TI2V model; and on an image-to-video model with two
 experts (Wan 2.2 I2V-A14B) `input_reference` uploaded with `last_image` and `guidance_scale_2` in `extra_body`.
 
+With `--postgres ADMIN_URL` the same checks run against a deployment on PostgreSQL: each "server" is an API node
+(`serve --no-worker`) and a worker process (`worker`) sharing a database of its own, and `kill -9` kills both.
+
 Run by scripts/test-server-sdk.sh (which makes the virtual environment); by hand:
     python test_openai_sdk.py --binary target/debug/kinetoscope --model models/tiny/wan21-tiny-a \
         --ti2v-model models/tiny/wan22-ti2v-tiny-a --i2v-model models/tiny/wan22-i2v-a14b-tiny
@@ -66,22 +69,38 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 
 class Server:
     started = []
+    # The database of each data folder (PostgreSQL runs): a restart finds its jobs again.
+    databases = {}
 
     def __init__(self, args, data_dir, hook_port, model=None, size="48x32"):
         self.port = free_port()
+        node = ["--model", model or args.model, "--model-name", MODEL, "--device", "cpu", "--data-dir", data_dir]
         command = [
-            args.binary, "serve", "--model", model or args.model, "--model-name", MODEL, "--device", "cpu",
-            "--listen", f"127.0.0.1:{self.port}", "--data-dir", data_dir,
+            args.binary, "serve", *node, "--listen", f"127.0.0.1:{self.port}",
             "--default-size", size, "--default-seconds", "1", "--default-fps", "8", "--default-steps", "2",
             "--poll-after-ms", "100", "--max-queue", "8",
             "--webhook-url", f"http://127.0.0.1:{hook_port}/hooks/video",
             "--webhook-allowed-host", f"127.0.0.1:{hook_port}",
         ]
         env = dict(os.environ, KINETOSCOPE_API_KEYS=API_KEY, KINETOSCOPE_WEBHOOK_SECRET=SECRET, KINETOSCOPE_LOG="warn")
+        self.worker = None
+        if args.postgres:
+            store = ["--store", Server.database(args.postgres, data_dir), "--lease-s", "2"]
+            command += [*store, "--no-worker"]
+            self.worker = subprocess.Popen([args.binary, "worker", *node, *store], env=env)
+            Server.started.append(self.worker)
         self.process = subprocess.Popen(command, env=env)
         Server.started.append(self.process)
         self.wait_ready()
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=API_KEY, max_retries=0)
+
+    @staticmethod
+    def database(admin_url, data_dir):
+        if data_dir not in Server.databases:
+            name = f"kinetoscope_sdk_{len(Server.databases)}_{os.getpid()}"
+            subprocess.run(["psql", admin_url, "-q", "-c", f"CREATE DATABASE {name}"], check=True)
+            Server.databases[data_dir] = admin_url.rsplit("/", 1)[0] + "/" + name
+        return Server.databases[data_dir]
 
     def wait_ready(self):
         deadline = time.time() + 120
@@ -90,7 +109,8 @@ class Server:
                 raise AssertionError("the server exited while starting")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                    if r.status == 200:
+                    # An API node is ready once it read the store; its model is served once a worker loaded it.
+                    if r.status == 200 and MODEL in json.load(r).get("served", [MODEL]):
                         return
             except OSError:
                 pass
@@ -98,8 +118,12 @@ class Server:
         raise AssertionError("the server never became ready")
 
     def stop(self, sig=signal.SIGTERM):
-        self.process.send_signal(sig)
-        self.process.wait(timeout=60)
+        for process in [self.process, self.worker]:
+            if process is not None:
+                process.send_signal(sig)
+        for process in [self.process, self.worker]:
+            if process is not None:
+                process.wait(timeout=60)
 
 
 def poll(client, video_id):
@@ -114,6 +138,7 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--ti2v-model", required=True)
     parser.add_argument("--i2v-model", required=True)
+    parser.add_argument("--postgres", help="a PostgreSQL URL whose role may create databases")
     args = parser.parse_args()
 
     hook_port = free_port()
@@ -233,6 +258,7 @@ def main():
         check(listed == [remix.id] + edits + queued, f"after the restart: {listed}")
         server.stop()
         check(server.process.returncode == 0, f"graceful stop exit status {server.process.returncode}")
+        check(server.worker is None or server.worker.returncode == 0, "the worker's graceful stop")
 
     # Image-to-video: `input_reference` as the SDK uploads a file, and as an image_url object (a data: URL).
     with tempfile.TemporaryDirectory() as data_dir:
@@ -302,7 +328,8 @@ def main():
         server.stop()
 
     receiver.shutdown()
-    print(f"sdk: {checks} checks passed")
+    store = " on PostgreSQL" if args.postgres else ""
+    print(f"sdk{store}: {checks} checks passed")
 
 
 if __name__ == "__main__":

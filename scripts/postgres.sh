@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL server on loopback, for the tests (the job store's suite, the cluster test) and for
+# trying a deployment on one machine: a fresh data folder, trust authentication on 127.0.0.1 only.
+#
+#   eval "$(bash scripts/postgres.sh start /tmp/kt-pg)"   # exports KINETOSCOPE_TEST_POSTGRES
+#   bash scripts/postgres.sh stop /tmp/kt-pg              # stops it and removes the folder
+#
+# The server comes from the OS packages (scripts/install-deps.sh installs them). PostgreSQL refuses to run as
+# root, so as root it runs as the packages' `postgres` user.
+set -euo pipefail
+
+action=${1:?usage: postgres.sh start|stop DIR}
+dir=${2:?usage: postgres.sh start|stop DIR}
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[ -x "$bin/initdb" ] || { echo "no PostgreSQL server under /usr/lib/postgresql: run scripts/install-deps.sh" >&2; exit 1; }
+
+as_owner() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+case "$action" in
+start)
+    mkdir -p "$dir"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$dir"
+    # A port nobody listens on.
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 ||
+        { cat "$dir/initdb.log" >&2; exit 1; }
+    # fsync off: the data is thrown away; the tests measure behaviour, not durability of this server.
+    as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
+        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=off -c max_connections=300" \
+        >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+    echo "export KINETOSCOPE_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/postgres"
+    ;;
+stop)
+    [ ! -d "$dir/data" ] || as_owner "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+    ;;
+*)
+    echo "usage: postgres.sh start|stop DIR" >&2
+    exit 2
+    ;;
+esac
