@@ -5,6 +5,7 @@
 #   eval "$(bash scripts/postgres.sh start /tmp/kt-pg)"   # exports KINETOSCOPE_TEST_POSTGRES
 #   bash scripts/postgres.sh stop /tmp/kt-pg              # stops it and removes the folder
 #
+# POSTGRES_FSYNC=on keeps PostgreSQL's durability (commits synced, as a real deployment's are), for benchmarks.
 # The server comes from the OS packages (scripts/install-deps.sh installs them). PostgreSQL refuses to run as
 # root, so as root it runs as the packages' `postgres` user.
 set -euo pipefail
@@ -30,9 +31,10 @@ start)
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 ||
         { cat "$dir/initdb.log" >&2; exit 1; }
-    # fsync off: the data is thrown away; the tests measure behaviour, not durability of this server.
+    # fsync off by default: the data is thrown away; the tests check behaviour, not this server's durability.
+    fsync=${POSTGRES_FSYNC:-off}
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
-        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=off -c max_connections=300" \
+        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=$fsync -c max_connections=300" \
         >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
     echo "export KINETOSCOPE_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/postgres"
     ;;

@@ -485,7 +485,8 @@ impl ThrowawayDatabase {
     pub fn create(admin_url: &str) -> Result<Self, StoreError> {
         let admin: ::postgres::Config = admin_url.parse()?;
         let name = format!("kinetoscope_{:016x}", rand::random::<u64>());
-        admin.connect(::postgres::NoTls)?.batch_execute(&format!("CREATE DATABASE {name}"))?;
+        let create = format!("CREATE DATABASE {name}");
+        off_runtime(|| admin.connect(::postgres::NoTls)?.batch_execute(&create))?;
         let mut url = reqwest::Url::parse(admin_url).map_err(|e| StoreError::InvalidLocation {
             location: redact_location(admin_url),
             reason: format!("not a URL: {e}"),
@@ -497,11 +498,16 @@ impl ThrowawayDatabase {
 
 impl Drop for ThrowawayDatabase {
     fn drop(&mut self) {
-        let dropped = self.admin.connect(::postgres::NoTls).and_then(|mut client| {
-            client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-        });
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let dropped = off_runtime(|| self.admin.connect(::postgres::NoTls)?.batch_execute(&drop));
         if let Err(e) = dropped {
             tracing::warn!(database = self.name, "cannot drop the throwaway database: {e}");
         }
     }
+}
+
+/// Runs `work` on a thread of its own: the synchronous PostgreSQL client blocks on a runtime of its own, which may
+/// not happen on a thread that drives async tasks.
+fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| scope.spawn(work).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }

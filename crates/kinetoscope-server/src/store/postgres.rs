@@ -89,7 +89,7 @@ impl Drop for PostgresStore {
     /// own.
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            let _ = std::thread::spawn(move || drop(pool)).join();
+            super::off_runtime(move || drop(pool));
         }
     }
 }
