@@ -8,11 +8,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fuzz targets (their own workspace, run by scripts/fuzz.sh) compile parts of the crates by path: keep them
 # compiling.
 cargo check --manifest-path fuzz/Cargo.toml --bins --locked
-# The job store's suite and the deployment tests run on PostgreSQL too: a throwaway server on loopback, required.
+# The job store's suite and the deployment tests run on PostgreSQL too: throwaway servers on loopback (one plain,
+# one that takes TLS only), required.
 pg=$(mktemp -d)
+pg_tls=$(mktemp -d)
 log=$(mktemp)
-trap 'bash scripts/postgres.sh stop "$pg"; rm -f "$log"' EXIT
+trap 'bash scripts/postgres.sh stop "$pg"; bash scripts/postgres.sh stop "$pg_tls"; rm -f "$log"' EXIT
 eval "$(bash scripts/postgres.sh start "$pg")"
+eval "$(POSTGRES_TLS=on bash scripts/postgres.sh start "$pg_tls")"
 export KINETOSCOPE_REQUIRE_POSTGRES=1
 # Unit, parity, end-to-end and doc tests; examples are built, benchmarks only linted above.
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -32,7 +32,7 @@ pub const MAX_ATTEMPTS: i64 = 3;
 pub enum StoreError {
     #[error("job database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("job database (PostgreSQL): {0}")]
+    #[error("job database (PostgreSQL): {}", postgres_reason(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error("job database (PostgreSQL): no connection: {0}")]
     Pool(#[from] r2d2::Error),
@@ -44,10 +44,21 @@ pub enum StoreError {
     UnknownCursor { id: String },
     #[error("the queue is full ({limit} jobs queued or running)")]
     QueueFull { limit: usize },
+    #[error("job database (PostgreSQL): TLS: {0}")]
+    Tls(String),
     #[error("job database location {location}: {reason}")]
     InvalidLocation { location: String, reason: String },
     #[error("putting the finished video in place: {0}")]
     Publish(std::io::Error),
+}
+
+/// What PostgreSQL said, where the client's own message is only "db error".
+fn postgres_reason(error: &::postgres::Error) -> String {
+    match (error.as_db_error(), std::error::Error::source(error)) {
+        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
+        (None, Some(cause)) => format!("{error}: {cause}"),
+        (None, None) => error.to_string(),
+    }
 }
 
 impl StoreError {
@@ -486,7 +497,8 @@ impl ThrowawayDatabase {
         let admin: ::postgres::Config = admin_url.parse()?;
         let name = format!("kinetoscope_{:016x}", rand::random::<u64>());
         let create = format!("CREATE DATABASE {name}");
-        off_runtime(|| admin.connect(::postgres::NoTls)?.batch_execute(&create))?;
+        let tls = postgres::tls()?;
+        off_runtime(|| admin.connect(tls)?.batch_execute(&create))?;
         let mut url = reqwest::Url::parse(admin_url).map_err(|e| StoreError::InvalidLocation {
             location: redact_location(admin_url),
             reason: format!("not a URL: {e}"),
@@ -499,7 +511,10 @@ impl ThrowawayDatabase {
 impl Drop for ThrowawayDatabase {
     fn drop(&mut self) {
         let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropped = off_runtime(|| self.admin.connect(::postgres::NoTls)?.batch_execute(&drop));
+        let dropped = match postgres::tls() {
+            Ok(tls) => off_runtime(|| self.admin.connect(tls)?.batch_execute(&drop)).map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
         if let Err(e) = dropped {
             tracing::warn!(database = self.name, "cannot drop the throwaway database: {e}");
         }

@@ -3,13 +3,21 @@
 //! Workers claim jobs with `FOR UPDATE SKIP LOCKED`, so two never take the same one and none waits on
 //! another's claim. Leases and event retries are timed by the database's clock, the one every node shares,
 //! so a machine whose clock drifts can neither steal a live job nor keep a dead one.
+//!
+//! The connection is encrypted as the URL's `sslmode` says (libpq's names): `prefer`, the default, where the
+//! server offers TLS; `require` always (refusing a server without it); `disable` never. The server's certificate is
+//! always verified, against the PEM file `PGSSLROOTCERT` names (as libpq reads it) or else the system's roots.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::types::ToSql;
-use postgres::{NoTls, Row, Transaction};
+use postgres::{Row, Transaction};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::statements::*;
 use super::{
@@ -76,11 +84,39 @@ fn sql(statement: &str) -> String {
     super::dialect(statement, '$')
 }
 
-type Connection = PooledConnection<PostgresConnectionManager<NoTls>>;
+type Manager = PostgresConnectionManager<MakeRustlsConnect>;
+type Connection = PooledConnection<Manager>;
+
+/// How connections are encrypted where the URL's `sslmode` asks for TLS (see the module's comment).
+pub(super) fn tls() -> Result<MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match std::env::var_os("PGSSLROOTCERT") {
+        Some(path) => {
+            let invalid = |reason: String| StoreError::Tls(format!("PGSSLROOTCERT {}: {reason}", path.display()));
+            for certificate in CertificateDer::pem_file_iter(&path).map_err(|e| invalid(e.to_string()))? {
+                let certificate = certificate.map_err(|e| invalid(e.to_string()))?;
+                roots.add(certificate).map_err(|e| invalid(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid("holds no certificate".into()));
+            }
+        }
+        None => {
+            // Certificates the system store holds but rustls can't read are left out, as browsers do.
+            let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
 
 pub struct PostgresStore {
     /// Always `Some` but in `drop`.
-    pool: Option<Pool<PostgresConnectionManager<NoTls>>>,
+    pool: Option<Pool<Manager>>,
 }
 
 impl Drop for PostgresStore {
@@ -98,8 +134,13 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://user:password@host:port/database`) and brings the schema forward.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let config: postgres::Config = url.parse()?;
-        let manager = PostgresConnectionManager::new(config, NoTls);
-        let pool = Pool::builder().max_size(POOL_SIZE).connection_timeout(Duration::from_secs(10)).build(manager)?;
+        let tls = tls()?;
+        // A first connection, here, says at once why the database can't be reached (the pool would retry until its
+        // timeout, and keep only a summary of the last error).
+        config.connect(tls.clone())?;
+        let manager = PostgresConnectionManager::new(config, tls);
+        let pool =
+            Pool::builder().max_size(POOL_SIZE).connection_timeout(Duration::from_secs(10)).build_unchecked(manager);
         let store = PostgresStore { pool: Some(pool) };
         store.migrate()?;
         Ok(store)

@@ -387,3 +387,33 @@ fn a_store_urls_password_stays_out_of_logs() {
     assert_eq!(redact_location("postgres://kt:secret@db:5432/jobs"), "postgres://kt:***@db:5432/jobs");
     assert_eq!(redact_location("/data/jobs.sqlite"), "/data/jobs.sqlite");
 }
+
+/// Over TLS, where the URL asks (`sslmode=require`): the connection is encrypted and the server's certificate
+/// checked against `PGSSLROOTCERT`; the same server refuses the store without TLS. Needs
+/// `KINETOSCOPE_TEST_POSTGRES_TLS` and `PGSSLROOTCERT` (`POSTGRES_TLS=on scripts/postgres.sh`; `scripts/test.sh`
+/// starts one).
+#[test]
+fn a_store_over_tls_checks_the_servers_certificate() {
+    let url = match std::env::var("KINETOSCOPE_TEST_POSTGRES_TLS") {
+        Ok(url) => url,
+        Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_POSTGRES").is_some() => {
+            panic!("KINETOSCOPE_REQUIRE_POSTGRES is set but KINETOSCOPE_TEST_POSTGRES_TLS is not")
+        }
+        Err(_) => return eprintln!("KINETOSCOPE_TEST_POSTGRES_TLS is not set: the TLS test is skipped"),
+    };
+    let database = ThrowawayDatabase::create(&url).unwrap();
+    assert!(database.url.contains("sslmode=require"), "{}", database.url);
+    let store = open(&database.url).unwrap();
+    store.insert(&job("video_tls"), 1, 10).unwrap();
+    let (_, lease) = claim(&*store);
+    assert!(complete(&*store, &lease, 3));
+    let mut client = database.url.parse::<::postgres::Config>().unwrap().connect(postgres::tls().unwrap()).unwrap();
+    let encrypted: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap().get(0);
+    assert!(encrypted);
+    drop(client);
+
+    let plain = database.url.replace("sslmode=require", "sslmode=disable");
+    let refused = open(&plain).err().expect("the server takes TLS connections only");
+    assert!(refused.to_string().contains("no encryption"), "{refused}");
+}
