@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing Kinetoscope needs beyond a Rust toolchain: FFmpeg's libraries and
 # headers (MP4 through ffmpeg-next, with libx264), libclang for bindgen, pkg-config, and ffprobe for the
-# tests, and PostgreSQL's server for the job store's tests (scripts/postgres.sh starts a throwaway one).
+# tests, and PostgreSQL's server for the job store's tests (scripts/postgres.sh starts a throwaway one; openssl
+# makes its TLS certificates).
 # Debian/Ubuntu; idempotent and quiet when everything is already there.
 set -euo pipefail
 
 packages=(libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev
-          libclang-dev pkg-config ffmpeg postgresql)
+          libclang-dev pkg-config ffmpeg postgresql openssl)
 
 missing=()
 for p in "${packages[@]}"; do
