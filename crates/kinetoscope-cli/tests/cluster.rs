@@ -112,16 +112,7 @@ fn submit(port: u16, i: usize, model: &str) -> String {
 
 #[test]
 fn jobs_survive_killed_workers_and_api_nodes_and_complete_exactly_once() {
-    let admin = match std::env::var("KINETOSCOPE_TEST_POSTGRES") {
-        Ok(url) => url,
-        Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_POSTGRES").is_some() => {
-            panic!(
-                "KINETOSCOPE_REQUIRE_POSTGRES is set but KINETOSCOPE_TEST_POSTGRES is not: start scripts/postgres.sh"
-            )
-        }
-        Err(_) => return eprintln!("KINETOSCOPE_TEST_POSTGRES is not set: the cluster test is skipped"),
-    };
-    let database = ThrowawayDatabase::create(&admin).unwrap();
+    let Some(database) = ThrowawayDatabase::from_env("KINETOSCOPE_TEST_POSTGRES").unwrap() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (hook_port, received) = receiver();

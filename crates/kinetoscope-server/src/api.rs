@@ -158,7 +158,7 @@ fn check_available(shared: &Shared, served: &Served) -> ApiResult<()> {
 /// The model a request names in `model`, or the first served; `model_not_found` for one this API doesn't serve.
 fn served<'a>(shared: &'a Shared, fields: &mut Fields) -> ApiResult<&'a Served> {
     let Some(model) = fields.text("model")? else { return Ok(&shared.models[0]) };
-    shared.models.iter().find(|served| served.name == model).ok_or_else(|| {
+    shared.model(&model).ok_or_else(|| {
         let names: Vec<&str> = shared.models.iter().map(|served| served.name.as_str()).collect();
         ApiError::invalid(
             "model_not_found",
@@ -343,7 +343,7 @@ async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request:
     fields.finish()?;
     let source = lookup(&shared, &id).await?;
     // A remix renders with the source's model.
-    let served = shared.models.iter().find(|served| served.name == source.model).ok_or_else(|| {
+    let served = shared.model(&source.model).ok_or_else(|| {
         let reason = format!("{} was made with {:?}, which this server no longer serves", source.id, source.model);
         ApiError::invalid("model_not_found", "model", reason)
     })?;

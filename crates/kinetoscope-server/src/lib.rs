@@ -109,6 +109,11 @@ impl Shared {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// The served model named `name`.
+    pub fn model(&self, name: &str) -> Option<&Served> {
+        self.models.iter().find(|served| served.name == name)
+    }
+
     /// The models live workers serve: this process's own model where its workers render, else (an API node of a
     /// shared store) those of the workers seen lately; `None` before the store was first read.
     pub fn served_models(&self) -> Option<Vec<String>> {
@@ -148,7 +153,7 @@ impl Server {
             }
             models.push(read(&other.model, &other.name, &other.defaults)?);
         }
-        let folders = ["videos", "inputs"].map(|folder| config.data_dir.join(folder));
+        let folders = DATA_FOLDERS.map(|folder| config.data_dir.join(folder));
         for dir in &folders {
             std::fs::create_dir_all(dir).with_context(|| format!("creating the data folder {}", dir.display()))?;
         }
@@ -386,13 +391,33 @@ async fn watch_workers(shared: Arc<Shared>) {
         interval.tick().await;
         let reading = shared.clone();
         let within = shared.config.lease * LIVE_LEASES;
-        match tokio::task::spawn_blocking(move || reading.store.live_workers(within)).await {
-            Ok(Ok(workers)) => *shared.live_workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(workers),
-            Ok(Err(e)) => tracing::warn!("cannot read the live workers: {e}"),
-            Err(e) => tracing::warn!("the worker watch failed: {e}"),
+        if let Some(workers) = off_async("read the live workers", move || reading.store.live_workers(within)).await {
+            *shared.live_workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(workers);
         }
     }
 }
+
+/// Runs a store call off the async threads (both stores block); a failure (of the call, or of its task) is logged
+/// as what could not be done, and is `None`.
+async fn off_async<T: Send + 'static>(
+    what: &str,
+    call: impl FnOnce() -> Result<T, store::StoreError> + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            tracing::warn!("cannot {what}: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("cannot {what}: the task failed: {e}");
+            None
+        }
+    }
+}
+
+/// The data folder's subfolders: the outputs (`videos/`) and the jobs' sources and spooled uploads (`inputs/`).
+const DATA_FOLDERS: [&str; 2] = ["videos", "inputs"];
 
 /// Deletes the files of expired videos (their rows stay, so a download says "expired", not "unknown"), and
 /// temporary files older than any job.
@@ -406,25 +431,21 @@ async fn expire_outputs(shared: Arc<Shared>) {
         interval.tick().await;
         let now = unix_now();
         let task_shared = shared.clone();
-        let expired = tokio::task::spawn_blocking(move || {
+        let expired = off_async("expire videos", move || {
             let ids = task_shared.store.expired(swept_until, now)?;
             ids.iter().for_each(|id| worker::remove_files(&task_shared, id));
             // What a killed worker was writing, once no job can still be writing it.
-            for folder in ["videos", "inputs"] {
+            for folder in DATA_FOLDERS {
                 remove_temporary_files(&task_shared.config.data_dir.join(folder), task_shared.config.job_timeout * 2);
             }
-            Ok::<_, store::StoreError>(ids.len())
+            Ok(ids.len())
         })
         .await;
-        match expired {
-            Ok(Ok(n)) => {
-                swept_until = now;
-                if n > 0 {
-                    tracing::debug!(n, "expired videos' files deleted");
-                }
+        if let Some(n) = expired {
+            swept_until = now;
+            if n > 0 {
+                tracing::debug!(n, "expired videos' files deleted");
             }
-            Ok(Err(e)) => tracing::warn!("cannot expire videos: {e}"),
-            Err(e) => tracing::warn!("the expiry task failed: {e}"),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::off_async;
 use crate::store::{JobStore, PendingEvent};
 use crate::webhooks::Webhooks;
 
@@ -21,17 +22,8 @@ pub async fn run(store: Arc<dyn JobStore>, webhooks: Webhooks, wake: Arc<Notify>
     loop {
         let claiming = store.clone();
         let claim = webhooks.attempt_time();
-        let events = match tokio::task::spawn_blocking(move || claiming.due_events(BATCH, claim)).await {
-            Ok(Ok(events)) => events,
-            Ok(Err(e)) => {
-                tracing::warn!("cannot read the webhook outbox: {e}");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!("the webhook outbox task failed: {e}");
-                Vec::new()
-            }
-        };
+        let claimed = off_async("read the webhook outbox", move || claiming.due_events(BATCH, claim)).await;
+        let events = claimed.unwrap_or_default();
         let full = events.len() == BATCH;
         futures_util::future::join_all(events.iter().map(|event| send(&store, &webhooks, event))).await;
         if !full {
@@ -46,12 +38,7 @@ pub async fn run(store: Arc<dyn JobStore>, webhooks: Webhooks, wake: Arc<Notify>
 async fn send(store: &Arc<dyn JobStore>, webhooks: &Webhooks, event: &PendingEvent) {
     let attempted = webhooks.attempt(event).await;
     let (store, id) = (store.clone(), event.id.clone());
-    let recorded =
-        tokio::task::spawn_blocking(move || store.event_attempted(&id, &attempted.delivered, attempted.retry_in)).await;
-    match recorded {
-        Ok(Ok(())) => {}
-        // The claim lapses and the event is tried again: a receiver may see it twice (same `webhook-id`).
-        Ok(Err(e)) => tracing::warn!(event_id = event.id, "cannot record a webhook attempt: {e}"),
-        Err(e) => tracing::warn!(event_id = event.id, "cannot record a webhook attempt: {e}"),
-    }
+    // Not recorded, the claim lapses and the event is tried again: a receiver may see it twice (same `webhook-id`).
+    let what = format!("record an attempt at webhook {}", event.id);
+    off_async(&what, move || store.event_attempted(&id, &attempted.delivered, attempted.retry_in)).await;
 }

@@ -506,15 +506,29 @@ impl ThrowawayDatabase {
         url.set_path(&format!("/{name}"));
         Ok(ThrowawayDatabase { admin, name, url: url.to_string() })
     }
+
+    /// For tests: a database on the server the environment `variable` names. `None` when it names none (the test
+    /// says so and passes), unless `KINETOSCOPE_REQUIRE_POSTGRES` is set, as CI sets it: then it is an error.
+    pub fn from_env(variable: &str) -> Result<Option<Self>, StoreError> {
+        match std::env::var(variable) {
+            Ok(admin_url) => Self::create(&admin_url).map(Some),
+            Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_POSTGRES").is_some() => Err(StoreError::InvalidLocation {
+                location: variable.to_string(),
+                reason: "KINETOSCOPE_REQUIRE_POSTGRES is set but this is not: start scripts/postgres.sh".into(),
+            }),
+            Err(_) => {
+                eprintln!("{variable} is not set: what needs PostgreSQL there is skipped");
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Drop for ThrowawayDatabase {
     fn drop(&mut self) {
         let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropped = match postgres::tls() {
-            Ok(tls) => off_runtime(|| self.admin.connect(tls)?.batch_execute(&drop)).map_err(StoreError::from),
-            Err(e) => Err(e),
-        };
+        let dropped =
+            postgres::tls().and_then(|tls| Ok(off_runtime(|| self.admin.connect(tls)?.batch_execute(&drop))?));
         if let Err(e) = dropped {
             tracing::warn!(database = self.name, "cannot drop the throwaway database: {e}");
         }

@@ -31,18 +31,8 @@ fn sqlite() -> Backend {
 }
 
 fn postgres() -> Option<Backend> {
-    match std::env::var("KINETOSCOPE_TEST_POSTGRES") {
-        Ok(url) => Some(Backend::Postgres(Box::new(ThrowawayDatabase::create(&url).unwrap()))),
-        Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_POSTGRES").is_some() => {
-            panic!(
-                "KINETOSCOPE_REQUIRE_POSTGRES is set but KINETOSCOPE_TEST_POSTGRES is not: start scripts/postgres.sh"
-            )
-        }
-        Err(_) => {
-            eprintln!("KINETOSCOPE_TEST_POSTGRES is not set: the PostgreSQL run of this test is skipped");
-            None
-        }
-    }
+    let database = ThrowawayDatabase::from_env("KINETOSCOPE_TEST_POSTGRES").unwrap()?;
+    Some(Backend::Postgres(Box::new(database)))
 }
 
 /// `fn name(backend: &Backend)` run as `name::sqlite` and `name::postgres`.
@@ -394,14 +384,7 @@ fn a_store_urls_password_stays_out_of_logs() {
 /// starts one).
 #[test]
 fn a_store_over_tls_checks_the_servers_certificate() {
-    let url = match std::env::var("KINETOSCOPE_TEST_POSTGRES_TLS") {
-        Ok(url) => url,
-        Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_POSTGRES").is_some() => {
-            panic!("KINETOSCOPE_REQUIRE_POSTGRES is set but KINETOSCOPE_TEST_POSTGRES_TLS is not")
-        }
-        Err(_) => return eprintln!("KINETOSCOPE_TEST_POSTGRES_TLS is not set: the TLS test is skipped"),
-    };
-    let database = ThrowawayDatabase::create(&url).unwrap();
+    let Some(database) = ThrowawayDatabase::from_env("KINETOSCOPE_TEST_POSTGRES_TLS").unwrap() else { return };
     assert!(database.url.contains("sslmode=require"), "{}", database.url);
     let store = open(&database.url).unwrap();
     store.insert(&job("video_tls"), 1, 10).unwrap();
