@@ -35,13 +35,19 @@ pub struct Node {
     #[arg(long, value_name = "DIR")]
     lora_dir: Option<PathBuf>,
     /// Where the finished videos and the jobs' sources live, and the job database unless --store names one;
-    /// on several machines, a folder they all share (NFS, a shared volume).
+    /// on several machines, a folder they all share (NFS, a shared volume), unless --bucket holds the files.
     #[arg(long, default_value = "kinetoscope-data")]
     data_dir: PathBuf,
     /// The job store: a PostgreSQL URL (postgres://user:password@host:5432/database) for API nodes and workers
     /// on several machines [default: jobs.sqlite in --data-dir] (also read: KINETOSCOPE_STORE).
     #[arg(long, env = "KINETOSCOPE_STORE", hide_env_values = true)]
     store: Option<String>,
+    /// Object storage for the finished videos and the jobs' sources, shared by every node instead of
+    /// --data-dir: s3://BUCKET or s3://BUCKET/PREFIX, on AWS or any S3-compatible server (endpoint, region and
+    /// keys from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true
+    /// for a plain-HTTP endpoint) (also read: KINETOSCOPE_BUCKET).
+    #[arg(long, env = "KINETOSCOPE_BUCKET", value_name = "URL")]
+    bucket: Option<String>,
     /// Seconds a worker's hold on a running job lasts unless renewed (every third of it): a job whose worker died
     /// runs again within this.
     #[arg(long, default_value_t = 30, value_parser = seconds())]
@@ -224,6 +230,7 @@ impl Node {
         config.load = self.memory.load_options(kinetoscope::Device::Cpu, self.dtype);
         config.lora_dir = self.lora_dir;
         config.store = self.store;
+        config.bucket = self.bucket;
         config.lease = Duration::from_secs(self.lease_s);
         config.limits.max_input_pixels = self.max_input_pixels;
         config.min_free_disk = self.min_free_disk;

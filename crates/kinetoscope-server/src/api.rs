@@ -23,8 +23,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use crate::bucket;
 use crate::disk;
-use crate::error::{storage_error, ApiError};
+use crate::error::{bucket_error, storage_error, ApiError};
 use crate::fields::{BodyLimits, Fields, ImageReference, Upload, VideoReference};
 use crate::store::{Job, JobLora, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
@@ -261,16 +262,16 @@ async fn keep_frame(
         let message = format!("video {video_id} is {:?}; only a completed video's frame can start another", job.status);
         return Err(ApiError::invalid("video_not_ready", param, message));
     }
-    let source = worker::video_path(shared, &job.id);
-    if !source.is_file() {
-        let message = format!("video {video_id} has expired and its files are deleted");
-        return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
+    let local = completed_video(shared, &job.id).await?;
+    if !local.path.is_file() {
+        return Err(video_expired(video_id));
     }
     let limits = shared.config.limits.decode();
     let _permit = shared.decodes.acquire().await.map_err(ApiError::internal)?;
     tokio::task::spawn_blocking(move || {
-        let frames = kinetoscope_video::read_frames_with_limits(&source, &limits)
-            .map_err(|e| media_error(e, &source, param, "invalid_image"))?;
+        let source = &local.path;
+        let frames = kinetoscope_video::read_frames_with_limits(source, &limits)
+            .map_err(|e| media_error(e, source, param, "invalid_image"))?;
         let count = frames.num_frames() as u64;
         let index = frame.unwrap_or(count.saturating_sub(1));
         if index >= count {
@@ -286,6 +287,33 @@ async fn keep_frame(
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+/// A completed video's MP4 here: its file in `videos/`, or a copy of its object, deleted when dropped.
+struct LocalVideo {
+    path: std::path::PathBuf,
+    _copy: Option<tempfile::TempPath>,
+}
+
+/// The MP4 of the completed video `id`, to read here; expired when it is not kept anymore.
+async fn completed_video(shared: &Arc<Shared>, id: &str) -> ApiResult<LocalVideo> {
+    let Some(bucket) = &shared.bucket else {
+        return Ok(LocalVideo { path: worker::video_path(shared, id), _copy: None });
+    };
+    let copy = tempfile::Builder::new()
+        .prefix(".download.tmp-")
+        .tempfile_in(worker::inputs_dir(shared))
+        .map_err(|e| storage_error(e, "copy the source"))?
+        .into_temp_path();
+    match bucket.run(bucket.download(&bucket::video_name(id, "mp4"), &copy)).await {
+        Ok(()) => Ok(LocalVideo { path: copy.to_path_buf(), _copy: Some(copy) }),
+        Err(e) if e.is_not_found() => Err(video_expired(id)),
+        Err(e) => Err(bucket_error(e, "copy the source")),
+    }
+}
+
+fn video_expired(id: &str) -> ApiError {
+    ApiError::new(StatusCode::GONE, "video_expired", format!("video {id} has expired and its files are deleted"))
 }
 
 async fn keep_image(
@@ -363,14 +391,27 @@ async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request:
     let edit = job.settings.edit.as_ref().expect("an edit");
     let sources = worker::source_paths(&shared, &source.id, edit).into_iter();
     let id = job.id.clone();
+    let gone = || {
+        let message = format!("the source of {} is no longer kept", source.id);
+        ApiError::new(StatusCode::GONE, "video_expired", message)
+    };
     for (from, to) in sources.zip(worker::source_paths(&shared, &id, edit)) {
-        if let Err(e) = tokio::fs::copy(&from, &to).await {
-            worker::remove_files(&shared, &id);
-            if crate::error::is_disk_full(&e) {
-                return Err(storage_error(e, "copy the source"));
+        let copied = match &shared.bucket {
+            Some(bucket) => {
+                match bucket.run(bucket.copy(&worker::input_object(&from), &worker::input_object(&to))).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_not_found() => Err(gone()),
+                    Err(e) => Err(bucket_error(e, "copy the source")),
+                }
             }
-            let message = format!("the source of {} is no longer kept", source.id);
-            return Err(ApiError::new(StatusCode::GONE, "video_expired", message));
+            None => tokio::fs::copy(&from, &to).await.map(drop).map_err(|e| match crate::error::is_disk_full(&e) {
+                true => storage_error(e, "copy the source"),
+                false => gone(),
+            }),
+        };
+        if let Err(e) = copied {
+            remove_files(&shared, &id).await;
+            return Err(e);
         }
     }
     enqueue_with_source(&shared, &id, Ok(job)).await
@@ -402,8 +443,8 @@ async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) 
                 let message = format!("video {source} is {:?}; only a completed video can be edited", job.status);
                 return Err(ApiError::invalid("video_not_ready", "video", message));
             }
-            let (path, dir) = (worker::video_path(shared, &job.id), worker::inputs_dir(shared));
-            let copied = tokio::task::spawn_blocking(move || Upload::copy_of(&path, &dir)).await;
+            let (local, dir) = (completed_video(shared, &job.id).await?, worker::inputs_dir(shared));
+            let copied = tokio::task::spawn_blocking(move || Upload::copy_of(&local.path, &dir)).await;
             match copied.map_err(ApiError::internal)? {
                 Ok(upload) => upload,
                 Err(e) if crate::error::is_disk_full(&e) => return Err(storage_error(e, "copy the source")),
@@ -706,16 +747,33 @@ fn check_size(shared: &Shared, request: &GenerateRequest) -> ApiResult<()> {
     Ok(())
 }
 
-/// Queues the edit `id`, whose source is already kept, or removes the source if the job was refused.
+/// Queues the edit `id`, whose source is already kept (and sent to the bucket, where there is one), or removes
+/// the source if the job was refused.
 async fn enqueue_with_source(shared: &Arc<Shared>, id: &str, accepted: ApiResult<NewJob>) -> ApiResult {
     let result = match accepted {
-        Ok(job) => enqueue(shared, job).await,
+        Ok(job) => match send_sources(shared, &job).await {
+            Ok(()) => enqueue(shared, job).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     if result.is_err() {
-        worker::remove_files(shared, id);
+        remove_files(shared, id).await;
     }
     result
+}
+
+async fn send_sources(shared: &Arc<Shared>, job: &NewJob) -> ApiResult<()> {
+    let (Some(edit), Some(_)) = (job.settings.edit.clone(), &shared.bucket) else { return Ok(()) };
+    let (sending, id) = (shared.clone(), job.id.clone());
+    let sent = tokio::task::spawn_blocking(move || worker::send_sources(&sending, &id, &edit)).await;
+    sent.map_err(ApiError::internal)?.map_err(|e| bucket_error(e, "keep the source"))
+}
+
+/// [`worker::remove_files`] off the async threads (it may wait for the bucket).
+async fn remove_files(shared: &Arc<Shared>, id: &str) {
+    let (shared, id) = (shared.clone(), id.to_string());
+    let _ = tokio::task::spawn_blocking(move || worker::remove_files(&shared, &id)).await;
 }
 
 async fn enqueue(shared: &Arc<Shared>, job: NewJob) -> ApiResult {
@@ -1172,11 +1230,11 @@ async fn delete(State(shared): State<Arc<Shared>>, VideoId(id): VideoId) -> ApiR
         running.stop.set(Stop::Deleted);
     }
     // Files first: on a full disk the database can't record the delete until they are gone.
-    worker::remove_files(&shared, &job.id);
+    remove_files(&shared, &job.id).await;
     let (store_shared, key) = (shared.clone(), id.clone());
     blocking(move || store_shared.store.delete(&key)).await?.ok_or_else(|| ApiError::not_found(&id))?;
     // A render that finished between the two wrote its files after they were removed.
-    worker::remove_files(&shared, &job.id);
+    remove_files(&shared, &job.id).await;
     // No subscriber is not an error.
     let _ = shared.events.send(Update::Job { id: job.id.clone(), job: None });
     tracing::info!(id, status = ?job.status, "deleted");
@@ -1209,9 +1267,9 @@ async fn content(
             format!("video {id} has expired and its files are deleted"),
         ));
     }
-    let path = match query.variant.as_deref() {
-        None | Some("video") => worker::video_path(&shared, &job.id),
-        Some("thumbnail") => worker::thumbnail_path(&shared, &job.id),
+    let (path, extension) = match query.variant.as_deref() {
+        None | Some("video") => (worker::video_path(&shared, &job.id), "mp4"),
+        Some("thumbnail") => (worker::thumbnail_path(&shared, &job.id), "png"),
         Some(other) => {
             return Err(ApiError::invalid(
                 "unsupported_parameter",
@@ -1220,12 +1278,51 @@ async fn content(
             ))
         }
     };
+    if let Some(bucket) = &shared.bucket {
+        let range = request.headers().get(header::RANGE).and_then(|value| value.to_str().ok()).map(str::to_string);
+        return from_bucket(bucket, &bucket::video_name(&job.id, extension), range.as_deref()).await;
+    }
     // ServeFile answers Range requests (206 / 416) and conditional requests for the MP4.
     let response = tower_http::services::ServeFile::new(&path).try_call(request).await.map_err(ApiError::internal)?;
     if response.status() == StatusCode::NOT_FOUND {
         return Err(ApiError::internal(format!("{} is missing for a completed video", path.display())));
     }
     Ok(response.map(Body::new))
+}
+
+/// A download of the object `name`: the part a `Range` header asks for (206, or 416 outside it), else all of it.
+async fn from_bucket(bucket: &bucket::Bucket, name: &str, range: Option<&str>) -> ApiResult {
+    let download = match bucket.get(name, range).await {
+        Ok(Ok(download)) => download,
+        Ok(Err(size)) => {
+            let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(format!("bytes */{size}"))?);
+            return Ok(response);
+        }
+        Err(e) if e.is_not_found() => return Err(ApiError::internal(format!("{e}: missing for a completed video"))),
+        Err(e) => return Err(bucket_error(e, "read the video")),
+    };
+    let (size, range) = (download.meta.size, download.range.clone());
+    let partial = range != (0..size);
+    let mut response = Body::from_stream(download.body).into_response();
+    *response.status_mut() = if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let headers = response.headers_mut();
+    let kind = if name.ends_with(".png") { "image/png" } else { "video/mp4" };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if partial {
+        let value = format!("bytes {}-{}/{size}", range.start, range.end - 1);
+        headers.insert(header::CONTENT_RANGE, header_value(value)?);
+    }
+    if let Some(tag) = download.meta.e_tag.as_deref().and_then(|tag| HeaderValue::from_str(tag).ok()) {
+        headers.insert(header::ETAG, tag);
+    }
+    Ok(response)
+}
+
+fn header_value(text: String) -> ApiResult<HeaderValue> {
+    HeaderValue::from_str(&text).map_err(ApiError::internal)
 }
 
 /// How often an event stream on a node of a shared store reads its job: its worker is another process, whose

@@ -37,6 +37,10 @@ pub struct Config {
     /// The job store: a `postgres://` URL for a deployment on several machines; `None`: `jobs.sqlite` in
     /// `data_dir`.
     pub store: Option<String>,
+    /// Object storage for the videos and the jobs' sources (`s3://BUCKET/PREFIX`, credentials and endpoint from
+    /// the `AWS_*` environment variables), instead of `data_dir`, which then holds only each machine's working
+    /// copies; `None`: `data_dir` (shared by every node, on several machines).
+    pub bucket: Option<String>,
     /// How long a worker's hold on a running job lasts unless renewed (every third of it): after a worker dies,
     /// its job is queued again within this.
     pub lease: Duration,
@@ -183,6 +187,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.to_path_buf(),
             store: None,
+            bucket: None,
             lease: Duration::from_secs(30),
             api_keys,
             limits: Limits::default(),

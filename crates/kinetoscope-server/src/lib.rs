@@ -7,6 +7,7 @@
 //! "Server" and "Many machines" sections for the routes, settings and deployments.
 
 pub mod api;
+pub mod bucket;
 pub mod config;
 mod disk;
 pub mod error;
@@ -39,6 +40,8 @@ use worker::{Running, Stop, Wake};
 pub struct Shared {
     pub config: Config,
     pub store: Arc<dyn JobStore>,
+    /// Where the videos and the jobs' sources are kept when not in the data folder.
+    pub bucket: Option<bucket::Bucket>,
     /// This process's name in the store (`host-pid-random`); its workers are `<node>/<device>`.
     pub node: String,
     pub metrics: Metrics,
@@ -166,6 +169,14 @@ impl Server {
         // longer.
         let older_than = if store.is_shared() { config.job_timeout * 2 } else { Duration::ZERO };
         folders.iter().for_each(|dir| remove_temporary_files(dir, older_than));
+        let bucket = match &config.bucket {
+            Some(url) => {
+                let bucket = bucket::Bucket::open(url)?;
+                tracing::info!(bucket = bucket.url(), "videos and sources are kept in object storage");
+                Some(bucket)
+            }
+            None => None,
+        };
         let requeued = store.recover(unix_now())?;
         if requeued > 0 {
             tracing::info!(requeued, "jobs whose worker stopped while they ran are queued again");
@@ -181,6 +192,7 @@ impl Server {
         let shared = Arc::new(Shared {
             config,
             store,
+            bucket,
             node,
             metrics: Metrics::default(),
             webhooks,
@@ -437,6 +449,13 @@ async fn expire_outputs(shared: Arc<Shared>) {
             // What a killed worker was writing, once no job can still be writing it.
             for folder in DATA_FOLDERS {
                 remove_temporary_files(&task_shared.config.data_dir.join(folder), task_shared.config.job_timeout * 2);
+            }
+            if let Some(bucket) = &task_shared.bucket {
+                match bucket.wait(bucket.sweep("staging", task_shared.config.job_timeout * 2)) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(n, "staged objects no completion took are deleted"),
+                    Err(e) => tracing::warn!("cannot sweep the staged objects: {e}"),
+                }
             }
             Ok(ids.len())
         })

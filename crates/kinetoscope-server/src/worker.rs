@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kinetoscope::{EditKind, GenerateRequest, InputVideo, LoadOptions, LoraSpec, ModelDir, Pipeline};
 use kinetoscope_video::{Frames, VideoError};
 
+use crate::bucket;
 use crate::error::job_error_code;
 use crate::metrics::{DeviceLabel, Outcome};
 use crate::store::{Job, Lease, Settings, StoreError, WorkerInfo};
@@ -135,8 +136,17 @@ pub fn source_paths(shared: &Shared, id: &str, edit: &EditKind) -> Vec<PathBuf> 
     }
 }
 
+/// Removes a job's files (its video, thumbnail and sources), here and in the bucket; from a thread that may
+/// block.
 pub fn remove_files(shared: &Shared, id: &str) {
     let inputs = [input_path(shared, id), image_path(shared, id), last_image_path(shared, id), mask_path(shared, id)];
+    if let Some(bucket) = &shared.bucket {
+        let names = ["mp4", "png"].map(|extension| bucket::video_name(id, extension)).into_iter();
+        let names: Vec<_> = names.chain(inputs.iter().map(|path| input_object(path))).collect();
+        if let Err(e) = bucket.wait(bucket.delete(&names)) {
+            tracing::warn!(id, "cannot delete the job's objects: {e}");
+        }
+    }
     for path in [video_path(shared, id), thumbnail_path(shared, id)].into_iter().chain(inputs) {
         if let Err(e) = std::fs::remove_file(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -144,6 +154,32 @@ pub fn remove_files(shared: &Shared, id: &str) {
             }
         }
     }
+}
+
+/// The object a source kept at `path` (in `inputs/`) is in the bucket.
+pub fn input_object(path: &Path) -> String {
+    bucket::input_name(&path.file_name().unwrap_or_default().to_string_lossy())
+}
+
+/// Sends a new job's sources, kept in `inputs/` here, to the bucket (where there is one: the worker that renders
+/// the job may be on another machine), and removes the copies here.
+pub fn send_sources(shared: &Shared, id: &str, edit: &EditKind) -> Result<(), bucket::BucketError> {
+    let Some(bucket) = &shared.bucket else { return Ok(()) };
+    let paths = source_paths(shared, id, edit);
+    for path in &paths {
+        bucket.wait(bucket.upload(path, &input_object(path)))?;
+    }
+    paths.iter().for_each(|path| drop(std::fs::remove_file(path)));
+    Ok(())
+}
+
+/// Brings a job's sources from the bucket (where there is one) into `inputs/` here, to render it.
+fn fetch_sources(shared: &Shared, id: &str, edit: &EditKind) -> Result<(), bucket::BucketError> {
+    let Some(bucket) = &shared.bucket else { return Ok(()) };
+    for path in source_paths(shared, id, edit) {
+        bucket.wait(bucket.download(&input_object(&path), &path))?;
+    }
+    Ok(())
 }
 
 /// The worker's loop; returns when the server stops or the model can't be loaded.
@@ -278,6 +314,18 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
             ControlFlow::Continue(())
         }
     };
+    if let Some(edit) = &job.settings.edit {
+        if let Err(e) = fetch_sources(shared, &id, edit) {
+            shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            // Deleted meanwhile (its sources went with it), or the bucket out of reach: the job can't run now.
+            if let Some(outcome) = fail(shared, &lease, unix_now(), "source_unavailable", &e.to_string()) {
+                shared.metrics.jobs.get_or_create(&Outcome { outcome }).inc();
+                shared.outbox.notify_one();
+            }
+            shared.publish(&id);
+            return;
+        }
+    }
     let result = match &job.settings.edit {
         None => pipeline.generate_with_progress(&request, &mut on_step).map(|video| (video, None)),
         Some(edit @ EditKind::Region { .. }) => region_edit(shared, pipeline, &id, edit, &request, &mut on_step)
@@ -290,6 +338,10 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
             .map(|video| (video, None)),
     };
     shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    // With a bucket, the sources here were working copies.
+    if let (Some(_), Some(edit)) = (&shared.bucket, &job.settings.edit) {
+        source_paths(shared, &id, edit).iter().for_each(|path| drop(std::fs::remove_file(path)));
+    }
 
     let now = unix_now();
     let outcome = match result {
@@ -512,17 +564,40 @@ fn fail(shared: &Shared, lease: &Lease, now: i64, code: &str, message: &str) -> 
     }
 }
 
-/// Writes the job's MP4 and thumbnail to the staging folder, under the lease's name.
+/// Writes the job's MP4 and thumbnail to the staging folder, under the lease's name, and stages them in the
+/// bucket too where there is one.
 fn write_files(shared: &Shared, lease: &Lease, video: &kinetoscope::Video) -> Result<(), VideoError> {
     let frames = Frames::from_unit_f32(&video.frames, video.num_frames, video.height, video.width)?;
     let written = kinetoscope_video::write_mp4(&staging_path(shared, lease, "mp4"), &frames, video.fps)
-        .and_then(|_| kinetoscope_video::write_png(&staging_path(shared, lease, "png"), &frames, video.num_frames / 2));
+        .and_then(|_| kinetoscope_video::write_png(&staging_path(shared, lease, "png"), &frames, video.num_frames / 2))
+        .and_then(|_| {
+            let Some(bucket) = &shared.bucket else { return Ok(()) };
+            for extension in OUTPUTS {
+                let (path, name) = (staging_path(shared, lease, extension), staged_object(lease, extension));
+                let upload = bucket.wait(bucket.upload(&path, &name));
+                upload.map_err(|e| VideoError::Io { action: "upload", path, source: std::io::Error::other(e) })?;
+            }
+            Ok(())
+        });
     written.inspect_err(|_| remove_staged(shared, lease))
 }
 
+/// What a job leaves: its video and its thumbnail.
+const OUTPUTS: [&str; 2] = ["mp4", "png"];
+
+fn staged_object(lease: &Lease, extension: &str) -> String {
+    bucket::staging_name(&lease.job, &lease.id, extension)
+}
+
 fn remove_staged(shared: &Shared, lease: &Lease) {
-    for extension in ["mp4", "png"] {
+    for extension in OUTPUTS {
         let _ = std::fs::remove_file(staging_path(shared, lease, extension));
+    }
+    if let Some(bucket) = &shared.bucket {
+        let names = OUTPUTS.map(|extension| staged_object(lease, extension));
+        if let Err(e) = bucket.wait(bucket.delete(&names)) {
+            tracing::warn!(id = lease.job, "cannot delete the staged objects (the sweep will): {e}");
+        }
     }
 }
 
@@ -535,9 +610,16 @@ fn complete(
     expires: i64,
     result: Option<&serde_json::Value>,
 ) -> Result<bool, StoreError> {
-    let mut publish = || {
-        std::fs::rename(staging_path(shared, lease, "mp4"), video_path(shared, &lease.job))?;
-        std::fs::rename(staging_path(shared, lease, "png"), thumbnail_path(shared, &lease.job))
+    let mut publish = || match &shared.bucket {
+        // A copy inside the bucket; the staged objects are deleted after, with the files here.
+        Some(bucket) => OUTPUTS.iter().try_for_each(|extension| {
+            let (staged, name) = (staged_object(lease, extension), bucket::video_name(&lease.job, extension));
+            bucket.wait(bucket.copy(&staged, &name)).map_err(std::io::Error::other)
+        }),
+        None => {
+            std::fs::rename(staging_path(shared, lease, "mp4"), video_path(shared, &lease.job))?;
+            std::fs::rename(staging_path(shared, lease, "png"), thumbnail_path(shared, &lease.job))
+        }
     };
     loop {
         match shared.store.complete(lease, now, expires, result, &mut publish) {
