@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 
 use crate::bucket;
 use crate::disk;
-use crate::error::{bucket_error, storage_error, ApiError};
+use crate::error::{storage_error, ApiError};
 use crate::fields::{BodyLimits, Fields, ImageReference, Upload, VideoReference};
 use crate::store::{Job, JobLora, NewJob, Settings, Status, StoreError};
 use crate::worker::{self, Stop};
@@ -1319,6 +1319,19 @@ async fn from_bucket(bucket: &bucket::Bucket, name: &str, range: Option<&str>) -
         headers.insert(header::ETAG, tag);
     }
     Ok(response)
+}
+
+/// Object storage failed a call a request needs: 503, worth retrying (the bucket is named in the log only).
+pub fn bucket_error(error: bucket::BucketError, action: &str) -> ApiError {
+    tracing::error!("cannot {action}: {error}");
+    ApiError {
+        retry_after_s: Some(5),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            format!("the server's object storage did not answer: cannot {action}; retry later"),
+        )
+    }
 }
 
 fn header_value(text: String) -> ApiResult<HeaderValue> {

@@ -89,19 +89,6 @@ pub fn storage_error(error: std::io::Error, action: &str) -> ApiError {
     }
 }
 
-/// Object storage failed a call a request needs: 503, worth retrying (the bucket is named in the log only).
-pub fn bucket_error(error: crate::bucket::BucketError, action: &str) -> ApiError {
-    tracing::error!("cannot {action}: {error}");
-    ApiError {
-        retry_after_s: Some(5),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
-            format!("the server's object storage did not answer: cannot {action}; retry later"),
-        )
-    }
-}
-
 /// ENOSPC, and EDQUOT (a quota is a full disk to this process).
 pub fn is_disk_full(error: &std::io::Error) -> bool {
     matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
