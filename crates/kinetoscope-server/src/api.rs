@@ -448,13 +448,7 @@ async fn keep_source(shared: &Arc<Shared>, reference: VideoReference, id: &str) 
             match copied.map_err(ApiError::internal)? {
                 Ok(upload) => upload,
                 Err(e) if crate::error::is_disk_full(&e) => return Err(storage_error(e, "copy the source")),
-                Err(_) => {
-                    return Err(ApiError::new(
-                        StatusCode::GONE,
-                        "video_expired",
-                        format!("video {source} has expired and its files are deleted"),
-                    ))
-                }
+                Err(_) => return Err(video_expired(&source)),
             }
         }
     };
@@ -1261,11 +1255,7 @@ async fn content(
         });
     }
     if job.expires_at.is_some_and(|t| t <= unix_now()) {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            "video_expired",
-            format!("video {id} has expired and its files are deleted"),
-        ));
+        return Err(video_expired(&id));
     }
     let (path, extension) = match query.variant.as_deref() {
         None | Some("video") => (worker::video_path(&shared, &job.id), "mp4"),

@@ -141,7 +141,7 @@ pub fn source_paths(shared: &Shared, id: &str, edit: &EditKind) -> Vec<PathBuf> 
 pub fn remove_files(shared: &Shared, id: &str) {
     let inputs = [input_path(shared, id), image_path(shared, id), last_image_path(shared, id), mask_path(shared, id)];
     if let Some(bucket) = &shared.bucket {
-        let names = ["mp4", "png"].map(|extension| bucket::video_name(id, extension)).into_iter();
+        let names = OUTPUTS.map(|extension| bucket::video_name(id, extension)).into_iter();
         let names: Vec<_> = names.chain(inputs.iter().map(|path| input_object(path))).collect();
         if let Err(e) = bucket.wait(bucket.delete(&names)) {
             tracing::warn!(id, "cannot delete the job's objects: {e}");
