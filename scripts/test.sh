@@ -9,14 +9,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # compiling.
 cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 # The job store's suite and the deployment tests run on PostgreSQL too: throwaway servers on loopback (one plain,
-# one that takes TLS only), required.
+# one that takes TLS only), required; and the object storage tests on a throwaway S3-compatible server, required.
 pg=$(mktemp -d)
 pg_tls=$(mktemp -d)
+s3=$(mktemp -d)
 log=$(mktemp)
-trap 'bash scripts/postgres.sh stop "$pg"; bash scripts/postgres.sh stop "$pg_tls"; rm -f "$log"' EXIT
+trap 'bash scripts/postgres.sh stop "$pg"; bash scripts/postgres.sh stop "$pg_tls"; bash scripts/s3.sh stop "$s3"; rm -f "$log"' EXIT
 eval "$(bash scripts/postgres.sh start "$pg")"
 eval "$(POSTGRES_TLS=on bash scripts/postgres.sh start "$pg_tls")"
-export KINETOSCOPE_REQUIRE_POSTGRES=1
+eval "$(bash scripts/s3.sh start "$s3")"
+export KINETOSCOPE_REQUIRE_POSTGRES=1 KINETOSCOPE_REQUIRE_S3=1
 # Unit, parity, end-to-end and doc tests; examples are built, benchmarks only linted above.
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole workspace (cargo prints one per test binary, the last often a doc-test

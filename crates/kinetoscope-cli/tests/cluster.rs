@@ -10,75 +10,18 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{http, receiver, wait_for};
+use common::{free_port, http, json, log_tails, receiver, tiny, wait_for, Node};
 use kinetoscope_server::store::ThrowawayDatabase;
 use serde_json::Value;
 
 const KEY: &str = "cluster-test-key-0123456789abcdef";
 const WEBHOOK_SECRET: &str = "whsec_a2luZXRvc2NvcGUtY2x1c3Rlci10ZXN0LXNlY3JldC0z";
+const ENV: [(&str, &str); 2] = [("KINETOSCOPE_API_KEYS", KEY), ("KINETOSCOPE_WEBHOOK_SECRET", WEBHOOK_SECRET)];
 const JOBS: usize = 300;
 /// Short, so that the killed worker's job is queued again soon.
 const LEASE_S: &str = "2";
-
-fn tiny(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny").join(name).display().to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One process of the deployment, restartable; killed with SIGKILL when dropped.
-struct Node {
-    args: Vec<String>,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Node {
-    fn start(args: Vec<String>, log: PathBuf) -> Node {
-        let child = Self::spawn(&args, &log);
-        Node { args, log, child }
-    }
-
-    fn spawn(args: &[String], log: &Path) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_kinetoscope"))
-            .args(args)
-            .env("KINETOSCOPE_API_KEYS", KEY)
-            .env("KINETOSCOPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    /// SIGKILL: no shutdown, no lease given back, nothing flushed.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn restart(&mut self) {
-        self.child = Self::spawn(&self.args, &self.log);
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
 
 /// Every job the store holds, through `port`'s API, by id.
 fn all_jobs(port: u16) -> HashMap<String, Value> {
@@ -140,30 +83,17 @@ fn jobs_survive_killed_workers_and_api_nodes_and_complete_exactly_once() {
                 &format!("127.0.0.1:{hook_port}"),
             ];
             args.extend(api.iter().chain(&listen).chain(&defaults).chain(&hooks).map(|s| s.to_string()));
-            Node::start(args, dir.path().join(format!("api{i}.log")))
+            Node::start(args, dir.path().join(format!("api{i}.log")), &ENV)
         })
         .collect();
     let mut workers: Vec<Node> = [(&model_a, "tiny-a"), (&model_b, "tiny-b"), (&model_a, "tiny-a")]
         .iter()
         .enumerate()
-        .map(|(i, (model, name))| Node::start(node("worker", model, name), dir.path().join(format!("worker{i}.log"))))
+        .map(|(i, (model, name))| {
+            Node::start(node("worker", model, name), dir.path().join(format!("worker{i}.log")), &ENV)
+        })
         .collect();
-    let logs = || {
-        let mut text = String::new();
-        for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                text += &format!(
-                    "--- {:?}\n{}\n",
-                    entry.file_name(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        text
-    };
-
+    let logs = || log_tails(dir.path());
     // Both API nodes see both models served before any job goes in.
     for port in api_ports {
         wait_for("both models to be served", Duration::from_secs(120), || {

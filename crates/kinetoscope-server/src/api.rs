@@ -414,7 +414,12 @@ async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request:
             return Err(e);
         }
     }
-    enqueue_with_source(&shared, &id, Ok(job)).await
+    // The copies are where the worker looks for them (the bucket's copy is there already: nothing to send).
+    let queued = enqueue(&shared, job).await;
+    if queued.is_err() {
+        remove_files(&shared, &id).await;
+    }
+    queued
 }
 
 /// The source of an edit, accepted: its file at the job's input path, what it is, and what to do to it.
@@ -1270,7 +1275,7 @@ async fn content(
     };
     if let Some(bucket) = &shared.bucket {
         let range = request.headers().get(header::RANGE).and_then(|value| value.to_str().ok()).map(str::to_string);
-        return from_bucket(bucket, &bucket::video_name(&job.id, extension), range.as_deref()).await;
+        return from_bucket(bucket, &job.id, extension, range.as_deref()).await;
     }
     // ServeFile answers Range requests (206 / 416) and conditional requests for the MP4.
     let response = tower_http::services::ServeFile::new(&path).try_call(request).await.map_err(ApiError::internal)?;
@@ -1280,9 +1285,10 @@ async fn content(
     Ok(response.map(Body::new))
 }
 
-/// A download of the object `name`: the part a `Range` header asks for (206, or 416 outside it), else all of it.
-async fn from_bucket(bucket: &bucket::Bucket, name: &str, range: Option<&str>) -> ApiResult {
-    let download = match bucket.get(name, range).await {
+/// A download of video `id`'s `extension` object (its MP4 or its PNG thumbnail): the part a `Range` header asks
+/// for (206, or 416 outside it), else all of it.
+async fn from_bucket(bucket: &bucket::Bucket, id: &str, extension: &str, range: Option<&str>) -> ApiResult {
+    let download = match bucket.get(&bucket::video_name(id, extension), range).await {
         Ok(Ok(download)) => download,
         Ok(Err(size)) => {
             let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
@@ -1297,7 +1303,7 @@ async fn from_bucket(bucket: &bucket::Bucket, name: &str, range: Option<&str>) -
     let mut response = Body::from_stream(download.body).into_response();
     *response.status_mut() = if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     let headers = response.headers_mut();
-    let kind = if name.ends_with(".png") { "image/png" } else { "video/mp4" };
+    let kind = if extension == "png" { "image/png" } else { "video/mp4" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));

@@ -229,6 +229,21 @@ impl Bucket {
         .await
     }
 
+    /// The names of the objects under `prefix` last written more than `older_than` ago.
+    pub fn list_older(
+        &self,
+        prefix: &str,
+        older_than: Duration,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, BucketError>> {
+        let (store, key, error, base) =
+            (self.store.clone(), self.key(prefix), self.owned_error(prefix), self.prefix.clone());
+        async move {
+            let keys = written_before(store.as_ref(), &key, older_than).await.map_err(error)?;
+            let names = keys.iter().filter_map(|key| Some(key.prefix_match(&base)?.collect::<Key>().to_string()));
+            Ok(names.collect())
+        }
+    }
+
     /// Deletes what workers staged under `prefix` (`staging/`) and never put in place (they died, or lost their
     /// job), once older than `older_than`; returns how many.
     pub fn sweep(
@@ -238,15 +253,9 @@ impl Bucket {
     ) -> impl std::future::Future<Output = Result<usize, BucketError>> {
         let (store, key, error) = (self.store.clone(), self.key(prefix), self.owned_error(prefix));
         async move {
-            let before = unix_now() - older_than.as_secs() as i64;
-            let stale: Vec<ObjectMeta> = store
-                .list(Some(&key))
-                .try_filter(|meta| std::future::ready(meta.last_modified.timestamp() <= before))
-                .try_collect()
-                .await
-                .map_err(&error)?;
-            for meta in &stale {
-                match store.delete(&meta.location).await {
+            let stale = written_before(store.as_ref(), &key, older_than).await.map_err(&error)?;
+            for key in &stale {
+                match store.delete(key).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(error(e)),
                 }
@@ -254,6 +263,17 @@ impl Bucket {
             Ok(stale.len())
         }
     }
+}
+
+/// The keys under `prefix` last written more than `older_than` ago.
+async fn written_before(store: &dyn ObjectStore, prefix: &Key, older_than: Duration) -> object_store::Result<Vec<Key>> {
+    let before = unix_now() - older_than.as_secs() as i64;
+    store
+        .list(Some(prefix))
+        .try_filter(|meta| std::future::ready(meta.last_modified.timestamp() <= before))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await
 }
 
 /// A failure of the local file `path` while moving the object `name`.
@@ -277,20 +297,30 @@ pub fn input_name(file_name: &str) -> String {
     format!("inputs/{file_name}")
 }
 
+/// For tests: a fresh prefix (`s3://BUCKET/PREFIX/<random>`) in the bucket `KINETOSCOPE_TEST_BUCKET` names, on the
+/// server the `AWS_*` variables name (`scripts/s3.sh` starts one). `None` when the variable is not set (the test
+/// says so and passes), unless `KINETOSCOPE_REQUIRE_S3` is set, as CI sets it: then it is an error.
+pub fn throwaway_location() -> Result<Option<String>, String> {
+    match std::env::var("KINETOSCOPE_TEST_BUCKET") {
+        Ok(url) => Ok(Some(format!("{}/{:016x}", url.trim_end_matches('/'), rand::random::<u64>()))),
+        Err(_) if std::env::var_os("KINETOSCOPE_REQUIRE_S3").is_some() => {
+            Err("KINETOSCOPE_REQUIRE_S3 is set but KINETOSCOPE_TEST_BUCKET is not: start scripts/s3.sh".into())
+        }
+        Err(_) => {
+            eprintln!("KINETOSCOPE_TEST_BUCKET is not set: what needs object storage there is skipped");
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A bucket on the S3-compatible server `KINETOSCOPE_TEST_BUCKET` names (its keys and endpoint in the `AWS_*`
-    /// variables); `None` where there is none.
-    fn test_bucket() -> Option<Bucket> {
-        let url = std::env::var("KINETOSCOPE_TEST_BUCKET").ok()?;
-        Some(Bucket::open(&format!("{url}/{:08x}", rand::random::<u32>())).unwrap())
-    }
-
     #[test]
     fn upload_ranges_copy_delete_and_sweep() {
-        let Some(bucket) = test_bucket() else { return };
+        let Some(url) = throwaway_location().unwrap() else { return };
+        let bucket = Bucket::open(&url).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let local = dir.path().join("video.mp4");
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();

@@ -431,6 +431,9 @@ async fn off_async<T: Send + 'static>(
 /// The data folder's subfolders: the outputs (`videos/`) and the jobs' sources and spooled uploads (`inputs/`).
 const DATA_FOLDERS: [&str; 2] = ["videos", "inputs"];
 
+/// How often sources no job owns are looked for (each look reads the store once per source kept).
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// Deletes the files of expired videos (their rows stay, so a download says "expired", not "unknown"), and
 /// temporary files older than any job.
 /// Each sweep takes the videos that expired since the one before; the first, at start, takes every
@@ -439,13 +442,21 @@ async fn expire_outputs(shared: Arc<Shared>) {
     let mut interval =
         tokio::time::interval(Duration::from_secs(60).min(shared.config.retention.max(Duration::from_secs(1))));
     let mut swept_until = i64::MIN;
+    let mut orphans_swept: Option<std::time::Instant> = None;
     loop {
         interval.tick().await;
         let now = unix_now();
         let task_shared = shared.clone();
+        let sweep_orphans = orphans_swept.is_none_or(|at| at.elapsed() >= ORPHAN_SWEEP_EVERY);
+        if sweep_orphans {
+            orphans_swept = Some(std::time::Instant::now());
+        }
         let expired = off_async("expire videos", move || {
             let ids = task_shared.store.expired(swept_until, now)?;
             ids.iter().for_each(|id| worker::remove_files(&task_shared, id));
+            if sweep_orphans {
+                remove_orphaned_sources(&task_shared, task_shared.config.job_timeout * 2);
+            }
             // What a killed worker was writing, once no job can still be writing it.
             for folder in DATA_FOLDERS {
                 remove_temporary_files(&task_shared.config.data_dir.join(folder), task_shared.config.job_timeout * 2);
@@ -465,6 +476,38 @@ async fn expire_outputs(shared: Arc<Shared>) {
             if n > 0 {
                 tracing::debug!(n, "expired videos' files deleted");
             }
+        }
+    }
+}
+
+/// Sources kept for a job the store never recorded (the process died between keeping them, here or in the bucket,
+/// and inserting the job), which no job would ever use or delete. Only those older than `older_than`: another
+/// node may be about to insert its job.
+fn remove_orphaned_sources(shared: &Shared, older_than: Duration) {
+    // A source is named by its job's id (`<id>.mp4`, `<id>.image`, ...); a store that can't answer keeps it.
+    let orphaned = |name: &str| matches!(shared.store.get(name.split('.').next().unwrap_or_default()), Ok(None));
+    if let Ok(entries) = std::fs::read_dir(worker::inputs_dir(shared)) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            // Hidden names are uploads and copies in progress (see remove_temporary_files).
+            if !name.starts_with('.') && age.is_some_and(|age| age >= older_than) && orphaned(&name) {
+                tracing::info!(name, "a source no job owns is deleted");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let Some(bucket) = &shared.bucket else { return };
+    let names = match bucket.wait(bucket.list_older("inputs", older_than)) {
+        Ok(names) => names,
+        Err(e) => return tracing::warn!("cannot list the sources in object storage: {e}"),
+    };
+    let orphans: Vec<String> =
+        names.into_iter().filter(|name| orphaned(name.strip_prefix("inputs/").unwrap_or(name))).collect();
+    if !orphans.is_empty() {
+        tracing::info!(n = orphans.len(), "sources in object storage no job owns are deleted");
+        if let Err(e) = bucket.wait(bucket.delete(&orphans)) {
+            tracing::warn!("cannot delete sources no job owns: {e}");
         }
     }
 }

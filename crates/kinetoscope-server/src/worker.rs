@@ -314,19 +314,16 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
             ControlFlow::Continue(())
         }
     };
-    if let Some(edit) = &job.settings.edit {
-        if let Err(e) = fetch_sources(shared, &id, edit) {
-            shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            // Deleted meanwhile (its sources went with it), or the bucket out of reach: the job can't run now.
-            if let Some(outcome) = fail(shared, &lease, unix_now(), "source_unavailable", &e.to_string()) {
-                shared.metrics.jobs.get_or_create(&Outcome { outcome }).inc();
-                shared.outbox.notify_one();
-            }
-            shared.publish(&id);
-            return;
-        }
-    }
-    let result = match &job.settings.edit {
+    // Deleted meanwhile (its sources went with it), or the bucket out of reach: the job can't run now.
+    let fetched = match &job.settings.edit {
+        Some(edit) => fetch_sources(shared, &id, edit).map_err(|e| {
+            // The details name the bucket and this machine's paths: the log has them, the client a summary.
+            tracing::error!(id, "cannot fetch the job's source: {e}");
+            "the job's source could not be read from the server's object storage".to_string()
+        }),
+        None => Ok(()),
+    };
+    let result = fetched.map(|()| match &job.settings.edit {
         None => pipeline.generate_with_progress(&request, &mut on_step).map(|video| (video, None)),
         Some(edit @ EditKind::Region { .. }) => region_edit(shared, pipeline, &id, edit, &request, &mut on_step)
             .map(|(video, report)| (video, Some(serde_json::json!({ "region": report })))),
@@ -336,7 +333,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
         Some(edit) => fitted_input(shared, pipeline, &id, edit, &request)
             .and_then(|input| pipeline.run_edit(edit, &request, &input, &mut on_step))
             .map(|video| (video, None)),
-    };
+    });
     shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     // With a bucket, the sources here were working copies.
     if let (Some(_), Some(edit)) = (&shared.bucket, &job.settings.edit) {
@@ -345,7 +342,8 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
 
     let now = unix_now();
     let outcome = match result {
-        Ok((video, report)) => match write_files(shared, &lease, &video) {
+        Err(reason) => fail(shared, &lease, now, "source_unavailable", &reason),
+        Ok(Ok((video, report))) => match write_files(shared, &lease, &video) {
             Ok(()) => {
                 let expires = now + shared.config.retention.as_secs() as i64;
                 let outcome = complete(shared, &lease, now, expires, report.as_ref());
@@ -375,7 +373,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
             }
             Err(e) => fail(shared, &lease, now, "output_write_failed", &e.to_string()),
         },
-        Err(kinetoscope::Error::Cancelled { .. }) if !timed_out => match stop.get() {
+        Ok(Err(kinetoscope::Error::Cancelled { .. })) if !timed_out => match stop.get() {
             Stop::Shutdown => {
                 tracing::info!(id, "stopped by the shutdown; queued again");
                 if let Err(e) = shared.store.requeue(&lease) {
@@ -394,7 +392,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
                 None
             }
         },
-        Err(kinetoscope::Error::Cancelled { step, steps }) => {
+        Ok(Err(kinetoscope::Error::Cancelled { step, steps })) => {
             let limit = shared.config.job_timeout.as_secs();
             fail(
                 shared,
@@ -404,7 +402,7 @@ fn render(shared: &Shared, pipeline: &Pipeline, device: &str, job: Job, lease: L
                 &format!("stopped at step {step} of {steps}: the job limit is {limit} s"),
             )
         }
-        Err(e) => fail(shared, &lease, now, job_error_code(&e), &e.to_string()),
+        Ok(Err(e)) => fail(shared, &lease, now, job_error_code(&e), &e.to_string()),
     };
     if let Some(outcome) = outcome {
         shared.metrics.job_seconds.observe(started.elapsed().as_secs_f64());
