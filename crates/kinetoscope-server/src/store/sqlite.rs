@@ -234,13 +234,14 @@ impl JobStore for SqliteStore {
             return Err(StoreError::QueueFull { limit: max_queue });
         }
         let settings = serde_json::to_string(&job.settings).expect("settings serialize");
-        tx.execute(
-            &sql(INSERT),
+        // The row as inserted: read after the commit, a worker may already have claimed it.
+        let raw = tx.query_row(
+            &format!("{} RETURNING {COLUMNS}", sql(INSERT)),
             params![job.id, now, job.model, job.seconds, settings, job.remixed_from, job.webhook_url],
+            job_from_row,
         )?;
         tx.commit()?;
-        drop(db);
-        self.get(&job.id)?.ok_or_else(|| StoreError::Corrupt { id: job.id.clone(), reason: "vanished".into() })
+        raw.parse()
     }
 
     fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
