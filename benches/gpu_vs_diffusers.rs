@@ -118,8 +118,17 @@ fn main() -> Result<()> {
     ]
     .into();
     candle_core::safetensors::save(&outputs, args.work.join("kinetoscope.safetensors"))?;
+    // Which attention kernel the transformer's bf16 attention ran (the plain path elsewhere).
+    #[cfg(feature = "cuda")]
+    let attention = match kinetoscope_kernels::kernels_enabled() && device.is_cuda() {
+        true => kinetoscope_kernels::attention_kernel(&device).name(),
+        false => "plain",
+    };
+    #[cfg(not(feature = "cuda"))]
+    let attention = "plain";
     let record = serde_json::json!({
         "model_dir": args.model,
+        "attention": attention,
         "commit": std::env::var("KINETOSCOPE_COMMIT").ok(),
         "kernels": std::env::var("KINETOSCOPE_KERNELS").unwrap_or_else(|_| "own".into()),
         "dtype": args.dtype.as_str(),

@@ -1,4 +1,5 @@
-//! The project's CUDA kernels against the plain candle path they replace, on the GPU, at Wan 2.1's sizes:
+//! The project's CUDA kernels (and FlashAttention-3, where the device and build have it) against the plain candle
+//! path they replace, on the GPU, at Wan 2.1's sizes:
 //! time per call (median of 10 after 3 warm-ups, the device synchronized before each clock read) and the
 //! achieved TFLOP/s (attention) or GB/s of memory traffic, each byte read or written counted once (the
 //! normalizations and the activation, which are bound by memory). Needs a CUDA build and device:
@@ -44,23 +45,28 @@ fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Ten
 
 fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
-    println!("| attention (batch × heads × q_len × k_len × d) | kernel ms | TFLOP/s | plain ms | TFLOP/s |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| attention (batch × heads × q_len × k_len × d) | kernel | ms | TFLOP/s | plain ms | TFLOP/s |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     // Wan 2.1 1.3B at 832×480×81 with guidance: self-attention over 32,760 tokens, cross-attention to 512.
     for (b, h, lq, lk, d) in [(2, 12, 32760, 32760, 128), (2, 12, 32760, 512, 128), (2, 24, 8190, 8190, 64)] {
         let random = |len: usize| Tensor::randn(0f32, 1.0, (b, h, len, d), &dev)?.to_dtype(DType::BF16);
         let (q, k, v) = (random(lq)?, random(lk)?, random(lk)?);
         let scale = 1.0 / (d as f64).sqrt();
         let flops = 4.0 * (b * h * lq * lk * d) as f64;
-        let kernel = median_seconds(&dev, || kinetoscope_kernels::flash_attention(&q, &k, &v, scale))?;
         let plain = median_seconds(&dev, || plain_attention(&q, &k, &v, scale))?;
-        println!(
-            "| {b} × {h} × {lq} × {lk} × {d} | {:.2} | {:.0} | {:.2} | {:.0} |",
-            kernel * 1e3,
-            flops / kernel / 1e12,
-            plain * 1e3,
-            flops / plain / 1e12
-        );
+        // Every kernel this device runs: FlashAttention-3 on Hopper (in a build with it), the project's own.
+        for kernel in kinetoscope_kernels::attention_kernels(&dev) {
+            let seconds =
+                median_seconds(&dev, || kinetoscope_kernels::flash_attention_with(kernel, &q, &k, &v, scale))?;
+            println!(
+                "| {b} × {h} × {lq} × {lk} × {d} | {} | {:.2} | {:.0} | {:.2} | {:.0} |",
+                kernel.name(),
+                seconds * 1e3,
+                flops / seconds / 1e12,
+                plain * 1e3,
+                flops / plain / 1e12
+            );
+        }
     }
     memory_bound(&dev)
 }

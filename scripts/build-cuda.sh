@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU binary (`--features cuda`) on any Linux x86-64 machine, with or without a GPU:
+# Builds the GPU binary (`--features cuda`, and FlashAttention-3 for Hopper: `flash-attn-v3`) on any Linux x86-64
+# machine, with or without a GPU:
 #   bash scripts/build-cuda.sh            # release build: target/release/kinetoscope
 #   bash scripts/build-cuda.sh check      # type-check only (what CI runs)
 #   bash scripts/build-cuda.sh bundle     # target/gpu-bundle.tar.xz: what benches/gpu/run.sh runs on a GPU machine
@@ -41,13 +42,23 @@ fi
 
 export PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_HOME="$cu"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# On Hopper (sm_90a) attention takes FlashAttention-3's kernels, built against CUTLASS 3.6 from its wheel; the
+# compiled kernels are kept between builds (they take minutes of nvcc) in a folder of their own.
+gpu=cuda
+if [ "$CUDA_COMPUTE_CAP" -ge 90 ]; then
+    gpu=flash-attn-v3
+    export KINETOSCOPE_CUTLASS_DIR
+    KINETOSCOPE_CUTLASS_DIR=$(echo "$home"/venv/lib/python3*/site-packages/cutlass_library/source)
+    export CANDLE_FLASH_ATTN_BUILD_DIR="$home/flash-attn-v3-sm$CUDA_COMPUTE_CAP"
+    mkdir -p "$CANDLE_FLASH_ATTN_BUILD_DIR"
+fi
 export LIBRARY_PATH="$link:$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CPATH="$cu/include${CPATH:+:$CPATH}"
 
 case "$mode" in
-    check) cargo check --locked --workspace --all-targets --features kinetoscope-cli/cuda ;;
+    check) cargo check --locked --workspace --all-targets --features "kinetoscope-cli/$gpu" ;;
     build)
-        cargo build --locked --release -p kinetoscope-cli --features cuda
+        cargo build --locked --release -p kinetoscope-cli --features "$gpu"
         echo "built target/release/kinetoscope (CUDA, sm_$CUDA_COMPUTE_CAP); at run time put the CUDA 13 libraries on LD_LIBRARY_PATH (here: $cu/lib)" >&2
         ;;
     bundle)
@@ -65,9 +76,9 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])'
         }
         {
-            executables test --release --no-run -p kinetoscope-kernels --features cuda
-            executables bench --no-run -p kinetoscope-kernels --features cuda --bench kernels
-            executables bench --no-run -p kinetoscope --features cuda --bench gpu_parity --bench gpu_vs_diffusers
+            executables test --release --no-run -p kinetoscope-kernels --features "$gpu"
+            executables bench --no-run -p kinetoscope-kernels --features "$gpu" --bench kernels
+            executables bench --no-run -p kinetoscope --features "$gpu" --bench gpu_parity --bench gpu_vs_diffusers
         } | while read -r name path; do
             cp "$path" "$bundle/$name"
             strip "$bundle/$name"

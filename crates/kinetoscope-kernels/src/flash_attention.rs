@@ -1,15 +1,19 @@
-//! `softmax(q·kᵀ·scale)·v` on the GPU without the `q_len × k_len` score matrix: `kernels/flash_attention.cu`
-//! (FlashAttention-2's algorithm on the tensor cores), bf16, head dims 64 and 128, any lengths, non-causal.
+//! `softmax(q·kᵀ·scale)·v` on the GPU without the `q_len × k_len` score matrix, bf16, head dims 64 and 128, any
+//! lengths, non-causal, by one of two kernels chosen per device: FlashAttention-3 on Hopper (wgmma, TMA, warp
+//! specialization: `third_party/candle-flash-attn-v3`, in a build with the `flash-attn-v3` feature), else the
+//! project's `kernels/flash_attention.cu` (FlashAttention-2's algorithm on the tensor cores, any GPU of compute
+//! capability 8.0 or more).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use half::bf16;
 
-use crate::shapes::flash_attention_grid_y;
+use crate::shapes::{flash_attention_grid_y, something_to_attend};
 use crate::view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
@@ -31,22 +35,70 @@ pub fn flash_attention_supports(q: &Tensor) -> bool {
         && FLASH_ATTENTION_HEAD_DIMS.contains(&q.dims()[3])
 }
 
-/// Launches of the kernel in this process so far, by [`flash_attention`] (each call launches it once).
+/// The attention kernels, chosen per device by [`attention_kernel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// FlashAttention-3's forward kernels, compiled for sm_90a: Hopper (compute capability 9.0) only, in a build
+    /// with the `flash-attn-v3` feature.
+    FlashAttention3,
+    /// `kernels/flash_attention.cu`: any GPU of compute capability 8.0 or more.
+    Own,
+}
+
+impl AttentionKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::FlashAttention3 => "flash-attention-3",
+            AttentionKernel::Own => "own",
+        }
+    }
+}
+
+/// The kernels this build can run on `device`, the fastest first.
+pub fn attention_kernels(device: &Device) -> Vec<AttentionKernel> {
+    let hopper = cfg!(feature = "flash-attn-v3") && is_hopper(device);
+    hopper.then_some(AttentionKernel::FlashAttention3).into_iter().chain([AttentionKernel::Own]).collect()
+}
+
+/// The kernel [`flash_attention`] runs on `device`: the fastest of [`attention_kernels`], unless
+/// `KINETOSCOPE_ATTENTION=own` (read once) keeps the project's kernel, to compare or to rule FlashAttention-3 out.
+pub fn attention_kernel(device: &Device) -> AttentionKernel {
+    static OWN: OnceLock<bool> = OnceLock::new();
+    if *OWN.get_or_init(|| std::env::var("KINETOSCOPE_ATTENTION").is_ok_and(|v| v == "own")) {
+        return AttentionKernel::Own;
+    }
+    attention_kernels(device)[0]
+}
+
+/// Compute capability 9.0: sm_90a code (wgmma, TMA) runs there and nowhere else, not even on later GPUs.
+fn is_hopper(device: &Device) -> bool {
+    let Device::Cuda(cuda) = device else { return false };
+    cuda.cuda_stream().context().compute_capability().is_ok_and(|capability| capability == (9, 0))
+}
+
+/// Launches of an attention kernel in this process so far, by [`flash_attention`] (each call launches one).
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
-/// How many times [`flash_attention`] has launched its kernel in this process: read before and after a forward
-/// pass, whether (and how often) the model's attention took the kernel rather than the plain path.
+/// How many times [`flash_attention`] has launched a kernel in this process: read before and after a forward
+/// pass, whether (and how often) the model's attention took a kernel rather than the plain path.
 pub fn flash_attention_launches() -> u64 {
     LAUNCHES.load(Ordering::Relaxed)
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `q` `[batch, heads, q_len, d]`, `k` and `v` `[batch, heads, k_len, d]`, bf16 on
-/// one CUDA device (see [`flash_attention_supports`]); the softmax and the products accumulate in f32. Any
-/// strides over batch, heads and rows are taken, 0 included (keys and values broadcast with `broadcast_as` are
-/// read in place), with the head dim contiguous (else a copy is made); the output is contiguous
-/// `[batch, heads, q_len, d]`. Errors, before anything is launched: no query or no key (a dimension of 0: a grid
-/// of no blocks), and more than 65,535 (batch, head) pairs (one row of blocks each: CUDA's grid limit along y).
+/// one CUDA device (see [`flash_attention_supports`]), by the device's [`attention_kernel`]; the softmax and the
+/// products accumulate in f32. Any strides are taken (copied first where a kernel can't read them in place: the
+/// head dim not contiguous, or misaligned; for FlashAttention-3 also broadcast, stride 0). The output is
+/// `[batch, heads, q_len, d]`. Errors, before anything is launched: no query or no key, shapes that disagree, and
+/// what a kernel can't index (see [`flash_attention_with`]).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    flash_attention_with(attention_kernel(q.device()), q, k, v, scale)
+}
+
+/// [`flash_attention`] by the kernel named (tests and benchmarks run each). The project's kernel refuses more than
+/// 65,535 (batch, head) pairs (one row of blocks each: CUDA's grid limit along y), and FlashAttention-3 a batch
+/// item of more than 2³² elements (its strides are 32-bit) and any GPU but Hopper.
+pub fn flash_attention_with(kernel: AttentionKernel, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (batch, heads, q_len, d) = q.dims4()?;
     let (k_batch, k_heads, k_len, k_d) = k.dims4()?;
     if (k_batch, k_heads, k_d) != (batch, heads, d) || k.dims() != v.dims() {
@@ -57,7 +109,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
             v.dims()
         );
     }
-    flash_attention_grid_y(batch, heads, q_len, k_len)?;
+    something_to_attend(batch, heads, q_len, k_len)?;
     if !flash_attention_supports(q) || k.dtype() != DType::BF16 || v.dtype() != DType::BF16 {
         candle_core::bail!(
             "flash attention takes bf16 on CUDA with head dim {FLASH_ATTENTION_HEAD_DIMS:?}, got {:?} {:?} on {:?}",
@@ -66,8 +118,47 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
             q.device().location()
         );
     }
-    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale })
+    let out = match kernel {
+        AttentionKernel::Own => {
+            flash_attention_grid_y(batch, heads, q_len, k_len)?;
+            let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+            q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale })?
+        }
+        AttentionKernel::FlashAttention3 => flash_attention_3(q, k, v, scale)?,
+    };
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Ok(out)
+}
+
+/// FlashAttention-3 over Wan's `[batch, heads, len, d]`: it takes `[batch, len, heads, d]`, which is what the
+/// transformer's projections give before their heads are split, so the transposed views are read in place.
+#[cfg(feature = "flash-attn-v3")]
+fn flash_attention_3(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if !is_hopper(q.device()) {
+        candle_core::bail!(
+            "FlashAttention-3 runs on compute capability 9.0 (H100, H200) only: use AttentionKernel::Own"
+        )
+    }
+    let (_, heads, q_len, d) = q.dims4()?;
+    crate::shapes::flash_attention_3_fits(q_len.max(k.dim(2)?), heads, d)?;
+    let tokens_major = |t: &Tensor| {
+        let t = t.transpose(1, 2)?;
+        if crate::shapes::tma_reads_in_place(t.stride()) && t.layout().start_offset().is_multiple_of(ALIGN) {
+            Ok(t)
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (tokens_major(q)?, tokens_major(k)?, tokens_major(v)?);
+    candle_flash_attn_v3::flash_attn(&q, &k, &v, scale as f32, false, false)?.transpose(1, 2)
+}
+
+#[cfg(not(feature = "flash-attn-v3"))]
+fn flash_attention_3(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Tensor> {
+    candle_core::bail!(
+        "this build has no FlashAttention-3: build with the flash-attn-v3 feature (scripts/build-cuda.sh does for \
+         CUDA_COMPUTE_CAP=90)"
+    )
 }
 
 /// `t` itself when the kernel can read it in place (head dim contiguous; rows, heads and batches starting on
@@ -146,7 +237,6 @@ impl CustomOp3 for FlashAttention {
         candle_core::builder_arg!(builder, (self.scale * std::f64::consts::LOG2_E) as f32);
         // SAFETY: the arguments match the kernel's signature; the views cover what the strides reach.
         unsafe { builder.launch(config) }.w()?;
-        LAUNCHES.fetch_add(1, Ordering::Relaxed);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((batch, heads, q_len, d))))
     }
 }

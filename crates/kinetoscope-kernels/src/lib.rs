@@ -28,7 +28,8 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 pub use activations::{bias_gelu, bias_gelu_support};
 #[cfg(feature = "cuda")]
 pub use flash_attention::{
-    flash_attention, flash_attention_launches, flash_attention_supports, FLASH_ATTENTION_HEAD_DIMS,
+    attention_kernel, attention_kernels, flash_attention, flash_attention_launches, flash_attention_supports,
+    flash_attention_with, AttentionKernel, FLASH_ATTENTION_HEAD_DIMS,
 };
 #[cfg(feature = "cuda")]
 pub use norms::{ada_layer_norm, fused_norms_support, gated_residual, rms_norm_rope};

@@ -40,16 +40,42 @@ pub(crate) fn rope_heads(dim: usize, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-/// Flash attention's grid along y: one row of blocks per (batch, head) pair, `batch · heads` of them. Refused:
-/// nothing to compute (no batch item, head, query or key: a grid of no blocks), more pairs than a grid holds along
-/// y (65,535), and lengths past the kernel's `int` arguments.
-pub(crate) fn flash_attention_grid_y(batch: usize, heads: usize, q_len: usize, k_len: usize) -> Result<u32> {
+/// Any attention kernel needs a query and a key in some batch item and head: a launch over nothing is a CUDA error.
+pub(crate) fn something_to_attend(batch: usize, heads: usize, q_len: usize, k_len: usize) -> Result<()> {
     if batch == 0 || heads == 0 || q_len == 0 || k_len == 0 {
         bail!(
             "flash attention: batch {batch}, heads {heads}, {q_len} queries and {k_len} keys: it needs at least one \
              query and one key, in at least one batch item and head"
         );
     }
+    Ok(())
+}
+
+/// Whether FlashAttention-3 reads a `[batch, len, heads, d]` tensor of these strides in place: through TMA
+/// descriptors, which need the head dim contiguous and every other stride a nonzero multiple of 16 bytes (8 bf16),
+/// passed as 32-bit numbers. Anything else (a broadcast's stride 0, a misaligned view) is copied first.
+#[cfg_attr(not(feature = "flash-attn-v3"), allow(dead_code))]
+pub(crate) fn tma_reads_in_place(strides: &[usize]) -> bool {
+    let Some((&1, outer)) = strides.split_last() else { return false };
+    outer.iter().all(|&s| s > 0 && s.is_multiple_of(8) && s <= u32::MAX as usize)
+}
+
+/// FlashAttention-3 takes its strides as 32-bit numbers: a sequence whose contiguous batch stride (`len · heads ·
+/// d` elements) is past them is refused.
+#[cfg_attr(not(feature = "flash-attn-v3"), allow(dead_code))]
+pub(crate) fn flash_attention_3_fits(len: usize, heads: usize, d: usize) -> Result<()> {
+    let batch_stride = len.saturating_mul(heads).saturating_mul(d);
+    if batch_stride > u32::MAX as usize {
+        bail!("FlashAttention-3: {len} tokens × {heads} heads × {d} = {batch_stride} elements per batch item: more than its 32-bit strides reach");
+    }
+    Ok(())
+}
+
+/// Flash attention's grid along y: one row of blocks per (batch, head) pair, `batch · heads` of them. Refused:
+/// nothing to compute (no batch item, head, query or key: a grid of no blocks), more pairs than a grid holds along
+/// y (65,535), and lengths past the kernel's `int` arguments.
+pub(crate) fn flash_attention_grid_y(batch: usize, heads: usize, q_len: usize, k_len: usize) -> Result<u32> {
+    something_to_attend(batch, heads, q_len, k_len)?;
     let pairs = batch.saturating_mul(heads);
     if pairs > MAX_GRID_Y {
         bail!(
@@ -111,6 +137,20 @@ mod tests {
         assert_eq!(flash_attention_grid_y(2, 12, 32_760, 512).unwrap(), 24);
         assert_eq!(flash_attention_grid_y(1, MAX_GRID_Y, 1, 1).unwrap(), 65_535);
         assert_eq!(flash_attention_grid_y(5, 13_107, 1, 1).unwrap(), 65_535);
+    }
+
+    #[test]
+    fn tma_reads_aligned_strides_in_place_and_copies_the_rest() {
+        // Tokens-major Wan 1.3B at 832×480×81 seen as [batch, len, heads, d], and its [batch, heads, len, d].
+        assert!(tma_reads_in_place(&[32_760 * 12 * 128, 12 * 128, 128, 1]));
+        assert!(tma_reads_in_place(&[12 * 32_760 * 128, 128, 32_760 * 128, 1]));
+        // Broadcast (stride 0), misaligned rows, a head dim not contiguous, 32-bit overflow.
+        for strides in [[0, 128, 128, 1], [1000 * 136, 136, 1, 1], [70 * 65, 65, 130, 1], [64, 128, 1, 2]] {
+            assert!(!tma_reads_in_place(&strides), "{strides:?}");
+        }
+        assert!(!tma_reads_in_place(&[1 << 33, 128, 128, 1]));
+        assert!(flash_attention_3_fits(75_600, 40, 128).is_ok());
+        assert!(refusal(flash_attention_3_fits(1 << 20, 40, 128)).contains("32-bit"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `flash_attention` against the plain computation in f32, `softmax(q·kᵀ·scale)·v`, on random inputs: bf16
+//! Each attention kernel the device runs (FlashAttention-3 on Hopper in a build with it, the project's own
+//! everywhere) against the plain computation in f32, `softmax(q·kᵀ·scale)·v`, on random inputs: bf16
 //! relative error under 1e-2 for both head dims, lengths that are and aren't multiples of the kernel's tiles,
 //! cross-attention lengths, strided, broadcast and misaligned inputs, and rows sampled at Wan 1.3B's real length;
 //! every case also row by row. Needs a CUDA device (the kernel's indexing is also emulated on the CPU, without
@@ -10,7 +11,10 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use common::relative_error;
-use kinetoscope_kernels::{flash_attention, flash_attention_launches, flash_attention_supports};
+use kinetoscope_kernels::{
+    attention_kernel, attention_kernels, flash_attention, flash_attention_launches, flash_attention_supports,
+    flash_attention_with, AttentionKernel,
+};
 
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
@@ -58,11 +62,15 @@ fn matches_the_plain_computation() -> Result<()> {
         let (q, k, v) = (random(&[b, h, lq, d], &dev)?, random(&[b, h, lk, d], &dev)?, random(&[b, h, lk, d], &dev)?);
         assert!(flash_attention_supports(&q));
         let scale = 1.0 / (d as f64).sqrt();
-        let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
-        let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
-        println!("{b}x{h}x{lq}x{lk}x{d}: relative error {err:.2e}, worst row {worst_row:.2e}");
-        assert!(err < 1e-2, "{b}x{h}x{lq}x{lk}x{d}: relative error {err}");
-        assert!(worst_row < 3e-2, "{b}x{h}x{lq}x{lk}x{d}: worst row's error {worst_row}");
+        let want = reference(&q, &k, &v, scale)?;
+        for kernel in attention_kernels(&dev) {
+            let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
+            let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
+            let case = format!("{}: {b}x{h}x{lq}x{lk}x{d}", kernel.name());
+            println!("{case}: relative error {err:.2e}, worst row {worst_row:.2e}");
+            assert!(err < 1e-2, "{case}: relative error {err}");
+            assert!(worst_row < 3e-2, "{case}: worst row's error {worst_row}");
+        }
     }
     Ok(())
 }
@@ -81,16 +89,22 @@ fn strided_misaligned_and_peaked_inputs() -> Result<()> {
         assert_eq!(q.stride(), [l * h * d, d, h * d, 1]);
         let v = random(&[b, h, l, d + 8], &dev)?.narrow(D::Minus1, 1, d)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
-        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-        println!("strided d {d}: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-        assert!(err < 1e-2 && worst < 3e-2, "strided d {d}: relative error {err}, worst row {worst} (row {row})");
+        let want = reference(&q, &k, &v, scale)?;
+        for kernel in attention_kernels(&dev) {
+            let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
+            let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+            let case = format!("{}: strided d {d}", kernel.name());
+            println!("{case}: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+            assert!(err < 1e-2 && worst < 3e-2, "{case}: relative error {err}, worst row {worst} (row {row})");
+        }
     }
 
     let peaked = (random(&[1, 2, 50, 128], &dev)? * 8.0)?.to_dtype(DType::BF16)?;
-    let out = flash_attention(&peaked, &peaked, &peaked, 1.0)?;
-    let err = relative_error(&out, &reference(&peaked, &peaked, &peaked, 1.0)?)?;
-    assert!(err < 1e-2, "peaked: relative error {err}");
+    let want = reference(&peaked, &peaked, &peaked, 1.0)?;
+    for kernel in attention_kernels(&dev) {
+        let err = relative_error(&flash_attention_with(kernel, &peaked, &peaked, &peaked, 1.0)?, &want)?;
+        assert!(err < 1e-2, "{}: peaked: relative error {err}", kernel.name());
+    }
     Ok(())
 }
 
@@ -106,19 +120,25 @@ fn broadcast_keys_and_values() -> Result<()> {
     let k = random(&[1, 1, lk, d], &dev)?.broadcast_as((b, h, lk, d))?;
     let v = random(&[1, 1, lk, d], &dev)?.broadcast_as((b, h, lk, d))?;
     assert_eq!(k.stride(), [0, 0, d, 1]);
-    let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
-    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-    println!("k and v broadcast over batch and heads: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-    assert!(err < 1e-2 && worst < 3e-2, "broadcast: relative error {err}, worst row {worst} (row {row})");
-
     let row_of_v = random(&[b, h, 1, d], &dev)?;
-    let v = row_of_v.broadcast_as((b, h, lk, d))?;
-    assert_eq!(v.stride()[2], 0);
-    let got = flash_attention(&q, &k, &v, scale)?;
-    let want = row_of_v.to_dtype(DType::F32)?.broadcast_as((b, h, lq, d))?;
-    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-    println!("v broadcast over the keys: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-    assert!(err < 1e-2 && worst < 3e-2, "one value row: relative error {err}, worst row {worst} (row {row})");
+    let one_row = row_of_v.broadcast_as((b, h, lk, d))?;
+    assert_eq!(one_row.stride()[2], 0);
+    let (want, want_row) = (reference(&q, &k, &v, scale)?, row_of_v.to_dtype(DType::F32)?.broadcast_as((b, h, lq, d))?);
+    for kernel in attention_kernels(&dev) {
+        let name = kernel.name();
+        let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
+        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+        println!("{name}: k and v broadcast over batch and heads: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+        assert!(err < 1e-2 && worst < 3e-2, "{name}: broadcast: relative error {err}, worst row {worst} (row {row})");
+
+        let got = flash_attention_with(kernel, &q, &k, &one_row, scale)?;
+        let (err, (worst, row)) = (relative_error(&got, &want_row)?, worst_row(&got, &want_row)?);
+        println!("{name}: v broadcast over the keys: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+        assert!(
+            err < 1e-2 && worst < 3e-2,
+            "{name}: one value row: relative error {err}, worst row {worst} (row {row})"
+        );
+    }
     Ok(())
 }
 
@@ -137,14 +157,21 @@ fn a_maximum_in_the_last_partial_tile() -> Result<()> {
     let [q, k, v] = [q, k, v].map(|t| t.to_dtype(DType::BF16));
     let (q, k, v) = (q?, k?, v?);
     let scale = 1.0 / (d as f64).sqrt();
-    let (got, want) = (flash_attention(&q, &k, &v, scale)?, reference(&q, &k, &v, scale)?);
-    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-    println!("maximum in the last tile: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-    assert!(err < 1e-2 && worst < 3e-2, "relative error {err}, worst row {worst} (row {row})");
-    let (got, want) = (got.narrow(2, 960, 40)?, want.narrow(2, 960, 40)?);
-    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-    println!("its last, partial query block: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-    assert!(err < 1e-2 && worst < 3e-2, "last query block: relative error {err}, worst row {worst} (row {row})");
+    let want = reference(&q, &k, &v, scale)?;
+    for kernel in attention_kernels(&dev) {
+        let name = kernel.name();
+        let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
+        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+        println!("{name}: maximum in the last tile: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+        assert!(err < 1e-2 && worst < 3e-2, "{name}: relative error {err}, worst row {worst} (row {row})");
+        let (got, want) = (got.narrow(2, 960, 40)?, want.narrow(2, 960, 40)?);
+        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+        println!("{name}: its last, partial query block: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+        assert!(
+            err < 1e-2 && worst < 3e-2,
+            "{name}: last query block: relative error {err}, worst row {worst} (row {row})"
+        );
+    }
     Ok(())
 }
 
@@ -161,8 +188,6 @@ fn sampled_rows_at_wan_length() -> Result<()> {
     let k = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
     let v = random(&[b, l, h, d], &dev)?.transpose(1, 2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let out = flash_attention(&q, &k, &v, scale)?;
-
     let mut rows: Vec<u32> = vec![0, 1, 15, 16, 63, 64, 127, 4095, 16_383, 16_384, 32_703, 32_704, 32_705, 32_759];
     let mut state = 12_345u32;
     rows.extend((0..18).map(|_| {
@@ -172,13 +197,18 @@ fn sampled_rows_at_wan_length() -> Result<()> {
     let cpu = Device::Cpu;
     let picked = Tensor::new(rows.as_slice(), &cpu)?;
     let on_cpu = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F32)?.contiguous();
-    let got = on_cpu(&out)?.index_select(&picked, 2)?;
-    let (k, v) = (on_cpu(&k)?, on_cpu(&v)?);
-    let want = reference(&on_cpu(&q)?.index_select(&picked, 2)?, &k, &v, scale)?;
-    let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-    let row = rows[row % rows.len()];
-    println!("{} rows of {l}: relative error {err:.2e}, worst row {worst:.2e} (token {row})", rows.len());
-    assert!(err < 1e-2 && worst < 3e-2, "length {l}: relative error {err}, worst row {worst} (token {row})");
+    let want = reference(&on_cpu(&q)?.index_select(&picked, 2)?, &on_cpu(&k)?, &on_cpu(&v)?, scale)?;
+    for kernel in attention_kernels(&dev) {
+        let name = kernel.name();
+        let got = on_cpu(&flash_attention_with(kernel, &q, &k, &v, scale)?)?.index_select(&picked, 2)?;
+        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
+        let row = rows[row % rows.len()];
+        println!("{name}: {} rows of {l}: relative error {err:.2e}, worst row {worst:.2e} (token {row})", rows.len());
+        assert!(
+            err < 1e-2 && worst < 3e-2,
+            "{name}: length {l}: relative error {err}, worst row {worst} (token {row})"
+        );
+    }
     Ok(())
 }
 
@@ -203,14 +233,16 @@ fn empty_queries_or_keys_are_refused() -> Result<()> {
     let (q, kv) = (random(&[1, 2, 8, 64], &dev)?, random(&[1, 2, 8, 64], &dev)?);
     let (no_q, no_kv) = (random(&[1, 2, 0, 64], &dev)?, random(&[1, 2, 0, 64], &dev)?);
     for (q, k) in [(&no_q, &kv), (&q, &no_kv)] {
-        let err = flash_attention(q, k, k, 0.125).unwrap_err().to_string();
-        assert!(err.contains("at least one query and one key"), "{err}");
+        for kernel in attention_kernels(&dev) {
+            let err = flash_attention_with(kernel, q, k, k, 0.125).unwrap_err().to_string();
+            assert!(err.contains("at least one query and one key"), "{}: {err}", kernel.name());
+        }
     }
     Ok(())
 }
 
-/// One row of blocks per (batch, head) pair: more than a grid holds along y (65,535) is refused before anything is
-/// launched; 65,535 run, and are counted as one launch (also under the counter's C name). q, k and v are one row
+/// The project's kernel has one row of blocks per (batch, head) pair: more than a grid holds along y (65,535) is
+/// refused before anything is launched; 65,535 run, and are counted as one launch. q, k and v are one row
 /// broadcast over batch and heads (strides 0) and a single key, so every output row is v's row.
 #[test]
 fn batch_times_heads_up_to_the_grid_limit() -> Result<()> {
@@ -219,18 +251,37 @@ fn batch_times_heads_up_to_the_grid_limit() -> Result<()> {
     let (q_row, v_row) = (random(&[1, 1, 1, d], &dev)?, random(&[1, 1, 1, d], &dev)?);
     for (b, h) in [(1, 65_536), (256, 256), (65_536, 1)] {
         let (q, v) = (q_row.broadcast_as((b, h, 1, d))?, v_row.broadcast_as((b, h, 1, d))?);
-        let err = flash_attention(&q, &q, &v, 0.125).unwrap_err().to_string();
+        let err = flash_attention_with(AttentionKernel::Own, &q, &q, &v, 0.125).unwrap_err().to_string();
         assert!(err.contains("65535 a CUDA grid holds along y"), "{b}x{h}: {err}");
     }
 
     let (b, h) = (5, 13_107);
     let (q, v) = (q_row.broadcast_as((b, h, 1, d))?, v_row.broadcast_as((b, h, 1, d))?);
     let before = flash_attention_launches();
-    let got = flash_attention(&q, &q, &v, 0.125)?;
+    let got = flash_attention_with(AttentionKernel::Own, &q, &q, &v, 0.125)?;
     // Other tests launch at the same time: at least this one.
     assert!(flash_attention_launches() > before);
     let err = relative_error(&got, &v.to_dtype(DType::F32)?)?;
     println!("{b}x{h} (batch, head) pairs: relative error {err:.2e}");
     assert!(err < 1e-2, "{b}x{h}: relative error {err}");
+    Ok(())
+}
+
+/// On Hopper, in a build with it, FlashAttention-3 is what `flash_attention` runs (unless
+/// `KINETOSCOPE_ATTENTION=own`); elsewhere the project's kernel, and asking for FlashAttention-3 is refused by name.
+#[test]
+fn the_kernel_is_chosen_by_the_device() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let kernels = attention_kernels(&dev);
+    println!("kernels on this device: {:?}; flash_attention runs {:?}", kernels, attention_kernel(&dev));
+    assert_eq!(kernels.last(), Some(&AttentionKernel::Own));
+    if std::env::var_os("KINETOSCOPE_ATTENTION").is_none() {
+        assert_eq!(attention_kernel(&dev), kernels[0]);
+    }
+    if !kernels.contains(&AttentionKernel::FlashAttention3) {
+        let q = random(&[1, 2, 8, 64], &dev)?;
+        let err = flash_attention_with(AttentionKernel::FlashAttention3, &q, &q, &q, 0.125).unwrap_err().to_string();
+        assert!(err.contains("FlashAttention-3"), "{err}");
+    }
     Ok(())
 }
