@@ -56,18 +56,28 @@ impl AttentionKernel {
 
 /// The kernels this build can run on `device`, the fastest first.
 pub fn attention_kernels(device: &Device) -> Vec<AttentionKernel> {
-    let hopper = cfg!(feature = "flash-attn-v3") && is_hopper(device);
-    hopper.then_some(AttentionKernel::FlashAttention3).into_iter().chain([AttentionKernel::Own]).collect()
+    has_flash_attention_3(device)
+        .then_some(AttentionKernel::FlashAttention3)
+        .into_iter()
+        .chain([AttentionKernel::Own])
+        .collect()
 }
 
 /// The kernel [`flash_attention`] runs on `device`: the fastest of [`attention_kernels`], unless
 /// `KINETOSCOPE_ATTENTION=own` (read once) keeps the project's kernel, to compare or to rule FlashAttention-3 out.
 pub fn attention_kernel(device: &Device) -> AttentionKernel {
     static OWN: OnceLock<bool> = OnceLock::new();
-    if *OWN.get_or_init(|| std::env::var("KINETOSCOPE_ATTENTION").is_ok_and(|v| v == "own")) {
-        return AttentionKernel::Own;
+    let own = *OWN.get_or_init(|| std::env::var("KINETOSCOPE_ATTENTION").is_ok_and(|v| v == "own"));
+    if !own && has_flash_attention_3(device) {
+        AttentionKernel::FlashAttention3
+    } else {
+        AttentionKernel::Own
     }
-    attention_kernels(device)[0]
+}
+
+/// This build has FlashAttention-3 and `device` runs it.
+fn has_flash_attention_3(device: &Device) -> bool {
+    cfg!(feature = "flash-attn-v3") && is_hopper(device)
 }
 
 /// Compute capability 9.0: sm_90a code (wgmma, TMA) runs there and nowhere else, not even on later GPUs.

@@ -26,13 +26,9 @@ fn random(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
 }
 
-/// The worst row's largest difference, relative to that row's largest reference value: one wrong row (of a
-/// partial tile, say) that the whole tensor's relative error would average away.
-fn worst_row_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    Ok(worst_row(got, want)?.0)
-}
-
-/// [`worst_row_error`] and that row's index (in the rows of all batch items and heads, one after the other).
+/// The worst row's largest difference, relative to that row's largest reference value (one wrong row, of a
+/// partial tile say, that the whole tensor's relative error would average away), and that row's index (in the
+/// rows of all batch items and heads, one after the other).
 fn worst_row(got: &Tensor, want: &Tensor) -> Result<(f32, usize)> {
     let d = want.dim(D::Minus1)?;
     let rows = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous()?.reshape(((), d));
@@ -44,6 +40,15 @@ fn worst_row(got: &Tensor, want: &Tensor) -> Result<(f32, usize)> {
     let worst =
         errors.iter().enumerate().fold((0f32, 0), |(e, i), (j, &x)| if x.is_nan() || x > e { (x, j) } else { (e, i) });
     Ok(worst)
+}
+
+/// `got` against `want`, printed and asserted as `case`: the whole tensor's relative error under 1e-2 and the worst
+/// row's under 3e-2.
+fn assert_close(case: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    let (err, (worst, row)) = (relative_error(got, want)?, worst_row(got, want)?);
+    println!("{case}: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
+    assert!(err < 1e-2 && worst < 3e-2, "{case}: relative error {err}, worst row {worst} (row {row})");
+    Ok(())
 }
 
 #[test]
@@ -65,11 +70,7 @@ fn matches_the_plain_computation() -> Result<()> {
         let want = reference(&q, &k, &v, scale)?;
         for kernel in attention_kernels(&dev) {
             let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
-            let (err, worst_row) = (relative_error(&got, &want)?, worst_row_error(&got, &want)?);
-            let case = format!("{}: {b}x{h}x{lq}x{lk}x{d}", kernel.name());
-            println!("{case}: relative error {err:.2e}, worst row {worst_row:.2e}");
-            assert!(err < 1e-2, "{case}: relative error {err}");
-            assert!(worst_row < 3e-2, "{case}: worst row's error {worst_row}");
+            assert_close(&format!("{}: {b}x{h}x{lq}x{lk}x{d}", kernel.name()), &got, &want)?;
         }
     }
     Ok(())
@@ -92,10 +93,7 @@ fn strided_misaligned_and_peaked_inputs() -> Result<()> {
         let want = reference(&q, &k, &v, scale)?;
         for kernel in attention_kernels(&dev) {
             let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
-            let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-            let case = format!("{}: strided d {d}", kernel.name());
-            println!("{case}: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-            assert!(err < 1e-2 && worst < 3e-2, "{case}: relative error {err}, worst row {worst} (row {row})");
+            assert_close(&format!("{}: strided d {d}", kernel.name()), &got, &want)?;
         }
     }
 
@@ -127,17 +125,9 @@ fn broadcast_keys_and_values() -> Result<()> {
     for kernel in attention_kernels(&dev) {
         let name = kernel.name();
         let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
-        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-        println!("{name}: k and v broadcast over batch and heads: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-        assert!(err < 1e-2 && worst < 3e-2, "{name}: broadcast: relative error {err}, worst row {worst} (row {row})");
-
+        assert_close(&format!("{name}: k and v broadcast over batch and heads"), &got, &want)?;
         let got = flash_attention_with(kernel, &q, &k, &one_row, scale)?;
-        let (err, (worst, row)) = (relative_error(&got, &want_row)?, worst_row(&got, &want_row)?);
-        println!("{name}: v broadcast over the keys: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-        assert!(
-            err < 1e-2 && worst < 3e-2,
-            "{name}: one value row: relative error {err}, worst row {worst} (row {row})"
-        );
+        assert_close(&format!("{name}: v broadcast over the keys (one value row)"), &got, &want_row)?;
     }
     Ok(())
 }
@@ -161,16 +151,9 @@ fn a_maximum_in_the_last_partial_tile() -> Result<()> {
     for kernel in attention_kernels(&dev) {
         let name = kernel.name();
         let got = flash_attention_with(kernel, &q, &k, &v, scale)?;
-        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-        println!("{name}: maximum in the last tile: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-        assert!(err < 1e-2 && worst < 3e-2, "{name}: relative error {err}, worst row {worst} (row {row})");
+        assert_close(&format!("{name}: maximum in the last tile"), &got, &want)?;
         let (got, want) = (got.narrow(2, 960, 40)?, want.narrow(2, 960, 40)?);
-        let (err, (worst, row)) = (relative_error(&got, &want)?, worst_row(&got, &want)?);
-        println!("{name}: its last, partial query block: relative error {err:.2e}, worst row {worst:.2e} (row {row})");
-        assert!(
-            err < 1e-2 && worst < 3e-2,
-            "{name}: last query block: relative error {err}, worst row {worst} (row {row})"
-        );
+        assert_close(&format!("{name}: its last, partial query block"), &got, &want)?;
     }
     Ok(())
 }

@@ -635,12 +635,13 @@ async fn sources_no_job_owns_are_deleted_and_a_jobs_are_kept() {
     let objects = bucket.as_ref().map(|url| {
         let bucket = kinetoscope_server::bucket::Bucket::open(url).unwrap();
         for name in [&owned, &orphan] {
-            bucket.wait(bucket.upload(&inputs.join(name), &format!("inputs/{name}"))).unwrap();
+            bucket.wait(bucket.upload(&inputs.join(name), &kinetoscope_server::bucket::input_name(name))).unwrap();
         }
         bucket
     });
     let kept = |name: &str| {
-        let object = objects.as_ref().is_none_or(|b| b.wait(b.head(&format!("inputs/{name}"))).is_ok());
+        let object =
+            objects.as_ref().is_none_or(|b| b.wait(b.head(&kinetoscope_server::bucket::input_name(name))).is_ok());
         (inputs.join(name).exists(), object)
     };
     tokio::time::sleep(Duration::from_millis(2100)).await;
