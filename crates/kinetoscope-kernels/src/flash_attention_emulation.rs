@@ -272,12 +272,12 @@ struct Launch {
 impl Launch {
     /// The query blocks of one (batch, head): `grid_dim.x`.
     fn q_blocks(&self) -> usize {
-        self.q_len.div_ceil(BLOCK_M) // [rs:220] `grid_dim: (q_len.div_ceil(BLOCK_M) as u32, grid_y, 1),`
+        self.q_len.div_ceil(BLOCK_M) // [rs:230] `grid_dim: (q_len.div_ceil(BLOCK_M) as u32, grid_y, 1),`
     }
 
     /// One row of blocks per (batch, head): `grid_dim.y`, as the host code computes it (`src/shapes.rs`).
     fn pairs(&self) -> usize {
-        // [rs:218] `let grid_y = flash_attention_grid_y(batch, heads, q_len, k_len)?;`
+        // [rs:228] `let grid_y = flash_attention_grid_y(batch, heads, q_len, k_len)?;`
         let grid_y = crate::shapes::flash_attention_grid_y(self.batch, self.heads, self.q_len, self.k_len);
         grid_y.expect("an emulated launch the host code refuses") as usize
     }
@@ -481,7 +481,7 @@ impl Warp {
 fn run(launch: &Launch, q: &mut Input, k: &mut Input, v: &mut Input, tiles: &[(usize, usize)]) -> Memory {
     let d = launch.d;
     assert!(d.is_multiple_of(16), "the kernel is compiled for head dims that are multiples of 16");
-    // [rs:237] `(self.scale * std::f64::consts::LOG2_E) as f32`
+    // [rs:247] `(self.scale * std::f64::consts::LOG2_E) as f32`
     let scale_log2 = (launch.scale * std::f64::consts::LOG2_E) as f32;
     let mut out = Memory::zeros(launch.batch * launch.heads * launch.q_len * d);
     // [cu:75] `__shared__ __align__(16) __nv_bfloat16 k_tile[BLOCK_N][D + PAD];`
