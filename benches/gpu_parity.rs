@@ -13,7 +13,9 @@
 //! | pipeline: frames from the reference noise | f32 all four, bf16 wan21-tiny-a/b | max abs < 2e-3 | relative < 3e-2 |
 //!
 //! The tiled decode also checks that tiling took effect: the whole decode differs from the tiled reference by
-//! more than 1e-3 relative error. The scheduler is CPU-only math and is not checked here.
+//! more than 1e-3 relative error. The scheduler is CPU-only math and is not checked here. In a build with the
+//! `cudnn` feature the VAE's convolutions run by cuDNN (the first line names the path); `benches/gpu/run.sh`
+//! runs the binary again under `KINETOSCOPE_CONV=im2col`, so that both paths meet the same bounds.
 //!
 //! The four models' heads are 32 and 24 wide, which the flash-attention kernel (head dims 64 and 128) does not
 //! take: their bf16 forwards run the plain attention. The head-dim fixtures (`models/tiny/make_head_dim_fixtures.py`,
@@ -95,7 +97,11 @@ fn run() -> Result<Report> {
         root.display()
     );
     let device = Device::new_cuda(0).context("no usable CUDA device 0 (check the NVIDIA driver)")?;
-    eprintln!("gpu_parity: fixtures {}, device cuda:0", root.display());
+    eprintln!(
+        "gpu_parity: fixtures {}, device cuda:0, VAE convolutions by {}",
+        root.display(),
+        vae::convolution_kernel(&device)
+    );
     let fixtures = Fixtures { root, device };
     let mut report = Report::default();
     for precision in [Precision::F32, Precision::Bf16] {

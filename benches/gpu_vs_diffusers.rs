@@ -1,12 +1,17 @@
 //! Kinetoscope's half of `benches/gpu/run.sh`: the checkpoint, prompt embeddings and noise that
 //! `benches/gpu/bench.py diffusers` used, through the same stages (bf16 denoising with guidance, f32 VAE
 //! decoding), timed the same way: a two-step warm-up, then every step ended by a device synchronization, the
-//! median step after the first. Writes `WORK/kinetoscope.json` (times, peak GPU memory) and
-//! `WORK/kinetoscope.safetensors` (final latents, frames) for `bench.py report` to compare.
+//! median step after the first. Writes `WORK/kinetoscope.json` (times, peak GPU memory, the attention and
+//! convolution kernels) and `WORK/kinetoscope.safetensors` (final latents, frames) for `bench.py report` to
+//! compare.
+//!
+//! `--only decode` decodes those final latents again and writes `WORK/kinetoscope-decode-CONV.json` (the time,
+//! the peak memory, and the frames' relative difference from the first run's): run under
+//! `KINETOSCOPE_CONV=im2col`, it times the VAE's other convolution path on the same latents.
 //!
 //! ```sh
 //! cargo bench -p kinetoscope --bench gpu_vs_diffusers -- --model CHECKPOINT --work WORK [--steps 10] \
-//!     [--height 480 --width 832 --frames 81] [--device cuda] [--dtype bf16]
+//!     [--height 480 --width 832 --frames 81] [--device cuda] [--dtype bf16] [--only decode]
 //! ```
 //!
 //! It runs on the CPU too (`--device cpu`), which is how the script is tried without a GPU.
@@ -17,8 +22,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kinetoscope::{GenerateRequest, LoadOptions, ModelDir, Pipeline};
+use kinetoscope_models::wan::vae::convolution_kernel;
 
 struct Args {
     model: PathBuf,
@@ -29,6 +35,8 @@ struct Args {
     height: usize,
     width: usize,
     frames: usize,
+    /// Only the decode of the latents a full run saved.
+    decode_only: bool,
 }
 
 impl Args {
@@ -53,6 +61,11 @@ impl Args {
             height: number(take("height", Some("480"))?, "height")?,
             width: number(take("width", Some("832"))?, "width")?,
             frames: number(take("frames", Some("81"))?, "frames")?,
+            decode_only: match take("only", Some("all"))?.as_str() {
+                "all" => false,
+                "decode" => true,
+                other => bail!("--only {other:?}: expected decode"),
+            },
         };
         if let Some(unknown) = flags.keys().next() {
             bail!("unknown flag --{unknown}")
@@ -73,6 +86,9 @@ fn main() -> Result<()> {
     let options = LoadOptions { device: device.clone(), dtype: args.dtype, ..Default::default() };
     let pipeline = Pipeline::load(&ModelDir::open(args.model.to_str().context("a UTF-8 path")?)?, &options)?;
     let load_s = start.elapsed().as_secs_f64();
+    if args.decode_only {
+        return decode_again(&args, &pipeline, &device);
+    }
 
     let inputs_path = args.work.join("inputs.safetensors");
     let inputs = candle_core::safetensors::load(&inputs_path, &device)
@@ -113,8 +129,8 @@ fn main() -> Result<()> {
     let steady = if step_times.len() > 2 { step_times[1..].to_vec() } else { step_times.clone() };
     let step_s = median(steady);
     let outputs: HashMap<String, Tensor> = [
-        ("final_latents".to_string(), latents.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?),
-        ("frames".to_string(), frames.squeeze(0)?.to_device(&candle_core::Device::Cpu)?),
+        ("final_latents".to_string(), latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?),
+        ("frames".to_string(), frames.squeeze(0)?.to_device(&Device::Cpu)?),
     ]
     .into();
     candle_core::safetensors::save(&outputs, args.work.join("kinetoscope.safetensors"))?;
@@ -129,6 +145,7 @@ fn main() -> Result<()> {
     let record = serde_json::json!({
         "model_dir": args.model,
         "attention": attention,
+        "conv": convolution_kernel(&device),
         "commit": std::env::var("KINETOSCOPE_COMMIT").ok(),
         "kernels": std::env::var("KINETOSCOPE_KERNELS").unwrap_or_else(|_| "own".into()),
         "dtype": args.dtype.as_str(),
@@ -141,5 +158,38 @@ fn main() -> Result<()> {
     });
     std::fs::write(args.work.join("kinetoscope.json"), serde_json::to_string_pretty(&record)? + "\n")?;
     println!("kinetoscope: {step_s:.3} s/step, decode {decode_s:.2} s");
+    Ok(())
+}
+
+/// The final latents of the full run decoded again, timed the same way, compared with its frames.
+fn decode_again(args: &Args, pipeline: &Pipeline, device: &Device) -> Result<()> {
+    let saved_path = args.work.join("kinetoscope.safetensors");
+    let saved = candle_core::safetensors::load(&saved_path, device)
+        .with_context(|| format!("{} (written by a full run first)", saved_path.display()))?;
+    let tensor = |name: &str| saved.get(name).with_context(|| format!("{name} in {}", saved_path.display()));
+    let latents = tensor("final_latents")?.to_dtype(args.dtype)?;
+    device.synchronize()?;
+    kinetoscope::reset_peak_gpu_memory(device);
+    let start = Instant::now();
+    let frames = pipeline.decode(&latents)?;
+    device.synchronize()?;
+    let decode_s = start.elapsed().as_secs_f64();
+    let peak_bytes = kinetoscope::peak_gpu_memory(device);
+    let (frames, first) = (frames.squeeze(0)?.to_dtype(DType::F32)?, tensor("frames")?.to_dtype(DType::F32)?);
+    let norm = |t: &Tensor| -> Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()) };
+    let frames_rel_diff = norm(&(&frames - &first)?)? / norm(&first)?;
+    let conv = convolution_kernel(device);
+    let record = serde_json::json!({
+        "conv": conv,
+        "commit": std::env::var("KINETOSCOPE_COMMIT").ok(),
+        "decode_s": decode_s,
+        "peak_bytes": peak_bytes,
+        "frames_rel_diff": frames_rel_diff,
+    });
+    let path = args.work.join(format!("kinetoscope-decode-{conv}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")?;
+    println!(
+        "kinetoscope ({conv} convolutions): decode {decode_s:.2} s, frames {frames_rel_diff:.2e} from the first run's"
+    );
     Ok(())
 }

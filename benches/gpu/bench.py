@@ -265,12 +265,23 @@ def report(args):
         rel_diff=relative_difference(kt["final_latents"], dt["final_latents"]),
         frames_rel_diff=relative_difference(kt["frames"], dt["frames"]),
         versions=d["versions"],
+        attention=k.get("attention"),
+        conv=k.get("conv"),
     )
+    # Kinetoscope's decode of the same latents by its other convolution path (gpu_vs_diffusers --only decode).
+    for path in sorted(work.glob("kinetoscope-decode-*.json")):
+        again = json.loads(path.read_text())
+        result[f"kinetoscope_decode_{again['conv']}_s"] = again["decode_s"]
+        result[f"kinetoscope_decode_{again['conv']}_peak_gib"] = gib(again["peak_bytes"])
+        result[f"kinetoscope_decode_{again['conv']}_frames_rel_diff"] = again["frames_rel_diff"]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"| | Kinetoscope | diffusers |\n| --- | --- | --- |")
     print(f"| step (CFG), s | {k['step_s']:.3f} | {d['step_s']:.3f} |")
     print(f"| step / FLOP floor ({floor:.3f} s) | {result['kinetoscope_over_floor']:.2f} | {result['diffusers_over_floor']:.2f} |")
-    print(f"| VAE decode, s | {k['decode_s']:.2f} | {d['decode_s']:.2f} |")
+    print(f"| VAE decode ({k.get('conv')} convolutions), s | {k['decode_s']:.2f} | {d['decode_s']:.2f} |")
+    for path in sorted(work.glob("kinetoscope-decode-*.json")):
+        again = json.loads(path.read_text())
+        print(f"| VAE decode ({again['conv']} convolutions), s | {again['decode_s']:.2f} | |")
     print(f"| 50 steps + decode (per-step × 50), s | {result['kinetoscope_50_steps_s']:.1f} | {result['diffusers_50_steps_s']:.1f} |")
     peak = lambda g: "n/a" if g is None else f"{g:.1f}"  # noqa: E731
     print(f"| peak GPU memory, GiB | {peak(result['kinetoscope_peak_gib'])} | {peak(result['diffusers_peak_gib'])} |")

@@ -2,9 +2,11 @@
 # On a GPU machine with PyTorch (CUDA 13) and no cargo or network, from the repo root, with
 # target/gpu-bundle.tar.xz built beforehand by `bash scripts/build-cuda.sh bundle` and carried along:
 #   bash benches/gpu/run.sh [kernels] [parity] [bench] [bench14]     (default: kernels parity bench)
-# kernels: the CUDA kernels' tests against the plain path and their bench; parity: the tiny fixtures on the GPU
-# in f32 and bf16 against diffusers' references; bench: Kinetoscope against diffusers' WanPipeline at
-# 832×480×81 on a random-weight Wan 2.1 1.3B (benches/gpu/bench.py); bench14: the same on 14B's configuration.
+# kernels: the CUDA kernels' tests against the plain path (and cuDNN's 3D convolution against a CPU reference) and
+# their bench; parity: the tiny fixtures on the GPU in f32 and bf16 against diffusers' references, with the VAE's
+# convolutions by cuDNN and again by im2col; bench: Kinetoscope against diffusers' WanPipeline at 832×480×81 on a
+# random-weight Wan 2.1 1.3B (benches/gpu/bench.py), and Kinetoscope's decode again by im2col; bench14: the same on
+# 14B's configuration.
 # Logs and results go to $OUT (default /tmp/kinetoscope-gpu); copy results.json to
 # benches/results/gpu-vs-diffusers.json and the figures to benches/RESULTS.md.
 # kernels also runs compute-sanitizer's memcheck and racecheck on the small kernel tests where the image has it
@@ -22,8 +24,8 @@ if [ ! -x "$bundle/gpu_parity" ] && [ -f "$bundle.tar.xz" ]; then
 fi
 [ -x "$bundle/gpu_parity" ] || { echo "no $bundle: build it with bash scripts/build-cuda.sh bundle" >&2; exit 2; }
 export KINETOSCOPE_COMMIT=$(cat "$bundle/COMMIT")
-# The CUDA 13 libraries the binaries link against (cudart, cuBLAS, cuBLASLt, cuRAND, NVRTC) come with PyTorch's
-# wheels: every nvidia/*/lib folder, wherever the wheels put them.
+# The CUDA 13 libraries the binaries link against (cudart, cuBLAS, cuBLASLt, cuRAND, NVRTC, cuDNN 9) come with
+# PyTorch's wheels: every nvidia/*/lib folder, wherever the wheels put them.
 cuda_libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**", "lib*.so*"), recursive=True)})))')
 export LD_LIBRARY_PATH="$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if missing=$(ldd "$bundle/gpu_parity" | grep "not found"); then
@@ -73,6 +75,8 @@ bench() { # model label
     run "checkpoint-$1" python3 benches/gpu/bench.py checkpoint "$work/ckpt-$1" --model "$1"
     run "diffusers-$1" python3 benches/gpu/bench.py diffusers "$work/ckpt-$1" "$work/run-$1" --steps "$steps"
     run "kinetoscope-$1" "$bundle/gpu_vs_diffusers" --model "$work/ckpt-$1" --work "$work/run-$1" --steps "$steps"
+    run "kinetoscope-decode-im2col-$1" env KINETOSCOPE_CONV=im2col \
+        "$bundle/gpu_vs_diffusers" --model "$work/ckpt-$1" --work "$work/run-$1" --only decode
     run "report-$1" python3 benches/gpu/bench.py report "$work/run-$1" "$out/results-$1.json"
     rm -rf "$work/ckpt-$1"
 }
@@ -84,6 +88,7 @@ for part in $parts; do
             run kernel-tests-flash "$bundle/flash_attention" --nocapture
             run kernel-tests-norms "$bundle/norms" --nocapture
             run kernel-tests-activations "$bundle/activations" --nocapture
+            run kernel-tests-conv3d "$bundle/conv3d" --nocapture
             # Out-of-bounds accesses and shared-memory races, where the image has compute-sanitizer: only the small
             # cases (it is 10-100× slower; the 32,760-token one is left out), each run capped at $SANITIZER_TIMEOUT s
             # so that the four stay within ~4 minutes at worst. SANITIZER=0 skips them.
@@ -98,6 +103,8 @@ for part in $parts; do
                     run "sanitizer-$tool-activations" sanitize "$sanitizer" "$tool" "$bundle/activations" \
                         bias_gelu_is_accurate_in_the_negative_tail bias_gelu_saturates_without_nan
                 done
+                # Out-of-bounds accesses around cuDNN's convolution (the output and workspace sizes are ours).
+                run sanitizer-memcheck-conv3d sanitize "$sanitizer" memcheck "$bundle/conv3d" strided_input_is_taken
             else
                 echo "== compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin, Python's nvidia" \
                     "packages; or set COMPUTE_SANITIZER): memcheck and racecheck not run" | tee "$out/sanitizer.log" >&2
@@ -105,8 +112,8 @@ for part in $parts; do
             run kernel-bench "$bundle/kernels" --bench
             ;;
         parity)
-            export GPU_PARITY_JSON="$out/parity.json"
-            run parity "$bundle/gpu_parity"
+            run parity env GPU_PARITY_JSON="$out/parity.json" "$bundle/gpu_parity"
+            run parity-im2col env KINETOSCOPE_CONV=im2col GPU_PARITY_JSON="$out/parity-im2col.json" "$bundle/gpu_parity"
             ;;
         bench) bench 1.3b ;;
         bench14) bench 14b ;;

@@ -1,9 +1,11 @@
 //! Kinetoscope's own CUDA kernels as candle ops, each with the plain candle computation it replaces as its
-//! reference (the tests compare them). Compiled only with the `cuda` feature; without it the crate is empty and
-//! callers keep the plain path.
+//! reference (the tests compare them), and with the `cudnn` feature cuDNN's 3D convolution. Compiled only with the
+//! `cuda` feature; without it the crate is empty and callers keep the plain path.
 
 #[cfg(feature = "cuda")]
 mod activations;
+#[cfg(feature = "cudnn")]
+mod conv3d;
 #[cfg(feature = "cuda")]
 mod flash_attention;
 #[cfg(feature = "cuda")]
@@ -26,6 +28,8 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 
 #[cfg(feature = "cuda")]
 pub use activations::{bias_gelu, bias_gelu_support};
+#[cfg(feature = "cudnn")]
+pub use conv3d::{conv3d_kernel, cudnn_conv3d, ConvKernel};
 #[cfg(feature = "cuda")]
 pub use flash_attention::{
     attention_kernel, attention_kernels, flash_attention, flash_attention_launches, flash_attention_supports,

@@ -89,6 +89,46 @@ pub(crate) fn flash_attention_grid_y(batch: usize, heads: usize, q_len: usize, k
     Ok(pairs as u32)
 }
 
+/// A 3D convolution's output `[batch, out, d, h, w]` for an input `[batch, in, d, h, w]` and a kernel `[out, in,
+/// kd, kh, kw]`, zero-padded by `padding` on both sides of each of d, h and w, moved by `stride` along them.
+/// Refused, before cuDNN is asked: channels that disagree, a stride of 0, a kernel larger than the padded input,
+/// nothing to compute, and a tensor of more elements than cuDNN's `int` dimensions and strides address.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) fn conv3d_output(
+    input: [usize; 5],
+    kernel: [usize; 5],
+    padding: [usize; 3],
+    stride: [usize; 3],
+) -> Result<[usize; 5]> {
+    let [batch, channels, ..] = input;
+    let [out, kernel_channels, ..] = kernel;
+    let what = || format!("conv3d: input {input:?}, kernel {kernel:?}, padding {padding:?}, stride {stride:?}");
+    if kernel_channels != channels {
+        bail!("{}: the kernel takes {kernel_channels} channels, the input has {channels}", what());
+    }
+    if stride.contains(&0) {
+        bail!("{}: every stride must be 1 or more", what());
+    }
+    let mut dims = [batch, out, 0, 0, 0];
+    for i in 0..3 {
+        let padded = input[2 + i] + 2 * padding[i];
+        let Some(span) = padded.checked_sub(kernel[2 + i]) else {
+            bail!("{}: the kernel is larger than the padded input along dim {}", what(), 2 + i)
+        };
+        dims[2 + i] = span / stride[i] + 1;
+    }
+    if input.contains(&0) || kernel.contains(&0) {
+        bail!("{}: nothing to convolve (a dimension is 0)", what());
+    }
+    for (name, shape) in [("input", input), ("kernel", kernel), ("output", dims)] {
+        let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if elements.is_none_or(|n| n > MAX_GRID_X) {
+            bail!("{}: the {name} {shape:?} has more than the {MAX_GRID_X} elements cuDNN addresses", what());
+        }
+    }
+    Ok(dims)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +214,41 @@ mod tests {
         for (q_len, k_len) in [(MAX_GRID_X + 1, 64), (64, MAX_GRID_X + 1)] {
             let err = refusal(flash_attention_grid_y(1, 1, q_len, k_len));
             assert!(err.contains("at most 2147483647"), "{err}");
+        }
+    }
+
+    #[test]
+    fn conv3d_output_follows_padding_and_stride() {
+        // The Wan VAE's 3×3×3 layer after the causal frames are prepended: time unpadded, space padded by 1.
+        assert_eq!(
+            conv3d_output([1, 96, 6, 480, 832], [96, 96, 3, 3, 3], [0, 1, 1], [1; 3]).unwrap(),
+            [1, 96, 4, 480, 832]
+        );
+        // The time downsampling: 3 taps, stride 2, no padding.
+        assert_eq!(conv3d_output([2, 8, 7, 5, 5], [8, 8, 3, 1, 1], [0; 3], [2, 1, 1]).unwrap(), [2, 8, 3, 5, 5]);
+        assert_eq!(conv3d_output([1, 4, 1, 1, 1], [5, 4, 1, 1, 1], [0; 3], [1; 3]).unwrap(), [1, 5, 1, 1, 1]);
+    }
+
+    #[test]
+    fn conv3d_shapes_cudnn_cannot_take_are_refused() {
+        let cases = [
+            ([1, 4, 3, 8, 8], [5, 3, 3, 3, 3], [0, 1, 1], [1; 3], "the kernel takes 3 channels, the input has 4"),
+            ([1, 4, 3, 8, 8], [5, 4, 3, 3, 3], [0, 1, 1], [1, 0, 1], "every stride must be 1 or more"),
+            ([1, 4, 2, 8, 8], [5, 4, 3, 3, 3], [0, 1, 1], [1; 3], "larger than the padded input along dim 2"),
+            ([0, 4, 3, 8, 8], [5, 4, 3, 3, 3], [0, 1, 1], [1; 3], "nothing to convolve"),
+            ([1, 4, 3, 8, 8], [0, 4, 3, 3, 3], [0, 1, 1], [1; 3], "nothing to convolve"),
+            (
+                [1, 96, 100, 1080, 1920],
+                [96, 96, 3, 3, 3],
+                [0, 1, 1],
+                [1; 3],
+                "the input [1, 96, 100, 1080, 1920] has more",
+            ),
+            ([usize::MAX, 2, 3, 3, 3], [1, 2, 3, 3, 3], [0; 3], [1; 3], "has more than the 2147483647 elements"),
+        ];
+        for (input, kernel, padding, stride, expected) in cases {
+            let err = refusal(conv3d_output(input, kernel, padding, stride));
+            assert!(err.starts_with("conv3d: input") && err.contains(expected), "{err}");
         }
     }
 }

@@ -389,37 +389,35 @@ async fn remix(State(shared): State<Arc<Shared>>, VideoId(id): VideoId, request:
     }
     // A remix of an edit edits the same source (video, or image and last image) again.
     let edit = job.settings.edit.as_ref().expect("an edit");
-    let sources = worker::source_paths(&shared, &source.id, edit).into_iter();
     let id = job.id.clone();
+    let copies: Vec<_> = worker::source_paths(&shared, &source.id, edit)
+        .into_iter()
+        .zip(worker::source_paths(&shared, &id, edit))
+        .collect();
     let gone = || {
         let message = format!("the source of {} is no longer kept", source.id);
         ApiError::new(StatusCode::GONE, "video_expired", message)
     };
-    for (from, to) in sources.zip(worker::source_paths(&shared, &id, edit)) {
-        let copied = match &shared.bucket {
-            Some(bucket) => {
-                match bucket.run(bucket.copy(&worker::input_object(&from), &worker::input_object(&to))).await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.is_not_found() => Err(gone()),
-                    Err(e) => Err(bucket_error(e, "copy the source")),
+    let queued = async {
+        for (from, to) in copies {
+            match &shared.bucket {
+                Some(bucket) => {
+                    match bucket.run(bucket.copy(&worker::input_object(&from), &worker::input_object(&to))).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.is_not_found() => Err(gone()),
+                        Err(e) => Err(bucket_error(e, "copy the source")),
+                    }
                 }
-            }
-            None => tokio::fs::copy(&from, &to).await.map(drop).map_err(|e| match crate::error::is_disk_full(&e) {
-                true => storage_error(e, "copy the source"),
-                false => gone(),
-            }),
-        };
-        if let Err(e) = copied {
-            remove_files(&shared, &id).await;
-            return Err(e);
+                None => tokio::fs::copy(&from, &to).await.map(drop).map_err(|e| match crate::error::is_disk_full(&e) {
+                    true => storage_error(e, "copy the source"),
+                    false => gone(),
+                }),
+            }?;
         }
-    }
-    // The copies are where the worker looks for them (the bucket's copy is there already: nothing to send).
-    let queued = enqueue(&shared, job).await;
-    if queued.is_err() {
-        remove_files(&shared, &id).await;
-    }
-    queued
+        // The copies are where the worker looks for them (the bucket's copy is there already: nothing to send).
+        enqueue(&shared, job).await
+    };
+    or_remove_files(&shared, &id, queued.await).await
 }
 
 /// The source of an edit, accepted: its file at the job's input path, what it is, and what to do to it.
@@ -749,17 +747,20 @@ fn check_size(shared: &Shared, request: &GenerateRequest) -> ApiResult<()> {
 /// Queues the edit `id`, whose source is already kept (and sent to the bucket, where there is one), or removes
 /// the source if the job was refused.
 async fn enqueue_with_source(shared: &Arc<Shared>, id: &str, accepted: ApiResult<NewJob>) -> ApiResult {
-    let result = match accepted {
-        Ok(job) => match send_sources(shared, &job).await {
-            Ok(()) => enqueue(shared, job).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
+    let queued = async {
+        let job = accepted?;
+        send_sources(shared, &job).await?;
+        enqueue(shared, job).await
     };
-    if result.is_err() {
+    or_remove_files(shared, id, queued.await).await
+}
+
+/// `queued`, once the files kept for job `id` are removed if it is an error: a refused job leaves no source.
+async fn or_remove_files(shared: &Arc<Shared>, id: &str, queued: ApiResult) -> ApiResult {
+    if queued.is_err() {
         remove_files(shared, id).await;
     }
-    result
+    queued
 }
 
 async fn send_sources(shared: &Arc<Shared>, job: &NewJob) -> ApiResult<()> {

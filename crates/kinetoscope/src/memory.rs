@@ -24,15 +24,19 @@
 //!   and 8 latent-sized tensors (the guidance batch, the velocity, the scheduler's history). A Wan VACE model
 //!   also keeps one `[B, L, dim]` hint per VACE block and the control tokens, and the control latents.
 //! - **VAE decoding** (one latent frame at a time with a causal cache, `layers` through the decoder's
-//!   levels): the cache (two past frames of every 3×3×3 convolution's padded input, at every level: it
-//!   lives for the whole stream and at full resolution is the largest term), plus the widest moment of
+//!   levels): the cache (two past frames of every 3×3×3 convolution's input, counted padded, as im2col
+//!   pads them again for each chunk, at every level: it lives for the whole stream and at full
+//!   resolution is the largest term), plus the widest moment of
 //!   one chunk — [`CONV_COPIES`] activations of a residual block (its input, the norm's output, the padded
 //!   input, the per-frame outputs, their stack and the bias sum) or the nearest-upsampled tensor of an
 //!   upsampler with its padded copies and its convolution's outputs (and, in Wan 2.2's residual up blocks,
 //!   the duplicated shortcut) — plus two copies of the video (the decoded chunks and their concatenation,
 //!   then the pipeline's [0, 1] conversion), three where Wan 2.2 unpatchifies the chunks into pixels. The 3×3×3 convolution
 //!   is `vae::causal`'s banded im2col, whose unrolled columns are capped at 2²¹ floats, so they are left to
-//!   the slack; candle's conv2d (the encoder's downsampling) is tiled and copies only its input.
+//!   the slack; candle's conv2d (the encoder's downsampling) is tiled and copies only its input. By cuDNN
+//!   (a GPU build with the `cudnn` feature) a convolution holds its input, one channels-first copy of it
+//!   with the context frames, and its output twice (channels-first, then frames-major): within the
+//!   residual block's count; cuDNN's workspace, capped at 256 MiB, is left to the margin.
 //!   Tiled (`VaeTiling`), the cache and the widest moment are one tile's, and the video is held four times
 //!   (the finished bands, their concatenation, the clipped result, the conversion) plus two rows of tiles.
 //! - **VAE encoding** (edits: the clip, 4 frames a chunk after the first): the same walk through the

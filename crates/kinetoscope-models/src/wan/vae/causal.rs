@@ -61,16 +61,14 @@ pub(super) fn per_frame(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -
 /// A Conv3d that pads time with zeros on the left only, so that an output frame never sees a later
 /// input frame.
 ///
-/// candle has no conv3d, and its conv2d multiplies many small tiles, slow at this VAE's narrow
-/// widths. So the convolution is one matrix product per output frame (im2col): every `taps × k × k`
-/// window of the input becomes a column, and the kernel flattened to a matrix times those columns
-/// gives all the frame's pixels at once. The zero frames before a stream are never made: the taps
-/// that would see them are left out of the product.
+/// candle has no conv3d, so the product runs one of two ways, chosen for the device when the layer is
+/// built: by cuDNN on a GPU in a build with the `cudnn` feature, else by im2col and matrix products.
+/// The zero frames before a stream are made for cuDNN and never made for im2col: the taps that would see
+/// them are left out of its products.
 #[derive(Debug, Clone)]
 pub(super) struct CausalConv3d {
-    /// The kernel `[out, in, taps, k, k]` as `[out, taps·k·k·in]`, in the order of the columns.
-    weight: Tensor,
-    /// `[out, 1]`, added to every pixel.
+    product: Product,
+    /// `[out, 1, 1]`, added to every pixel.
     bias: Tensor,
     taps: usize,
     k: usize,
@@ -80,6 +78,20 @@ pub(super) struct CausalConv3d {
     /// Frames of left context: diffusers pads `2·padding` zero frames before the first frame, none
     /// after.
     context: usize,
+}
+
+/// How a [`CausalConv3d`] multiplies, with its kernel in the form that way reads.
+#[derive(Debug, Clone)]
+enum Product {
+    /// One matrix product per output frame: every `taps × k × k` window of the input becomes a column,
+    /// and the kernel, `[out, in, taps, k, k]` flattened to `[out, taps·k·k·in]` in the order of the
+    /// columns, times those columns gives all the frame's pixels at once. candle's conv2d multiplies
+    /// many small tiles instead, slow at this VAE's narrow widths.
+    Im2col(Tensor),
+    /// cuDNN's 3D convolution (`kinetoscope_kernels::cudnn_conv3d`), which never writes the columns out:
+    /// the kernel as it is, `[out, in, taps, k, k]`.
+    #[cfg(feature = "cudnn")]
+    Cudnn(Tensor),
 }
 
 /// The most floats the columns of one product may hold: larger frames go by bands of rows, so that
@@ -115,11 +127,16 @@ impl CausalConv3d {
     /// `weight` is `[out, in, taps, k, k]`.
     fn from_weight(weight: Tensor, bias: Tensor, padding: (usize, usize), stride: usize) -> Result<Self> {
         let (out_channels, in_channels, taps, k, _) = weight.dims5()?;
-        let weight =
-            weight.permute((0, 2, 3, 4, 1))?.reshape((out_channels, taps * k * k * in_channels))?.contiguous()?;
+        let product = match cudnn_convolves(weight.device()) {
+            #[cfg(feature = "cudnn")]
+            true => Product::Cudnn(weight.contiguous()?),
+            _ => Product::Im2col(
+                weight.permute((0, 2, 3, 4, 1))?.reshape((out_channels, taps * k * k * in_channels))?.contiguous()?,
+            ),
+        };
         Ok(Self {
-            weight,
-            bias: bias.reshape((out_channels, 1))?,
+            product,
+            bias: bias.reshape((out_channels, 1, 1))?,
             taps,
             k,
             padding: padding.1,
@@ -130,22 +147,21 @@ impl CausalConv3d {
 
     /// The convolution of a whole sequence, zeros before its first frame.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.convolve(None, &self.pad_space(x)?)
+        self.convolve(None, x)
     }
 
     /// The convolution of `x` as the continuation of the frames in `past` (zeros before the
     /// stream's first frame); `past` then holds the last frames for the next chunk.
     pub(super) fn forward_cached(&self, x: &Tensor, past: &mut Option<Tensor>) -> Result<Tensor> {
-        let x = self.pad_space(x)?;
         let before = past.take();
-        let out = self.convolve(before.as_ref(), &x)?;
+        let out = self.convolve(before.as_ref(), x)?;
         let last = |frames: &Tensor| -> Result<Tensor> {
             let t = frames.dim(1)?;
             frames.narrow(1, t - t.min(self.context), t.min(self.context))
         };
         let recent = match &before {
-            Some(before) => Tensor::cat(&[last(before)?, last(&x)?], 1)?,
-            None => last(&x)?,
+            Some(before) => Tensor::cat(&[last(before)?, last(x)?], 1)?,
+            None => last(x)?,
         };
         // A copy, so that the memory does not pin the whole chunk.
         *past = Some(last(&recent)?.copy()?);
@@ -157,41 +173,84 @@ impl CausalConv3d {
         x.pad_with_zeros(3, p, p)?.pad_with_zeros(4, p, p)
     }
 
-    /// The valid convolution in time of the frames `past` then `x` (both padded in space), after
-    /// the zero frames that complete the left context.
+    /// The valid convolution in time of the frames `past` then `x`, after the zero frames that
+    /// complete the left context.
     fn convolve(&self, past: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
-        let (b, t, _, h, w) = x.dims5()?;
+        let t = x.dim(1)?;
         let remembered = past.map(|p| p.dim(1)).transpose()?.unwrap_or(0);
         let zeros = self.context.saturating_sub(remembered);
-        let Some(span) = (zeros + remembered + t).checked_sub(self.taps) else {
+        if zeros + remembered + t < self.taps {
             candle_core::bail!("causal conv: {t} frames with context, the kernel needs {}", self.taps)
+        }
+        match &self.product {
+            Product::Im2col(matrix) => self.im2col(matrix, past, x, zeros),
+            #[cfg(feature = "cudnn")]
+            Product::Cudnn(kernel) => self.cudnn(kernel, past, x, zeros),
+        }
+    }
+
+    /// [`Self::convolve`] by cuDNN, on the frames made whole: the zeros, `past`, then `x`.
+    #[cfg(feature = "cudnn")]
+    fn cudnn(&self, kernel: &Tensor, past: Option<&Tensor>, x: &Tensor, zeros: usize) -> Result<Tensor> {
+        let (b, _, c, h, w) = x.dims5()?;
+        let mut frames = Vec::with_capacity(3);
+        if zeros > 0 {
+            frames.push(Tensor::zeros((b, zeros, c, h, w), x.dtype(), x.device())?);
+        }
+        frames.extend(past.cloned());
+        frames.push(x.clone());
+        let y = {
+            // cuDNN reads channels before time (NCDHW, packed), the layout diffusers gives it: one
+            // copy makes it (freed before the next). cuDNN pads in space itself.
+            let input = Tensor::cat(&frames, 1)?.transpose(1, 2)?.contiguous()?;
+            let p = self.padding;
+            kinetoscope_kernels::cudnn_conv3d(&input, kernel, [0, p, p], [self.stride, 1, 1])?
         };
-        let frames = span / self.stride + 1;
+        // Back to frames-major, and the bias added, in one pass.
+        y.transpose(1, 2)?.broadcast_add(&self.bias)
+    }
+
+    /// [`Self::convolve`] by im2col: the taps that would see the `zeros` frames are left out.
+    fn im2col(&self, matrix: &Tensor, past: Option<&Tensor>, x: &Tensor, zeros: usize) -> Result<Tensor> {
+        let x = self.pad_space(x)?;
+        let past = past.map(|p| self.pad_space(p)).transpose()?;
+        let (b, t, _, h, w) = x.dims5()?;
+        let remembered = past.as_ref().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
+        let frames = (zeros + remembered + t - self.taps) / self.stride + 1;
         // Input frame `i` of the stream with its context, zeros at the start.
-        let frame = |batch: usize, i: usize| match past {
+        let frame = |batch: usize, i: usize| match &past {
             Some(past) if i < zeros + remembered => past.get(batch)?.get(i - zeros),
             _ => x.get(batch)?.get(i - zeros - remembered),
         };
         let (h, w) = (h + 1 - self.k, w + 1 - self.k);
         // A 1×1 kernel needs no unrolling: the input already is its columns, whole frames at once.
-        let band = if self.k == 1 { h } else { (MAX_COLUMNS / (self.weight.dim(1)? * w)).clamp(1, h) };
+        let band = if self.k == 1 { h } else { (MAX_COLUMNS / (matrix.dim(1)? * w)).clamp(1, h) };
         let mut out = Vec::with_capacity(b * frames);
         for batch in 0..b {
             for j in 0..frames {
                 let first = j * self.stride;
                 let skipped = zeros.saturating_sub(first).min(self.taps);
                 let seen = (first + skipped..first + self.taps).map(|i| frame(batch, i)).collect::<Result<Vec<_>>>()?;
-                let bands = (0..h).step_by(band).map(|top| self.rows(&seen, skipped, top, band.min(h - top), w));
+                let bands =
+                    (0..h).step_by(band).map(|top| self.rows(matrix, &seen, skipped, top, band.min(h - top), w));
                 out.push(Tensor::cat(&bands.collect::<Result<Vec<_>>>()?, 1)?);
             }
         }
-        let y = Tensor::stack(&out, 0)?.broadcast_add(&self.bias)?;
-        y.reshape((b, frames, self.weight.dim(0)?, h, w))
+        let out_channels = matrix.dim(0)?;
+        Tensor::stack(&out, 0)?.reshape((b, frames, out_channels, h, w))?.broadcast_add(&self.bias)
     }
 
     /// Output rows `top..top + rows` of one frame, `[out, rows·w]`, from the `[in, H, W]` input
     /// frames its taps see, the first `skipped` taps (on zeros) left out.
-    fn rows(&self, seen: &[Tensor], skipped: usize, top: usize, rows: usize, w: usize) -> Result<Tensor> {
+    fn rows(
+        &self,
+        matrix: &Tensor,
+        seen: &[Tensor],
+        skipped: usize,
+        top: usize,
+        rows: usize,
+        w: usize,
+    ) -> Result<Tensor> {
         let windows = seen
             .iter()
             .flat_map(|f| {
@@ -201,8 +260,31 @@ impl CausalConv3d {
         // `[taps·k·k·in, rows·w]`: the same order as the flattened kernel.
         let columns = Tensor::cat(&windows, 0)?;
         let depth = columns.dim(0)?;
-        let per_tap = self.weight.dim(1)? / self.taps;
-        self.weight.narrow(1, skipped * per_tap, depth)?.matmul(&columns.reshape((depth, rows * w))?)
+        let per_tap = matrix.dim(1)? / self.taps;
+        matrix.narrow(1, skipped * per_tap, depth)?.matmul(&columns.reshape((depth, rows * w))?)
+    }
+}
+
+/// How the VAE's 3D convolutions run on `device`, by name: `cudnn` or `im2col` (see [`CausalConv3d`]).
+pub fn convolution_kernel(device: &candle_core::Device) -> &'static str {
+    if cudnn_convolves(device) {
+        "cudnn"
+    } else {
+        "im2col"
+    }
+}
+
+/// Whether cuDNN convolves on `device` (`kinetoscope_kernels::conv3d_kernel`): in a build with the
+/// `cudnn` feature, on a GPU, unless `KINETOSCOPE_CONV=im2col`.
+fn cudnn_convolves(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cudnn")]
+    {
+        kinetoscope_kernels::conv3d_kernel(device) == kinetoscope_kernels::ConvKernel::Cudnn
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = device;
+        false
     }
 }
 

@@ -24,8 +24,8 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-pub use causal::CausalCache;
 use causal::CausalConv3d;
+pub use causal::{convolution_kernel, CausalCache};
 use decoder::Decoder;
 use encoder::Encoder;
 pub use tiling::Tiling;
