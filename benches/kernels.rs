@@ -1,5 +1,5 @@
 //! The project's CUDA kernels (and FlashAttention-3, where the device and build have it) against the plain candle
-//! path they replace, on the GPU, at Wan 2.1's sizes:
+//! path they replace, and cuDNN's 3D convolution (in a build with `cudnn`), on the GPU, at Wan 2.1's sizes:
 //! time per call (median of 10 after 3 warm-ups, the device synchronized before each clock read) and the
 //! achieved TFLOP/s (attention) or GB/s of memory traffic, each byte read or written counted once (the
 //! normalizations and the activation, which are bound by memory). Needs a CUDA build and device:
@@ -68,7 +68,30 @@ fn main() -> Result<()> {
             );
         }
     }
-    memory_bound(&dev)
+    memory_bound(&dev)?;
+    #[cfg(feature = "cudnn")]
+    convolutions(&dev)?;
+    Ok(())
+}
+
+/// cuDNN's 3×3×3 convolutions as the Wan 2.1 VAE decodes 832×480: a chunk of 4 frames after 2 of causal context,
+/// at each level's width and size, f32 with TF32 allowed (as a half-precision pipeline decodes). TFLOP/s counts 2
+/// per multiply-add of the convolution itself.
+#[cfg(feature = "cudnn")]
+fn convolutions(dev: &Device) -> Result<()> {
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    println!();
+    println!("| conv3d 3×3×3 (channels, frames in, h × w) | cuDNN ms | TFLOP/s |");
+    println!("| --- | --- | --- |");
+    for (channels, h, w) in [(384, 60, 104), (384, 120, 208), (192, 240, 416), (96, 480, 832)] {
+        let x = Tensor::randn(0f32, 1.0, (1, channels, 6, h, w), dev)?;
+        let kernel = Tensor::randn(0f32, 0.02, (channels, channels, 3, 3, 3), dev)?;
+        let seconds = median_seconds(dev, || kinetoscope_kernels::cudnn_conv3d(&x, &kernel, [0, 1, 1], [1; 3]))?;
+        let flops = 2.0 * (channels * channels * 27 * 4 * h * w) as f64;
+        println!("| {channels}, 6, {h} × {w} | {:.2} | {:.0} |", seconds * 1e3, flops / seconds / 1e12);
+    }
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    Ok(())
 }
 
 /// One way of computing a case's output.

@@ -127,11 +127,14 @@ impl Conv3d {
         A: CudnnDataType,
     {
         let ints = |values: &[usize]| values.iter().map(|&v| v as c_int).collect::<Vec<_>>();
+        // Both tensors are contiguous, described by their packed strides: candle lets a dimension of size 1 carry
+        // any stride, which changes no address but would make cuDNN see an unpacked tensor.
+        let packed = |dims: &[usize]| Layout::contiguous(dims.to_vec());
+        let (x_packed, y_packed) = (packed(x_l.dims()), packed(&self.output));
         let cudnn = handle(dev)?;
-        let x_desc = cudnn.create_nd_tensor::<T>(&ints(x_l.dims()), &ints(x_l.stride()))?;
+        let x_desc = cudnn.create_nd_tensor::<T>(&ints(x_packed.dims()), &ints(x_packed.stride()))?;
         let k_desc = cudnn.create_nd_filter::<T>(sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, &ints(k_l.dims()))?;
-        let y_layout = Layout::contiguous(self.output.to_vec());
-        let y_desc = cudnn.create_nd_tensor::<T>(&ints(y_layout.dims()), &ints(y_layout.stride()))?;
+        let y_desc = cudnn.create_nd_tensor::<T>(&ints(y_packed.dims()), &ints(y_packed.stride()))?;
         let mut conv = cudnn.create_convnd::<A>(
             &ints(&self.padding),
             &ints(&self.stride),
@@ -149,19 +152,25 @@ impl Conv3d {
         };
         conv.set_math_type(math)?;
         let forward = ConvForward { conv: &conv, x: &x_desc, w: &k_desc, y: &y_desc };
-        // cuDNN's heuristics, without timing trial runs: the choice PyTorch makes with `cudnn.benchmark` off;
-        // one that wants more scratch memory than the budget leaves gives way to implicit GEMM, which wants none.
-        let mut algorithm = forward.pick_algorithm()?;
-        let mut workspace_bytes = forward.get_workspace_size(algorithm)?;
-        if workspace_bytes > MAX_WORKSPACE_BYTES {
-            algorithm = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
-            workspace_bytes = forward.get_workspace_size(algorithm)?;
-        }
+        // cuDNN's heuristics, without timing trial runs: the choice PyTorch makes with `cudnn.benchmark` off.
+        // Where they name nothing usable, or an algorithm that wants more scratch memory than the budget leaves,
+        // implicit GEMM, which takes every shape and no workspace.
+        let picked = forward.pick_algorithm().ok().and_then(|algorithm| {
+            let bytes = forward.get_workspace_size(algorithm).ok()?;
+            (bytes <= MAX_WORKSPACE_BYTES).then_some((algorithm, bytes))
+        });
+        let (algorithm, workspace_bytes) = match picked {
+            Some(picked) => picked,
+            None => {
+                let implicit_gemm = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+                (implicit_gemm, forward.get_workspace_size(implicit_gemm)?)
+            }
+        };
         let mut workspace = match workspace_bytes {
             0 => None,
             bytes => Some(unsafe { dev.alloc::<u8>(bytes)? }),
         };
-        let mut y = unsafe { dev.alloc::<T>(y_layout.shape().elem_count())? };
+        let mut y = unsafe { dev.alloc::<T>(y_packed.shape().elem_count())? };
         let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
         // Safety: the descriptors were made from these very layouts and dtypes, and `y` is the output's size.
         unsafe {
