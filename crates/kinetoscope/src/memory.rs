@@ -24,9 +24,8 @@
 //!   and 8 latent-sized tensors (the guidance batch, the velocity, the scheduler's history). A Wan VACE model
 //!   also keeps one `[B, L, dim]` hint per VACE block and the control tokens, and the control latents.
 //! - **VAE decoding** (one latent frame at a time with a causal cache, `layers` through the decoder's
-//!   levels): the cache (two past frames of every 3×3×3 convolution's input, counted padded, as im2col
-//!   pads them again for each chunk, at every level: it lives for the whole stream and at full
-//!   resolution is the largest term), plus the widest moment of
+//!   levels): the cache (two past frames of every 3×3×3 convolution's padded input, at every level: it
+//!   lives for the whole stream and at full resolution is the largest term), plus the widest moment of
 //!   one chunk — [`CONV_COPIES`] activations of a residual block (its input, the norm's output, the padded
 //!   input, the per-frame outputs, their stack and the bias sum) or the nearest-upsampled tensor of an
 //!   upsampler with its padded copies and its convolution's outputs (and, in Wan 2.2's residual up blocks,

@@ -147,12 +147,13 @@ impl CausalConv3d {
 
     /// The convolution of a whole sequence, zeros before its first frame.
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.convolve(None, x)
+        self.convolve(None, &self.prepare(x)?)
     }
 
     /// The convolution of `x` as the continuation of the frames in `past` (zeros before the
     /// stream's first frame); `past` then holds the last frames for the next chunk.
     pub(super) fn forward_cached(&self, x: &Tensor, past: &mut Option<Tensor>) -> Result<Tensor> {
+        let x = &self.prepare(x)?;
         let before = past.take();
         let out = self.convolve(before.as_ref(), x)?;
         let last = |frames: &Tensor| -> Result<Tensor> {
@@ -168,13 +169,21 @@ impl CausalConv3d {
         Ok(out)
     }
 
-    fn pad_space(&self, x: &Tensor) -> Result<Tensor> {
-        let p = self.padding;
-        x.pad_with_zeros(3, p, p)?.pad_with_zeros(4, p, p)
+    /// The frames as the product reads them, and remembers them: padded in space for im2col, as
+    /// they are for cuDNN (which pads them itself).
+    fn prepare(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.product {
+            Product::Im2col(_) => {
+                let p = self.padding;
+                x.pad_with_zeros(3, p, p)?.pad_with_zeros(4, p, p)
+            }
+            #[cfg(feature = "cudnn")]
+            Product::Cudnn(_) => Ok(x.clone()),
+        }
     }
 
-    /// The valid convolution in time of the frames `past` then `x`, after the zero frames that
-    /// complete the left context.
+    /// The valid convolution in time of the frames `past` then `x` (both [prepared](Self::prepare)),
+    /// after the zero frames that complete the left context.
     fn convolve(&self, past: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
         let t = x.dim(1)?;
         let remembered = past.map(|p| p.dim(1)).transpose()?.unwrap_or(0);
@@ -212,13 +221,11 @@ impl CausalConv3d {
 
     /// [`Self::convolve`] by im2col: the taps that would see the `zeros` frames are left out.
     fn im2col(&self, matrix: &Tensor, past: Option<&Tensor>, x: &Tensor, zeros: usize) -> Result<Tensor> {
-        let x = self.pad_space(x)?;
-        let past = past.map(|p| self.pad_space(p)).transpose()?;
         let (b, t, _, h, w) = x.dims5()?;
-        let remembered = past.as_ref().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
+        let remembered = past.map(|p| p.dim(1)).transpose()?.unwrap_or(0);
         let frames = (zeros + remembered + t - self.taps) / self.stride + 1;
         // Input frame `i` of the stream with its context, zeros at the start.
-        let frame = |batch: usize, i: usize| match &past {
+        let frame = |batch: usize, i: usize| match past {
             Some(past) if i < zeros + remembered => past.get(batch)?.get(i - zeros),
             _ => x.get(batch)?.get(i - zeros - remembered),
         };
